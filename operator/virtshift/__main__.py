@@ -1,0 +1,5 @@
+import sys
+
+from virtshift.cli import main
+
+sys.exit(main())

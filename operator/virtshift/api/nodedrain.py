@@ -1,0 +1,185 @@
+"""NodeDrain (nodedrains.virtshift.io): a node, or a rolling wave of nodes, in maintenance."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import ConfigDict, Field
+
+from virtshift.api.common import (
+    Condition,
+    LabelSelector,
+    Model,
+    ObjectName,
+    PositiveDuration,
+    ResourceName,
+    cel,
+    validations,
+)
+from virtshift.api.migrationpolicy import NON_MIGRATABLE_DOC, NonMigratableAction
+
+MAX_VM_ENTRIES = 100
+
+
+class DrainPhase(StrEnum):
+    PENDING = "Pending"
+    PLANNED = "Planned"  # dryRun: the plan is in status, nothing moves
+    DRAINING = "Draining"
+    PAUSED = "Paused"
+    DRAINED = "Drained"
+    STALLED = "Stalled"
+    CONFLICT = "Conflict"
+    TERMINATING = "Terminating"
+
+
+class VMPhase(StrEnum):
+    PENDING = "Pending"
+    MIGRATING = "Migrating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+    WAITING = "Waiting"  # backoff between attempts, or a limit or window holds it
+
+
+class NodeDrainSpec(Model):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.nodeName) != has(self.nodeSelector)",
+                "exactly one of spec.nodeName or spec.nodeSelector must be set",
+            ),
+            cel(
+                "!has(oldSelf.nodeName) || !has(self.nodeName)"
+                " || self.nodeName == oldSelf.nodeName",
+                "spec.nodeName is immutable: delete this NodeDrain and create another",
+                ".nodeName",
+            ),
+        )
+    )
+    node_name: ResourceName | None = Field(
+        None, description="The node to put in maintenance. Exactly one of nodeName and "
+        "nodeSelector is set.",
+    )
+    node_selector: LabelSelector | None = Field(
+        None, description="Nodes to drain in a rolling wave, maxUnavailable at a time, in name "
+        "order; each is cordoned only when its turn comes.",
+    )
+    max_unavailable: int = Field(
+        1, ge=1, le=1000, description="With nodeSelector: how many nodes are drained (cordoned) "
+        "at once.",
+    )
+    policy_ref: ObjectName | None = Field(
+        None, description="A MigrationPolicy (migrationpolicies.virtshift.io) that governs every "
+        "VM of this drain, overriding the policies' own selection.",
+    )
+    target_node_selector: dict[str, str] | None = Field(
+        None, description="Labels the target node must carry; becomes the addedNodeSelector of "
+        "every VirtualMachineInstanceMigration this drain creates.",
+    )
+    evict_pods: bool = Field(
+        False, description="Also evict the node's ordinary pods through the Eviction API "
+        "(DaemonSet and mirror pods are left alone; PodDisruptionBudgets are honoured).",
+    )
+    paused: bool = Field(
+        False, description="Start no new migrations; those in flight finish. The node stays "
+        "cordoned.",
+    )
+    deadline: PositiveDuration | None = Field(
+        None, description="How long the drain may take from its start, e.g. 2h. When it passes, "
+        "the Stalled condition says so and no new migration starts; nothing is rolled back.",
+    )
+    dry_run: bool = Field(
+        False, description="Plan only: status shows per VM the candidate targets, predicted "
+        "duration and downtime, blockers, and the drain's ETA. Nothing in the cluster changes.",
+    )
+    non_migratable: NonMigratableAction | None = Field(
+        None,
+        description="Overrides the policy's nonMigratable for this drain. " + NON_MIGRATABLE_DOC,
+    )
+    cancel_on_delete: bool = Field(
+        True, description="When this NodeDrain is deleted, abort its unfinished migrations (by "
+        "deleting their VirtualMachineInstanceMigrations) before the node is uncordoned.",
+    )
+
+
+class DrainCounts(Model):
+    total: int = Field(0, description="VMs on the drained nodes when they were planned.")
+    pending: int = Field(0, description="VMs not started yet.")
+    migrating: int = Field(0, description="VMs being moved now.")
+    succeeded: int = Field(0, description="VMs moved off.")
+    failed: int = Field(0, description="VMs that could not be moved.")
+    skipped: int = Field(0, description="VMs left in place on purpose.")
+
+
+class VMEntry(Model):
+    namespace: str = Field(description="The VM's namespace.")
+    name: str = Field(description="The VM's name.")
+    phase: VMPhase = Field(description="Where this VM is in the drain.")
+    reason: str | None = Field(None, description="Why, as a CamelCase word.")
+    message: str | None = Field(None, description="Why, as a sentence.")
+    source_node: str | None = Field(None, description="The node the VM leaves.")
+    target_node: str | None = Field(None, description="The node the VM arrived at.")
+    mode: str | None = Field(
+        None, description="How it moved: LiveMigration, StorageMigration, SharedNothing, "
+        "PostCopy or QuickMigration."
+    )
+    attempts: int | None = Field(None, description="Migration attempts made.")
+    migration: str | None = Field(None, description="The current VirtualMachineInstanceMigration.")
+    downtime_ms: int | None = Field(None, description="Switch-over downtime, milliseconds.")
+    candidates: list[str] | None = Field(
+        None, max_length=5, description="Possible target nodes, best first (plan)."
+    )
+    predicted_seconds: float | None = Field(None, description="Predicted migration time (plan).")
+    predicted_downtime_ms: int | None = Field(None, description="Predicted downtime (plan).")
+
+
+class NodeEntry(Model):
+    name: str = Field(description="A node of the wave.")
+    phase: str = Field(description="Waiting, Draining or Drained.")
+
+
+class NodeDrainStatus(Model):
+    observed_generation: int | None = Field(
+        None, description="The metadata.generation this status was computed from."
+    )
+    conditions: list[Condition] | None = Field(
+        None, max_length=16, description="Ready, Reconciling and Stalled (kstatus), plus "
+        "Cordoned and Drained.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    phase: DrainPhase | None = Field(None, description="A summary derived from the conditions.")
+    progress: str | None = Field(None, description="VMs done out of all, e.g. 12/40.")
+    counts: DrainCounts | None = Field(None, description="VMs by state.")
+    vms: list[VMEntry] | None = Field(
+        None, max_length=MAX_VM_ENTRIES, description="Per-VM state, unfinished and failed first; "
+        f"at most {MAX_VM_ENTRIES} entries (counts has the totals).",
+    )
+    nodes: list[NodeEntry] | None = Field(
+        None, max_length=1000, description="The wave's nodes and where each stands."
+    )
+    bytes_to_move: int | None = Field(None, description="Guest memory (and disks) to transfer.")
+    bytes_moved: int | None = Field(None, description="Transferred so far, by finished VMs.")
+    start_time: str | None = Field(
+        None, description="When the drain started.", json_schema_extra={"format": "date-time"}
+    )
+    eta: str | None = Field(
+        None, description="When the drain is expected to finish.",
+        json_schema_extra={"format": "date-time"},
+    )
+    completion_time: str | None = Field(
+        None, description="When the drain finished.", json_schema_extra={"format": "date-time"}
+    )
+    cordoned_by_us: list[str] | None = Field(
+        None, description="Nodes this drain cordoned (and will uncordon when it is deleted)."
+    )
+
+
+class NodeDrain(Model):
+    """NodeDrain puts a node (or a rolling wave of nodes) in maintenance: virtshift cordons it and
+    moves its VMs away. The object existing means "in maintenance"; deleting it ends maintenance."""
+
+    api_version: str = Field("virtshift.io/v1alpha1", description="virtshift.io/v1alpha1")
+    kind: str = Field("NodeDrain", description="NodeDrain")
+    metadata: dict = Field(default_factory=dict, description="Standard object metadata.")
+    spec: NodeDrainSpec = Field(description="What to drain and how.")
+    status: NodeDrainStatus | None = Field(None, description="Observed state.")

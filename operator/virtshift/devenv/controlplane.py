@@ -1,0 +1,256 @@
+"""A real local control plane: etcd and kube-apiserver, as controller-runtime's envtest runs them.
+
+``up`` starts both detached from the calling process (they outlive it, for ``virtshift cluster
+up``), records their pids in ``DIR/state.json`` and writes ``DIR/kubeconfig``; ``down`` stops them
+and waits until their ports are closed. No kube-controller-manager runs, so nothing garbage
+collects and no namespace finishes terminating: tests use fresh names.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from virtshift.devenv import binaries, certs
+
+ADMIN_USER = "virtshift-admin"
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+@dataclass
+class State:
+    etcd_pid: int
+    apiserver_pid: int
+    etcd_port: int
+    etcd_peer_port: int
+    apiserver_port: int
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def pids(self) -> tuple[int, int]:
+        return (self.apiserver_pid, self.etcd_pid)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (our own exited child) is not alive.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+class LocalControlPlane:
+    def __init__(self, directory: Path, log: Callable[[str], None] = print) -> None:
+        self.dir = Path(directory).resolve()
+        self.log = log
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def _state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    def state(self) -> State | None:
+        if not self._state_file.exists():
+            return None
+        return State(**json.loads(self._state_file.read_text()))
+
+    def running(self) -> bool:
+        st = self.state()
+        return bool(st) and all(_alive(p) for p in st.pids) and port_open(st.apiserver_port)
+
+    # -- up ---------------------------------------------------------------------------------
+
+    def up(self, timeout: float = 90.0) -> State:
+        if self.running():
+            st = self.state()
+            assert st
+            self.log(f"control plane already running at {st.url}")
+            return st
+        self.down(quiet=True)  # clear leftovers of a crashed run
+        bins = binaries.ensure_all(("etcd", "kube-apiserver"))
+        pki = self.dir / "pki"
+        logs = self.dir / "logs"
+        for d in (pki, logs):
+            d.mkdir(parents=True, exist_ok=True)
+        token = self._write_pki(pki)
+        st = State(0, 0, _free_port(), _free_port(), _free_port())
+        st.etcd_pid = self._spawn(
+            [
+                str(bins["etcd"]),
+                "--name=default",
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{st.etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{st.etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{st.etcd_peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{st.etcd_peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{st.etcd_peer_port}",
+                "--unsafe-no-fsync",  # test data: speed over durability
+                "--log-level=warn",
+            ],
+            logs / "etcd.log",
+        )
+        self._save(st)
+        st.apiserver_pid = self._spawn(
+            [
+                str(bins["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{st.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={st.apiserver_port}",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={pki / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-key-file={pki / 'sa.key'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--service-cluster-ip-range=10.96.0.0/24",
+                "--allow-privileged=true",
+                # No controller-manager creates the default ServiceAccount of a namespace.
+                "--disable-admission-plugins=ServiceAccount",
+                "--max-requests-inflight=1000",
+                "--max-mutating-requests-inflight=500",
+                "--profiling=false",
+                "--v=0",
+            ],
+            logs / "kube-apiserver.log",
+        )
+        self._save(st)
+        self._write_kubeconfig(st, token)
+        self._wait_ready(st, token, timeout)
+        return st
+
+    def _write_pki(self, pki: Path) -> str:
+        ca, ca_key = certs.make_ca()
+        certs.write(ca, pki / "ca.crt", pki / "ca.key")
+        serving = certs.make_serving_cert(
+            ca, ca_key, ["127.0.0.1", "localhost", "kubernetes.default.svc"], "kube-apiserver"
+        )
+        certs.write(serving, pki / "apiserver.crt", pki / "apiserver.key")
+        (pki / "sa.key").write_bytes(certs.make_rsa_key())
+        token = secrets.token_hex(24)
+        (pki / "tokens.csv").write_text(f'{token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+        return token
+
+    def _spawn(self, argv: list[str], logfile: Path) -> int:
+        with open(logfile, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.dir,
+            )
+        return proc.pid
+
+    def _save(self, st: State) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._state_file.write_text(json.dumps(asdict(st)))
+
+    def _write_kubeconfig(self, st: State, token: str) -> None:
+        ca = base64.b64encode((self.dir / "pki" / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "virtshift-local",
+                          "cluster": {"server": st.url, "certificate-authority-data": ca}}],
+            "users": [{"name": ADMIN_USER, "user": {"token": token}}],
+            "contexts": [{"name": "virtshift-local",
+                          "context": {"cluster": "virtshift-local", "user": ADMIN_USER}}],
+            "current-context": "virtshift-local",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        self.kubeconfig.chmod(0o600)
+
+    def _wait_ready(self, st: State, token: str, timeout: float) -> None:
+        ctx = ssl.create_default_context(cafile=str(self.dir / "pki" / "ca.crt"))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for pid, name in ((st.etcd_pid, "etcd"), (st.apiserver_pid, "kube-apiserver")):
+                if not _alive(pid):
+                    tail = (self.dir / "logs" / f"{name}.log").read_text()[-3000:]
+                    self.down(quiet=True)
+                    raise ControlPlaneError(f"{name} exited during start-up:\n{tail}")
+            req = urllib.request.Request(
+                f"{st.url}/readyz", headers={"Authorization": f"Bearer {token}"}
+            )
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except Exception as exc:  # not up yet: connection refused, 500 while hooks run
+                last = str(exc)
+            time.sleep(0.25)
+        self.down(quiet=True)
+        raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s: {last}")
+
+    # -- down -------------------------------------------------------------------------------
+
+    def down(self, quiet: bool = False, grace: float = 10.0) -> None:
+        st = self.state()
+        if st is None:
+            if not quiet:
+                self.log(f"no control plane recorded in {self.dir}")
+            return
+        for pid in st.pids:
+            if pid and _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p and _alive(p) for p in st.pids):
+            time.sleep(0.1)
+        for pid in st.pids:
+            if pid and _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+        for pid in st.pids:  # reap our own children so they leave no zombie
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        ports = (st.etcd_port, st.etcd_peer_port, st.apiserver_port)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(port_open(p) for p in ports):
+            time.sleep(0.1)
+        self._state_file.unlink(missing_ok=True)
+        if not quiet:
+            self.log(f"control plane in {self.dir} stopped")
