@@ -17,6 +17,7 @@ from kubernetes import client, config
 
 from virtshift.devenv import binaries, crds
 from virtshift.devenv.controlplane import LocalControlPlane
+from virtshift.k8s.rest import KubeClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ class Cluster:
         self.kubeconfig = cp.kubeconfig
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.kube = KubeClient.from_kubeconfig(str(cp.kubeconfig))
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True):
         kubectl = _need("kubectl")
@@ -70,7 +72,23 @@ def cluster(
         crds.apply_crds(api, crds.our_crds() + kubevirt)
         yield Cluster(cp, api)
     finally:
-        cp.down(quiet=True)
+        cp.down(quiet=True, grace=3)
+
+
+@pytest.fixture(scope="module")
+def fresh_cluster(
+    control_plane_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A control plane of the test module's own, for tests that create nodes and VMs."""
+    cp = LocalControlPlane(tmp_path_factory.mktemp("controlplane"), log=lambda _m: None)
+    cp.up()
+    try:
+        api = config.new_client_from_config(str(cp.kubeconfig))
+        kubevirt, _source = crds.kubevirt_crds()
+        crds.apply_crds(api, crds.our_crds() + kubevirt)
+        yield Cluster(cp, api)
+    finally:
+        cp.down(quiet=True, grace=3)
 
 
 @pytest.fixture

@@ -66,6 +66,17 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sim(args: argparse.Namespace) -> int:
+    from virtshift.sim.runner import run_forever
+    from virtshift.sim.scenario import ScenarioError
+
+    try:
+        return run_forever(args.scenario, args.kubeconfig, args.webhook)
+    except ScenarioError as exc:
+        print(f"{args.scenario}: invalid scenario:\n{exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtshift", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     bins = sub.add_parser("binaries", help="find or build kube-apiserver, etcd, kubectl, helm")
     bins.add_argument("names", nargs="*", default=["etcd", "kube-apiserver", "kubectl"])
     bins.set_defaults(func=_binaries)
+
+    sim = sub.add_parser("sim", help="the KubeVirt simulator: create a scenario, then act as "
+                         "KubeVirt until stopped")
+    sim.add_argument("--scenario", required=True, help="scenario YAML (examples/scenarios/)")
+    sim.add_argument("--kubeconfig", default=None)
+    sim.add_argument("--no-webhook", dest="webhook", action="store_false",
+                     help="do not register the virt-launcher eviction webhook")
+    sim.set_defaults(func=_sim)
 
     gen = sub.add_parser("crds", help="write the CRDs generated from the API models")
     gen.add_argument("--out", default="crds")

@@ -1,0 +1,107 @@
+"""List-then-watch caches of API objects, each kept current by a background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from virtshift.k8s.rest import JSON, ApiError, KubeClient, Resource
+
+log = logging.getLogger(__name__)
+
+
+def key_of(obj: JSON) -> str:
+    meta = obj["metadata"]
+    ns = meta.get("namespace")
+    return f"{ns}/{meta['name']}" if ns else meta["name"]
+
+
+class Informer:
+    """A dict of the objects of one resource, by "namespace/name" (or "name")."""
+
+    def __init__(self, kube: KubeClient, res: Resource, label_selector: str | None = None,
+                 on_event: Callable[[str, JSON], None] | None = None) -> None:
+        self.kube = kube
+        self.res = res
+        self.label_selector = label_selector
+        self.on_event = on_event
+        self._objects: dict[str, JSON] = {}
+        self._lock = threading.Lock()
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"informer-{res.plural}",
+                                        daemon=True)
+
+    def start(self) -> Informer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait_synced(self, timeout: float = 30) -> None:
+        if not self._synced.wait(timeout):
+            raise TimeoutError(f"{self.res.plural} cache not synced after {timeout}s")
+
+    def get(self, key: str) -> JSON | None:
+        with self._lock:
+            return self._objects.get(key)
+
+    def values(self) -> list[JSON]:
+        with self._lock:
+            return list(self._objects.values())
+
+    def put(self, obj: JSON) -> None:
+        """Record our own write at once, so the next read sees it before the watch does."""
+        with self._lock:
+            current = self._objects.get(key_of(obj))
+            if current is None or _rv(obj) >= _rv(current):
+                self._objects[key_of(obj)] = obj
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                items, rv = self.kube.list(self.res, label_selector=self.label_selector)
+                with self._lock:
+                    self._objects = {key_of(o): o for o in items}
+                self._synced.set()
+                while not self._stop.is_set():
+                    for kind, obj in self.kube.watch(self.res, rv,
+                                                     label_selector=self.label_selector):
+                        if kind == "BOOKMARK":
+                            rv = obj["metadata"]["resourceVersion"]
+                            continue
+                        if kind == "ERROR":
+                            raise ApiError(obj.get("code", 500), str(obj))
+                        rv = obj["metadata"]["resourceVersion"]
+                        with self._lock:
+                            if kind == "DELETED":
+                                self._objects.pop(key_of(obj), None)
+                            else:
+                                self._objects[key_of(obj)] = obj
+                        if self.on_event:
+                            self.on_event(kind, obj)
+                        if self._stop.is_set():
+                            return
+            except ApiError as exc:
+                if not exc.gone:
+                    log.warning("watch of %s failed: %s", self.res.plural, exc)
+                    time.sleep(0.5)
+            except Exception as exc:  # connection dropped: relist
+                if self._stop.is_set():
+                    return
+                log.debug("watch of %s restarting: %s", self.res.plural, exc)
+                time.sleep(0.5)
+
+
+def _rv(obj: JSON) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion", 0))
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,252 @@
+"""A small JSON client for the Kubernetes API: plain dicts in and out, list, watch, patch.
+
+It takes its connection settings (server, CA, token or client certificate) from the official
+``kubernetes`` package's kubeconfig / in-cluster loaders, and talks over one thread-safe
+urllib3 pool. Dicts keep us close to the wire format that our pydantic models and KubeVirt's
+schemas describe, with no generated model classes in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import urllib3
+from kubernetes import client as kclient
+from kubernetes import config as kconfig
+
+JSON = dict[str, Any]
+MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+STRATEGIC = "application/strategic-merge-patch+json"
+APPLY = "application/apply-patch+yaml"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        self.status = status
+        self.body = body
+        try:
+            parsed = json.loads(body)
+            self.reason = parsed.get("reason", "")
+            self.message = parsed.get("message", body)
+        except ValueError:
+            self.reason, self.message = "", body
+        super().__init__(f"{status} {self.reason}: {self.message}")
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def gone(self) -> bool:
+        return self.status == 410
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Where a kind lives in the API: group ("" for core), version, plural, namespaced."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None,
+             subresource: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{quote(namespace)}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{quote(name)}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+
+NODES = Resource("", "v1", "nodes", namespaced=False)
+PODS = Resource("", "v1", "pods")
+NAMESPACES = Resource("", "v1", "namespaces", namespaced=False)
+EVENTS = Resource("", "v1", "events")
+PVCS = Resource("", "v1", "persistentvolumeclaims")
+PVS = Resource("", "v1", "persistentvolumes", namespaced=False)
+STORAGE_CLASSES = Resource("storage.k8s.io", "v1", "storageclasses", namespaced=False)
+VMS = Resource("kubevirt.io", "v1", "virtualmachines")
+VMIS = Resource("kubevirt.io", "v1", "virtualmachineinstances")
+VMIMS = Resource("kubevirt.io", "v1", "virtualmachineinstancemigrations")
+KUBEVIRTS = Resource("kubevirt.io", "v1", "kubevirts")
+KUBEVIRT_POLICIES = Resource("migrations.kubevirt.io", "v1alpha1", "migrationpolicies",
+                             namespaced=False)
+NODE_DRAINS = Resource("virtshift.io", "v1alpha1", "nodedrains", namespaced=False)
+POLICIES = Resource("virtshift.io", "v1alpha1", "migrationpolicies", namespaced=False)
+WEBHOOKS = Resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations",
+                    namespaced=False)
+PDBS = Resource("policy", "v1", "poddisruptionbudgets")
+
+
+def load_configuration(kubeconfig: str | None = None) -> kclient.Configuration:
+    """Settings from a kubeconfig (argument, $KUBECONFIG, ~/.kube/config) or the pod's account."""
+    cfg = kclient.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG")
+    if path or os.path.exists(os.path.expanduser("~/.kube/config")):
+        kconfig.load_kube_config(config_file=path, client_configuration=cfg)
+    else:
+        kconfig.load_incluster_config(client_configuration=cfg)
+    return cfg
+
+
+class KubeClient:
+    def __init__(self, cfg: kclient.Configuration, pool_size: int = 32) -> None:
+        self.cfg = cfg
+        self.server = cfg.host.rstrip("/")
+        if cfg.verify_ssl:
+            ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+        else:  # only when the kubeconfig asks for insecure-skip-tls-verify
+            ctx = ssl._create_unverified_context()
+        if cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        self.http = urllib3.PoolManager(num_pools=4, maxsize=pool_size, ssl_context=ctx)
+
+    @classmethod
+    def from_kubeconfig(cls, kubeconfig: str | None = None) -> KubeClient:
+        return cls(load_configuration(kubeconfig))
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        key = self.cfg.get_api_key_with_prefix
+        auth = key("authorization") or key("BearerToken")
+        if auth:
+            headers["Authorization"] = auth
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                content_type: str = "application/json", timeout: float = 30) -> JSON:
+        url = self.server + path + (("?" + urlencode(params)) if params else "")
+        data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
+        resp = self.http.request(
+            method, url, body=data, headers=self._headers(content_type if data else None),
+            timeout=urllib3.Timeout(connect=5, read=timeout), retries=False,
+        )
+        text = resp.data.decode()
+        if resp.status >= 400:
+            raise ApiError(resp.status, text)
+        return json.loads(text) if text else {}
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    def get(self, res: Resource, name: str, namespace: str | None = None) -> JSON | None:
+        try:
+            return self.request("GET", res.path(namespace, name))
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    def list(self, res: Resource, namespace: str | None = None, label_selector: str | None = None,
+             field_selector: str | None = None) -> tuple[list[JSON], str]:
+        """Every item (following continue tokens) and the list's resourceVersion."""
+        items: list[JSON] = []
+        params: dict[str, Any] = {"limit": 500}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        while True:
+            page = self.request("GET", res.path(namespace), params=params)
+            items.extend(page.get("items") or [])
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return items, page.get("metadata", {}).get("resourceVersion", "")
+            params["continue"] = token
+
+    def items(self, res: Resource, namespace: str | None = None, **selectors: str | None
+              ) -> list[JSON]:
+        return self.list(res, namespace, **selectors)[0]
+
+    def create(self, res: Resource, body: JSON, namespace: str | None = None,
+               subresource: str | None = None, name: str | None = None,
+               dry_run: bool = False) -> JSON:
+        ns = namespace or body.get("metadata", {}).get("namespace")
+        params = {"dryRun": "All"} if dry_run else None
+        return self.request("POST", res.path(ns, name, subresource), body, params=params)
+
+    def create_or_get(self, res: Resource, body: JSON, namespace: str | None = None) -> JSON:
+        """Create; on 409 (already exists, e.g. after a restart) return the existing object."""
+        try:
+            return self.create(res, body, namespace)
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            existing = self.get(res, body["metadata"]["name"],
+                                namespace or body["metadata"].get("namespace"))
+            if existing is None:
+                raise
+            return existing
+
+    def replace(self, res: Resource, body: JSON, subresource: str | None = None) -> JSON:
+        meta = body["metadata"]
+        return self.request("PUT", res.path(meta.get("namespace"), meta["name"], subresource), body)
+
+    def patch(self, res: Resource, name: str, patch: Any, namespace: str | None = None,
+              subresource: str | None = None, kind: str = MERGE,
+              field_manager: str | None = None) -> JSON:
+        params = {"fieldManager": field_manager} if field_manager else None
+        if kind == APPLY:
+            params = {"fieldManager": field_manager or "virtshift", "force": "true"}
+        return self.request("PATCH", res.path(namespace, name, subresource), patch,
+                            params=params, content_type=kind)
+
+    def delete(self, res: Resource, name: str, namespace: str | None = None,
+               grace_seconds: int | None = None, uid: str | None = None) -> bool:
+        """Delete; False when it was already gone."""
+        body: JSON = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if grace_seconds is not None:
+            body["gracePeriodSeconds"] = grace_seconds
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.request("DELETE", res.path(namespace, name), body)
+            return True
+        except ApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+
+    def watch(self, res: Resource, resource_version: str, namespace: str | None = None,
+              label_selector: str | None = None, timeout_seconds: int = 60
+              ) -> Iterator[tuple[str, JSON]]:
+        """(type, object) events from resource_version on; ends when the server closes it."""
+        params: dict[str, Any] = {"watch": "1", "resourceVersion": resource_version,
+                                  "timeoutSeconds": timeout_seconds,
+                                  "allowWatchBookmarks": "true"}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        url = self.server + res.path(namespace) + "?" + urlencode(params)
+        resp = self.http.request("GET", url, headers=self._headers(), preload_content=False,
+                                 timeout=urllib3.Timeout(connect=5, read=timeout_seconds + 10),
+                                 retries=False)
+        try:
+            if resp.status >= 400:
+                raise ApiError(resp.status, resp.data.decode())
+            buf = b""
+            for chunk in resp.stream(65536):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        event = json.loads(line)
+                        yield event["type"], event["object"]
+        finally:
+            resp.release_conn()

@@ -1,0 +1,28 @@
+"""Simulated time: ``time_scale`` simulated seconds pass per wall-clock second."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+
+class SimClock:
+    def __init__(self, time_scale: float, start: dt.datetime | None = None) -> None:
+        self.time_scale = time_scale
+        self.start = (start or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        """Simulated seconds since the simulation began."""
+        return (time.monotonic() - self._t0) * self.time_scale
+
+    def at(self, sim_seconds: float) -> dt.datetime:
+        return self.start + dt.timedelta(seconds=sim_seconds)
+
+    def stamp(self, sim_seconds: float | None = None) -> str:
+        """RFC 3339 (seconds precision, as Kubernetes writes) of a simulated instant."""
+        when = self.at(self.now() if sim_seconds is None else sim_seconds)
+        return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def wall_seconds(self, sim_seconds: float) -> float:
+        return sim_seconds / self.time_scale

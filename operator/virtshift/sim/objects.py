@@ -1,0 +1,234 @@
+"""Builders of the API objects KubeVirt (and the kubelet) would create, as plain dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec, VMSpec
+
+JSON = dict[str, Any]
+LAUNCHER_LABEL = "kubevirt.io"
+CREATED_BY = "kubevirt.io/created-by"
+NODE_NAME_LABEL = "kubevirt.io/nodeName"
+CPU_MODEL_LABEL = "cpu-model-migration.node.kubevirt.io/"
+HOST_MODEL_LABEL = "host-model-cpu.node.kubevirt.io/"
+SIM_DRIVER = "sim.virtshift.io"
+KUBEVIRT_NAMESPACE = "kubevirt"
+
+
+def quantity(n: float) -> str:
+    """Bytes as the largest whole binary unit Kubernetes would print."""
+    n = int(n)
+    for suffix, size in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n and n % size == 0:
+            return f"{n // size}{suffix}"
+    return str(n)
+
+
+def cpu_quantity(cores: float) -> str:
+    return str(int(cores)) if float(cores).is_integer() else f"{int(cores * 1000)}m"
+
+
+def node(spec: NodeSpec) -> JSON:
+    labels = {
+        "kubernetes.io/hostname": spec.name,
+        "kubevirt.io/schedulable": "true",
+        CPU_MODEL_LABEL + spec.cpu_model: "true",
+        HOST_MODEL_LABEL + spec.cpu_model: "true",
+        "cpu-model.node.kubevirt.io/" + spec.cpu_model: "true",
+        **spec.labels,
+    }
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": spec.name, "labels": labels},
+        "spec": {"unschedulable": True} if not spec.schedulable else {},
+    }
+
+
+def node_status(spec: NodeSpec, stamp: str, ready: bool = True) -> JSON:
+    resources = {"cpu": cpu_quantity(spec.allocatable_cpu),
+                 "memory": quantity(spec.allocatable_memory), "pods": "250"}
+    return {"status": {
+        "capacity": resources, "allocatable": resources,
+        "conditions": [{
+            "type": "Ready", "status": "True" if ready else "Unknown",
+            "reason": "KubeletReady" if ready else "NodeStatusUnknown",
+            "message": "simulated kubelet is posting ready status" if ready
+            else "Kubelet stopped posting node status.",
+            "lastHeartbeatTime": stamp, "lastTransitionTime": stamp,
+        }],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                      {"type": "Hostname", "address": spec.name}],
+        "nodeInfo": {"kubeletVersion": "v1.36.3-sim", "architecture": "amd64",
+                     "operatingSystem": "linux", "machineID": "", "systemUUID": "", "bootID": "",
+                     "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "",
+                     "kubeProxyVersion": ""},
+    }}
+
+
+def storage_class(spec: StorageClassSpec) -> JSON:
+    return {
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": spec.name, "annotations": {
+            f"{SIM_DRIVER}/node-local": str(spec.node_local).lower(),
+            f"{SIM_DRIVER}/copy-bandwidth": quantity(spec.copy_bandwidth)}},
+        "provisioner": f"{SIM_DRIVER}/{spec.name}",
+        "volumeBindingMode": "WaitForFirstConsumer" if spec.node_local else "Immediate",
+        "allowVolumeExpansion": True,
+    }
+
+
+def persistent_volume(name: str, claim_ns: str, claim: str, size: float, sc: StorageClassSpec,
+                      node_name: str | None) -> JSON:
+    pv: JSON = {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": quantity(size)},
+            "accessModes": [sc.access_mode],
+            "storageClassName": sc.name,
+            "persistentVolumeReclaimPolicy": "Delete",
+            "claimRef": {"namespace": claim_ns, "name": claim},
+            "csi": {"driver": SIM_DRIVER, "volumeHandle": name},
+        },
+    }
+    if sc.node_local and node_name:
+        pv["spec"]["nodeAffinity"] = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "kubernetes.io/hostname", "operator": "In", "values": [node_name]}]}]}}
+    return pv
+
+
+def persistent_volume_claim(ns: str, claim: str, size: float, sc: StorageClassSpec,
+                            volume_name: str | None) -> JSON:
+    spec: JSON = {"accessModes": [sc.access_mode], "storageClassName": sc.name,
+                  "resources": {"requests": {"storage": quantity(size)}}}
+    if volume_name:
+        spec["volumeName"] = volume_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": ns}, "spec": spec}
+
+
+def _domain(vm: VMSpec) -> JSON:
+    return {
+        "cpu": {"cores": vm.cpu, "model": vm.cpu_model},
+        "memory": {"guest": quantity(vm.memory)},
+        "resources": {"requests": {"memory": quantity(vm.memory)}},
+        "devices": {"disks": [{"name": v.name, "disk": {"bus": "virtio"}} for v in vm.volumes]},
+    }
+
+
+def vmi_spec(vm: VMSpec, claims: dict[str, str] | None = None) -> JSON:
+    claims = claims or {v.name: v.claim_name for v in vm.volumes}
+    return {
+        "domain": _domain(vm),
+        "evictionStrategy": vm.eviction_strategy,
+        "volumes": [{"name": v.name, "persistentVolumeClaim": {"claimName": claims[v.name]}}
+                    for v in vm.volumes],
+    }
+
+
+def virtual_machine(vm: VMSpec) -> JSON:
+    return {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": vm.name, "namespace": vm.namespace, "labels": dict(vm.labels)},
+        "spec": {
+            "runStrategy": "Always",
+            "template": {"metadata": {"labels": {**vm.labels, "kubevirt.io/vm": vm.name}},
+                         "spec": vmi_spec(vm)},
+        },
+    }
+
+
+def vm_status(ready: bool = True) -> JSON:
+    return {"status": {"created": ready, "ready": ready,
+                       "printableStatus": "Running" if ready else "Stopped",
+                       "runStrategy": "Always"}}
+
+
+def not_migratable(vm: VMSpec, shared: dict[str, bool]) -> tuple[str, str] | None:
+    """KubeVirt's (reason, message) for a VMI that cannot live-migrate, or None.
+
+    ``shared`` says per storage class whether its volumes are ReadWriteMany."""
+    if not vm.live_migratable:
+        reason = vm.not_migratable_reason or "NotMigratable"
+        return reason, f"VMI uses a feature that prevents live migration ({reason})"
+    for vol in vm.volumes:
+        if not shared[vol.storage_class]:
+            return ("DisksNotLiveMigratable",
+                    f"cannot migrate VMI: PVC {vol.claim_name} is not shared, live migration "
+                    "requires that all PVCs must be shared (using ReadWriteMany access mode)")
+    return None
+
+
+def vmi_conditions(blocker: tuple[str, str] | None, stamp: str) -> list[JSON]:
+    live: JSON = {"type": "LiveMigratable", "status": "True", "lastProbeTime": None,
+                  "lastTransitionTime": stamp}
+    if blocker:
+        live.update(status="False", reason=blocker[0], message=blocker[1])
+    storage_migratable = blocker is None or blocker[0] == "DisksNotLiveMigratable"
+    return [
+        {"type": "Ready", "status": "True", "lastProbeTime": None, "lastTransitionTime": stamp},
+        live,
+        {"type": "StorageLiveMigratable", "status": "True" if storage_migratable else "False",
+         "lastProbeTime": None, "lastTransitionTime": stamp},
+    ]
+
+
+def virtual_machine_instance(vm: VMSpec, vm_uid: str) -> JSON:
+    return {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {
+            "name": vm.name, "namespace": vm.namespace,
+            "labels": {**vm.labels, "kubevirt.io/vm": vm.name, NODE_NAME_LABEL: vm.node},
+            "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                 "name": vm.name, "uid": vm_uid, "controller": True,
+                                 "blockOwnerDeletion": True}],
+        },
+        "spec": vmi_spec(vm),
+    }
+
+
+def launcher_pod(vm: VMSpec, vmi_uid: str, name: str, node_name: str | None,
+                 claims: dict[str, str] | None = None) -> JSON:
+    claims = claims or {v.name: v.claim_name for v in vm.volumes}
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": vm.namespace,
+            "labels": {LAUNCHER_LABEL: "virt-launcher", CREATED_BY: vmi_uid,
+                       "vm.kubevirt.io/name": vm.name, **vm.labels},
+            "ownerReferences": [{"apiVersion": "kubevirt.io/v1",
+                                 "kind": "VirtualMachineInstance", "name": vm.name,
+                                 "uid": vmi_uid, "controller": True,
+                                 "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            **({"nodeName": node_name} if node_name else {}),
+            "containers": [{
+                "name": "compute", "image": "quay.io/kubevirt/virt-launcher:sim",
+                "resources": {"requests": {"cpu": cpu_quantity(vm.cpu),
+                                           "memory": quantity(vm.memory)}},
+            }],
+            "volumes": [{"name": v.name, "persistentVolumeClaim": {"claimName": claims[v.name]}}
+                        for v in vm.volumes],
+            "terminationGracePeriodSeconds": 30,
+        },
+    }
+
+
+def kubevirt_cr(settings: KubeVirtSettings) -> JSON:
+    migrations: JSON = {
+        "parallelMigrationsPerCluster": settings.parallel_migrations_per_cluster,
+        "parallelOutboundMigrationsPerNode": settings.parallel_outbound_migrations_per_node,
+        "completionTimeoutPerGiB": int(settings.completion_timeout_per_gib),
+        "progressTimeout": int(settings.progress_timeout),
+        "allowAutoConverge": settings.allow_auto_converge,
+        "allowPostCopy": settings.allow_post_copy,
+    }
+    if settings.bandwidth_per_migration:
+        migrations["bandwidthPerMigration"] = quantity(settings.bandwidth_per_migration)
+    return {
+        "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt",
+        "metadata": {"name": "kubevirt", "namespace": KUBEVIRT_NAMESPACE},
+        "spec": {"configuration": {"migrations": migrations}},
+    }

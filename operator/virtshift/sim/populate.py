@@ -1,0 +1,121 @@
+"""Create a scenario's cluster objects: nodes, storage, VMs, VMIs, launcher pods, KubeVirt CR."""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtshift.k8s import rest
+from virtshift.k8s.rest import JSON, KubeClient
+from virtshift.sim import objects
+from virtshift.sim.clock import SimClock
+from virtshift.sim.scenario import Scenario, VMSpec
+
+
+@dataclass
+class SimVM:
+    """The simulator's own record of one VM (what virt-handler would know)."""
+
+    spec: VMSpec
+    node: str
+    vmi_uid: str
+    pod_name: str
+    dirty_rate: float
+    claims: dict[str, str]
+    attempts: int = 0
+    running: bool = True
+    start_at: float | None = None  # restart pending (quick migration), simulated seconds
+    stopped_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.namespace}/{self.spec.name}"
+
+
+@dataclass
+class World:
+    scenario: Scenario
+    vms: dict[str, SimVM] = field(default_factory=dict)
+
+
+def pod_suffix(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+
+
+def _parallel(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 16) -> list[Any]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
+             log: Callable[[str], None] = print) -> World:
+    rng = random.Random(scenario.seed)
+    stamp = clock.stamp(0)
+    world = World(scenario)
+    classes = {sc.name: sc for sc in scenario.storage_classes}
+    shared = {sc.name: sc.access_mode == "ReadWriteMany" for sc in scenario.storage_classes}
+
+    namespaces = sorted({vm.namespace for vm in scenario.vms} | {objects.KUBEVIRT_NAMESPACE})
+    _parallel(lambda ns: kube.create_or_get(rest.NAMESPACES, {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}), namespaces)
+    kube.create_or_get(rest.KUBEVIRTS, objects.kubevirt_cr(scenario.kubevirt))
+    _parallel(lambda sc: kube.create_or_get(rest.STORAGE_CLASSES, objects.storage_class(sc)),
+              scenario.storage_classes)
+
+    def make_node(spec):
+        kube.create_or_get(rest.NODES, objects.node(spec))
+        kube.patch(rest.NODES, spec.name, objects.node_status(spec, stamp), subresource="status")
+
+    _parallel(make_node, scenario.nodes)
+    log(f"created {len(scenario.nodes)} nodes, {len(scenario.storage_classes)} storage classes")
+
+    suffixes = {vm.namespace + "/" + vm.name: pod_suffix(rng) for vm in scenario.vms}
+
+    def make_vm(vm: VMSpec) -> SimVM:
+        for vol in vm.volumes:
+            sc = classes[vol.storage_class]
+            pv_name = f"pv-{vm.namespace}-{vol.claim_name}"
+            kube.create_or_get(rest.PVS, objects.persistent_volume(
+                pv_name, vm.namespace, vol.claim_name, vol.size, sc, vm.node))
+            kube.create_or_get(rest.PVCS, objects.persistent_volume_claim(
+                vm.namespace, vol.claim_name, vol.size, sc, pv_name))
+            kube.patch(rest.PVCS, vol.claim_name, {"status": {
+                "phase": "Bound", "accessModes": [sc.access_mode],
+                "capacity": {"storage": objects.quantity(vol.size)}}},
+                namespace=vm.namespace, subresource="status")
+        vm_obj = kube.create_or_get(rest.VMS, objects.virtual_machine(vm))
+        kube.patch(rest.VMS, vm.name, objects.vm_status(), namespace=vm.namespace,
+                   subresource="status")
+        vmi = kube.create_or_get(rest.VMIS, objects.virtual_machine_instance(
+            vm, vm_obj["metadata"]["uid"]))
+        uid = vmi["metadata"]["uid"]
+        node = (vmi.get("status") or {}).get("nodeName") or vm.node
+        pod_name = f"virt-launcher-{vm.name}-{suffixes[vm.namespace + '/' + vm.name]}"
+        pod = kube.create_or_get(rest.PODS, objects.launcher_pod(vm, uid, pod_name, node))
+        kube.patch(rest.PODS, pod_name, {"status": running_pod_status(stamp)},
+                   namespace=vm.namespace, subresource="status")
+        blocker = objects.not_migratable(vm, shared)
+        kube.patch(rest.VMIS, vm.name, {"status": {
+            "phase": "Running", "nodeName": node,
+            "conditions": objects.vmi_conditions(blocker, stamp),
+            "migrationMethod": "BlockMigration" if blocker and blocker[0] ==
+            "DisksNotLiveMigratable" else "LiveMigration",
+            "activePods": {pod["metadata"]["uid"]: node},
+            "phaseTransitionTimestamps": [{"phase": "Running", "phaseTransitionTimestamp": stamp}],
+        }}, namespace=vm.namespace)
+        return SimVM(vm, node, uid, pod_name, vm.dirty_rate,
+                     {v.name: v.claim_name for v in vm.volumes})
+
+    for sim_vm in _parallel(make_vm, scenario.vms):
+        world.vms[sim_vm.key] = sim_vm
+    log(f"created {len(world.vms)} VMs with their VMIs and virt-launcher pods")
+    return world
+
+
+def running_pod_status(stamp: str) -> JSON:
+    return {"phase": "Running", "startTime": stamp, "conditions": [
+        {"type": "Ready", "status": "True", "lastTransitionTime": stamp}]}

@@ -1,0 +1,56 @@
+"""Start the whole simulator: populate the scenario, drive KubeVirt, intercept evictions."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from virtshift.k8s.rest import KubeClient
+from virtshift.sim.clock import SimClock
+from virtshift.sim.kubevirt import KubeVirtSim
+from virtshift.sim.populate import World, populate
+from virtshift.sim.scenario import Scenario, load_scenario
+from virtshift.sim.webhook import EvictionWebhook
+
+
+@dataclass
+class Simulator:
+    kube: KubeClient
+    scenario: Scenario
+    clock: SimClock
+    world: World
+    kubevirt: KubeVirtSim
+    webhook: EvictionWebhook | None
+
+    def stop(self) -> None:
+        if self.webhook:
+            self.webhook.stop()
+        self.kubevirt.stop()
+
+
+def start(kube: KubeClient, scenario: Scenario | str | Path, webhook: bool = True,
+          log: Callable[[str], None] = print) -> Simulator:
+    if not isinstance(scenario, Scenario):
+        scenario = load_scenario(scenario)
+    clock = SimClock(scenario.time_scale)
+    world = populate(kube, scenario, clock, log)
+    sim = KubeVirtSim(kube, world, clock).start()
+    hook = EvictionWebhook(kube, sim).start() if webhook else None
+    log(f"simulating KubeVirt at {scenario.time_scale:g}x time"
+        + (f"; eviction webhook on 127.0.0.1:{hook.port}" if hook else ""))
+    return Simulator(kube, scenario, clock, world, sim, hook)
+
+
+def run_forever(scenario_path: str, kubeconfig: str | None, webhook: bool) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sim = start(KubeClient.from_kubeconfig(kubeconfig), scenario_path, webhook)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    sim.stop()
+    return 0

@@ -1,0 +1,286 @@
+"""Pre-copy physics: closed forms, failure modes, and the stepper agreeing with predict()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from virtshift.api.units import GiB, MiB
+from virtshift.domain.physics import (
+    AUTO_CONVERGE_MAX,
+    MAX_ROUNDS,
+    POST_COPY_SWITCH_DOWNTIME,
+    QEMU_DEFAULT_DOWNTIME,
+    Mode,
+    PreCopyRun,
+    Prediction,
+    Transfer,
+    predict,
+)
+
+M = 8 * GiB
+B = 1 * GiB  # so M/B = 8 s
+
+
+def run_stepper(t: Transfer, dt: float, limit: float = 1e5) -> PreCopyRun:
+    run = PreCopyRun(t.memory, t.dirty_rate, max_downtime=t.max_downtime,
+                     auto_converge=t.auto_converge, post_copy=t.post_copy,
+                     completion_timeout=t.completion_timeout,
+                     progress_timeout=t.progress_timeout)
+    while not run.done and run.elapsed < limit:
+        run.advance(dt, t.bandwidth)
+    return run
+
+
+# -- plain pre-copy: the geometric series ---------------------------------------------------
+
+@pytest.mark.parametrize("lam", [0.5, 0.8, 0.95])
+def test_converging_precopy_matches_geometric_series(lam: float) -> None:
+    p = predict(Transfer(memory=M, dirty_rate=lam * B, bandwidth=B))
+    n = p.rounds
+    assert p.converges and p.mode is Mode.PRE_COPY and p.failure_reason is None
+    assert p.throttle == 0
+    # n is the first pass (counting the stop-and-copy) small enough to fit in the downtime
+    assert M * lam ** (n - 1) / B <= QEMU_DEFAULT_DOWNTIME < M * lam ** (n - 2) / B
+    assert p.duration == pytest.approx(M / B * (1 - lam**n) / (1 - lam), rel=1e-9)
+    assert p.bytes_sent == pytest.approx(M * (1 - lam**n) / (1 - lam), rel=1e-9)
+    assert p.downtime == pytest.approx(M * lam ** (n - 1) / B, rel=1e-9)
+    assert p.downtime <= QEMU_DEFAULT_DOWNTIME
+
+
+def test_lambda_half_worked_example() -> None:
+    # 8 + 4 + 2 + 1 + 0.5 s of pre-copy, then 0.25 GiB fits in 300 ms: stop-and-copy.
+    p = predict(Transfer(memory=8 * GiB, dirty_rate=512 * MiB, bandwidth=1 * GiB))
+    assert p.rounds == 6
+    assert p.duration == pytest.approx(15.75)
+    assert p.downtime == pytest.approx(0.25)
+
+
+def test_larger_downtime_limit_switches_over_earlier() -> None:
+    # 8 + 4 + 2 s of pre-copy, then 1 GiB fits in the 1 s limit
+    p = predict(Transfer(memory=M, dirty_rate=B / 2, bandwidth=B, max_downtime=1.0))
+    assert (p.rounds, p.duration, p.downtime) == (4, pytest.approx(15.0), pytest.approx(1.0))
+
+
+def test_tiny_vm_goes_straight_to_stop_and_copy() -> None:
+    p = predict(Transfer(memory=200 * MiB, dirty_rate=10 * GiB, bandwidth=B))
+    assert p.converges and p.rounds == 1 and p.mode is Mode.PRE_COPY
+    assert p.downtime == pytest.approx(p.duration) == pytest.approx(200 / 1024)
+
+
+def test_idle_guest_needs_one_pass_and_no_downtime() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=0, bandwidth=B))
+    assert p.converges and p.rounds == 2 and p.duration == pytest.approx(8) and p.downtime == 0
+
+
+# -- lambda >= 1 without rescue: KubeVirt aborts --------------------------------------------
+
+@pytest.mark.parametrize(
+    ("completion", "progress", "reason", "duration"),
+    [
+        (None, None, "NotConverging", 8.0),  # detected after the first non-shrinking round
+        (None, 150.0, "ProgressTimeout", 150.0),
+        (100.0, None, "CompletionTimeout", 100.0),
+        (100.0, 150.0, "CompletionTimeout", 100.0),
+        (100.0, 50.0, "ProgressTimeout", 50.0),
+        (60.0, 60.0, "ProgressTimeout", 60.0),  # a tie: the progress timeout is checked first
+    ],
+)
+def test_non_converging_precopy_fails_with_reason(
+    completion: float | None, progress: float | None, reason: str, duration: float
+) -> None:
+    p = predict(Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B,
+                         completion_timeout=completion, progress_timeout=progress))
+    assert not p.converges and p.failure_reason == reason
+    assert p.duration == pytest.approx(duration)
+    assert p.downtime == 0 and p.mode is Mode.PRE_COPY and p.throttle == 0
+    assert p.bytes_sent == pytest.approx(duration * B)
+
+
+def test_progress_timeout_does_not_fire_while_the_dirty_set_shrinks() -> None:
+    # lambda 0.95 takes ~156 s; each round is a new minimum, so a 10 s progress timeout is fine.
+    p = predict(Transfer(memory=M, dirty_rate=0.95 * B, bandwidth=B, progress_timeout=10))
+    assert p.converges and p.duration > 100
+
+
+def test_slow_convergence_is_bounded_by_the_round_cap() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=0.99999 * B, bandwidth=B))
+    assert not p.converges and p.failure_reason == "NotConverging" and p.rounds == MAX_ROUNDS
+
+
+# -- auto-converge ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("lam", "throttle"),
+    [
+        (1.0, 0.2),  # 1.0 * 0.8 < 1 after the first step
+        (2.0, 0.6),  # 1.6, 1.4, 1.2, 1.0 (no shrink either), then 0.8
+        (5.0, 0.9),
+        (50.0, 0.99),  # the cap: 50 * 0.01 = 0.5
+    ],
+)
+def test_auto_converge_throttles_until_it_converges(lam: float, throttle: float) -> None:
+    p = predict(Transfer(memory=M, dirty_rate=lam * B, bandwidth=B, auto_converge=True))
+    assert p.converges and p.mode is Mode.AUTO_CONVERGE and p.failure_reason is None
+    assert p.throttle == pytest.approx(throttle)
+    assert 0 < p.downtime <= QEMU_DEFAULT_DOWNTIME
+
+
+def test_auto_converge_cannot_tame_more_than_its_cap() -> None:
+    slow = Transfer(memory=M, dirty_rate=200 * B, bandwidth=B, auto_converge=True)
+    p = predict(slow)
+    assert not p.converges and p.failure_reason == "NotConverging"
+    assert p.throttle == AUTO_CONVERGE_MAX and p.mode is Mode.AUTO_CONVERGE
+    timed = predict(Transfer(**{**slow.__dict__, "completion_timeout": 500.0}))
+    assert timed.failure_reason == "CompletionTimeout" and timed.duration == pytest.approx(500)
+
+
+def test_auto_converge_stays_off_when_precopy_converges() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=B / 2, bandwidth=B, auto_converge=True))
+    assert p.mode is Mode.PRE_COPY and p.throttle == 0 and p.duration == pytest.approx(15.75)
+
+
+# -- post-copy -------------------------------------------------------------------------------
+
+def test_post_copy_switches_at_the_first_non_shrinking_round() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True))
+    assert p.converges and p.mode is Mode.POST_COPY and p.failure_reason is None
+    assert p.downtime == POST_COPY_SWITCH_DOWNTIME
+    # one full pre-copy pass (8 s), then all of M is dirty again and is pulled (8 s)
+    assert p.rounds == 1 and p.duration == pytest.approx(16)
+    assert p.bytes_sent == pytest.approx(2 * M)
+
+
+def test_post_copy_switches_only_after_the_completion_timeout() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True,
+                         completion_timeout=30))
+    assert p.converges and p.mode is Mode.POST_COPY and p.downtime == POST_COPY_SWITCH_DOWNTIME
+    # at 30 s the dirty set is all of M (capped), pulled in 8 s
+    assert p.duration == pytest.approx(38) and p.rounds == 4
+
+
+def test_post_copy_is_not_needed_when_precopy_converges() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=B / 2, bandwidth=B, post_copy=True))
+    assert p.mode is Mode.PRE_COPY and p.downtime == pytest.approx(0.25)
+
+
+def test_progress_timeout_aborts_before_the_post_copy_switch() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True,
+                         completion_timeout=300, progress_timeout=150))
+    assert not p.converges and p.failure_reason == "ProgressTimeout"
+
+
+def test_auto_converge_and_post_copy_together() -> None:
+    # Auto-converge gets until the completion timeout, then post-copy takes over.
+    both = Transfer(memory=M, dirty_rate=100 * B, bandwidth=B, auto_converge=True,
+                    post_copy=True, completion_timeout=20)
+    p = predict(both)
+    assert p.converges and p.mode is Mode.POST_COPY and p.throttle == pytest.approx(0.3)
+    tamed = predict(Transfer(**{**both.__dict__, "dirty_rate": 2 * B, "completion_timeout": 1e4}))
+    assert tamed.converges and tamed.mode is Mode.AUTO_CONVERGE
+
+
+# -- no bandwidth ----------------------------------------------------------------------------
+
+def test_no_bandwidth_never_finishes_without_a_timeout() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=B, bandwidth=0))
+    assert not p.converges and math.isinf(p.duration) and p.failure_reason == "NotConverging"
+    p = predict(Transfer(memory=M, dirty_rate=B, bandwidth=0, progress_timeout=150))
+    assert p.failure_reason == "ProgressTimeout" and p.duration == 150 and p.bytes_sent == 0
+
+
+def test_stepper_time_without_bandwidth_counts_toward_timeouts() -> None:
+    run = PreCopyRun(M, B / 2, completion_timeout=20)
+    run.advance(15, 0)
+    assert (run.elapsed, run.bytes_sent, run.done) == (15, 0, False)
+    run.advance(10, B)  # 5 s of sending, then the completion timeout
+    assert run.done and run.failure_reason == "CompletionTimeout" and run.elapsed == 20
+    assert run.bytes_sent == pytest.approx(5 * B)
+
+
+def test_invalid_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        PreCopyRun(-1, 0)
+    with pytest.raises(ValueError):
+        PreCopyRun(M, 0).advance(-1, B)
+    with pytest.raises(ValueError):
+        PreCopyRun(M, 0).set_dirty_rate(math.nan)
+
+
+# -- the stepper -----------------------------------------------------------------------------
+
+AGREEMENT_CASES = [
+    Transfer(memory=M, dirty_rate=B / 2, bandwidth=B),
+    Transfer(memory=M, dirty_rate=0.95 * B, bandwidth=B),
+    Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, auto_converge=True),
+    Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True),
+    Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True, completion_timeout=30),
+    Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B, progress_timeout=150),
+    Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B, completion_timeout=100),
+    Transfer(memory=200 * MiB, dirty_rate=B, bandwidth=B),
+]
+
+
+@pytest.mark.parametrize("dt", [0.01, 0.5, 5.0])
+@pytest.mark.parametrize("t", AGREEMENT_CASES, ids=lambda t: f"lam{t.dirty_rate / t.bandwidth:g}")
+def test_stepper_agrees_with_predict(t: Transfer, dt: float) -> None:
+    p = predict(t)
+    run = run_stepper(t, dt)
+    assert run.done
+    got = run.prediction()
+    assert (got.converges, got.mode, got.failure_reason) == (
+        p.converges, p.mode, p.failure_reason)
+    assert got.rounds == p.rounds
+    assert got.duration == pytest.approx(p.duration, rel=0.01)
+    assert got.downtime == pytest.approx(p.downtime, rel=0.01)
+    assert got.bytes_sent == pytest.approx(p.bytes_sent, rel=0.01)
+    assert got.throttle == pytest.approx(p.throttle)
+
+
+def test_stepper_with_bandwidth_halved_midway_takes_longer() -> None:
+    t = Transfer(memory=M, dirty_rate=B / 4, bandwidth=B)
+    p = predict(t)
+    run = PreCopyRun(t.memory, t.dirty_rate)
+    while not run.done:
+        run.advance(0.1, B if run.elapsed < p.duration / 2 else B / 2)
+    assert not run.failed
+    assert run.elapsed > p.duration * 1.05
+    assert run.downtime <= QEMU_DEFAULT_DOWNTIME
+
+
+def test_stepper_dirty_rate_increase_slows_it_down() -> None:
+    run = PreCopyRun(M, B / 4)
+    run.advance(5, B)
+    before = run.eta(B)
+    run.set_dirty_rate(B / 2)
+    assert run.eta(B) > before
+
+
+def test_eta_tracks_the_remaining_time() -> None:
+    t = Transfer(memory=M, dirty_rate=B / 2, bandwidth=B)
+    run = PreCopyRun(t.memory, t.dirty_rate)
+    assert run.eta(B) == pytest.approx(15.75)
+    run.advance(10, B)
+    assert run.eta(B) == pytest.approx(5.75)
+    assert run.eta(B / 2) > 5.75
+    assert math.isinf(run.eta(0))
+    assert run.elapsed == 10 and not run.done  # eta() does not move the run
+    run.advance(100, B)
+    assert run.done and run.eta(B) == 0 and run.elapsed == pytest.approx(15.75)
+
+
+def test_stepper_state_mid_round() -> None:
+    run = PreCopyRun(M, B / 2)
+    run.advance(3, B)
+    assert run.rounds == 1 and run.mode is Mode.PRE_COPY
+    assert run.remaining == pytest.approx(5 * GiB)
+    assert run.pending == pytest.approx(6.5 * GiB)  # 5 unsent + 1.5 dirtied meanwhile
+    assert run.bytes_sent == pytest.approx(3 * GiB)
+
+
+def test_prediction_is_a_frozen_dataclass() -> None:
+    p = predict(Transfer(memory=M, dirty_rate=0, bandwidth=B))
+    assert isinstance(p, Prediction)
+    with pytest.raises(AttributeError):
+        p.duration = 0  # type: ignore[misc]
