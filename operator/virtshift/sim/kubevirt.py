@@ -21,12 +21,12 @@ from typing import Any
 
 from virtshift.api.units import GiB, parse_duration, parse_quantity
 from virtshift.domain.physics import Mode, PreCopyRun
+from virtshift.domain.placement import NodeView, choose_target, required_cpu_label
 from virtshift.k8s import rest
 from virtshift.k8s.informer import Informer, key_of
 from virtshift.k8s.rest import JSON, ApiError, KubeClient
 from virtshift.sim import objects
 from virtshift.sim.clock import SimClock
-from virtshift.sim.placement import NodeView, choose_target, required_cpu_label
 from virtshift.sim.populate import SimVM, World, pod_suffix, running_pod_status
 
 log = logging.getLogger(__name__)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from virtshift.api.kubevirt import (
+    CPU_MODEL_LABEL,
+    HOST_MODEL_LABEL,
+    LAUNCHER_LABEL,
+    NODE_NAME_LABEL,
+)
+from virtshift.api.kubevirt import CREATED_BY_LABEL as CREATED_BY
 from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec, VMSpec
 
 JSON = dict[str, Any]
-LAUNCHER_LABEL = "kubevirt.io"
-CREATED_BY = "kubevirt.io/created-by"
-NODE_NAME_LABEL = "kubevirt.io/nodeName"
-CPU_MODEL_LABEL = "cpu-model-migration.node.kubevirt.io/"
-HOST_MODEL_LABEL = "host-model-cpu.node.kubevirt.io/"
 SIM_DRIVER = "sim.virtshift.io"
 KUBEVIRT_NAMESPACE = "kubevirt"
 

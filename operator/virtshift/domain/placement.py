@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from virtshift.sim.objects import CPU_MODEL_LABEL, HOST_MODEL_LABEL
+from virtshift.api.kubevirt import CPU_MODEL_LABEL, HOST_MODEL_LABEL
 
 
 @dataclass(frozen=True)
