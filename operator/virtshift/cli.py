@@ -77,6 +77,33 @@ def _sim(args: argparse.Namespace) -> int:
         return 2
 
 
+def _run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import kopf
+    from prometheus_client import start_http_server
+
+    from virtshift.api.units import parse_duration, parse_quantity
+    from virtshift.domain.eta import Estimator
+    from virtshift.handlers import operator, runtime  # noqa: F401 - registers the handlers
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    runtime.configure(runtime.Settings(
+        kubeconfig=args.kubeconfig, time_scale=args.time_scale,
+        estimator=Estimator(target_startup=parse_duration(args.target_startup),
+                            node_bandwidth=parse_quantity(args.node_bandwidth)),
+    ))
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    kopf.run(clusterwide=True, standalone=args.standalone,
+             liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz"
+             if args.health_port else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtshift", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     down = csub.add_parser("down", help="stop it; nothing is left running")
     down.add_argument("--dir", required=True)
     down.set_defaults(func=_cluster_down)
+
+    run = sub.add_parser("run", help="the operator")
+    run.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG or in-cluster")
+    run.add_argument("--metrics-port", type=int, default=8080, help="0 turns metrics off")
+    run.add_argument("--health-port", type=int, default=0, help="liveness endpoint port")
+    run.add_argument("--standalone", action="store_true",
+                     help="no peering with other replicas (one replica only)")
+    run.add_argument("--target-startup", default="10s",
+                     help="assumed time from creating a migration to its transfer starting")
+    run.add_argument("--node-bandwidth", default="10Gi",
+                     help="assumed migration bandwidth per node (bytes/s) when neither the "
+                     "node's virtshift.io/migration-bandwidth annotation nor a policy says")
+    run.add_argument("--time-scale", type=float, default=1.0,
+                     help="simulated clusters only: cluster seconds per wall second")
+    run.set_defaults(func=_run)
 
     bins = sub.add_parser("binaries", help="find or build kube-apiserver, etcd, kubectl, helm")
     bins.add_argument("names", nargs="*", default=["etcd", "kube-apiserver", "kubectl"])

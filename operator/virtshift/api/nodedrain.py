@@ -68,6 +68,11 @@ class NodeDrainSpec(Model):
         1, ge=1, le=1000, description="With nodeSelector: how many nodes are drained (cordoned) "
         "at once.",
     )
+    release_after: PositiveDuration | None = Field(
+        None, description="With nodeSelector: how long a drained node stays cordoned for its "
+        "maintenance before it is uncordoned and the wave moves on. Absent: a drained node stays "
+        "cordoned until it carries the annotation virtshift.io/maintenance-complete=true.",
+    )
     policy_ref: ObjectName | None = Field(
         None, description="A MigrationPolicy (migrationpolicies.virtshift.io) that governs every "
         "VM of this drain, overriding the policies' own selection.",
@@ -133,9 +138,19 @@ class VMEntry(Model):
     predicted_downtime_ms: int | None = Field(None, description="Predicted downtime (plan).")
 
 
+class NodePhase(StrEnum):
+    WAITING = "Waiting"
+    DRAINING = "Draining"
+    DRAINED = "Drained"  # empty, held cordoned for its maintenance
+    RELEASED = "Released"  # maintenance over, uncordoned
+
+
 class NodeEntry(Model):
     name: str = Field(description="A node of the wave.")
-    phase: str = Field(description="Waiting, Draining or Drained.")
+    phase: NodePhase = Field(description="Waiting, Draining, Drained (held for maintenance) or "
+                             "Released (uncordoned).")
+    since: str | None = Field(None, description="When the node entered this phase.",
+                              json_schema_extra={"format": "date-time"})
 
 
 class NodeDrainStatus(Model):
@@ -157,6 +172,15 @@ class NodeDrainStatus(Model):
     nodes: list[NodeEntry] | None = Field(
         None, max_length=1000, description="The wave's nodes and where each stands."
     )
+    blocking_pods: list[str] | None = Field(
+        None, max_length=20, description="Pods whose eviction is refused (e.g. by a "
+        "PodDisruptionBudget), as namespace/name: reason.",
+    )
+    pods_remaining: int | None = Field(None, description="Ordinary pods still to evict.")
+    planned_seconds: float | None = Field(
+        None, description="Predicted time from now until the drain completes, in seconds "
+        "(dryRun: for the whole drain).",
+    )
     bytes_to_move: int | None = Field(None, description="Guest memory (and disks) to transfer.")
     bytes_moved: int | None = Field(None, description="Transferred so far, by finished VMs.")
     start_time: str | None = Field(
@@ -168,9 +192,6 @@ class NodeDrainStatus(Model):
     )
     completion_time: str | None = Field(
         None, description="When the drain finished.", json_schema_extra={"format": "date-time"}
-    )
-    cordoned_by_us: list[str] | None = Field(
-        None, description="Nodes this drain cordoned (and will uncordon when it is deleted)."
     )
 
 

@@ -30,7 +30,7 @@ def required_cpu_label(cpu_model: str, source_labels: dict[str, str]) -> str | N
     return CPU_MODEL_LABEL + cpu_model
 
 
-def choose_target(
+def rank_targets(
     nodes: Iterable[NodeView],
     source: str,
     cpu: float,
@@ -38,9 +38,9 @@ def choose_target(
     used: dict[str, tuple[float, float]],
     cpu_label: str | None,
     selector: dict[str, str],
-) -> str | None:
-    """The least-allocated feasible node, or None when the target pod would stay Pending."""
-    best: tuple[float, str] | None = None
+) -> list[str]:
+    """Feasible nodes for the target pod, least allocated (after placement) first."""
+    scored: list[tuple[float, str]] = []
     for n in nodes:
         if n.name == source or not n.ready or not n.schedulable:
             continue
@@ -51,7 +51,19 @@ def choose_target(
         used_cpu, used_mem = used.get(n.name, (0.0, 0.0))
         if used_cpu + cpu > n.cpu or used_mem + memory > n.memory:
             continue
-        score = max((used_cpu + cpu) / n.cpu, (used_mem + memory) / n.memory)
-        if best is None or (score, n.name) < best:
-            best = (score, n.name)
-    return best[1] if best else None
+        scored.append((max((used_cpu + cpu) / n.cpu, (used_mem + memory) / n.memory), n.name))
+    return [name for _score, name in sorted(scored)]
+
+
+def choose_target(
+    nodes: Iterable[NodeView],
+    source: str,
+    cpu: float,
+    memory: float,
+    used: dict[str, tuple[float, float]],
+    cpu_label: str | None,
+    selector: dict[str, str],
+) -> str | None:
+    """The node the scheduler would pick, or None when the target pod would stay Pending."""
+    ranked = rank_targets(nodes, source, cpu, memory, used, cpu_label, selector)
+    return ranked[0] if ranked else None

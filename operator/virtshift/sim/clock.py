@@ -1,4 +1,8 @@
-"""Simulated time: ``time_scale`` simulated seconds pass per wall-clock second."""
+"""Simulated time: ``time_scale`` simulated seconds pass per wall-clock second.
+
+Anchored on an epoch both sides can read (the KubeVirt CR's creationTimestamp), so the
+simulator's timestamps and an operator run with ``--time-scale`` agree on "now".
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,13 @@ import time
 
 
 class SimClock:
-    def __init__(self, time_scale: float, start: dt.datetime | None = None) -> None:
+    def __init__(self, time_scale: float, epoch: dt.datetime | None = None) -> None:
         self.time_scale = time_scale
-        self.start = (start or dt.datetime.now(dt.UTC)).replace(microsecond=0)
-        self._t0 = time.monotonic()
+        self.start = (epoch or dt.datetime.now(dt.UTC)).replace(microsecond=0)
 
     def now(self) -> float:
-        """Simulated seconds since the simulation began."""
-        return (time.monotonic() - self._t0) * self.time_scale
+        """Simulated seconds since the epoch."""
+        return (time.time() - self.start.timestamp()) * self.time_scale
 
     def at(self, sim_seconds: float) -> dt.datetime:
         return self.start + dt.timedelta(seconds=sim_seconds)

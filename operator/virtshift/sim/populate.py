@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import string
 from collections.abc import Callable, Iterable
@@ -62,7 +63,6 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
     namespaces = sorted({vm.namespace for vm in scenario.vms} | {objects.KUBEVIRT_NAMESPACE})
     _parallel(lambda ns: kube.create_or_get(rest.NAMESPACES, {
         "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}), namespaces)
-    kube.create_or_get(rest.KUBEVIRTS, objects.kubevirt_cr(scenario.kubevirt))
     _parallel(lambda sc: kube.create_or_get(rest.STORAGE_CLASSES, objects.storage_class(sc)),
               scenario.storage_classes)
 
@@ -114,6 +114,15 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
         world.vms[sim_vm.key] = sim_vm
     log(f"created {len(world.vms)} VMs with their VMIs and virt-launcher pods")
     return world
+
+
+def ensure_kubevirt(kube: KubeClient, scenario: Scenario) -> dt.datetime:
+    """Create the KubeVirt CR (in its namespace); its creationTimestamp is the clock's epoch."""
+    kube.create_or_get(rest.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                         "metadata": {"name": objects.KUBEVIRT_NAMESPACE}})
+    kv = kube.create_or_get(rest.KUBEVIRTS, objects.kubevirt_cr(scenario.kubevirt))
+    created = kv["metadata"]["creationTimestamp"].replace("Z", "+00:00")
+    return dt.datetime.fromisoformat(created)
 
 
 def running_pod_status(stamp: str) -> JSON:

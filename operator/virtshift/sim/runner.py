@@ -12,7 +12,7 @@ from pathlib import Path
 from virtshift.k8s.rest import KubeClient
 from virtshift.sim.clock import SimClock
 from virtshift.sim.kubevirt import KubeVirtSim
-from virtshift.sim.populate import World, populate
+from virtshift.sim.populate import World, ensure_kubevirt, populate
 from virtshift.sim.scenario import Scenario, load_scenario
 from virtshift.sim.webhook import EvictionWebhook
 
@@ -36,7 +36,7 @@ def start(kube: KubeClient, scenario: Scenario | str | Path, webhook: bool = Tru
           log: Callable[[str], None] = print) -> Simulator:
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
-    clock = SimClock(scenario.time_scale)
+    clock = SimClock(scenario.time_scale, epoch=ensure_kubevirt(kube, scenario))
     world = populate(kube, scenario, clock, log)
     sim = KubeVirtSim(kube, world, clock).start()
     hook = EvictionWebhook(kube, sim).start() if webhook else None

@@ -1,0 +1,554 @@
+"""The NodeDrain planner: from a snapshot of the cluster to what to do next and the new status.
+
+Pure and level-triggered: everything it needs is in the snapshot (the cluster's VMIs, VMs,
+migrations and nodes, plus the drain's previous status for the wave's memory), and the same
+snapshot always gives the same decision. Migrations get deterministic names (drain, VM,
+attempt), so a decision replayed after a crash creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from virtshift.api.nodedrain import (
+    MAX_VM_ENTRIES,
+    DrainCounts,
+    DrainPhase,
+    NodeDrainSpec,
+    NodeDrainStatus,
+    NodeEntry,
+    NodePhase,
+    VMEntry,
+    VMPhase,
+)
+from virtshift.api.units import parse_duration, parse_quantity
+from virtshift.domain import preflight
+from virtshift.domain.conditions import set_condition
+from virtshift.domain.eta import Estimator, makespan
+from virtshift.domain.naming import migration_name
+from virtshift.domain.rules import Rules, selector_matches
+from virtshift.domain.views import (
+    KubeVirtLimits,
+    MigrationInfo,
+    NodeInfo,
+    PodInfo,
+    VMIInfo,
+    VMInfo,
+)
+
+CORDONED_BY = "virtshift.io/cordoned-by"
+MAINTENANCE_COMPLETE = "virtshift.io/maintenance-complete"
+BANDWIDTH_ANNOTATION = "virtshift.io/migration-bandwidth"
+
+
+@dataclass(frozen=True)
+class DrainSnapshot:
+    name: str
+    generation: int
+    spec: NodeDrainSpec
+    status: NodeDrainStatus
+    now: dt.datetime
+    nodes: Mapping[str, NodeInfo]
+    vmis: Mapping[str, VMIInfo]  # by namespace/name: on the drain's nodes, or ours elsewhere
+    vms: Mapping[str, VMInfo] = field(default_factory=dict)
+    migrations: Sequence[MigrationInfo] = ()  # this drain's own
+    cluster_unfinished: Sequence[MigrationInfo] = ()  # every unfinished VMIM in the cluster
+    limits: KubeVirtLimits = field(default_factory=KubeVirtLimits)
+    rules: Mapping[str, Rules] = field(default_factory=dict)  # by VMI key
+    conflict_with: str | None = None
+    pods: Sequence[PodInfo] = ()
+    blocked_pods: Mapping[str, str] = field(default_factory=dict)
+    usage: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    estimator: Estimator = field(default_factory=Estimator)
+
+    def rules_for(self, key: str) -> Rules:
+        return self.rules.get(key, Rules())
+
+
+@dataclass(frozen=True)
+class NewMigration:
+    namespace: str
+    name: str
+    vmi: str
+    attempt: int
+    source: str
+    policy: str | None
+    selector: Mapping[str, str]
+
+
+@dataclass
+class Decision:
+    status: NodeDrainStatus
+    cordon: list[str] = field(default_factory=list)
+    uncordon: list[str] = field(default_factory=list)
+    create: list[NewMigration] = field(default_factory=list)
+    cancel: list[MigrationInfo] = field(default_factory=list)
+    halt: list[tuple[str, str]] = field(default_factory=list)  # (VM key, source node)
+    start: list[str] = field(default_factory=list)  # VM keys
+    evict: list[str] = field(default_factory=list)  # pod keys
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+    @property
+    def changes_cluster(self) -> bool:
+        return bool(self.cordon or self.uncordon or self.create or self.cancel or self.halt
+                    or self.start or self.evict)
+
+
+def stamp(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_stamp(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# -- the wave ---------------------------------------------------------------------------------
+
+
+def wave(s: DrainSnapshot) -> list[NodeEntry]:
+    """The drain's nodes and their phases; at most maxUnavailable Draining or Drained at once."""
+    if s.spec.node_name:
+        names = [s.spec.node_name] if s.spec.node_name in s.nodes else []
+    else:
+        names = sorted(n.name for n in s.nodes.values()
+                       if selector_matches(s.spec.node_selector, n.labels))
+    previous = {e.name: e for e in s.status.nodes or []}
+    entries = [previous.get(n) or NodeEntry(name=n, phase=NodePhase.WAITING) for n in names]
+    if s.spec.node_name:
+        return [e if e.phase != NodePhase.WAITING else
+                NodeEntry(name=e.name, phase=NodePhase.DRAINING, since=stamp(s.now))
+                for e in entries]
+    busy = sum(1 for e in entries if e.phase in (NodePhase.DRAINING, NodePhase.DRAINED))
+    out = []
+    for e in entries:
+        if e.phase == NodePhase.WAITING and busy < s.spec.max_unavailable:
+            e = NodeEntry(name=e.name, phase=NodePhase.DRAINING, since=stamp(s.now))
+            busy += 1
+        out.append(e)
+    return out
+
+
+def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[str, bool]
+                  ) -> list[NodeEntry]:
+    """Draining -> Drained when empty; Drained -> Released after its maintenance (waves only)."""
+    out = []
+    for e in nodes:
+        if e.phase == NodePhase.DRAINING and node_done.get(e.name):
+            e = NodeEntry(name=e.name, phase=NodePhase.DRAINED, since=stamp(s.now))
+        elif e.phase == NodePhase.DRAINED and s.spec.node_selector is not None:
+            node = s.nodes.get(e.name)
+            held_since = parse_stamp(e.since) or s.now
+            released = node is not None and node.annotations.get(MAINTENANCE_COMPLETE) == "true"
+            if s.spec.release_after and (s.now - held_since).total_seconds() >= parse_duration(
+                    s.spec.release_after):
+                released = True
+            if released:
+                e = NodeEntry(name=e.name, phase=NodePhase.RELEASED, since=stamp(s.now))
+        out.append(e)
+    return out
+
+
+# -- per VM -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _VM:
+    key: str
+    entry: VMEntry
+    memory: float
+    candidate_attempt: int = 0  # > 0: may start this attempt now
+    seconds: float = 0.0  # predicted time still needed
+    blocked_by: str | None = None
+
+
+def _deadline_passed(s: DrainSnapshot) -> bool:
+    started = parse_stamp(s.status.start_time)
+    if not (s.spec.deadline and started):
+        return False
+    return (s.now - started).total_seconds() > parse_duration(s.spec.deadline)
+
+
+def _node_bandwidth(s: DrainSnapshot, node: str | None) -> float | None:
+    info = s.nodes.get(node or "")
+    value = info.annotations.get(BANDWIDTH_ANNOTATION) if info else None
+    return parse_quantity(value) if value else None
+
+
+def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Context,
+              concurrency: int, decision: Decision) -> _VM | None:
+    vmi = s.vmis.get(key)
+    vm = s.vms.get(key)
+    ns, name = key.split("/", 1)
+    migs = sorted((m for m in s.migrations if m.vmi_key == key), key=lambda m: m.attempt)
+    last = migs[-1] if migs else None
+    rules = s.rules_for(key)
+    quick = vm.quick if vm and vm.quick and vm.quick.drain == s.name else None
+    memory = vmi.memory if vmi else 0.0
+    base = {"namespace": ns, "name": name, "attempts": len(migs) or None}
+
+    def entry(phase: VMPhase, reason: str | None = None, message: str | None = None,
+              **extra: object) -> VMEntry:
+        return VMEntry(phase=phase, reason=reason, message=message, **base, **extra)
+
+    if quick is not None:
+        moved = vmi is not None and vmi.phase == "Running" and vmi.node != quick.source
+        if moved and vmi is not None:
+            up = vmi.running_since or s.now
+            downtime = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
+            return _VM(key, entry(VMPhase.SUCCEEDED, "QuickMigrated",
+                                  f"restarted on {vmi.node}", source_node=quick.source,
+                                  target_node=vmi.node, mode="QuickMigration",
+                                  downtime_ms=downtime), memory)
+        if vmi is None and not quick.started:
+            decision.start.append(key)
+        return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
+                              "node (quick migration)", source_node=quick.source,
+                              mode="QuickMigration"), memory,
+                   seconds=s.estimator.target_startup)
+    if vmi is None:
+        return _VM(key, entry(VMPhase.SKIPPED, "VMIGone", "the VMI no longer exists"), 0.0)
+    if vmi.node not in active:
+        done = next((m for m in migs if m.phase == "Succeeded"), None)
+        if done is None and not migs:
+            return None  # on a node of the wave that is not being drained (yet)
+        return _VM(key, entry(
+            VMPhase.SUCCEEDED, "Migrated" if done else "LeftNode",
+            f"now on {vmi.node}", source_node=(done.source if done else None),
+            target_node=vmi.node, mode=(done.mode and ("PostCopy" if done.mode == "PostCopy"
+                                                       else "LiveMigration")) if done else None,
+            migration=done.name if done else None,
+            downtime_ms=done.downtime_ms if done else None), memory)
+    predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node), concurrency)
+    if last is not None and last.unfinished:
+        elapsed = (s.now - (last.created or s.now)).total_seconds()
+        return _VM(key, entry(VMPhase.MIGRATING, last.phase or "Pending",
+                              f"migration {last.name} is {last.phase or 'Pending'}",
+                              source_node=vmi.node, migration=last.name), memory,
+                   seconds=max(predicted - elapsed, 0.0))
+    finding = preflight.preflight(vmi, ctx)
+    if finding and finding[0] not in (preflight.NO_COMPATIBLE_TARGET,
+                                      preflight.INSUFFICIENT_CAPACITY):
+        action = rules.non_migratable
+        if action == "Skip":
+            return _VM(key, entry(VMPhase.SKIPPED, finding[0], finding[1],
+                                  source_node=vmi.node), memory)
+        if action == "Restart":
+            vm_ok = vm is not None
+            if vm_ok and _may_start(s):
+                decision.halt.append((key, vmi.node or ""))
+            return _VM(key, entry(VMPhase.MIGRATING if vm_ok and _may_start(s) else
+                                  VMPhase.PENDING, finding[0],
+                                  f"{finding[1]}; will restart it on another node"
+                                  if vm_ok else f"{finding[1]}; no VirtualMachine to restart",
+                                  source_node=vmi.node, mode="QuickMigration"), memory,
+                       seconds=s.estimator.target_startup)
+        return _VM(key, entry(VMPhase.FAILED, finding[0], finding[1], source_node=vmi.node),
+                   memory)
+    if finding:
+        return _VM(key, entry(VMPhase.WAITING, finding[0], finding[1], source_node=vmi.node),
+                   memory, seconds=predicted, blocked_by=finding[0])
+    failed = [m for m in migs if m.phase == "Failed"]
+    if last is not None and last.phase == "Failed":
+        if len(failed) >= rules.max_attempts:
+            return _VM(key, entry(VMPhase.FAILED, "MigrationFailed",
+                                  f"{len(failed)} attempts failed; last: {last.failure}",
+                                  source_node=vmi.node, migration=last.name), memory)
+        retry_at = (last.ended or last.created or s.now) + dt.timedelta(
+            seconds=rules.backoff(len(failed)))
+        if s.now < retry_at:
+            return _VM(key, entry(VMPhase.WAITING, "Backoff",
+                                  f"attempt {last.attempt} failed ({last.failure}); retrying at "
+                                  f"{stamp(retry_at)}", source_node=vmi.node,
+                                  migration=last.name), memory, seconds=predicted)
+    attempt = (last.attempt + 1) if last else 1
+    return _VM(key, entry(VMPhase.PENDING, "Queued", "waiting for a migration slot",
+                          source_node=vmi.node,
+                          candidates=preflight.target_candidates(vmi, ctx) or None,
+                          predicted_seconds=round(predicted, 1),
+                          predicted_downtime_ms=round(s.estimator.transfer(
+                              vmi, rules, _node_bandwidth(s, vmi.node), concurrency
+                          ).downtime * 1000)),
+               memory, candidate_attempt=attempt, seconds=predicted)
+
+
+def _may_start(s: DrainSnapshot) -> bool:
+    return not (s.spec.dry_run or s.spec.paused or _deadline_passed(s))
+
+
+def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
+    """Create migrations for the queued VMs, longest first, within every limit."""
+    if not _may_start(s):
+        reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
+                  else "DeadlineExceeded")
+        for v in vms:
+            if v.candidate_attempt and reason != "DryRun":
+                v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING,
+                                                     "reason": reason})
+        return
+    unfinished = [m for m in s.cluster_unfinished if m.unfinished]
+    total = len(unfinished)
+    per_node = Counter(m.source for m in unfinished if m.source)
+    per_policy = Counter(m_policy for m in unfinished if (m_policy := _policy_of(s, m)))
+    for v in sorted((v for v in vms if v.candidate_attempt), key=lambda v: -v.seconds):
+        rules = s.rules_for(v.key)
+        source = v.entry.source_node or ""
+        cap = s.limits.outbound_per_node
+        if rules.max_outbound_per_node:
+            cap = min(cap, rules.max_outbound_per_node)
+        if total >= s.limits.per_cluster or per_node[source] >= cap or (
+                rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
+            continue
+        ns, name = v.key.split("/", 1)
+        mig_name = migration_name(s.name, name, v.candidate_attempt)
+        decision.create.append(NewMigration(
+            namespace=ns, name=mig_name, vmi=name, attempt=v.candidate_attempt, source=source,
+            policy=rules.policy, selector=dict(s.spec.target_node_selector or {})))
+        v.entry = v.entry.model_copy(update={
+            "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
+            "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
+        total += 1
+        per_node[source] += 1
+        per_policy[rules.policy] += 1
+
+
+def _policy_of(s: DrainSnapshot, m: MigrationInfo) -> str | None:
+    return s.rules_for(m.vmi_key).policy if m.drain == s.name else None
+
+
+_ORDER = {VMPhase.FAILED: 0, VMPhase.MIGRATING: 1, VMPhase.WAITING: 2, VMPhase.PENDING: 3,
+          VMPhase.SKIPPED: 4, VMPhase.SUCCEEDED: 5}
+
+
+# -- the whole drain ----------------------------------------------------------------------------
+
+
+def plan_drain(s: DrainSnapshot) -> Decision:
+    decision = Decision(status=NodeDrainStatus())
+    now = stamp(s.now)
+    if s.conflict_with:
+        return _conflict(s, decision, now)
+    nodes = wave(s)
+    if not nodes:
+        return _not_found(s, decision, now)
+    active = {e.name for e in nodes if e.phase in (NodePhase.DRAINING, NodePhase.DRAINED)}
+    draining = {e.name for e in nodes if e.phase == NodePhase.DRAINING}
+    waiting = {e.name for e in nodes if e.phase == NodePhase.WAITING}
+
+    if not s.spec.dry_run:
+        for n in sorted(draining):
+            node = s.nodes.get(n)
+            if node and not node.unschedulable:
+                decision.cordon.append(n)
+    ctx = preflight.Context(
+        nodes=s.nodes, usage=s.usage, target_selector=dict(s.spec.target_node_selector or {}),
+        excluded=frozenset(active | set(decision.cordon)))
+    concurrency = max(1, min(s.limits.outbound_per_node, s.limits.per_cluster))
+
+    scope = {k for k, v in s.vmis.items() if v.node in draining}
+    scope |= {m.vmi_key for m in s.migrations}
+    scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
+    vms = [v for k in sorted(scope) if (v := _evaluate(s, k, draining, ctx, concurrency,
+                                                       decision))]
+    _admit(s, vms, decision)
+
+    # Pods other than virt-launchers (evictPods).
+    ordinary = [p for p in s.pods if p.node in draining and p.kind == "ordinary"]
+    if s.spec.evict_pods and _may_start(s):
+        decision.evict = [p.key for p in ordinary]
+    pods_left = len(ordinary) if s.spec.evict_pods else 0
+
+    unfinished_on = Counter(v.entry.source_node for v in vms
+                            if v.entry.phase not in (VMPhase.SUCCEEDED, VMPhase.SKIPPED))
+    pods_on = Counter(p.node for p in ordinary) if s.spec.evict_pods else Counter()
+    node_done = {n: unfinished_on[n] == 0 and pods_on[n] == 0 for n in draining}
+    if not s.spec.dry_run:
+        nodes = _advance_wave(s, nodes, node_done)
+    for e in nodes:
+        node = s.nodes.get(e.name)
+        if e.phase == NodePhase.RELEASED and node and node.annotations.get(CORDONED_BY) == s.name:
+            decision.uncordon.append(e.name)
+
+    # Waiting nodes' VMs are the wave's pending work.
+    pending_later = [v for k, v in s.vmis.items() if v.node in waiting and k not in scope]
+    return _status(s, decision, nodes, vms, pending_later, pods_left, concurrency, now)
+
+
+def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: list[_VM],
+            later: list[VMIInfo], pods_left: int, concurrency: int, now: str) -> Decision:
+    phases = Counter(v.entry.phase for v in vms)
+    counts = DrainCounts(
+        total=len(vms) + len(later),
+        pending=phases[VMPhase.PENDING] + phases[VMPhase.WAITING] + len(later),
+        migrating=phases[VMPhase.MIGRATING], succeeded=phases[VMPhase.SUCCEEDED],
+        failed=phases[VMPhase.FAILED], skipped=phases[VMPhase.SKIPPED])
+    entries = sorted((v.entry for v in vms), key=lambda e: (_ORDER[e.phase], e.namespace,
+                                                            e.name))
+    remaining = [v.seconds for v in vms if v.entry.phase in (
+        VMPhase.PENDING, VMPhase.WAITING, VMPhase.MIGRATING)]
+    remaining += [s.estimator.seconds(v, s.rules_for(v.key), _node_bandwidth(s, v.node),
+                                      concurrency) for v in later]
+    slots = max(1, min(s.limits.per_cluster, concurrency * max(1, s.spec.max_unavailable)))
+    left = makespan(remaining, slots)
+    finished = counts.pending == counts.migrating == 0 and pods_left == 0
+    drained = finished and counts.failed == 0 and all(
+        e.phase in (NodePhase.DRAINED, NodePhase.RELEASED) for e in nodes) if not \
+        s.spec.dry_run else False
+
+    previous = s.status
+    start_time = previous.start_time or (None if s.spec.dry_run else now)
+    completion = (previous.completion_time or now) if drained else None
+    st = NodeDrainStatus(
+        observed_generation=s.generation, counts=counts,
+        progress=f"{counts.succeeded + counts.skipped}/{counts.total}",
+        vms=entries[:MAX_VM_ENTRIES] or None, nodes=nodes,
+        bytes_to_move=int(sum(v.memory for v in vms if v.entry.phase != VMPhase.SKIPPED)
+                          + sum(v.memory for v in later)),
+        bytes_moved=int(sum(v.memory for v in vms if v.entry.phase == VMPhase.SUCCEEDED)),
+        start_time=start_time, completion_time=completion,
+        planned_seconds=round(left, 1),
+        eta=stamp(s.now + dt.timedelta(seconds=left)) if not drained else completion,
+        blocking_pods=[f"{k}: {r}" for k, r in sorted(s.blocked_pods.items())][:20] or None,
+        pods_remaining=pods_left if s.spec.evict_pods else None,
+    )
+    cordoned = all((s.nodes[e.name].unschedulable or e.name in decision.cordon)
+                   for e in nodes if e.phase in (NodePhase.DRAINING, NodePhase.DRAINED)
+                   and e.name in s.nodes)
+    failed_names = [f"{e.namespace}/{e.name}" for e in entries if e.phase == VMPhase.FAILED]
+    blocked = {v.blocked_by for v in vms if v.blocked_by and v.entry.phase == VMPhase.WAITING}
+    conds = list(previous.conditions or [])
+
+    def put(type_: str, status: bool, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, type_, status, reason, message, s.generation, now)
+
+    progress = f"{st.progress} VMs moved or skipped"
+    if s.spec.dry_run:
+        put("Cordoned", False, "DryRun", "dryRun: nothing is cordoned")
+        put("Drained", False, "DryRun", "dryRun: nothing moves")
+        put("Ready", True, "Planned", f"plan for {counts.total} VMs; predicted "
+            f"{round(left)}s")
+        put("Reconciling", False, "Planned", "dryRun")
+        put("Stalled", False, "Planned", "dryRun")
+        phase = DrainPhase.PLANNED
+    else:
+        put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
+            "nodes in maintenance are unschedulable" if cordoned else "cordoning")
+        put("Drained", drained, "Drained" if drained else "Draining",
+            ("every VM has left" + (f" ({counts.skipped} skipped)" if counts.skipped else ""))
+            if drained else progress)
+        stalled_reason = None
+        if failed_names and finished:
+            stalled_reason = ("MigrationFailed", "could not move: " + ", ".join(failed_names[:10]))
+        elif _deadline_passed(s) and not drained:
+            stalled_reason = ("DeadlineExceeded", f"not drained within {s.spec.deadline}; no "
+                              "new migrations start")
+        elif blocked and counts.migrating == 0 and not any(
+                v.candidate_attempt for v in vms) and counts.pending:
+            reason = sorted(blocked)[0]
+            names = [f"{e.namespace}/{e.name}" for e in entries if e.reason == reason]
+            stalled_reason = (reason, f"{reason}: " + ", ".join(names[:10]))
+        if stalled_reason:
+            put("Stalled", True, *stalled_reason)
+        else:
+            put("Stalled", False, "Progressing", progress)
+        if drained:
+            put("Reconciling", False, "Drained", progress)
+            put("Ready", True, "Drained", "the nodes are empty and stay cordoned until this "
+                "NodeDrain is deleted" if s.spec.node_name else "the wave is complete")
+            phase = DrainPhase.DRAINED
+        else:
+            reason = "Paused" if s.spec.paused else "Draining"
+            put("Reconciling", not stalled_reason, reason, progress)
+            put("Ready", False, stalled_reason[0] if stalled_reason else reason, progress)
+            phase = (DrainPhase.STALLED if stalled_reason else
+                     DrainPhase.PAUSED if s.spec.paused else DrainPhase.DRAINING)
+    st.conditions = conds
+    st.phase = phase
+    decision.status = st
+    decision.events.extend(_events(s, previous, st))
+    return decision
+
+
+def _events(s: DrainSnapshot, old: NodeDrainStatus, new: NodeDrainStatus
+            ) -> list[tuple[str, str, str]]:
+    events: list[tuple[str, str, str]] = []
+    if old.phase != new.phase:
+        kind = "Warning" if new.phase in (DrainPhase.STALLED, DrainPhase.CONFLICT) else "Normal"
+        ready = next((c for c in new.conditions or [] if c.type == "Ready"), None)
+        events.append((kind, str(new.phase), ready.message if ready else str(new.phase)))
+    before = {(e.namespace, e.name): e for e in old.vms or []}
+    for e in new.vms or []:
+        prev = before.get((e.namespace, e.name))
+        if prev is not None and prev.phase == e.phase:
+            continue
+        if e.phase == VMPhase.SUCCEEDED:
+            events.append(("Normal", "Migrated", f"{e.namespace}/{e.name} moved to "
+                           f"{e.target_node}" + (f" (downtime {e.downtime_ms} ms)"
+                                                 if e.downtime_ms is not None else "")))
+        elif e.phase == VMPhase.FAILED:
+            events.append(("Warning", "MigrationFailed", f"{e.namespace}/{e.name}: {e.reason}: "
+                           f"{e.message}"))
+        elif e.phase == VMPhase.MIGRATING and (e.reason == "Created" or (
+                e.mode == "QuickMigration" and (prev is None or prev.phase != e.phase))):
+            events.append(("Normal", "Migrating", f"{e.namespace}/{e.name}: {e.message}"))
+    for node in new.nodes or []:
+        prev_node = next((n for n in old.nodes or [] if n.name == node.name), None)
+        changed = prev_node is None or prev_node.phase != node.phase
+        if changed and node.phase != NodePhase.WAITING:
+            events.append(("Normal", f"Node{node.phase}", f"node {node.name} is "
+                           f"{str(node.phase).lower()}"))
+    return events
+
+
+def _conflict(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
+    msg = f"NodeDrain {s.conflict_with} already drains this node; this one does nothing"
+    conds = list(s.status.conditions or [])
+    for type_, value, reason in (("Ready", False, "Conflict"), ("Stalled", True, "Conflict"),
+                                 ("Reconciling", False, "Conflict")):
+        conds = set_condition(conds, type_, value, reason, msg, s.generation, now)
+    decision.status = NodeDrainStatus(observed_generation=s.generation, conditions=conds,
+                                      phase=DrainPhase.CONFLICT)
+    if s.status.phase != DrainPhase.CONFLICT:
+        decision.events.append(("Warning", "Conflict", msg))
+    return decision
+
+
+def _not_found(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
+    what = (f"node {s.spec.node_name} does not exist" if s.spec.node_name
+            else "no node matches nodeSelector")
+    conds = list(s.status.conditions or [])
+    for type_, value, reason in (("Ready", False, "NodeNotFound"),
+                                 ("Reconciling", True, "NodeNotFound"),
+                                 ("Stalled", False, "NodeNotFound")):
+        conds = set_condition(conds, type_, value, reason, f"{what}; waiting for it",
+                              s.generation, now)
+    decision.status = NodeDrainStatus(observed_generation=s.generation, conditions=conds,
+                                      phase=DrainPhase.PENDING, start_time=s.status.start_time)
+    if s.status.phase != DrainPhase.PENDING:
+        decision.events.append(("Warning", "NodeNotFound", what))
+    return decision
+
+
+# -- ending maintenance -------------------------------------------------------------------------
+
+
+def finalize_drain(s: DrainSnapshot) -> Decision:
+    """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
+    migrations (if asked), restart VMs a quick migration had stopped, uncordon our nodes."""
+    decision = Decision(status=s.status)
+    if s.conflict_with:
+        return decision
+    if s.spec.cancel_on_delete:
+        decision.cancel = [m for m in s.migrations if not m.final and not m.terminating]
+    for key, vm in s.vms.items():
+        if vm.quick and vm.quick.drain == s.name and not vm.quick.started and \
+                key not in s.vmis:
+            decision.start.append(key)
+    decision.uncordon = sorted(n.name for n in s.nodes.values()
+                               if n.annotations.get(CORDONED_BY) == s.name)
+    return decision

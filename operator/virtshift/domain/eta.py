@@ -1,0 +1,56 @@
+"""Predicted migration times and drain makespans, from the pre-copy model."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from virtshift.api.units import GiB
+from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME, Prediction, Transfer, predict
+from virtshift.domain.rules import Rules
+from virtshift.domain.views import VMIInfo
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """What the operator assumes where the cluster does not say.
+
+    ``target_startup``: seconds from creating a VMIM to the memory transfer starting (target
+    pod scheduling and start-up); ``node_bandwidth``: a node's migration bandwidth (bytes/s)
+    when neither the node's ``virtshift.io/migration-bandwidth`` annotation nor the policy's
+    ``nodeBandwidth`` names one.
+    """
+
+    target_startup: float = 10.0
+    node_bandwidth: float = 10 * GiB
+
+    def bandwidth(self, rules: Rules, node_bandwidth: float | None, concurrency: int) -> float:
+        nic = node_bandwidth or rules.node_bandwidth or self.node_bandwidth
+        share = nic / max(concurrency, 1)
+        if rules.bandwidth_per_migration:
+            share = min(share, rules.bandwidth_per_migration)
+        return share
+
+    def transfer(self, vmi: VMIInfo, rules: Rules, node_bandwidth: float | None,
+                 concurrency: int) -> Prediction:
+        return predict(Transfer(
+            memory=vmi.memory, dirty_rate=vmi.dirty_rate or 0.0,
+            bandwidth=self.bandwidth(rules, node_bandwidth, concurrency),
+            max_downtime=rules.max_downtime or QEMU_DEFAULT_DOWNTIME,
+            auto_converge=rules.allow_auto_converge, post_copy=rules.allow_post_copy,
+        ))
+
+    def seconds(self, vmi: VMIInfo, rules: Rules, node_bandwidth: float | None,
+                concurrency: int) -> float:
+        p = self.transfer(vmi, rules, node_bandwidth, concurrency)
+        return self.target_startup + (p.duration if math.isfinite(p.duration) else 0.0)
+
+
+def makespan(durations: Iterable[float], slots: int) -> float:
+    """Longest-first list scheduling on ``slots`` parallel lanes: when the last one finishes."""
+    lanes = [0.0] * max(slots, 1)
+    for d in sorted(durations, reverse=True):
+        heapq.heapreplace(lanes, lanes[0] + d)
+    return max(lanes)

@@ -1,0 +1,121 @@
+"""Which MigrationPolicy governs a VM, and the rules that follow from it.
+
+Precedence (also in the CRD's description): highest ``priority``; then the most specific
+policy (more selector terms); then the name that sorts first. A drain's ``policyRef`` wins
+over all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from virtshift.api.common import LabelSelector
+from virtshift.api.migrationpolicy import MigrationPolicySpec
+from virtshift.api.units import parse_duration, parse_quantity
+
+
+def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
+    """metav1.LabelSelector semantics; an absent selector matches everything."""
+    if selector is None:
+        return True
+    for key, value in (selector.match_labels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for req in selector.match_expressions or []:
+        present = req.key in labels
+        values = req.values or []
+        if req.operator == "In" and (not present or labels[req.key] not in values):
+            return False
+        if req.operator == "NotIn" and present and labels[req.key] in values:
+            return False
+        if req.operator == "Exists" and not present:
+            return False
+        if req.operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def selector_size(selector: LabelSelector | None) -> int:
+    if selector is None:
+        return 0
+    return len(selector.match_labels or {}) + len(selector.match_expressions or [])
+
+
+@dataclass(frozen=True)
+class NamedPolicy:
+    name: str
+    spec: MigrationPolicySpec
+
+
+def governing_policy(
+    policies: Sequence[NamedPolicy], vm_labels: Mapping[str, str],
+    namespace_labels: Mapping[str, str], policy_ref: str | None = None,
+) -> NamedPolicy | None:
+    if policy_ref:
+        return next((p for p in policies if p.name == policy_ref), None)
+    matching = [
+        p for p in policies
+        if selector_matches(p.spec.namespace_selector, namespace_labels)
+        and selector_matches(p.spec.vm_selector, vm_labels)
+    ]
+    if not matching:
+        return None
+    return min(matching, key=lambda p: (
+        -p.spec.priority,
+        -(selector_size(p.spec.namespace_selector) + selector_size(p.spec.vm_selector)),
+        p.name,
+    ))
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The effective rules one VM migrates under (defaults when no policy governs it)."""
+
+    policy: str | None = None
+    max_attempts: int = 3
+    backoff_initial: float = 30.0
+    backoff_max: float = 600.0
+    non_migratable: str = "Fail"
+    max_downtime: float | None = None
+    bandwidth_per_migration: float | None = None
+    node_bandwidth: float | None = None
+    allow_post_copy: bool = False
+    allow_auto_converge: bool = False
+    on_downtime_exceeded: tuple[str, ...] = ("Abort",)
+    max_parallel: int | None = None
+    max_outbound_per_node: int | None = None
+    max_inbound_per_node: int | None = None
+
+    def backoff(self, failed_attempts: int) -> float:
+        """Seconds to wait after the n-th failed attempt: doubling, capped."""
+        if failed_attempts <= 0:
+            return 0.0
+        return min(self.backoff_initial * 2 ** (failed_attempts - 1), self.backoff_max)
+
+
+def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None = None) -> Rules:
+    if policy is None:
+        base = Rules()
+    else:
+        s = policy.spec
+        base = Rules(
+            policy=policy.name,
+            max_attempts=s.max_attempts,
+            backoff_initial=parse_duration(s.backoff.initial),
+            backoff_max=parse_duration(s.backoff.max),
+            non_migratable=s.non_migratable,
+            max_downtime=parse_duration(s.max_downtime) if s.max_downtime else None,
+            bandwidth_per_migration=parse_quantity(s.bandwidth_per_migration)
+            if s.bandwidth_per_migration else None,
+            node_bandwidth=parse_quantity(s.node_bandwidth) if s.node_bandwidth else None,
+            allow_post_copy=s.allow_post_copy,
+            allow_auto_converge=s.allow_auto_converge,
+            on_downtime_exceeded=tuple(s.on_downtime_exceeded),
+            max_parallel=s.max_parallel_migrations,
+            max_outbound_per_node=s.max_parallel_outbound_per_node,
+            max_inbound_per_node=s.max_parallel_inbound_per_node,
+        )
+    if non_migratable_override:
+        return Rules(**{**base.__dict__, "non_migratable": non_migratable_override})
+    return base

@@ -1,0 +1,127 @@
+"""Narrow, immutable views of the cluster objects the domain reasons about.
+
+The k8s layer builds them from API objects; the domain never sees a raw dict or a client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from virtshift.api.kubevirt import FINAL_PHASES, IN_FLIGHT_PHASES
+from virtshift.domain.placement import NodeView
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = True
+    unschedulable: bool = False
+    cpu: float = 0.0  # allocatable cores
+    memory: float = 0.0  # allocatable bytes
+
+    def view(self) -> NodeView:
+        return NodeView(self.name, dict(self.labels), self.ready, not self.unschedulable,
+                        self.cpu, self.memory)
+
+
+@dataclass(frozen=True)
+class VMIInfo:
+    namespace: str
+    name: str
+    node: str | None
+    memory: float = 0.0
+    cpu: float = 1.0
+    cpu_model: str = "host-model"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    phase: str = "Running"
+    migratable: bool = True
+    not_migratable_reason: str | None = None
+    not_migratable_message: str | None = None
+    running_since: dt.datetime | None = None
+    dirty_rate: float | None = None  # bytes/s, when a metrics source reports it
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class QuickMigrationRecord:
+    """What virtshift wrote on a VM while restarting it elsewhere (stop, move, start)."""
+
+    drain: str
+    source: str
+    stopped_at: dt.datetime
+    started: bool = False  # runStrategy set back to run
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    namespace: str
+    name: str
+    run_strategy: str = "Always"
+    quick: QuickMigrationRecord | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """A VirtualMachineInstanceMigration; ``drain``/``attempt`` are set on virtshift's own."""
+
+    namespace: str
+    name: str
+    vmi: str
+    phase: str = ""
+    drain: str | None = None
+    attempt: int = 0
+    created: dt.datetime | None = None
+    running_at: dt.datetime | None = None
+    ended: dt.datetime | None = None
+    source: str | None = None
+    target: str | None = None
+    failure: str | None = None
+    mode: str | None = None
+    downtime_ms: int | None = None
+    terminating: bool = False
+
+    @property
+    def vmi_key(self) -> str:
+        return f"{self.namespace}/{self.vmi}"
+
+    @property
+    def final(self) -> bool:
+        return self.phase in FINAL_PHASES
+
+    @property
+    def unfinished(self) -> bool:
+        """Counts against KubeVirt's limits: queued (Pending) or in flight."""
+        return not self.final and not self.terminating
+
+    @property
+    def in_flight(self) -> bool:
+        return self.phase in IN_FLIGHT_PHASES
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    namespace: str
+    name: str
+    node: str
+    kind: str  # "launcher", "daemonset", "mirror", "terminating" or "ordinary"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class KubeVirtLimits:
+    per_cluster: int = 5
+    outbound_per_node: int = 2

@@ -1,0 +1,96 @@
+"""kopf handlers for NodeDrain: a daemon per drain that reconciles on every relevant change,
+and a deletion handler that ends maintenance."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from virtshift.api.nodedrain import NodeDrain, NodePhase
+from virtshift.domain.drain import finalize_drain, plan_drain
+from virtshift.handlers import runtime
+from virtshift.handlers.runtime import (
+    DOWNTIME,
+    DRAIN_REMAINING,
+    DRAIN_VMS,
+    MIGRATIONS_CREATED,
+    OUTCOMES,
+)
+from virtshift.k8s.rest import JSON
+
+log = logging.getLogger(__name__)
+GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "nodedrains"
+
+
+def reconcile(name: str) -> None:
+    rt = runtime.get()
+    drain = rt.drain(name)
+    if drain is None or drain["metadata"].get("deletionTimestamp"):
+        return
+    model = NodeDrain.model_validate(drain)
+    pods = []
+    if model.spec.evict_pods and not model.spec.dry_run:
+        nodes = [model.spec.node_name] if model.spec.node_name else [
+            n.name for n in (model.status.nodes if model.status else None) or []
+            if n.phase == NodePhase.DRAINING]
+        pods = rt.actions.pods_on([n for n in nodes if n])
+    with rt.cluster.admission:
+        snapshot = rt.cluster.snapshot(drain, rt.blocked_pods[name], pods)
+        decision = plan_drain(snapshot)
+        rt.blocked_pods[name] = rt.actions.apply(drain, decision)
+    status = decision.status.wire()
+    if rt.actions.write_status(drain, status):
+        rt.remember({**drain, "status": status})
+    for kind, reason, message in decision.events:
+        rt.actions.event(drain, kind, reason, message)
+        _count(reason, message)
+    MIGRATIONS_CREATED.labels(name).inc(len(decision.create))
+    counts = decision.status.counts
+    if counts:
+        for state, value in counts.wire().items():
+            DRAIN_VMS.labels(name, state).set(value)
+    DRAIN_REMAINING.labels(name).set(decision.status.planned_seconds or 0)
+
+
+def _count(reason: str, message: str) -> None:
+    if reason == "Migrated":
+        OUTCOMES.labels("succeeded").inc()
+        if "downtime " in message:
+            DOWNTIME.observe(int(message.rsplit("downtime ", 1)[1].split()[0]) / 1000)
+    elif reason == "MigrationFailed":
+        OUTCOMES.labels("failed").inc()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
+    """Reconcile whenever a migration, VMI, VM or node changes, and every few seconds anyway."""
+    rt = runtime.get()
+    wake = rt.wake_event(name)
+    while not stopped:
+        wake.clear()
+        try:
+            reconcile(name)
+        except Exception:
+            log.exception("reconciling NodeDrain %s failed; retrying", name)
+            stopped.wait(1.0)
+        wake.wait(rt.settings.resync_seconds)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def drain_deleted(name: str, body: kopf.Body, **_: Any) -> None:
+    """End maintenance: abort our unfinished migrations, restart what a quick migration
+    stopped, uncordon what we cordoned. Waits (TemporaryError) until the aborts are done."""
+    rt = runtime.get()
+    drain: JSON = rt.drain(name) or dict(body)
+    snapshot = rt.cluster.snapshot(drain)
+    decision = finalize_drain(snapshot)
+    rt.actions.apply(drain, decision)
+    unfinished = [m for m in snapshot.migrations if not m.final]
+    if decision.cancel:
+        rt.actions.event(drain, "Normal", "Cancelled",
+                         f"aborting {len(decision.cancel)} unfinished migrations")
+    if unfinished and snapshot.spec.cancel_on_delete:
+        raise kopf.TemporaryError(f"waiting for {len(unfinished)} migrations to abort", delay=1)
+    rt.forget(name)

@@ -1,0 +1,107 @@
+"""The operator process's shared parts: caches, actions, wake-ups, metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from virtshift.domain.eta import Estimator
+from virtshift.k8s.actions import Actions
+from virtshift.k8s.cluster import Cluster, ClusterClock
+from virtshift.k8s.informer import key_of
+from virtshift.k8s.rest import JSON, KubeClient
+from virtshift.k8s.views import DRAIN_LABEL, parse_time
+
+DRAIN_VMS = Gauge("virtshift_drain_vms", "VMs of a NodeDrain by state", ["drain", "state"])
+DRAIN_REMAINING = Gauge("virtshift_drain_remaining_seconds",
+                        "Predicted seconds until a NodeDrain completes", ["drain"])
+MIGRATIONS_CREATED = Counter("virtshift_migrations_created_total",
+                             "VirtualMachineInstanceMigrations created", ["drain"])
+OUTCOMES = Counter("virtshift_migration_outcomes_total", "Finished VM moves by outcome",
+                   ["outcome"])
+DOWNTIME = Histogram("virtshift_migration_downtime_seconds", "Switch-over downtime of moves",
+                     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+
+
+@dataclass
+class Settings:
+    kubeconfig: str | None = None
+    time_scale: float = 1.0
+    estimator: Estimator = field(default_factory=Estimator)
+    resync_seconds: float = 2.0  # wall seconds between reconciles without any event
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        kube = KubeClient.from_kubeconfig(settings.kubeconfig)
+        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator)
+        self.actions = Actions(self.cluster)
+        self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
+        self._wake: dict[str, threading.Event] = defaultdict(threading.Event)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.cluster.listeners.append(self._on_change)
+        self.cluster.start()
+        if self.settings.time_scale != 1.0:
+            kv = self.cluster.kubevirt()
+            epoch = parse_time(kv["metadata"]["creationTimestamp"]) if kv else None
+            self.cluster.clock = ClusterClock(self.settings.time_scale, epoch)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+    def wake_event(self, drain: str) -> threading.Event:
+        with self._lock:
+            return self._wake[drain]
+
+    def _on_change(self, kind: str, obj: JSON) -> None:
+        if kind == "vmim":
+            drain = (obj["metadata"].get("labels") or {}).get(DRAIN_LABEL)
+            if drain:
+                self.wake_event(drain).set()
+                return
+        with self._lock:
+            events = list(self._wake.values())
+        for ev in events:
+            ev.set()
+
+    def drain(self, name: str) -> JSON | None:
+        return self.cluster.drains.get(name)
+
+    def remember(self, obj: JSON) -> None:
+        self.cluster.drains.put(obj)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._wake.pop(name, None)
+        self.blocked_pods.pop(name, None)
+        for state in ("total", "pending", "migrating", "succeeded", "failed", "skipped"):
+            DRAIN_VMS.remove(name, state) if (name, state) in _labels(DRAIN_VMS) else None
+
+    @staticmethod
+    def key(obj: JSON) -> str:
+        return key_of(obj)
+
+
+def _labels(metric: Gauge) -> set[tuple[str, ...]]:
+    return set(metric._metrics.keys())  # prometheus_client keeps them here; no public getter
+
+
+_runtime: Runtime | None = None
+
+
+def configure(settings: Settings) -> Runtime:
+    global _runtime
+    _runtime = Runtime(settings)
+    return _runtime
+
+
+def get() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("virtshift runtime not configured (virtshift run sets it up)")
+    return _runtime

@@ -1,0 +1,186 @@
+"""The operator's view of the cluster: watch-fed caches, and snapshots built from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+
+from virtshift.api.migrationpolicy import MigrationPolicySpec
+from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
+from virtshift.domain.drain import DrainSnapshot
+from virtshift.domain.eta import Estimator
+from virtshift.domain.rules import (
+    NamedPolicy,
+    Rules,
+    governing_policy,
+    rules_from,
+    selector_matches,
+)
+from virtshift.domain.views import MigrationInfo
+from virtshift.k8s import rest, views
+from virtshift.k8s.informer import Informer, key_of
+from virtshift.k8s.rest import JSON, KubeClient
+
+
+class ClusterClock:
+    """The operator's "now". With a time scale (simulated clusters only) it runs that many
+    times faster than the wall clock from the KubeVirt CR's creationTimestamp, as the simulator's
+    clock does, so timestamps the cluster writes and the operator's "now" agree."""
+
+    def __init__(self, scale: float = 1.0, epoch: dt.datetime | None = None) -> None:
+        self.scale = scale
+        self.epoch = epoch
+
+    def now(self) -> dt.datetime:
+        wall = time.time()
+        if self.scale == 1.0 or self.epoch is None:
+            return dt.datetime.fromtimestamp(wall, dt.UTC)
+        return self.epoch + dt.timedelta(seconds=(wall - self.epoch.timestamp()) * self.scale)
+
+    def wall(self, cluster_seconds: float) -> float:
+        return cluster_seconds / self.scale
+
+
+class Cluster:
+    """Caches of nodes, VMIs, VMs, VMIMs, policies and KubeVirt's settings."""
+
+    def __init__(self, kube: KubeClient, clock: ClusterClock | None = None,
+                 estimator: Estimator | None = None) -> None:
+        self.kube = kube
+        self.clock = clock or ClusterClock()
+        self.estimator = estimator or Estimator()
+        self.listeners: list[Callable[[str, JSON], None]] = []
+        self.nodes = Informer(kube, rest.NODES, on_event=self._notify("node"))
+        self.vmis = Informer(kube, rest.VMIS, on_event=self._notify("vmi"))
+        self.vms = Informer(kube, rest.VMS, on_event=self._notify("vm"))
+        self.vmims = Informer(kube, rest.VMIMS, on_event=self._notify("vmim"))
+        self.kubevirts = Informer(kube, rest.KUBEVIRTS)
+        self.policies = Informer(kube, rest.POLICIES, on_event=self._notify("policy"))
+        self.namespaces = Informer(kube, rest.NAMESPACES)
+        self.drains = Informer(kube, rest.NODE_DRAINS)
+        self._all = [self.nodes, self.vmis, self.vms, self.vmims, self.kubevirts, self.policies,
+                     self.namespaces, self.drains]
+        self.admission = threading.Lock()  # one drain at a time decides what to start
+
+    def _notify(self, kind: str) -> Callable[[str, JSON], None]:
+        def fire(_event: str, obj: JSON) -> None:
+            for listener in list(self.listeners):
+                listener(kind, obj)
+        return fire
+
+    def start(self, timeout: float = 60) -> Cluster:
+        for inf in self._all:
+            inf.start()
+        for inf in self._all:
+            inf.wait_synced(timeout)
+        return self
+
+    def stop(self) -> None:
+        for inf in self._all:
+            inf.stop()
+
+    # -- pieces of a snapshot ----------------------------------------------------------------
+
+    def kubevirt(self) -> JSON | None:
+        items = self.kubevirts.values()
+        return items[0] if items else None
+
+    def named_policies(self) -> list[NamedPolicy]:
+        out = []
+        for obj in self.policies.values():
+            if obj["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                out.append(NamedPolicy(obj["metadata"]["name"],
+                                       MigrationPolicySpec.model_validate(obj.get("spec") or {})))
+            except ValueError:
+                continue  # the policy's own handler reports it
+        return out
+
+    def rules_for(self, vmi: JSON, policies: list[NamedPolicy], policy_ref: str | None,
+                  non_migratable: str | None) -> Rules:
+        ns = self.namespaces.get(vmi["metadata"]["namespace"]) or {}
+        policy = governing_policy(policies, vmi["metadata"].get("labels") or {},
+                                  ns.get("metadata", {}).get("labels") or {}, policy_ref)
+        return rules_from(policy, non_migratable)
+
+    def usage(self) -> dict[str, tuple[float, float]]:
+        used: dict[str, tuple[float, float]] = {}
+        for obj in self.vmis.values():
+            info = views.vmi_info(obj)
+            if info.node and info.phase in ("Running", "Scheduled", "Scheduling"):
+                cpu, mem = used.get(info.node, (0.0, 0.0))
+                used[info.node] = (cpu + info.cpu, mem + info.memory)
+        return used
+
+    def conflict_for(self, drain: JSON, node_names: set[str]) -> str | None:
+        """An older NodeDrain that already covers one of these nodes, if any."""
+        me = drain["metadata"]
+        mine = (me.get("creationTimestamp", ""), me["name"])
+        for other in self.drains.values():
+            meta = other["metadata"]
+            if meta["name"] == me["name"] or meta.get("deletionTimestamp"):
+                continue
+            if (meta.get("creationTimestamp", ""), meta["name"]) >= mine:
+                continue
+            if (other.get("status") or {}).get("phase") == "Conflict":
+                continue
+            if node_names & self._nodes_of(other):
+                return meta["name"]
+        return None
+
+    def _nodes_of(self, drain: JSON) -> set[str]:
+        model = NodeDrain.model_validate(drain)
+        if model.spec.node_name:
+            return {model.spec.node_name}
+        return {n["metadata"]["name"] for n in self.nodes.values()
+                if selector_matches(model.spec.node_selector, n["metadata"].get("labels") or {})}
+
+    def _migration(self, obj: JSON) -> MigrationInfo:
+        """A VMIM's view; a queued one has no source yet, so take its VMI's node."""
+        info = views.migration_info(obj)
+        if info.source:
+            return info
+        source = (obj["metadata"].get("labels") or {}).get(views.SOURCE_LABEL)
+        if not source:
+            vmi = self.vmis.get(info.vmi_key) or {}
+            source = (vmi.get("status") or {}).get("nodeName")
+        return dataclasses.replace(info, source=source)
+
+    def snapshot(self, drain: JSON, blocked_pods: dict[str, str] | None = None,
+                 pods: list[JSON] | None = None) -> DrainSnapshot:
+        model = NodeDrain.model_validate(drain)
+        spec = model.spec
+        name = drain["metadata"]["name"]
+        nodes = {n["metadata"]["name"]: views.node_info(n) for n in self.nodes.values()}
+        drain_nodes = self._nodes_of(drain)
+        ours = [m for m in self.vmims.values()
+                if (m["metadata"].get("labels") or {}).get(views.DRAIN_LABEL) == name]
+        our_vmis = {f"{m['metadata']['namespace']}/{m['spec'].get('vmiName')}" for m in ours}
+        vm_objs = {key_of(v): v for v in self.vms.values()}
+        quick_keys = {k for k, v in vm_objs.items()
+                      if views.QUICK_ANNOTATION in (v["metadata"].get("annotations") or {})}
+        vmi_objs = {key_of(v): v for v in self.vmis.values()
+                    if (v.get("status") or {}).get("nodeName") in drain_nodes
+                    or key_of(v) in our_vmis or key_of(v) in quick_keys}
+        policies = self.named_policies()
+        policy_ref = spec.policy_ref.name if spec.policy_ref else None
+        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable)
+                 for k, v in vmi_objs.items()}
+        return DrainSnapshot(
+            name=name, generation=drain["metadata"].get("generation", 1), spec=spec,
+            status=model.status or NodeDrainStatus(), now=self.clock.now(), nodes=nodes,
+            vmis={k: views.vmi_info(v) for k, v in vmi_objs.items()},
+            vms={k: views.vm_info(vm_objs[k]) for k in set(vmi_objs) | quick_keys
+                 if k in vm_objs},
+            migrations=[self._migration(m) for m in ours],
+            cluster_unfinished=[i for m in self.vmims.values()
+                                if not (i := self._migration(m)).final],
+            limits=views.kubevirt_limits(self.kubevirt()), rules=rules,
+            conflict_with=self.conflict_for(drain, drain_nodes),
+            pods=[views.pod_info(p) for p in pods or []],
+            blocked_pods=blocked_pods or {}, usage=self.usage(), estimator=self.estimator,
+        )

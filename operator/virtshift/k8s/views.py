@@ -1,0 +1,147 @@
+"""Turn API objects (dicts) into the domain's views."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from virtshift.api.units import parse_quantity
+from virtshift.domain.views import (
+    KubeVirtLimits,
+    MigrationInfo,
+    NodeInfo,
+    PodInfo,
+    QuickMigrationRecord,
+    VMIInfo,
+    VMInfo,
+)
+
+JSON = dict[str, Any]
+DRAIN_LABEL = "virtshift.io/drain"
+ATTEMPT_LABEL = "virtshift.io/attempt"
+POLICY_LABEL = "virtshift.io/policy"
+SOURCE_LABEL = "virtshift.io/source-node"
+QUICK_ANNOTATION = "virtshift.io/quick-migration"
+DOWNTIME_ANNOTATION = "sim.virtshift.io/downtime-ms"
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def node_info(obj: JSON) -> NodeInfo:
+    meta, status = obj["metadata"], obj.get("status") or {}
+    alloc = status.get("allocatable") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or [])
+    return NodeInfo(
+        name=meta["name"], labels=meta.get("labels") or {},
+        annotations=meta.get("annotations") or {}, ready=ready,
+        unschedulable=bool((obj.get("spec") or {}).get("unschedulable")),
+        cpu=parse_quantity(alloc.get("cpu", "0")), memory=parse_quantity(alloc.get("memory", "0")),
+    )
+
+
+def _vmi_memory(spec: JSON) -> float:
+    domain = spec.get("domain") or {}
+    guest = (domain.get("memory") or {}).get("guest")
+    if guest:
+        return parse_quantity(guest)
+    req = ((domain.get("resources") or {}).get("requests") or {}).get("memory")
+    return parse_quantity(req) if req else 0.0
+
+
+def vmi_info(obj: JSON, dirty_rate: float | None = None) -> VMIInfo:
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    cpu = (spec.get("domain") or {}).get("cpu") or {}
+    cores = (cpu.get("cores") or 1) * (cpu.get("sockets") or 1) * (cpu.get("threads") or 1)
+    live = next((c for c in status.get("conditions") or [] if c.get("type") == "LiveMigratable"),
+                None)
+    running = [t for t in status.get("phaseTransitionTimestamps") or []
+               if t.get("phase") == "Running"]
+    return VMIInfo(
+        namespace=meta["namespace"], name=meta["name"], node=status.get("nodeName"),
+        memory=_vmi_memory(spec), cpu=float(cores), cpu_model=cpu.get("model") or "host-model",
+        labels=meta.get("labels") or {}, phase=status.get("phase") or "Pending",
+        migratable=live is None or live.get("status") == "True",
+        not_migratable_reason=(live or {}).get("reason") if live and
+        live.get("status") != "True" else None,
+        not_migratable_message=(live or {}).get("message") if live and
+        live.get("status") != "True" else None,
+        running_since=parse_time(running[-1]["phaseTransitionTimestamp"]) if running else None,
+        dirty_rate=dirty_rate,
+    )
+
+
+def vm_info(obj: JSON) -> VMInfo:
+    meta = obj["metadata"]
+    record = None
+    raw = (meta.get("annotations") or {}).get(QUICK_ANNOTATION)
+    if raw:
+        data = json.loads(raw)
+        record = QuickMigrationRecord(drain=data["drain"], source=data["source"],
+                                      stopped_at=parse_time(data["stoppedAt"]) or dt.datetime.now(
+                                          dt.UTC),
+                                      started=bool(data.get("started")))
+    return VMInfo(namespace=meta["namespace"], name=meta["name"],
+                  run_strategy=(obj.get("spec") or {}).get("runStrategy", "Always"),
+                  quick=record)
+
+
+def quick_record(drain: str, source: str, stopped_at: str, started: bool = False) -> str:
+    return json.dumps({"drain": drain, "source": source, "stoppedAt": stopped_at,
+                       "started": started}, sort_keys=True)
+
+
+def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> MigrationInfo:
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    labels = meta.get("labels") or {}
+    state = status.get("migrationState") or {}
+    transitions = {t["phase"]: t["phaseTransitionTimestamp"]
+                   for t in status.get("phaseTransitionTimestamps") or []}
+    downtime = (meta.get("annotations") or {}).get(DOWNTIME_ANNOTATION)
+    phase = status.get("phase") or ""
+    ended = parse_time(transitions.get(phase)) if phase in ("Succeeded", "Failed") else None
+    return MigrationInfo(
+        namespace=meta["namespace"], name=meta["name"], vmi=spec.get("vmiName", ""),
+        phase=phase, drain=labels.get(DRAIN_LABEL),
+        attempt=int(labels.get(ATTEMPT_LABEL, 0) or 0),
+        created=parse_time(transitions.get("Pending")) or parse_time(
+            meta.get("creationTimestamp")),
+        running_at=parse_time(transitions.get("Running")),
+        ended=ended or ended_seen, source=state.get("sourceNode"), target=state.get("targetNode"),
+        failure=state.get("failureReason"), mode=state.get("mode"),
+        downtime_ms=int(downtime) if downtime and downtime.isdigit() else None,
+        terminating=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def pod_info(obj: JSON) -> PodInfo:
+    meta = obj["metadata"]
+    labels = meta.get("labels") or {}
+    owners = meta.get("ownerReferences") or []
+    if labels.get("kubevirt.io") == "virt-launcher":
+        kind = "launcher"
+    elif any(o.get("kind") == "DaemonSet" for o in owners):
+        kind = "daemonset"
+    elif "kubernetes.io/config.mirror" in (meta.get("annotations") or {}):
+        kind = "mirror"
+    elif meta.get("deletionTimestamp") or (obj.get("status") or {}).get("phase") in (
+            "Succeeded", "Failed"):
+        kind = "terminating"
+    else:
+        kind = "ordinary"
+    return PodInfo(namespace=meta["namespace"], name=meta["name"],
+                   node=(obj.get("spec") or {}).get("nodeName", ""), kind=kind)
+
+
+def kubevirt_limits(kv: JSON | None) -> KubeVirtLimits:
+    migrations = (((kv or {}).get("spec") or {}).get("configuration") or {}).get(
+        "migrations") or {}
+    return KubeVirtLimits(
+        per_cluster=int(migrations.get("parallelMigrationsPerCluster", 5)),
+        outbound_per_node=int(migrations.get("parallelOutboundMigrationsPerNode", 2)),
+    )

@@ -1,0 +1,269 @@
+"""The NodeDrain planner, table-driven over hand-built cluster snapshots (no API server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from virtshift.api.nodedrain import NodeDrainSpec, NodeDrainStatus, NodeEntry
+from virtshift.api.units import GiB
+from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, plan_drain, stamp
+from virtshift.domain.rules import Rules
+from virtshift.domain.views import (
+    KubeVirtLimits,
+    MigrationInfo,
+    NodeInfo,
+    QuickMigrationRecord,
+    VMIInfo,
+    VMInfo,
+)
+
+NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+SKYLAKE = {"cpu-model-migration.node.kubevirt.io/Skylake": "true",
+           "host-model-cpu.node.kubevirt.io/Skylake": "true", "zone": "a"}
+
+
+def node(name: str, **kw: Any) -> NodeInfo:
+    return NodeInfo(name=name, labels=kw.pop("labels", SKYLAKE), cpu=64, memory=512 * GiB, **kw)
+
+
+def vmi(name: str, node_name: str = "n1", **kw: Any) -> VMIInfo:
+    return VMIInfo(namespace="ns", name=name, node=node_name, memory=kw.pop("memory", 4 * GiB),
+                   **kw)
+
+
+def mig(vm: str, attempt: int, phase: str, **kw: Any) -> MigrationInfo:
+    return MigrationInfo(namespace="ns", name=f"vs-d-{vm}-{attempt}", vmi=vm, phase=phase,
+                         drain="d", attempt=attempt, source=kw.pop("source", "n1"), **kw)
+
+
+def snap(vmis: list[VMIInfo], **kw: Any) -> DrainSnapshot:
+    spec = kw.pop("spec", {"nodeName": "n1"})
+    nodes = kw.pop("nodes", [node("n1"), node("n2"), node("n3")])
+    ours = kw.pop("migrations", [])
+    return DrainSnapshot(
+        name="d", generation=1, spec=NodeDrainSpec.model_validate(spec),
+        status=kw.pop("status", NodeDrainStatus()), now=kw.pop("now", NOW),
+        nodes={n.name: n for n in nodes}, vmis={v.key: v for v in vmis}, migrations=ours,
+        cluster_unfinished=[m for m in ours if not m.final] + kw.pop("others", []), **kw)
+
+
+def created(decision) -> list[str]:
+    return [m.name for m in decision.create]
+
+
+def entry(decision, name: str):
+    return next(e for e in decision.status.vms if e.name == name)
+
+
+def test_cordons_and_starts_within_the_outbound_limit() -> None:
+    d = plan_drain(snap([vmi("a"), vmi("b", memory=8 * GiB), vmi("c")]))
+    assert d.cordon == ["n1"]
+    assert created(d) == ["vs-d-b-1", "vs-d-a-1"]  # longest first, two per source node
+    assert d.status.counts.migrating == 2 and d.status.counts.pending == 1
+    assert d.status.progress == "0/3" and d.status.phase == "Draining"
+    assert all(m.selector == {} and m.attempt == 1 for m in d.create)
+
+
+def test_the_same_snapshot_gives_the_same_decision() -> None:
+    s = snap([vmi(f"v{i}") for i in range(6)])
+    assert plan_drain(s) == plan_drain(s)
+
+
+@pytest.mark.parametrize(("others", "limits", "expected"), [
+    (0, KubeVirtLimits(5, 2), 2),
+    (4, KubeVirtLimits(5, 2), 1),
+    (5, KubeVirtLimits(5, 2), 0),
+    (0, KubeVirtLimits(1, 2), 1),
+    (0, KubeVirtLimits(5, 3), 3),
+])
+def test_kubevirt_limits_count_every_unfinished_migration(others, limits, expected) -> None:
+    busy = [MigrationInfo(namespace="x", name=f"o{i}", vmi=f"o{i}", phase="Pending",
+                          source=f"n{9 + i}") for i in range(others)]
+    d = plan_drain(snap([vmi(f"v{i}") for i in range(5)], others=busy, limits=limits))
+    assert len(d.create) == expected
+
+
+def test_an_in_flight_migration_on_the_node_counts_against_outbound() -> None:
+    d = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")], migrations=[mig("a", 1, "Running")]))
+    assert created(d) == ["vs-d-b-1"] or created(d) == ["vs-d-c-1"]
+    assert entry(d, "a").phase == "Migrating" and entry(d, "a").reason == "Running"
+
+
+def test_moved_vm_is_succeeded_with_its_downtime() -> None:
+    d = plan_drain(snap([vmi("a", node_name="n2")],
+                        migrations=[mig("a", 1, "Succeeded", target="n2", downtime_ms=42)]))
+    e = entry(d, "a")
+    assert (e.phase, e.target_node, e.downtime_ms) == ("Succeeded", "n2", 42)
+    assert d.status.phase == "Drained" and d.status.completion_time == stamp(NOW)
+
+
+@pytest.mark.parametrize(("action", "phase", "halts"), [
+    ("Fail", "Failed", False), ("Skip", "Skipped", False), ("Restart", "Migrating", True),
+])
+def test_non_migratable_vms_follow_the_policy(action, phase, halts) -> None:
+    gpu = vmi("gpu", migratable=False, not_migratable_reason="HostDeviceNotLiveMigratable",
+              not_migratable_message="has a GPU")
+    d = plan_drain(snap([gpu], vms={"ns/gpu": VMInfo("ns", "gpu")},
+                        rules={"ns/gpu": Rules(non_migratable=action)}))
+    e = entry(d, "gpu")
+    assert e.phase == phase and e.reason == "HostDeviceNotLiveMigratable"
+    assert bool(d.halt) is halts and not d.create
+
+
+def test_failed_vms_stall_the_drain_with_their_names() -> None:
+    gpu = vmi("gpu", migratable=False, not_migratable_reason="HostDeviceNotLiveMigratable")
+    d = plan_drain(snap([gpu]))
+    stalled = next(c for c in d.status.conditions if c.type == "Stalled")
+    assert stalled.status == "True" and stalled.reason == "MigrationFailed"
+    assert "ns/gpu" in stalled.message and d.status.phase == "Stalled"
+
+
+def test_quick_migration_done_reports_downtime() -> None:
+    stopped = NOW - dt.timedelta(seconds=20)
+    moved = vmi("gpu", node_name="n3", running_since=NOW - dt.timedelta(seconds=5))
+    vm = VMInfo("ns", "gpu", quick=QuickMigrationRecord("d", "n1", stopped, started=True))
+    d = plan_drain(snap([moved], vms={"ns/gpu": vm}))
+    e = entry(d, "gpu")
+    assert (e.phase, e.mode, e.downtime_ms) == ("Succeeded", "QuickMigration", 15000)
+
+
+def test_quick_migration_starts_the_vm_once_its_vmi_is_gone() -> None:
+    vm = VMInfo("ns", "gpu", run_strategy="Halted",
+                quick=QuickMigrationRecord("d", "n1", NOW, started=False))
+    d = plan_drain(snap([], vms={"ns/gpu": vm}))
+    assert d.start == ["ns/gpu"] and entry(d, "gpu").phase == "Migrating"
+
+
+@pytest.mark.parametrize(("ended_ago", "failures", "expect_phase", "expect_create"), [
+    (10, 1, "Waiting", []),  # backoff 30s after the first failure
+    (31, 1, "Migrating", ["vs-d-a-2"]),
+    (50, 2, "Waiting", []),  # 60s after the second
+    (61, 2, "Migrating", ["vs-d-a-3"]),
+    (999, 3, "Failed", []),  # maxAttempts 3
+])
+def test_retries_back_off_exponentially_up_to_max_attempts(ended_ago, failures, expect_phase,
+                                                           expect_create) -> None:
+    ended = NOW - dt.timedelta(seconds=ended_ago)
+    migs = [mig("a", i, "Failed", ended=ended, failure="target pod failed")
+            for i in range(1, failures + 1)]
+    d = plan_drain(snap([vmi("a")], migrations=migs))
+    assert entry(d, "a").phase == expect_phase
+    assert created(d) == expect_create
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    ({"nodeName": "n1", "paused": True}, "Paused"),
+    ({"nodeName": "n1", "deadline": "1m"}, "DeadlineExceeded"),
+])
+def test_paused_or_late_drains_start_nothing(spec, reason) -> None:
+    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)))
+    d = plan_drain(snap([vmi("a")], spec=spec, status=status))
+    assert not d.create and entry(d, "a").reason == reason
+
+
+def test_deadline_is_reported_as_stalled() -> None:
+    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)))
+    d = plan_drain(snap([vmi("a")], spec={"nodeName": "n1", "deadline": "1m"}, status=status))
+    stalled = next(c for c in d.status.conditions if c.type == "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "DeadlineExceeded")
+
+
+def test_dry_run_plans_and_changes_nothing() -> None:
+    d = plan_drain(snap([vmi("a"), vmi("b", memory=16 * GiB)],
+                        spec={"nodeName": "n1", "dryRun": True}))
+    assert not d.changes_cluster
+    assert d.status.phase == "Planned" and d.status.planned_seconds > 0
+    b = entry(d, "b")
+    assert b.candidates == ["n2", "n3"] and b.predicted_seconds > entry(d, "a").predicted_seconds
+    assert b.predicted_downtime_ms is not None
+
+
+def test_conflict_touches_nothing() -> None:
+    d = plan_drain(snap([vmi("a")], conflict_with="older"))
+    assert not d.changes_cluster and d.status.phase == "Conflict"
+    assert next(c for c in d.status.conditions if c.type == "Ready").reason == "Conflict"
+
+
+def test_missing_node_waits_as_node_not_found() -> None:
+    d = plan_drain(snap([], spec={"nodeName": "ghost"}))
+    assert not d.changes_cluster and d.status.phase == "Pending"
+    assert next(c for c in d.status.conditions if c.type == "Ready").reason == "NodeNotFound"
+
+
+def test_no_node_with_the_cpu_model_blocks_with_the_model() -> None:
+    nodes = [node("n1", labels={**SKYLAKE, "cpu-model-migration.node.kubevirt.io/Rome": "true"}),
+             node("n2")]
+    d = plan_drain(snap([vmi("a", cpu_model="Rome")], nodes=nodes))
+    e = entry(d, "a")
+    assert (e.phase, e.reason) == ("Waiting", "NoCompatibleTarget") and "Rome" in e.message
+    assert not d.create
+
+
+def test_target_node_selector_limits_candidates() -> None:
+    nodes = [node("n1"), node("n2"), node("n3", labels={**SKYLAKE, "zone": "b"})]
+    d = plan_drain(snap([vmi("a")], nodes=nodes,
+                        spec={"nodeName": "n1", "targetNodeSelector": {"zone": "b"}}))
+    assert d.create[0].selector == {"zone": "b"}
+
+
+def test_rolling_wave_drains_max_unavailable_at_a_time() -> None:
+    nodes = [node("n1", labels={**SKYLAKE, "pool": "x"}), node("n2", labels={**SKYLAKE,
+             "pool": "x"}), node("n3", labels={**SKYLAKE, "pool": "x"}), node("n4")]
+    spec = {"nodeSelector": {"matchLabels": {"pool": "x"}}, "maxUnavailable": 1,
+            "releaseAfter": "1m"}
+    d = plan_drain(snap([vmi("a", "n1"), vmi("b", "n2")], nodes=nodes, spec=spec))
+    assert d.cordon == ["n1"] and [n.phase for n in d.status.nodes] == [
+        "Draining", "Waiting", "Waiting"]
+    assert d.status.counts.total == 2 and created(d) == ["vs-d-a-1"]
+    # n1 emptied: it is Drained (held) while n2 waits for the slot.
+    moved = vmi("a", "n4")
+    status = d.status
+    d2 = plan_drain(snap([moved, vmi("b", "n2")], nodes=[dataclasses.replace(
+        nodes[0], unschedulable=True, annotations={CORDONED_BY: "d"}), *nodes[1:]], spec=spec,
+        status=status, migrations=[mig("a", 1, "Succeeded", target="n4")]))
+    assert [n.phase for n in d2.status.nodes] == ["Drained", "Waiting", "Waiting"]
+    # After its maintenance time it is released (uncordoned) and n2 begins.
+    later = NOW + dt.timedelta(minutes=2)
+    d3 = plan_drain(snap([moved, vmi("b", "n2")], nodes=[dataclasses.replace(
+        nodes[0], unschedulable=True, annotations={CORDONED_BY: "d"}), *nodes[1:]], spec=spec,
+        status=d2.status, now=later, migrations=[mig("a", 1, "Succeeded", target="n4")]))
+    assert d3.uncordon == ["n1"]
+    assert [n.phase for n in d3.status.nodes][0] == "Released"
+
+
+def test_wave_moves_on_when_a_drained_node_is_released() -> None:
+    spec = {"nodeSelector": {"matchLabels": {"zone": "a"}}, "maxUnavailable": 1}
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Released"),
+                                    NodeEntry(name="n2", phase="Waiting"),
+                                    NodeEntry(name="n3", phase="Waiting")])
+    d = plan_drain(snap([vmi("b", "n2")], spec=spec, status=status))
+    assert [n.phase for n in d.status.nodes] == ["Released", "Draining", "Waiting"]
+    assert d.cordon == ["n2"]
+
+
+def test_finalize_aborts_ours_uncordons_ours_and_restarts_stopped_vms() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}),
+             node("n2", unschedulable=True, annotations={CORDONED_BY: "someone-else"}),
+             node("n3")]
+    vm = VMInfo("ns", "gpu", run_strategy="Halted",
+                quick=QuickMigrationRecord("d", "n1", NOW, started=False))
+    s = snap([vmi("a")], nodes=nodes, vms={"ns/gpu": vm},
+             migrations=[mig("a", 1, "Running"), mig("b", 1, "Succeeded")])
+    d = finalize_drain(s)
+    assert [m.name for m in d.cancel] == ["vs-d-a-1"]
+    assert d.uncordon == ["n1"] and d.start == ["ns/gpu"]
+
+
+def test_condition_transition_time_moves_only_on_flip() -> None:
+    first = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")]))
+    later = NOW + dt.timedelta(minutes=1)
+    second = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")], status=first.status, now=later,
+                             migrations=[mig("a", 1, "Running"), mig("b", 1, "Running")]))
+    before = {c.type: c.last_transition_time for c in first.status.conditions}
+    after = {c.type: c.last_transition_time for c in second.status.conditions}
+    assert before["Reconciling"] == after["Reconciling"] == stamp(NOW)
+    assert all(c.observed_generation == 1 for c in second.status.conditions)
