@@ -104,6 +104,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from virtshift.demo import run_demo
+
+    return run_demo(args.dir, args.scenario, args.node)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtshift", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
     run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="local control plane + simulator + operator draining a "
+                          "node, with live progress")
+    demo.add_argument("--dir", default=".cache/demo")
+    demo.add_argument("--scenario", default=None, help="default: examples/scenarios/medium.yaml")
+    demo.add_argument("--node", default="node-1")
+    demo.set_defaults(func=_demo)
 
     bins = sub.add_parser("binaries", help="find or build kube-apiserver, etcd, kubectl, helm")
     bins.add_argument("names", nargs="*", default=["etcd", "kube-apiserver", "kubectl"])

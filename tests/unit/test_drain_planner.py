@@ -232,7 +232,7 @@ def test_rolling_wave_drains_max_unavailable_at_a_time() -> None:
         nodes[0], unschedulable=True, annotations={CORDONED_BY: "d"}), *nodes[1:]], spec=spec,
         status=d2.status, now=later, migrations=[mig("a", 1, "Succeeded", target="n4")]))
     assert d3.uncordon == ["n1"]
-    assert [n.phase for n in d3.status.nodes][0] == "Released"
+    assert d3.status.nodes[0].phase == "Released"
 
 
 def test_wave_moves_on_when_a_drained_node_is_released() -> None:

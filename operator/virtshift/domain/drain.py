@@ -479,8 +479,9 @@ def _events(s: DrainSnapshot, old: NodeDrainStatus, new: NodeDrainStatus
     events: list[tuple[str, str, str]] = []
     if old.phase != new.phase:
         kind = "Warning" if new.phase in (DrainPhase.STALLED, DrainPhase.CONFLICT) else "Normal"
-        ready = next((c for c in new.conditions or [] if c.type == "Ready"), None)
-        events.append((kind, str(new.phase), ready.message if ready else str(new.phase)))
+        says = "Stalled" if new.phase == DrainPhase.STALLED else "Ready"
+        cond = next((c for c in new.conditions or [] if c.type == says), None)
+        events.append((kind, str(new.phase), cond.message if cond else str(new.phase)))
     before = {(e.namespace, e.name): e for e in old.vms or []}
     for e in new.vms or []:
         prev = before.get((e.namespace, e.name))

@@ -22,6 +22,21 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     runtime.get().start()
 
 
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """The same credentials as our own client (kubeconfig given on the command line, or the
+    pod's service account), rather than kopf's guess from the environment."""
+    cfg = runtime.get().cluster.kube.cfg
+    auth = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix(
+        "BearerToken")
+    scheme, _, token = (auth or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+        scheme=scheme or None, token=token or None, certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
 @kopf.on.cleanup()
 def shutdown(**_: Any) -> None:
     runtime.get().stop()

@@ -1,0 +1,274 @@
+"""NodeDrain end to end: the operator as a process, the simulator, a real API server.
+
+Everything is checked the way a user would: the cluster's objects and the drain's status.
+The tests share one medium scenario (10 nodes, 100 VMs) and run in file order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_harness import OperatorProcess, drain_body, get_drain, phase_of, wait_for
+
+from virtshift.api.kubevirt import FINAL_PHASES
+from virtshift.k8s import rest
+from virtshift.k8s.views import DRAIN_LABEL, parse_time
+from virtshift.sim import runner
+from virtshift.sim.scenario import load_scenario
+
+MEDIUM = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "medium.yaml"
+RESULTS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    scenario = load_scenario(MEDIUM)
+    sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
+    op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
+                         scenario.time_scale).start()
+    try:
+        yield {"kube": fresh_cluster.kube, "sim": sim, "op": op, "scenario": scenario,
+               "cluster": fresh_cluster}
+    finally:
+        op.stop()
+        sim.stop()
+
+
+def vmis_on(kube: rest.KubeClient, node: str) -> list[dict[str, Any]]:
+    return [v for v in kube.items(rest.VMIS) if v["status"].get("nodeName") == node]
+
+
+def migrations_of(kube: rest.KubeClient, drain: str) -> list[dict[str, Any]]:
+    return kube.items(rest.VMIMS, label_selector=f"{DRAIN_LABEL}={drain}")
+
+
+def resource_versions(kube: rest.KubeClient) -> dict[str, str]:
+    out = {}
+    for res in (rest.NODES, rest.VMIS, rest.VMS, rest.VMIMS, rest.PODS):
+        for obj in kube.items(res):
+            meta = obj["metadata"]
+            out[f"{res.plural}/{meta.get('namespace')}/{meta['name']}"] = meta["resourceVersion"]
+    return out
+
+
+class Sampler:
+    """Samples the cluster's migrations while a drain runs, for invariants over time."""
+
+    def __init__(self, kube: rest.KubeClient) -> None:
+        self.kube = kube
+        self.samples: list[list[dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.kube.items(rest.VMIMS))
+            time.sleep(0.05)
+
+
+def makespan_seconds(migrations: list[dict[str, Any]]) -> float:
+    """From the first migration's creation to the last one's end, in the cluster's time."""
+    starts, ends = [], []
+    for m in migrations:
+        stamps = {t["phase"]: parse_time(t["phaseTransitionTimestamp"])
+                  for t in m["status"].get("phaseTransitionTimestamps", [])}
+        starts.append(stamps["Pending"])
+        ends.append(stamps.get("Succeeded") or stamps.get("Failed"))
+    return (max(ends) - min(starts)).total_seconds()
+
+
+def test_dry_run_plans_and_changes_nothing(env) -> None:
+    kube = env["kube"]
+    before = resource_versions(kube)
+    kube.create(rest.NODE_DRAINS, drain_body("plan-node-1", nodeName="node-1", dryRun=True))
+    drain = wait_for(lambda: phase_of(kube, "plan-node-1") == "Planned"
+                     and get_drain(kube, "plan-node-1"), what="plan")
+    status = drain["status"]
+    assert status["counts"]["total"] == len(vmis_on(kube, "node-1"))
+    queued = [v for v in status["vms"] if v["phase"] == "Pending"]
+    assert queued and all(v["candidates"] and v["predictedSeconds"] > 0 for v in queued)
+    assert {v["reason"] for v in status["vms"] if v["phase"] == "Failed"} == {
+        "HostDeviceNotLiveMigratable"}
+    assert status["plannedSeconds"] > 0 and status["eta"]
+    time.sleep(1)  # a few reconciles: still nothing may change
+    assert resource_versions(kube) == before
+    RESULTS["planned"] = status["plannedSeconds"]
+    kube.delete(rest.NODE_DRAINS, "plan-node-1")
+    wait_for(lambda: get_drain(kube, "plan-node-1") is None, what="plan deleted")
+    assert not kube.get(rest.NODES, "node-1").get("spec", {}).get("unschedulable")
+
+
+def test_drain_moves_every_migratable_vm_within_every_limit(env) -> None:
+    kube, scenario = env["kube"], env["scenario"]
+    on_node = {f"{v['metadata']['namespace']}/{v['metadata']['name']}": v
+               for v in vmis_on(kube, "node-1")}
+    assert len(on_node) >= 30
+    stuck = {k for k, v in on_node.items() if any(c["type"] == "LiveMigratable" and
+                                                  c["status"] == "False"
+                                                  for c in v["status"]["conditions"])}
+    with Sampler(kube) as sampler:
+        kube.create(rest.NODE_DRAINS, drain_body("drain-node-1", nodeName="node-1"))
+        drain = wait_for(lambda: phase_of(kube, "drain-node-1") in ("Drained", "Stalled")
+                         and get_drain(kube, "drain-node-1"), timeout=180, what="drain done")
+    status = drain["status"]
+    left = {f"{v['metadata']['namespace']}/{v['metadata']['name']}" for v in
+            vmis_on(kube, "node-1")}
+    assert left == stuck  # every migratable VM left; the others stayed
+    assert status["counts"] == {"total": len(on_node), "pending": 0, "migrating": 0,
+                                "succeeded": len(on_node) - len(stuck),
+                                "failed": len(stuck), "skipped": 0}
+    failed = {f"{v['namespace']}/{v['name']}": v["reason"] for v in status["vms"]
+              if v["phase"] == "Failed"}
+    assert failed == dict.fromkeys(stuck, "HostDeviceNotLiveMigratable")
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert conds["Cordoned"]["status"] == "True"
+    assert (conds["Stalled"]["status"], conds["Stalled"]["reason"]) == ("True",
+                                                                         "MigrationFailed")
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+    assert kube.get(rest.NODES, "node-1")["spec"]["unschedulable"] is True
+
+    limits = scenario.kubevirt
+    for sample in sampler.samples:
+        unfinished = [m for m in sample if m.get("status", {}).get("phase") not in FINAL_PHASES]
+        per_vmi = Counter((m["metadata"]["namespace"], m["spec"]["vmiName"]) for m in unfinished)
+        assert max(per_vmi.values(), default=0) <= 1, per_vmi
+        assert len(unfinished) <= limits.parallel_migrations_per_cluster
+        assert len(unfinished) <= limits.parallel_outbound_migrations_per_node  # one source
+    assert max(len([m for m in s if m.get("status", {}).get("phase") not in FINAL_PHASES])
+               for s in sampler.samples) == limits.parallel_outbound_migrations_per_node
+    ours = migrations_of(kube, "drain-node-1")
+    assert all(m["spec"]["priority"] == "system-maintenance" for m in ours)
+    RESULTS["makespan"] = makespan_seconds(ours)
+
+
+def test_dry_run_eta_is_within_a_quarter_of_the_real_makespan() -> None:
+    if "planned" not in RESULTS or "makespan" not in RESULTS:
+        pytest.fail("needs the dry-run and drain tests of this module to have run")
+    planned, real = RESULTS["planned"], RESULTS["makespan"]
+    assert abs(planned - real) <= 0.25 * real, (planned, real)
+
+
+def test_deleting_mid_drain_aborts_and_uncordons(env) -> None:
+    kube = env["kube"]
+    kube.create(rest.NODE_DRAINS, drain_body("drain-node-2", nodeName="node-2"))
+    wait_for(lambda: any(m.get("status", {}).get("phase") in ("Scheduling", "Scheduled",
+                                                              "PreparingTarget", "Running")
+                         for m in migrations_of(kube, "drain-node-2")), what="in flight")
+    assert kube.get(rest.NODES, "node-2")["spec"]["unschedulable"] is True
+    kube.delete(rest.NODE_DRAINS, "drain-node-2")
+    wait_for(lambda: get_drain(kube, "drain-node-2") is None, timeout=60, what="drain gone")
+    node = kube.get(rest.NODES, "node-2")
+    assert not node["spec"].get("unschedulable")
+    assert "virtshift.io/cordoned-by" not in (node["metadata"].get("annotations") or {})
+    remaining = migrations_of(kube, "drain-node-2")
+    assert all(m["status"]["phase"] in FINAL_PHASES for m in remaining)
+    aborted = [v for v in kube.items(rest.VMIS)
+               if v["status"].get("migrationState", {}).get("abortStatus") == "Succeeded"]
+    assert aborted, "the in-flight migration was aborted in KubeVirt"
+
+
+def test_sigkill_at_three_points_never_duplicates_a_migration(env) -> None:
+    kube, op = env["kube"], env["op"]
+    total = len(vmis_on(kube, "node-3"))
+    kube.create(rest.NODE_DRAINS, drain_body("drain-node-3", nodeName="node-3"))
+    for done_at_least in (1, total // 2, total - 1):
+        wait_for(lambda n=done_at_least: sum(
+            m.get("status", {}).get("phase") == "Succeeded"
+            for m in migrations_of(kube, "drain-node-3")) >= n, what=f"{done_at_least} done")
+        op.kill()
+        time.sleep(0.3)
+        op.start()
+    wait_for(lambda: phase_of(kube, "drain-node-3") == "Drained", timeout=180,
+             what="drain after restarts")
+    ours = migrations_of(kube, "drain-node-3")
+    per_attempt = Counter((m["spec"]["vmiName"], m["metadata"]["labels"]["virtshift.io/attempt"])
+                          for m in ours)
+    assert max(per_attempt.values()) == 1
+    succeeded = Counter(m["spec"]["vmiName"] for m in ours if m["status"]["phase"] == "Succeeded")
+    assert len(succeeded) == total and max(succeeded.values()) == 1
+    assert not vmis_on(kube, "node-3")
+    assert op.starts == 4
+
+
+def test_rolling_wave_never_exceeds_max_unavailable(env) -> None:
+    kube = env["kube"]
+    wave = ["node-5", "node-6", "node-7"]
+    for n in wave:
+        kube.patch(rest.NODES, n, {"metadata": {"labels": {"pool": "wave"}}})
+    cordoned_by_us: list[set[str]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            cordoned_by_us.append({
+                n["metadata"]["name"] for n in kube.items(rest.NODES)
+                if (n["metadata"].get("annotations") or {}).get("virtshift.io/cordoned-by")
+                == "wave"})
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body(
+            "wave", nodeSelector={"matchLabels": {"pool": "wave"}}, maxUnavailable=1,
+            releaseAfter="30s"))
+        drain = wait_for(lambda: phase_of(kube, "wave") == "Drained" and get_drain(kube, "wave"),
+                         timeout=180, what="wave done")
+    finally:
+        stop.set()
+        sampler.join()
+    assert max(len(s) for s in cordoned_by_us) == 1
+    assert {n for s in cordoned_by_us for n in s} == set(wave)  # each had its turn
+    assert [n["phase"] for n in drain["status"]["nodes"]] == ["Released"] * 3
+    assert drain["status"]["counts"]["failed"] == 0
+
+
+def test_second_drain_for_a_node_reports_conflict_and_touches_nothing(env) -> None:
+    kube = env["kube"]
+    kube.create(rest.NODE_DRAINS, drain_body("first-node-4", nodeName="node-4"))
+    wait_for(lambda: phase_of(kube, "first-node-4") in ("Draining", "Drained"))
+    kube.create(rest.NODE_DRAINS, drain_body("second-node-4", nodeName="node-4"))
+    drain = wait_for(lambda: phase_of(kube, "second-node-4") == "Conflict"
+                     and get_drain(kube, "second-node-4"), what="conflict")
+    ready = next(c for c in drain["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "Conflict" and "first-node-4" in ready["message"]
+    assert migrations_of(kube, "second-node-4") == []
+    wait_for(lambda: phase_of(kube, "first-node-4") == "Drained", timeout=120)
+    kube.delete(rest.NODE_DRAINS, "second-node-4")
+    wait_for(lambda: get_drain(kube, "second-node-4") is None)
+    assert kube.get(rest.NODES, "node-4")["spec"]["unschedulable"] is True  # first still holds
+
+
+def test_missing_node_is_reported_and_awaited(env) -> None:
+    kube, op = env["kube"], env["op"]
+    kube.create(rest.NODE_DRAINS, drain_body("ghost", nodeName="node-ghost"))
+    drain = wait_for(lambda: phase_of(kube, "ghost") == "Pending" and get_drain(kube, "ghost"))
+    ready = next(c for c in drain["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NodeNotFound"
+    time.sleep(1)
+    assert op.proc is not None and op.proc.poll() is None  # no crash loop
+    rv = get_drain(kube, "ghost")["metadata"]["resourceVersion"]
+    time.sleep(1)
+    assert get_drain(kube, "ghost")["metadata"]["resourceVersion"] == rv  # no status churn
+    kube.create(rest.NODES, {"apiVersion": "v1", "kind": "Node",
+                             "metadata": {"name": "node-ghost"}})
+    wait_for(lambda: phase_of(kube, "ghost") == "Drained", what="drained once it exists")
+
+
+def test_operator_logged_no_tracebacks(env) -> None:
+    logs = env["op"].logs()
+    assert "Traceback" not in logs, logs[-5000:]
