@@ -6,7 +6,7 @@ DIR    ?= .cache/cluster
 # KubeVirt's real CRD schemas, when the shared folder is beside the checkout (CI has it).
 export KUBEVIRT_CRDS_DIR ?= $(if $(wildcard ../shared/kubevirt-crds),$(abspath ../shared/kubevirt-crds),)
 
-.PHONY: test lint unit e2e cluster cluster-down crds binaries clean
+.PHONY: demo test lint unit e2e cluster cluster-down crds binaries clean
 
 $(BIN)/virtshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ unit: $(BIN)/virtshift
 
 test: lint binaries
 	$(BIN)/pytest
+
+demo: binaries
+	$(BIN)/virtshift demo
 
 cluster: binaries
 	$(BIN)/virtshift cluster up --dir $(DIR)
