@@ -39,5 +39,8 @@ cluster-down: $(BIN)/virtshift
 crds: $(BIN)/virtshift
 	$(BIN)/virtshift crds
 
+bench: binaries
+	$(BIN)/python benchmarks/bench_sim.py
+
 clean: cluster-down
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -37,6 +37,8 @@ PRIORITY_ORDER = {"system-critical": 0, "user-triggered": 1, "system-maintenance
 IN_FLIGHT = ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running")
 FINAL = ("Succeeded", "Failed")
 UNSCHEDULABLE_TIMEOUT = 300.0  # KubeVirt's unschedulable target pod timeout, seconds
+VOLUME_RETRY_BASE, VOLUME_RETRY_MAX = 20.0, 300.0  # retry a failed volume migration after 20s,
+# doubling up to 5 min (simulated seconds), instead of at once on every tick
 
 
 @dataclass
@@ -85,10 +87,14 @@ class Flight:
     disk_bytes_left: float = 0.0
     copy_bandwidth: float = 0.0
     new_claims: dict[str, str] | None = None
+    new_classes: dict[str, str] = field(default_factory=dict)  # volume -> destination class
+    old_claims: dict[str, str] = field(default_factory=dict)  # volume -> source claim
     started_at: float | None = None
     ended_at: float | None = None
     failure: str | None = None
     aborted: bool = False
+    waited: bool = False  # no node fitted the target pod at first: scheduled when one did
+    progressed_to: float | None = None  # simulated time the transfer has been advanced to
     downtime_ms: int | None = None
     dirty: bool = True  # status needs writing
 
@@ -109,6 +115,8 @@ class KubeVirtSim:
         self.flights: dict[str, Flight] = {}  # by VMIM uid
         self.evacuations: dict[str, str] = {}  # VMI key -> node being evacuated
         self.not_ready: set[str] = set()
+        self.volume_retry: dict[str, tuple[int, float]] = {}  # VM key -> (failures, not before)
+        self.freed_at = 0.0  # when a running migration last ended (and freed a slot)
         self.faults_done: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -350,18 +358,24 @@ class KubeVirtSim:
         def write() -> None:
             self.kube.delete(rest.VMIS, name, ns)
             self.kube.delete(rest.PODS, pod, ns, grace_seconds=0)
-            self.kube.patch(rest.VMS, name, objects.vm_status(ready=False), ns,
-                            subresource="status")
+            self.kube.patch(rest.VMS, name, objects.vm_status(ready=False, run_strategy="Halted"),
+                            ns, subresource="status")
             log.debug("stopped %s/%s at %s", ns, name, stamp)
 
         self._submit(write)
 
     def _start_vm(self, vm: SimVM, now: float) -> None:
-        node_views = self._node_views()
-        source_labels = next((n.labels for n in node_views if n.name == vm.node), {})
-        cpu_label = required_cpu_label(vm.spec.cpu_model, source_labels)
-        target = choose_target(node_views, "", vm.spec.cpu, vm.spec.memory, self._usage(),
-                               cpu_label, {})
+        # A fresh start is not a migration: a host-model VM may start on any host model, a
+        # named model needs a node offering it (cpu-model.node.kubevirt.io/<model>), and
+        # node-local disks keep the VM on the node holding them.
+        model = vm.spec.cpu_model
+        cpu_label = None if model in ("host-model", "host-passthrough") else \
+            objects.START_CPU_MODEL_LABEL + model
+        local = {sc.name for sc in self.scenario.storage_classes if sc.node_local}
+        pinned = {"kubernetes.io/hostname": vm.node} if any(
+            v.storage_class in local for v in vm.spec.volumes) else {}
+        target = choose_target(self._node_views(), "", vm.spec.cpu, vm.spec.memory,
+                               self._usage(), cpu_label, pinned)
         if target is None:
             vm.start_at = now + 10  # Pending pod: try again later
             return
@@ -414,6 +428,8 @@ class KubeVirtSim:
                 continue
             if any(f.vm is vm and not f.done for f in self.flights.values()):
                 continue
+            if now < self.volume_retry.get(vm.key, (0, 0.0))[1]:
+                continue  # backing off after a failed volume migration
             name = f"kubevirt-workload-update-{pod_suffix(self.rng)}"
             body = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
                     "metadata": {"name": name, "namespace": vm.spec.namespace,
@@ -424,6 +440,23 @@ class KubeVirtSim:
             flight = self._register(created, now)
             if flight:
                 flight.new_claims = wanted
+                flight.new_classes = self._claim_classes(vm, wanted)
+
+    def _claim_classes(self, vm: SimVM, claims: dict[str, str]) -> dict[str, str]:
+        """The scenario storage class of each new destination claim (the PVC's own class)."""
+        known = {sc.name for sc in self.scenario.storage_classes}
+        classes = {}
+        for volume, claim in claims.items():
+            if vm.claims.get(volume) == claim:
+                continue
+            try:
+                pvc = self.kube.get(rest.PVCS, claim, vm.spec.namespace) or {}
+            except ApiError:
+                pvc = {}
+            name = pvc.get("spec", {}).get("storageClassName")
+            if name in known:
+                classes[volume] = name
+        return classes
 
     # -- evacuation (KubeVirt's answer to evicting a virt-launcher pod) ------------------------
 
@@ -515,6 +548,7 @@ class KubeVirtSim:
         for flight in pending:
             if len(running) >= cluster_limit:
                 break
+            flight.source = flight.vm.node  # it may have moved since the VMIM was created
             if per_node[flight.source] >= node_limit or id(flight.vm) in busy_vms:
                 continue
             blocker = self._blocker(flight)
@@ -523,7 +557,10 @@ class KubeVirtSim:
                 continue
             flight.vm.attempts += 1
             flight.attempt = flight.vm.attempts
-            self._set_phase(flight, "Scheduling", now)
+            flight.config = self._config_for(flight.vm)  # policies as they are now
+            # Admitted when its slot freed (or when it was created), not at this tick.
+            self._set_phase(flight, "Scheduling", min(now, max(flight.phase_since,
+                                                               self.freed_at)))
             running.append(flight)
             per_node[flight.source] += 1
             busy_vms.add(id(flight.vm))
@@ -538,14 +575,27 @@ class KubeVirtSim:
         if blocker is None:
             return None
         if blocker[0] == "DisksNotLiveMigratable" and flight.new_claims is not None:
-            return None  # a volume migration moves the disks too
+            moved = {n for n, c in flight.new_claims.items() if flight.vm.claims.get(n) != c}
+            pinned = {v.name for v in flight.vm.spec.volumes if not classes[v.storage_class]}
+            if pinned <= moved:
+                return None  # a volume migration moves the (non-shared) disks too
         return f"Cannot migrate VMI, Reason: {blocker[0]}, Message: {blocker[1]}"
 
     # -- the phases --------------------------------------------------------------------------
 
     def _advance(self, flight: Flight, now: float) -> None:
+        """Take a migration through every phase that came due since the last tick, each at the
+        simulated instant it was due, so a slow tick does not stretch simulated time."""
+        for _ in range(len(IN_FLIGHT)):
+            phase = flight.phase
+            self._step(flight, now)
+            if flight.phase == phase or flight.done:
+                return
+
+    def _step(self, flight: Flight, now: float) -> None:
         startup = self.scenario.network.target_pod_startup
-        elapsed = now - flight.phase_since
+        since = flight.phase_since
+        elapsed = now - since
         for node in (flight.source, flight.target):
             if node and node in self.not_ready and flight.phase in IN_FLIGHT:
                 self._fail(flight, now, f"node {node} is not ready")
@@ -559,24 +609,25 @@ class KubeVirtSim:
                 views, flight.source, flight.vm.spec.cpu, flight.vm.spec.memory, self._usage(),
                 required_cpu_label(flight.vm.spec.cpu_model, source_labels), flight.selector)
             if target is None:
+                flight.waited = True
                 if elapsed > UNSCHEDULABLE_TIMEOUT:
                     self._fail(flight, now, "target pod is unschedulable: no node fits the "
                                "VMI (capacity, CPU model or node selector)")
                 return
             flight.target = target
             flight.target_pod = f"virt-launcher-{flight.vm.spec.name}-{pod_suffix(self.rng)}"
-            self._set_phase(flight, "Scheduled", now)
+            self._set_phase(flight, "Scheduled", now if flight.waited else since + 0.2 * startup)
             self._create_target_pod(flight)
         elif flight.phase == "Scheduled" and elapsed >= 0.3 * startup:
-            self._set_phase(flight, "PreparingTarget", now)
+            self._set_phase(flight, "PreparingTarget", since + 0.3 * startup)
         elif flight.phase == "PreparingTarget" and elapsed >= 0.5 * startup:
             if self._fails_target_pod(flight):
-                self._fail(flight, now, f"target pod {flight.target_pod} failed while preparing "
-                           "the migration target")
+                self._fail(flight, since + 0.5 * startup, f"target pod {flight.target_pod} "
+                           "failed while preparing the migration target")
                 return
-            self._set_phase(flight, "TargetReady", now)
+            self._set_phase(flight, "TargetReady", since + 0.5 * startup)
         elif flight.phase == "TargetReady":
-            self._begin_transfer(flight, now)
+            self._begin_transfer(flight, since)
 
     def _begin_transfer(self, flight: Flight, now: float) -> None:
         vm, cfg = flight.vm, flight.config
@@ -608,19 +659,28 @@ class KubeVirtSim:
             users[f.target] += 1
         nic = self.scenario.network.node_bandwidth
         for f in running:
+            # Each transfer runs from where it was last advanced to (or from its start, which
+            # may lie inside this tick or before it), not for a whole dt.
+            step = now - (f.progressed_to if f.progressed_to is not None else
+                          f.started_at if f.started_at is not None else now - dt)
+            f.progressed_to = now
+            if step <= 0:
+                continue
             share = min(nic / users[f.source], nic / users[f.target])
             if f.config.bandwidth:
                 share = min(share, f.config.bandwidth)
             if f.disk_bytes_left > 0:
                 rate = min(share, f.copy_bandwidth or share)
-                f.disk_bytes_left = max(0.0, f.disk_bytes_left - rate * dt)
+                f.disk_bytes_left = max(0.0, f.disk_bytes_left - rate * step)
                 continue
             assert f.run is not None
-            f.run.advance(dt, share)
+            before = f.run.elapsed
+            f.run.advance(step, share)
+            end = now - step + (f.run.elapsed - before)  # the run stops at its exact end
             if f.run.failed:
-                self._fail(f, now, _kubevirt_abort_reason(f))
+                self._fail(f, end, _kubevirt_abort_reason(f))
             elif f.run.done:
-                self._succeed(f, now)
+                self._succeed(f, end)
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -629,10 +689,19 @@ class KubeVirtSim:
         assert run is not None and flight.target
         flight.downtime_ms = round(run.downtime * 1000)
         flight.ended_at = now
+        self.freed_at = max(self.freed_at, now)
         vm = flight.vm
         old_pod, vm.node, vm.pod_name = vm.pod_name, flight.target, flight.target_pod or ""
         if flight.new_claims is not None:
-            vm.claims = dict(flight.new_claims)
+            flight.old_claims, vm.claims = dict(vm.claims), dict(flight.new_claims)
+            # The VM's disks are the new claims now, in their own storage classes: that decides
+            # whether it can live-migrate, and where a restart may run.
+            vm.spec = vm.spec.model_copy(update={"volumes": [
+                v.model_copy(update={"claim_name": vm.claims.get(v.name, v.claim_name),
+                                     "storage_class": flight.new_classes.get(v.name,
+                                                                             v.storage_class)})
+                for v in vm.spec.volumes]})
+            self.volume_retry.pop(vm.key, None)
         self._set_phase(flight, "Succeeded", now)
         self._submit(lambda: self.kube.delete(rest.PODS, old_pod, vm.spec.namespace,
                                               grace_seconds=0))
@@ -642,6 +711,12 @@ class KubeVirtSim:
     def _fail(self, flight: Flight, now: float, reason: str) -> None:
         flight.failure = reason
         flight.ended_at = now
+        if flight.phase in IN_FLIGHT:
+            self.freed_at = max(self.freed_at, now)
+        if flight.new_claims is not None and flight.vm is not None:
+            failures = self.volume_retry.get(flight.vm.key, (0, 0.0))[0] + 1
+            self.volume_retry[flight.vm.key] = (
+                failures, now + min(VOLUME_RETRY_MAX, VOLUME_RETRY_BASE * 2 ** (failures - 1)))
         pod = flight.target_pod
         if pod:
             self._submit(lambda: self.kube.delete(rest.PODS, pod, flight.vm.spec.namespace,
@@ -719,6 +794,19 @@ class KubeVirtSim:
                         {**v, "persistentVolumeClaim": {"claimName": f.new_claims[v["name"]]}}
                         if v["name"] in f.new_claims else v
                         for v in vmi["spec"].get("volumes", [])]}
+                    # The disks may now all be shared (or not): re-evaluate LiveMigratable.
+                    shared = {sc.name: sc.access_mode == "ReadWriteMany"
+                              for sc in self.scenario.storage_classes}
+                    blocker = objects.not_migratable(f.vm.spec, shared)
+                    fresh = {c["type"]: c for c in objects.vmi_conditions(
+                        blocker, self.clock.stamp(f.ended_at))}
+                    conds = vmi.get("status", {}).get("conditions") or []
+                    vmi_patch["status"]["conditions"] = [
+                        fresh[c["type"]] if c.get("type") == "LiveMigratable" and
+                        c.get("status") != fresh["LiveMigratable"]["status"] else c
+                        for c in conds]
+                    vmi_patch["status"]["migrationMethod"] = "BlockMigration" if blocker and \
+                        blocker[0] == "DisksNotLiveMigratable" else "LiveMigration"
                 self._submit(lambda: self._finish_volume_update(f))
         try:
             self.kube.patch(rest.VMIS, f.vm.spec.name, vmi_patch, f.vm.spec.namespace)
@@ -728,9 +816,10 @@ class KubeVirtSim:
 
     def _finish_volume_update(self, f: Flight) -> None:
         vm = f.vm
-        migrated = [{"volumeName": n, "sourcePVCInfo": {"claimName": old},
-                     "destinationPVCInfo": {"claimName": f.new_claims[n]}}
-                    for n, old in vm.claims.items() if f.new_claims and n in f.new_claims]
+        migrated = [{"volumeName": n, "sourcePVCInfo": {"claimName": f.old_claims[n]},
+                     "destinationPVCInfo": {"claimName": new}}
+                    for n, new in (f.new_claims or {}).items()
+                    if f.old_claims.get(n) not in (None, new)]
         self.kube.patch(rest.VMS, vm.spec.name, {"status": {"volumeUpdateState": {
             "volumeMigrationState": {"migratedVolumes": migrated}}}}, vm.spec.namespace,
             subresource="status")

@@ -16,6 +16,7 @@ from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec,
 JSON = dict[str, Any]
 SIM_DRIVER = "sim.virtshift.io"
 KUBEVIRT_NAMESPACE = "kubevirt"
+START_CPU_MODEL_LABEL = "cpu-model.node.kubevirt.io/"  # what a (non-migration) start needs
 
 
 def quantity(n: float) -> str:
@@ -37,7 +38,7 @@ def node(spec: NodeSpec) -> JSON:
         "kubevirt.io/schedulable": "true",
         CPU_MODEL_LABEL + spec.cpu_model: "true",
         HOST_MODEL_LABEL + spec.cpu_model: "true",
-        "cpu-model.node.kubevirt.io/" + spec.cpu_model: "true",
+        START_CPU_MODEL_LABEL + spec.cpu_model: "true",
         **spec.labels,
     }
     return {
@@ -141,10 +142,10 @@ def virtual_machine(vm: VMSpec) -> JSON:
     }
 
 
-def vm_status(ready: bool = True) -> JSON:
+def vm_status(ready: bool = True, run_strategy: str = "Always") -> JSON:
     return {"status": {"created": ready, "ready": ready,
                        "printableStatus": "Running" if ready else "Stopped",
-                       "runStrategy": "Always"}}
+                       "runStrategy": run_strategy}}
 
 
 def not_migratable(vm: VMSpec, shared: dict[str, bool]) -> tuple[str, str] | None:

@@ -1,0 +1,458 @@
+"""The KubeVirt simulator's less common features against the real API server, checked the way a
+user would check them on the cluster objects: storage live migration, shared-nothing (node-local)
+disks, CPU models, addedNodeSelector, injected faults, MigrationPolicy bandwidth and post-copy,
+and stopping/starting a VM through its runStrategy.
+
+One scenario for the whole module; each test uses its own VMs, so the tests do not depend on
+each other's outcome. The node failure is scheduled in simulated time, so its test runs first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from virtshift.k8s import rest
+from virtshift.sim import runner
+from virtshift.sim.scenario import load_scenario
+
+ZONE = "topology.kubernetes.io/zone"
+CPU_MIGRATION = "cpu-model-migration.node.kubevirt.io/"
+HOST_MODEL = "host-model-cpu.node.kubevirt.io/"
+NODE_FAILS_AT = 240.0  # simulated seconds, as in the scenario's nodeNotReady fault
+
+SCENARIO = f"""
+seed: 5
+timeScale: 50
+kubevirt: {{parallelMigrationsPerCluster: 10, parallelOutboundMigrationsPerNode: 4,
+            progressTimeout: 60}}
+network: {{nodeBandwidth: 1Gi, targetPodStartup: 10s}}
+storageClasses:
+  - {{name: ceph-rbd, accessMode: ReadWriteMany, copyBandwidth: 1Gi}}
+  - {{name: ceph-ssd, accessMode: ReadWriteMany, copyBandwidth: 2Gi}}
+  - {{name: local-lvm, nodeLocal: true, copyBandwidth: 1Gi}}
+nodes:
+  - {{name: sky-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
+     labels: {{{ZONE}: a}}}}
+  - {{name: sky-2, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
+     labels: {{{ZONE}: a}}}}
+  - {{name: sky-3, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
+     labels: {{{ZONE}: b}}}}
+  - {{name: doomed-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
+     labels: {{{ZONE}: c}}}}
+  - {{name: casc-1, cpuModel: Cascadelake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
+     labels: {{{ZONE}: a}}}}
+  # A newer host that also offers the older named model to migrating VMs.
+  - {{name: ice-1, cpuModel: Icelake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
+     labels: {{{ZONE}: a, {CPU_MIGRATION}Cascadelake-Server: "true"}}}}
+vms:
+  # Fillers make the Skylake targets the most allocated, so the scheduler's "least allocated"
+  # preference would pick a wrong node if the CPU model or a node selector were ignored.
+  - {{name: filler-2, namespace: fill, node: sky-2, memory: 64Gi}}
+  - {{name: filler-3, namespace: fill, node: sky-3, memory: 128Gi}}
+  - {{name: filler-ice, namespace: fill, node: ice-1, memory: 64Gi}}
+  # storage
+  - {{name: stor-1, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi,
+     volumes: [{{name: rootdisk, claimName: stor-1-root, size: 2Gi, storageClass: ceph-rbd}}]}}
+  - {{name: local-1, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi,
+     volumes: [{{name: rootdisk, claimName: local-1-root, size: 2Gi, storageClass: local-lvm}}]}}
+  - {{name: local-2, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi,
+     volumes: [{{name: rootdisk, claimName: local-2-root, size: 2Gi, storageClass: ceph-rbd}},
+               {{name: data, claimName: local-2-data, size: 2Gi, storageClass: local-lvm}}]}}
+  # CPU models and node selectors
+  - {{name: hm-1, namespace: prod, node: sky-1, memory: 1Gi}}
+  - {{name: named-1, namespace: prod, node: casc-1, memory: 1Gi, cpuModel: Cascadelake-Server}}
+  - {{name: icy-1, namespace: prod, node: ice-1, memory: 1Gi, cpuModel: Icelake-Server}}
+  - {{name: picky-1, namespace: prod, node: sky-1, memory: 1Gi}}
+  # faults and policies
+  - {{name: nnr-1, namespace: prod, node: doomed-1, memory: 16Gi, labels: {{migration: throttled}}}}
+  - {{name: flaky-1, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi}}
+  - {{name: spiky-1, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 10Mi}}
+  - {{name: spiky-2, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 10Mi,
+     labels: {{migration: postcopy}}}}
+  - {{name: bw-slow, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi,
+     labels: {{migration: throttled}}}}
+  - {{name: bw-fast, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi}}
+  - {{name: twice-1, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi}}
+  # run strategy (host-model on the only Cascade Lake node)
+  - {{name: restart-1, namespace: prod, node: casc-1, memory: 1Gi}}
+faults:
+  - {{kind: nodeNotReady, node: doomed-1, at: {int(NODE_FAILS_AT)}s}}
+  - {{kind: failTargetPod, vm: prod/flaky-1, attempt: 1}}
+  - {{kind: dirtyRateSpike, vm: prod/spiky-1, dirtyRate: 3Gi, at: 0s}}
+  - {{kind: dirtyRateSpike, vm: prod/spiky-2, dirtyRate: 3Gi, at: 0s}}
+"""
+
+POLICIES = [
+    {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+     "metadata": {"name": "throttled"},
+     "spec": {"bandwidthPerMigration": "16Mi",
+              "selectors": {"virtualMachineInstanceSelector": {"migration": "throttled"}}}},
+    {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+     "metadata": {"name": "postcopy"},
+     "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 20,
+              "selectors": {"virtualMachineInstanceSelector": {"migration": "postcopy"}}}},
+]
+
+
+@pytest.fixture(scope="module")
+def sim(fresh_cluster) -> Iterator[runner.Simulator]:
+    kube = fresh_cluster.kube
+    for policy in POLICIES:  # before the simulator starts, so its cache has them from the start
+        kube.create(rest.KUBEVIRT_POLICIES, policy)
+    simulator = runner.start(kube, load_scenario(SCENARIO), log=lambda _m: None)
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def kube(sim, fresh_cluster) -> rest.KubeClient:
+    return fresh_cluster.kube
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout}s")
+
+
+def migrate(kube: rest.KubeClient, name: str, vmi: str, ns: str = "prod", **spec: Any) -> None:
+    kube.create(rest.VMIMS, {"apiVersion": "kubevirt.io/v1",
+                             "kind": "VirtualMachineInstanceMigration",
+                             "metadata": {"name": name, "namespace": ns},
+                             "spec": {"vmiName": vmi, **spec}})
+
+
+def phase_of(kube: rest.KubeClient, name: str, ns: str = "prod") -> str | None:
+    obj = kube.get(rest.VMIMS, name, ns)
+    return obj and obj.get("status", {}).get("phase")
+
+
+def final_vmim(kube: rest.KubeClient, name: str, ns: str = "prod",
+               timeout: float = 20) -> dict[str, Any]:
+    return wait_for(lambda: (o := kube.get(rest.VMIMS, name, ns)) and
+                    o.get("status", {}).get("phase") in ("Succeeded", "Failed") and o, timeout)
+
+
+def vmi(kube: rest.KubeClient, name: str, ns: str = "prod") -> dict[str, Any]:
+    obj = kube.get(rest.VMIS, name, ns)
+    assert obj is not None, f"VMI {ns}/{name} does not exist"
+    return obj
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in obj.get("status", {}).get("conditions") or []}
+
+
+def launchers(kube: rest.KubeClient, vmi_obj: dict[str, Any]) -> list[dict[str, Any]]:
+    uid = vmi_obj["metadata"]["uid"]
+    return kube.items(rest.PODS, vmi_obj["metadata"]["namespace"],
+                      label_selector=f"kubevirt.io=virt-launcher,kubevirt.io/created-by={uid}")
+
+
+def seconds(stamp: str) -> float:
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+def phases(vmim: dict[str, Any]) -> list[str]:
+    return [t["phase"] for t in vmim["status"]["phaseTransitionTimestamps"]]
+
+
+def new_claim(kube: rest.KubeClient, name: str, storage_class: str, size: str = "2Gi",
+              access_mode: str = "ReadWriteMany", ns: str = "prod") -> None:
+    kube.create(rest.PVCS, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                            "metadata": {"name": name, "namespace": ns},
+                            "spec": {"accessModes": [access_mode],
+                                     "storageClassName": storage_class,
+                                     "resources": {"requests": {"storage": size}}}})
+
+
+def update_volumes(kube: rest.KubeClient, vm: str, claims: dict[str, str],
+                   ns: str = "prod") -> None:
+    """What a user does for a storage live migration: point the VM's volumes at new claims."""
+    obj = kube.get(rest.VMS, vm, ns)
+    assert obj is not None
+    volumes = [{**v, "persistentVolumeClaim": {"claimName": claims[v["name"]]}}
+               if v["name"] in claims else v for v in obj["spec"]["template"]["spec"]["volumes"]]
+    kube.patch(rest.VMS, vm, {"spec": {"updateVolumesStrategy": "Migration",
+                                       "template": {"spec": {"volumes": volumes}}}}, ns)
+
+
+def workload_update_vmims(kube: rest.KubeClient, vm: str, ns: str = "prod") -> list[dict]:
+    return [o for o in kube.items(rest.VMIMS, ns) if o["spec"]["vmiName"] == vm
+            and o["metadata"]["name"].startswith("kubevirt-workload-update-")]
+
+
+def claim_names(vmi_obj: dict[str, Any]) -> dict[str, str]:
+    return {v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in vmi_obj["spec"]["volumes"] if "persistentVolumeClaim" in v}
+
+
+# -- node failure (first: the fault fires at a fixed simulated time) ------------------------------
+
+
+def test_node_not_ready_fails_in_flight_migrations_from_it(sim, kube) -> None:
+    assert sim.clock.now() < NODE_FAILS_AT - 60, "the module started too slowly for this test"
+    # 16Gi at the throttled policy's 16Mi/s takes ~1000 simulated seconds: in flight at 240s.
+    migrate(kube, "move-nnr-1", "nnr-1")
+    wait_for(lambda: phase_of(kube, "move-nnr-1") == "Running")
+    done = final_vmim(kube, "move-nnr-1", timeout=NODE_FAILS_AT / sim.clock.time_scale + 10)
+    assert done["status"]["phase"] == "Failed"
+    assert "Running" in phases(done)
+    state = done["status"]["migrationState"]
+    assert state["failed"] is True and state["completed"] is False
+    assert "doomed-1" in state["failureReason"]
+    assert state["migrationPolicyName"] == "throttled"
+    assert vmi(kube, "nnr-1")["status"]["nodeName"] == "doomed-1"
+    node = kube.get(rest.NODES, "doomed-1")
+    assert conditions(node)["Ready"]["status"] != "True"
+    # The failed target pod is cleaned up; the source pod stays.
+    pods = wait_for(lambda: (p := launchers(kube, vmi(kube, "nnr-1"))) and len(p) == 1 and p)
+    assert pods[0]["spec"]["nodeName"] == "doomed-1"
+
+
+# -- storage --------------------------------------------------------------------------------------
+
+
+def test_storage_live_migration_to_a_new_claim(kube) -> None:
+    before = vmi(kube, "stor-1")
+    new_claim(kube, "stor-1-root-ssd", "ceph-ssd")
+    update_volumes(kube, "stor-1", {"rootdisk": "stor-1-root-ssd"})
+    created = wait_for(lambda: workload_update_vmims(kube, "stor-1"))
+    assert len(created) == 1
+    done = final_vmim(kube, created[0]["metadata"]["name"])
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    after = wait_for(lambda: (v := vmi(kube, "stor-1")) and
+                     claim_names(v) == {"rootdisk": "stor-1-root-ssd"} and v)
+    assert after["status"]["nodeName"] == done["status"]["migrationState"]["targetNode"]
+    assert after["status"]["nodeName"] != before["status"]["nodeName"]
+    pods = launchers(kube, after)
+    assert [p["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] for p in pods] == \
+        ["stor-1-root-ssd"]
+    vm = wait_for(lambda: (o := kube.get(rest.VMS, "stor-1", "prod")) and
+                  o.get("status", {}).get("volumeUpdateState") and o)
+    migrated = vm["status"]["volumeUpdateState"]["volumeMigrationState"]["migratedVolumes"]
+    assert [(m["volumeName"], m["sourcePVCInfo"]["claimName"],
+             m["destinationPVCInfo"]["claimName"]) for m in migrated] == \
+        [("rootdisk", "stor-1-root", "stor-1-root-ssd")]
+    assert conditions(after)["LiveMigratable"]["status"] == "True"
+    time.sleep(0.5)  # no further migration: the VM's volumes are where it wants them
+    assert len(workload_update_vmims(kube, "stor-1")) == 1
+
+
+def test_node_local_disks_block_live_migration(kube) -> None:
+    obj = vmi(kube, "local-1")
+    conds = conditions(obj)
+    assert conds["LiveMigratable"]["status"] == "False"
+    assert conds["LiveMigratable"]["reason"] == "DisksNotLiveMigratable"
+    assert conds["StorageLiveMigratable"]["status"] == "True"
+    pv = kube.get(rest.PVS, "pv-prod-local-1-root")
+    assert pv["spec"]["accessModes"] == ["ReadWriteOnce"]
+    terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["sky-1"]
+    migrate(kube, "move-local-1", "local-1")
+    done = final_vmim(kube, "move-local-1")
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["migrationState"]["failureReason"].startswith(
+        "Cannot migrate VMI, Reason: DisksNotLiveMigratable")
+    assert vmi(kube, "local-1")["status"]["nodeName"] == "sky-1"
+
+
+def test_shared_nothing_volume_migration_moves_the_vm(kube) -> None:
+    new_claim(kube, "local-1-root-b", "local-lvm", access_mode="ReadWriteOnce")
+    update_volumes(kube, "local-1", {"rootdisk": "local-1-root-b"})
+    created = wait_for(lambda: workload_update_vmims(kube, "local-1"))
+    done = final_vmim(kube, created[0]["metadata"]["name"])
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    after = wait_for(lambda: (v := vmi(kube, "local-1")) and
+                     claim_names(v) == {"rootdisk": "local-1-root-b"} and v)
+    assert after["status"]["nodeName"] not in ("sky-1", None)
+    # Still on a node-local disk: still not live-migratable without another volume migration.
+    assert conditions(after)["LiveMigratable"]["reason"] == "DisksNotLiveMigratable"
+
+
+def test_volume_migration_must_move_every_node_local_disk(kube) -> None:
+    # local-2 has a shared root disk and a node-local data disk; moving only the root disk
+    # leaves it pinned, so KubeVirt refuses; moving the data disk to shared storage frees it.
+    new_claim(kube, "local-2-root-b", "ceph-rbd")
+    update_volumes(kube, "local-2", {"rootdisk": "local-2-root-b"})
+    first = wait_for(lambda: workload_update_vmims(kube, "local-2"))[0]
+    failed = final_vmim(kube, first["metadata"]["name"])
+    assert failed["status"]["phase"] == "Failed"
+    assert "DisksNotLiveMigratable" in failed["status"]["migrationState"]["failureReason"]
+    time.sleep(0.5)  # 25 simulated seconds (a retry every tick would make 5 more by now);
+    # backing off 20s, 40s, 80s... allows at most 2 more even if this machine is slow.
+    assert len(workload_update_vmims(kube, "local-2")) <= 3
+
+    new_claim(kube, "local-2-data-b", "ceph-rbd")
+    update_volumes(kube, "local-2", {"rootdisk": "local-2-root-b", "data": "local-2-data-b"})
+    after = wait_for(lambda: (v := vmi(kube, "local-2")) and claim_names(v) ==
+                     {"rootdisk": "local-2-root-b", "data": "local-2-data-b"} and v, timeout=30)
+    assert after["status"]["nodeName"] != "sky-1"
+    wait_for(lambda: any(o.get("status", {}).get("phase") == "Succeeded"
+                         for o in workload_update_vmims(kube, "local-2")))
+    # Both disks are shared now: the VMI became live-migratable, and a plain migration works.
+    wait_for(lambda: conditions(vmi(kube, "local-2"))["LiveMigratable"]["status"] == "True")
+    migrate(kube, "move-local-2", "local-2")
+    assert final_vmim(kube, "move-local-2")["status"]["phase"] == "Succeeded"
+
+
+# -- CPU models and node selectors ----------------------------------------------------------------
+
+
+def test_host_model_vm_lands_only_on_the_same_host_model(kube) -> None:
+    migrate(kube, "move-hm-1", "hm-1")
+    done = final_vmim(kube, "move-hm-1")
+    assert done["status"]["phase"] == "Succeeded"
+    target = done["status"]["migrationState"]["targetNode"]
+    # casc-1 is the least allocated node, but it has another host model.
+    assert target in ("sky-2", "sky-3")
+    assert kube.get(rest.NODES, target)["metadata"]["labels"][HOST_MODEL + "Skylake-Server"] == \
+        "true"
+
+
+def test_named_model_vm_lands_only_where_that_model_is_offered(kube) -> None:
+    migrate(kube, "move-named-1", "named-1")
+    done = final_vmim(kube, "move-named-1")
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["migrationState"]["targetNode"] == "ice-1"  # not an emptier sky-*
+    assert vmi(kube, "named-1")["status"]["nodeName"] == "ice-1"
+
+
+def test_no_node_with_the_model_keeps_the_migration_scheduling(sim, kube) -> None:
+    migrate(kube, "move-icy-1", "icy-1")
+    wait_for(lambda: phase_of(kube, "move-icy-1") == "Scheduling")
+    since = sim.clock.now()
+    wait_for(lambda: sim.clock.now() - since > 100, timeout=10)  # 100 simulated seconds
+    obj = kube.get(rest.VMIMS, "move-icy-1", "prod")
+    assert obj["status"]["phase"] == "Scheduling"
+    assert "targetNode" not in obj["status"].get("migrationState", {})
+    assert len(launchers(kube, vmi(kube, "icy-1"))) == 1  # no target pod placed anywhere
+    assert vmi(kube, "icy-1")["status"]["nodeName"] == "ice-1"
+    kube.delete(rest.VMIMS, "move-icy-1", "prod")  # give up: aborts the pending migration
+    wait_for(lambda: kube.get(rest.VMIMS, "move-icy-1", "prod") is None)
+    assert vmi(kube, "icy-1")["status"]["nodeName"] == "ice-1"
+
+
+def test_added_node_selector_is_honoured(kube) -> None:
+    # Without the selector the least allocated Skylake node (sky-2, zone a) would be chosen.
+    migrate(kube, "move-picky-1", "picky-1", addedNodeSelector={ZONE: "b"})
+    done = final_vmim(kube, "move-picky-1")
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["migrationState"]["targetNode"] == "sky-3"
+    migrate(kube, "move-picky-1-nowhere", "picky-1", addedNodeSelector={ZONE: "nowhere"})
+    wait_for(lambda: phase_of(kube, "move-picky-1-nowhere") == "Scheduling")
+    time.sleep(1)  # 50 simulated seconds
+    assert phase_of(kube, "move-picky-1-nowhere") == "Scheduling"
+    kube.delete(rest.VMIMS, "move-picky-1-nowhere", "prod")
+    assert vmi(kube, "picky-1")["status"]["nodeName"] == "sky-3"
+
+
+# -- faults and MigrationPolicies -----------------------------------------------------------------
+
+
+def test_failed_target_pod_fails_the_first_attempt_only(kube) -> None:
+    migrate(kube, "move-flaky-1-a", "flaky-1")
+    first = final_vmim(kube, "move-flaky-1-a")
+    assert first["status"]["phase"] == "Failed"
+    assert "Running" not in phases(first) and "PreparingTarget" in phases(first)
+    assert "target pod" in first["status"]["migrationState"]["failureReason"]
+    assert vmi(kube, "flaky-1")["status"]["nodeName"] == "sky-1"
+    migrate(kube, "move-flaky-1-b", "flaky-1")
+    second = final_vmim(kube, "move-flaky-1-b")
+    assert second["status"]["phase"] == "Succeeded"
+    assert vmi(kube, "flaky-1")["status"]["nodeName"] != "sky-1"
+
+
+def test_dirty_rate_spike_makes_pre_copy_fail(kube) -> None:
+    migrate(kube, "move-spiky-1", "spiky-1")
+    done = final_vmim(kube, "move-spiky-1")
+    assert done["status"]["phase"] == "Failed"
+    reason = done["status"]["migrationState"]["failureReason"]
+    assert reason == "Live migration stuck for 60 sec and has been aborted" or \
+        "not completed after" in reason, reason
+    state = done["status"]["migrationState"]
+    assert seconds(state["endTimestamp"]) - seconds(state["startTimestamp"]) >= 55
+    assert vmi(kube, "spiky-1")["status"]["nodeName"] == "sky-1"
+
+
+def test_post_copy_policy_rescues_the_same_spike(kube) -> None:
+    migrate(kube, "move-spiky-2", "spiky-2")
+    done = final_vmim(kube, "move-spiky-2")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    state = vmi(kube, "spiky-2")["status"]["migrationState"]
+    assert state["mode"] == "PostCopy"
+    assert state["migrationPolicyName"] == "postcopy"
+    assert state["migrationConfiguration"]["allowPostCopy"] is True
+    assert vmi(kube, "spiky-2")["status"]["nodeName"] != "sky-1"
+
+
+def test_policy_bandwidth_slows_a_migration(kube) -> None:
+    migrate(kube, "move-bw-slow", "bw-slow")
+    migrate(kube, "move-bw-fast", "bw-fast")
+    slow = final_vmim(kube, "move-bw-slow")
+    fast = final_vmim(kube, "move-bw-fast")
+    assert slow["status"]["phase"] == fast["status"]["phase"] == "Succeeded"
+
+    def duration(obj: dict[str, Any]) -> float:
+        state = obj["status"]["migrationState"]
+        return seconds(state["endTimestamp"]) - seconds(state["startTimestamp"])
+
+    # 1Gi at 16Mi/s is 64 simulated seconds; unlimited, the NIC moves it in a few seconds.
+    assert duration(slow) >= 60 > 3 * duration(fast)
+    assert slow["status"]["migrationState"]["migrationConfiguration"][
+        "bandwidthPerMigration"] == "16Mi"
+    assert "bandwidthPerMigration" not in fast["status"]["migrationState"][
+        "migrationConfiguration"]
+
+
+def test_a_queued_migration_starts_from_where_the_vm_is_now(kube) -> None:
+    migrate(kube, "move-twice-1-a", "twice-1")
+    migrate(kube, "move-twice-1-b", "twice-1")  # waits: one migration per VMI at a time
+    first = final_vmim(kube, "move-twice-1-a")
+    second = final_vmim(kube, "move-twice-1-b")
+    assert first["status"]["phase"] == second["status"]["phase"] == "Succeeded"
+    a, b = first["status"]["migrationState"], second["status"]["migrationState"]
+    assert a["sourceNode"] == "sky-1"
+    assert b["sourceNode"] == a["targetNode"] != b["targetNode"]
+    assert vmi(kube, "twice-1")["status"]["nodeName"] == b["targetNode"]
+
+
+# -- run strategy ---------------------------------------------------------------------------------
+
+
+def test_halting_and_starting_a_vm_restarts_it_elsewhere(kube) -> None:
+    old = vmi(kube, "restart-1")
+    assert old["status"]["nodeName"] == "casc-1"
+    old_pod = launchers(kube, old)[0]["metadata"]["name"]
+    kube.patch(rest.NODES, "casc-1", {"spec": {"unschedulable": True}})
+    kube.patch(rest.VMS, "restart-1", {"spec": {"runStrategy": "Halted"}}, "prod")
+    wait_for(lambda: kube.get(rest.VMIS, "restart-1", "prod") is None)
+    wait_for(lambda: kube.get(rest.PODS, old_pod, "prod") is None)
+    vm = wait_for(lambda: (o := kube.get(rest.VMS, "restart-1", "prod")) and
+                  o["status"].get("printableStatus") == "Stopped" and o)
+    assert vm["status"]["ready"] is False
+
+    kube.patch(rest.VMS, "restart-1", {"spec": {"runStrategy": "Always"}}, "prod")
+    new = wait_for(lambda: (v := kube.get(rest.VMIS, "restart-1", "prod")) and
+                   v.get("status", {}).get("phase") == "Running" and v)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    node = new["status"]["nodeName"]
+    assert node and node != "casc-1"
+    assert kube.get(rest.NODES, node).get("spec", {}).get("unschedulable") is not True
+    pods = wait_for(lambda: launchers(kube, new))
+    assert [p["spec"]["nodeName"] for p in pods] == [node]
+    vm = wait_for(lambda: (o := kube.get(rest.VMS, "restart-1", "prod")) and
+                  o["status"].get("ready") is True and o)
+    assert vm["status"]["printableStatus"] == "Running"
