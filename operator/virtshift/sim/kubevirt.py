@@ -121,10 +121,12 @@ class KubeVirtSim:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(16)
-        self.vmims = Informer(kube, rest.VMIMS)
+        self._wake = threading.Event()
+        self._pods_changed = True
+        self.vmims = Informer(kube, rest.VMIMS, on_event=self._on_vmim)
         self.nodes = Informer(kube, rest.NODES)
         self.vms = Informer(kube, rest.VMS)
-        self.pods = Informer(kube, rest.PODS)
+        self.pods = Informer(kube, rest.PODS, on_event=self._on_pod)
         self.policies = Informer(kube, rest.KUBEVIRT_POLICIES)
         self.namespaces = Informer(kube, rest.NAMESPACES)
         self._informers = [self.vmims, self.nodes, self.vms, self.pods, self.policies,
@@ -151,18 +153,31 @@ class KubeVirtSim:
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _on_vmim(self, kind: str, obj: JSON) -> None:
+        # New and deleted migrations are acted on at once, as virt-controller would; our own
+        # status writes echo back as MODIFIED and need no wake-up.
+        if kind != "MODIFIED" or obj["metadata"].get("deletionTimestamp"):
+            self._wake.set()
+
+    def _on_pod(self, kind: str, obj: JSON) -> None:
+        self._pods_changed = True
+
     def _loop(self) -> None:
         last = self.clock.now()
         while not self._stop.is_set():
             started = time.monotonic()
             now = self.clock.now()
+            self._wake.clear()
             try:
                 with self._lock:
                     self.tick(now, now - last)
             except Exception:
                 log.exception("simulator tick failed")
             last = now
-            self._stop.wait(max(0.0, self.tick_seconds - (time.monotonic() - started)))
+            # Short ticks while migrations run, so phases end close to when they are due.
+            busy = any(not f.done for f in self.flights.values())
+            period = min(self.tick_seconds, 0.02) if busy else self.tick_seconds
+            self._wake.wait(max(0.0, period - (time.monotonic() - started)))
 
     # -- one tick ----------------------------------------------------------------------------
 
@@ -313,6 +328,9 @@ class KubeVirtSim:
     # -- the kubelet's part -------------------------------------------------------------------
 
     def _kubelet(self) -> None:
+        if not self._pods_changed:
+            return
+        self._pods_changed = False
         sim_nodes = {n.name for n in self.scenario.nodes}
         for pod in self.pods.values():
             meta = pod["metadata"]
