@@ -71,7 +71,7 @@ def _sim(args: argparse.Namespace) -> int:
     from virtshift.sim.scenario import ScenarioError
 
     try:
-        return run_forever(args.scenario, args.kubeconfig, args.webhook)
+        return run_forever(args.scenario, args.kubeconfig, args.webhook, args.metrics_port)
     except ScenarioError as exc:
         print(f"{args.scenario}: invalid scenario:\n{exc}", file=sys.stderr)
         return 2
@@ -93,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     runtime.configure(runtime.Settings(
         kubeconfig=args.kubeconfig, time_scale=args.time_scale,
+        dirty_rate_source=args.dirty_rate_source,
         estimator=Estimator(target_startup=parse_duration(args.target_startup),
                             node_bandwidth=parse_quantity(args.node_bandwidth)),
     ))
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-bandwidth", default="10Gi",
                      help="assumed migration bandwidth per node (bytes/s) when neither the "
                      "node's virtshift.io/migration-bandwidth annotation nor a policy says")
+    run.add_argument("--dirty-rate-source", default=None,
+                     help="URL of Prometheus text with kubevirt_vmi_dirty_rate_bytes_per_second "
+                     "(virt-handler /metrics or a Prometheus federate URL)")
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
     run.set_defaults(func=_run)
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--kubeconfig", default=None)
     sim.add_argument("--no-webhook", dest="webhook", action="store_false",
                      help="do not register the virt-launcher eviction webhook")
+    sim.add_argument("--metrics-port", type=int, default=0,
+                     help="port of the simulated virt-handler metrics (0: any free port)")
     sim.set_defaults(func=_sim)
 
     gen = sub.add_parser("crds", help="write the CRDs generated from the API models")

@@ -15,8 +15,10 @@ from virtshift.k8s import rest
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log_dir: Path, time_scale: float) -> None:
+    def __init__(self, kubeconfig: Path, log_dir: Path, time_scale: float,
+                 dirty_rate_source: str | None = None) -> None:
         self.kubeconfig = kubeconfig
+        self.extra = ["--dirty-rate-source", dirty_rate_source] if dirty_rate_source else []
         self.log_dir = log_dir
         self.time_scale = time_scale
         self.proc: subprocess.Popen[bytes] | None = None
@@ -27,7 +29,8 @@ class OperatorProcess:
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virtshift", "run", "--standalone", "--metrics-port", "0",
-             "--kubeconfig", str(self.kubeconfig), "--time-scale", str(self.time_scale)],
+             "--kubeconfig", str(self.kubeconfig), "--time-scale", str(self.time_scale),
+             *self.extra],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         return self

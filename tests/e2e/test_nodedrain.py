@@ -35,7 +35,7 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(MEDIUM).model_copy(update={"time_scale": TIME_SCALE})
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
-                         scenario.time_scale).start()
+                         scenario.time_scale, sim.metrics.url).start()
     try:
         yield {"kube": fresh_cluster.kube, "sim": sim, "op": op, "scenario": scenario,
                "cluster": fresh_cluster}

@@ -25,7 +25,7 @@ from virtshift.api.nodedrain import (
     VMPhase,
 )
 from virtshift.api.units import parse_duration, parse_quantity
-from virtshift.domain import preflight
+from virtshift.domain import downtime, preflight
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
@@ -42,6 +42,7 @@ from virtshift.domain.views import (
 CORDONED_BY = "virtshift.io/cordoned-by"
 MAINTENANCE_COMPLETE = "virtshift.io/maintenance-complete"
 BANDWIDTH_ANNOTATION = "virtshift.io/migration-bandwidth"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class NewMigration:
     source: str
     policy: str | None
     selector: Mapping[str, str]
+    mode: str | None = None  # AutoConverge or PostCopy: the VMI is labelled for that policy
 
 
 @dataclass
@@ -180,7 +182,7 @@ def _node_bandwidth(s: DrainSnapshot, node: str | None) -> float | None:
 
 
 def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Context,
-              concurrency: int, decision: Decision) -> _VM | None:
+              decision: Decision) -> _VM | None:
     vmi = s.vmis.get(key)
     vm = s.vms.get(key)
     ns, name = key.split("/", 1)
@@ -199,11 +201,11 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
         moved = vmi is not None and vmi.phase == "Running" and vmi.node != quick.source
         if moved and vmi is not None:
             up = vmi.running_since or s.now
-            downtime = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
+            paused_ms = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
             return _VM(key, entry(VMPhase.SUCCEEDED, "QuickMigrated",
                                   f"restarted on {vmi.node}", source_node=quick.source,
                                   target_node=vmi.node, mode="QuickMigration",
-                                  downtime_ms=downtime), memory)
+                                  downtime_ms=paused_ms), memory)
         if vmi is None and not quick.started:
             decision.start.append(key)
         return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
@@ -223,7 +225,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
                                                        else "LiveMigration")) if done else None,
             migration=done.name if done else None,
             downtime_ms=done.downtime_ms if done else None), memory)
-    predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node), concurrency)
+    predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node),
+                                    _concurrency(s, rules))
     if last is not None and last.unfinished:
         elapsed = (s.now - (last.created or s.now)).total_seconds()
         return _VM(key, entry(VMPhase.MIGRATING, last.phase or "Pending",
@@ -266,14 +269,38 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
                                   f"{stamp(retry_at)}", source_node=vmi.node,
                                   migration=last.name), memory, seconds=predicted)
     attempt = (last.attempt + 1) if last else 1
-    return _VM(key, entry(VMPhase.PENDING, "Queued", "waiting for a migration slot",
-                          source_node=vmi.node,
-                          candidates=preflight.target_candidates(vmi, ctx) or None,
-                          predicted_seconds=round(predicted, 1),
-                          predicted_downtime_ms=round(s.estimator.transfer(
-                              vmi, rules, _node_bandwidth(s, vmi.node), concurrency
-                          ).downtime * 1000)),
+    choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
+                             _concurrency(s, rules))
+    plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),
+            "predicted_downtime_ms": round(choice.predicted.downtime * 1000),
+            "candidates": preflight.target_candidates(vmi, ctx) or None}
+    if choice.action == "QuickMigration":
+        if vm is not None and _may_start(s):
+            decision.halt.append((key, vmi.node or ""))
+            return _VM(key, entry(VMPhase.MIGRATING, choice.reason, choice.message,
+                                  mode="QuickMigration", **plan), memory,
+                       seconds=s.estimator.target_startup)
+        return _VM(key, entry(VMPhase.PENDING, choice.reason, choice.message,
+                              mode="QuickMigration", **plan), memory,
+                   seconds=s.estimator.target_startup)
+    if choice.action == "Fail":
+        return _VM(key, entry(VMPhase.FAILED, choice.reason, choice.message, **plan), memory)
+    if choice.action == "Abort":
+        return _VM(key, entry(VMPhase.WAITING, choice.reason, choice.message, **plan), memory,
+                   seconds=predicted, blocked_by=choice.reason)
+    return _VM(key, entry(VMPhase.PENDING, "Queued", choice.message or
+                          "waiting for a migration slot", mode=choice.mode, **plan),
                memory, candidate_attempt=attempt, seconds=predicted)
+
+
+def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
+    """Migrations that will share the source node's bandwidth: the tightest outbound limit."""
+    cap = s.limits.outbound_per_node
+    if rules.max_outbound_per_node:
+        cap = min(cap, rules.max_outbound_per_node)
+    if rules.node_bandwidth and rules.bandwidth_per_migration:
+        cap = min(cap, max(1, int(rules.node_bandwidth // rules.bandwidth_per_migration)))
+    return max(1, min(cap, s.limits.per_cluster))
 
 
 def _may_start(s: DrainSnapshot) -> bool:
@@ -294,20 +321,28 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
     total = len(unfinished)
     per_node = Counter(m.source for m in unfinished if m.source)
     per_policy = Counter(m_policy for m in unfinished if (m_policy := _policy_of(s, m)))
+    inbound = Counter((_policy_of(s, m), m.target) for m in unfinished if m.target)
     for v in sorted((v for v in vms if v.candidate_attempt), key=lambda v: -v.seconds):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
-        cap = s.limits.outbound_per_node
-        if rules.max_outbound_per_node:
-            cap = min(cap, rules.max_outbound_per_node)
-        if total >= s.limits.per_cluster or per_node[source] >= cap or (
+        if total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
                 rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
             continue
+        selector = dict(s.spec.target_node_selector or {})
+        target = None
+        if rules.max_inbound_per_node:
+            # KubeVirt picks targets itself; to bound arrivals per node we pin the target.
+            target = next((n for n in v.entry.candidates or []
+                           if inbound[(rules.policy, n)] < rules.max_inbound_per_node), None)
+            if target is None:
+                continue
+            selector[HOSTNAME_LABEL] = target
+            inbound[(rules.policy, target)] += 1
         ns, name = v.key.split("/", 1)
         mig_name = migration_name(s.name, name, v.candidate_attempt)
         decision.create.append(NewMigration(
             namespace=ns, name=mig_name, vmi=name, attempt=v.candidate_attempt, source=source,
-            policy=rules.policy, selector=dict(s.spec.target_node_selector or {})))
+            policy=rules.policy, selector=selector, mode=v.entry.mode))
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
@@ -317,7 +352,7 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
 
 
 def _policy_of(s: DrainSnapshot, m: MigrationInfo) -> str | None:
-    return s.rules_for(m.vmi_key).policy if m.drain == s.name else None
+    return m.policy or (s.rules_for(m.vmi_key).policy if m.drain == s.name else None)
 
 
 _ORDER = {VMPhase.FAILED: 0, VMPhase.MIGRATING: 1, VMPhase.WAITING: 2, VMPhase.PENDING: 3,
@@ -352,8 +387,7 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     scope = {k for k, v in s.vmis.items() if v.node in draining}
     scope |= {m.vmi_key for m in s.migrations}
     scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
-    vms = [v for k in sorted(scope) if (v := _evaluate(s, k, draining, ctx, concurrency,
-                                                       decision))]
+    vms = [v for k in sorted(scope) if (v := _evaluate(s, k, draining, ctx, decision))]
     _admit(s, vms, decision)
 
     # Pods other than virt-launchers (evictPods).
@@ -391,7 +425,7 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
     remaining = [v.seconds for v in vms if v.entry.phase in (
         VMPhase.PENDING, VMPhase.WAITING, VMPhase.MIGRATING)]
     remaining += [s.estimator.seconds(v, s.rules_for(v.key), _node_bandwidth(s, v.node),
-                                      concurrency) for v in later]
+                                      _concurrency(s, s.rules_for(v.key))) for v in later]
     slots = max(1, min(s.limits.per_cluster, concurrency * max(1, s.spec.max_unavailable)))
     left = makespan(remaining, slots)
     finished = counts.pending == counts.migrating == 0 and pods_left == 0

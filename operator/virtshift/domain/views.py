@@ -80,6 +80,7 @@ class MigrationInfo:
     vmi: str
     phase: str = ""
     drain: str | None = None
+    policy: str | None = None
     attempt: int = 0
     created: dt.datetime | None = None
     running_at: dt.datetime | None = None

@@ -11,6 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from virtshift.domain.eta import Estimator
 from virtshift.k8s.actions import Actions
 from virtshift.k8s.cluster import Cluster, ClusterClock
+from virtshift.k8s.dirty_rates import DirtyRateSource
 from virtshift.k8s.informer import key_of
 from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.k8s.views import DRAIN_LABEL, parse_time
@@ -32,13 +33,16 @@ class Settings:
     time_scale: float = 1.0
     estimator: Estimator = field(default_factory=Estimator)
     resync_seconds: float = 2.0  # wall seconds between reconciles without any event
+    dirty_rate_source: str | None = None  # Prometheus text URL with KubeVirt's dirty rates
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         kube = KubeClient.from_kubeconfig(settings.kubeconfig)
-        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator)
+        rates = DirtyRateSource(settings.dirty_rate_source) if settings.dirty_rate_source \
+            else None
+        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator, rates)
         self.actions = Actions(self.cluster)
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)

@@ -90,7 +90,24 @@ class Actions:
             "spec": {"unschedulable": None}})
         self.cluster.nodes.put(patched)
 
+    def label_vmi(self, m: NewMigration) -> None:
+        """Before the VMIM: the labels KubeVirt's MigrationPolicy matching will read (the
+        governing policy, and the ladder's mode), so KubeVirt applies the right settings."""
+        vmi = self.cluster.vmis.get(f"{m.namespace}/{m.vmi}") or {}
+        labels = (vmi.get("metadata") or {}).get("labels") or {}
+        wanted = {views.POLICY_LABEL: label_value(m.policy) if m.policy else None,
+                  views.MODE_LABEL: m.mode}
+        if all(labels.get(k) == v for k, v in wanted.items()):
+            return
+        try:
+            self.cluster.vmis.put(self.kube.patch(rest.VMIS, m.vmi,
+                                                  {"metadata": {"labels": wanted}}, m.namespace))
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+
     def create_migration(self, m: NewMigration, drain: JSON) -> None:
+        self.label_vmi(m)
         try:
             created = self.kube.create(rest.VMIMS, migration_body(m, drain))
         except ApiError as exc:

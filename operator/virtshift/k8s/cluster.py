@@ -21,6 +21,7 @@ from virtshift.domain.rules import (
 )
 from virtshift.domain.views import MigrationInfo
 from virtshift.k8s import rest, views
+from virtshift.k8s.dirty_rates import DirtyRateSource
 from virtshift.k8s.informer import Informer, key_of
 from virtshift.k8s.rest import JSON, KubeClient
 
@@ -48,8 +49,10 @@ class Cluster:
     """Caches of nodes, VMIs, VMs, VMIMs, policies and KubeVirt's settings."""
 
     def __init__(self, kube: KubeClient, clock: ClusterClock | None = None,
-                 estimator: Estimator | None = None) -> None:
+                 estimator: Estimator | None = None,
+                 dirty_rates: DirtyRateSource | None = None) -> None:
         self.kube = kube
+        self.dirty_rates = dirty_rates
         self.clock = clock or ClusterClock()
         self.estimator = estimator or Estimator()
         self.listeners: list[Callable[[str, JSON], None]] = []
@@ -72,6 +75,8 @@ class Cluster:
         return fire
 
     def start(self, timeout: float = 60) -> Cluster:
+        if self.dirty_rates:
+            self.dirty_rates.start()
         for inf in self._all:
             inf.start()
         for inf in self._all:
@@ -79,6 +84,8 @@ class Cluster:
         return self
 
     def stop(self) -> None:
+        if self.dirty_rates:
+            self.dirty_rates.stop()
         for inf in self._all:
             inf.stop()
 
@@ -139,6 +146,9 @@ class Cluster:
         return {n["metadata"]["name"] for n in self.nodes.values()
                 if selector_matches(model.spec.node_selector, n["metadata"].get("labels") or {})}
 
+    def _dirty_rate(self, key: str) -> float | None:
+        return self.dirty_rates.get(key) if self.dirty_rates else None
+
     def _migration(self, obj: JSON) -> MigrationInfo:
         """A VMIM's view; a queued one has no source yet, so take its VMI's node."""
         info = views.migration_info(obj)
@@ -173,7 +183,7 @@ class Cluster:
         return DrainSnapshot(
             name=name, generation=drain["metadata"].get("generation", 1), spec=spec,
             status=model.status or NodeDrainStatus(), now=self.clock.now(), nodes=nodes,
-            vmis={k: views.vmi_info(v) for k, v in vmi_objs.items()},
+            vmis={k: views.vmi_info(v, self._dirty_rate(k)) for k, v in vmi_objs.items()},
             vms={k: views.vm_info(vm_objs[k]) for k in set(vmi_objs) | quick_keys
                  if k in vm_objs},
             migrations=[self._migration(m) for m in ours],

@@ -22,6 +22,7 @@ DRAIN_LABEL = "virtshift.io/drain"
 ATTEMPT_LABEL = "virtshift.io/attempt"
 POLICY_LABEL = "virtshift.io/policy"
 SOURCE_LABEL = "virtshift.io/source-node"
+MODE_LABEL = "virtshift.io/migration-mode"
 QUICK_ANNOTATION = "virtshift.io/quick-migration"
 DOWNTIME_ANNOTATION = "sim.virtshift.io/downtime-ms"
 
@@ -107,7 +108,7 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> Migratio
     ended = parse_time(transitions.get(phase)) if phase in ("Succeeded", "Failed") else None
     return MigrationInfo(
         namespace=meta["namespace"], name=meta["name"], vmi=spec.get("vmiName", ""),
-        phase=phase, drain=labels.get(DRAIN_LABEL),
+        phase=phase, drain=labels.get(DRAIN_LABEL), policy=labels.get(POLICY_LABEL),
         attempt=int(labels.get(ATTEMPT_LABEL, 0) or 0),
         created=parse_time(transitions.get("Pending")) or parse_time(
             meta.get("creationTimestamp")),

@@ -1,0 +1,81 @@
+"""Before a migration starts: will it converge within the policy's maxDowntime at the bandwidth
+it will get? If not, walk the policy's ladder (onDowntimeExceeded) to the first step that works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from virtshift.domain.eta import Estimator
+from virtshift.domain.physics import Prediction
+from virtshift.domain.rules import Rules
+from virtshift.domain.views import VMIInfo
+
+MIGRATE = "Migrate"
+DOWNTIME_EXCEEDED = "DowntimeExceeded"
+NOT_CONVERGING = "NotConverging"
+
+
+@dataclass(frozen=True)
+class Choice:
+    action: str  # Migrate, AutoConverge, PostCopy, QuickMigration, Abort, Fail or Allow
+    predicted: Prediction
+    reason: str | None = None  # DowntimeExceeded or NotConverging when the plain run fails
+    message: str = ""
+
+    @property
+    def migrates(self) -> bool:
+        return self.action in (MIGRATE, "AutoConverge", "PostCopy", "Allow")
+
+    @property
+    def mode(self) -> str | None:
+        """The KubeVirt migration mode the VMI must be labelled for, if any."""
+        return self.action if self.action in ("AutoConverge", "PostCopy") else None
+
+
+def _fits(p: Prediction, limit: float | None) -> bool:
+    return p.converges and (limit is None or p.downtime <= limit)
+
+
+def _describe(p: Prediction, limit: float | None) -> str:
+    if not p.converges:
+        return f"pre-copy would not converge ({p.failure_reason})"
+    return (f"predicted switch-over downtime {p.downtime * 1000:.0f} ms exceeds maxDowntime "
+            f"{(limit or 0) * 1000:.0f} ms")
+
+
+def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: float | None,
+           concurrency: int) -> Choice:
+    limit = rules.max_downtime
+
+    def predict(r: Rules) -> Prediction:
+        return estimator.transfer(vmi, r, node_bandwidth, concurrency)
+
+    plain = predict(rules)
+    if _fits(plain, limit):
+        return Choice(MIGRATE, plain)
+    reason = DOWNTIME_EXCEEDED if plain.converges else NOT_CONVERGING
+    why = _describe(plain, limit)
+    for step in rules.on_downtime_exceeded:
+        if step == "AutoConverge":
+            p = predict(dataclasses.replace(rules, allow_auto_converge=True))
+            if _fits(p, limit):
+                return Choice(step, p, reason, f"{why}; migrating with auto-converge "
+                              f"(predicted {p.downtime * 1000:.0f} ms)")
+        elif step == "PostCopy":
+            p = predict(dataclasses.replace(rules, allow_post_copy=True))
+            if _fits(p, limit):
+                return Choice(step, p, reason, f"{why}; migrating in post-copy mode "
+                              f"(predicted {p.downtime * 1000:.0f} ms)")
+        elif step == "QuickMigration":
+            return Choice(step, plain, reason, f"{why}; quick migration instead (stop, move, "
+                          "start)")
+        elif step == "Allow":
+            return Choice(step, plain, reason, f"{why}; allowed by the policy, the breach is "
+                          "recorded")
+        elif step == "Fail":
+            return Choice(step, plain, reason, why)
+        elif step == "Abort":
+            break
+    return Choice("Abort", plain, reason, f"{why}; not migrating now, will retry")
