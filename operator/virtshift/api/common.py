@@ -24,7 +24,7 @@ TIMEZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
 
 
 def _cron_field(atom: str) -> str:
-    item = rf"(\*|({atom})(-({atom}))?)(/[0-9]{{1,2}})?"
+    item = rf"(\*|({atom})(-({atom}))?)(/[1-9][0-9]?)?"  # a step of 0 never fires
     return rf"{item}(,{item})*"
 
 
