@@ -23,10 +23,10 @@ from virtshift.sim import runner
 from virtshift.sim.scenario import load_scenario
 
 MEDIUM = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "medium.yaml"
-# The medium scenario, simulated at 20x rather than its 60x: every millisecond the operator and
+# The medium scenario, simulated at 10x rather than its 60x: every millisecond the operator and
 # the simulator take to react costs 60 ms of cluster time at 60x, which would make the drain
 # measure our test harness's latency rather than the migrations.
-TIME_SCALE = 20
+TIME_SCALE = 10
 RESULTS: dict[str, float] = {}
 
 
@@ -273,6 +273,38 @@ def test_missing_node_is_reported_and_awaited(env) -> None:
     kube.create(rest.NODES, {"apiVersion": "v1", "kind": "Node",
                              "metadata": {"name": "node-ghost"}})
     wait_for(lambda: phase_of(kube, "ghost") == "Drained", what="drained once it exists")
+
+
+def test_evict_pods_honours_pod_disruption_budgets(env) -> None:
+    kube = env["kube"]
+    kube.create_or_get(rest.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
+                                         "metadata": {"name": "apps"}})
+
+    def pod(name: str, **meta: Any) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "apps", **meta},
+                "spec": {"nodeName": "node-8", "containers": [{"name": "c", "image": "app"}]}}
+
+    kube.create(rest.PODS, pod("guarded", labels={"app": "guarded"}))
+    kube.create(rest.PODS, pod("agent", ownerReferences=[{
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "controller": True,
+        "uid": "00000000-0000-0000-0000-000000000001"}]))
+    kube.create(rest.PDBS, {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                            "metadata": {"name": "guarded", "namespace": "apps"},
+                            "spec": {"minAvailable": 1,
+                                     "selector": {"matchLabels": {"app": "guarded"}}}})
+    kube.create(rest.NODE_DRAINS, drain_body("drain-node-8", nodeName="node-8", evictPods=True))
+    drain = wait_for(lambda: (d := get_drain(kube, "drain-node-8")) and
+                     d.get("status", {}).get("blockingPods") and
+                     d["status"]["counts"]["pending"] == d["status"]["counts"]["migrating"] == 0
+                     and d, timeout=120, what="VMs gone, pod blocked")
+    assert drain["status"]["phase"] != "Drained"
+    assert drain["status"]["podsRemaining"] == 1
+    assert drain["status"]["blockingPods"][0].startswith("apps/guarded: ")
+    kube.delete(rest.PDBS, "guarded", "apps")
+    wait_for(lambda: phase_of(kube, "drain-node-8") == "Drained", timeout=60, what="drained")
+    assert kube.get(rest.PODS, "guarded", "apps") is None
+    assert kube.get(rest.PODS, "agent", "apps") is not None  # DaemonSet pods stay
 
 
 def test_operator_logged_no_tracebacks(env) -> None:
