@@ -267,3 +267,96 @@ def test_condition_transition_time_moves_only_on_flip() -> None:
     after = {c.type: c.last_transition_time for c in second.status.conditions}
     assert before["Reconciling"] == after["Reconciling"] == stamp(NOW)
     assert all(c.observed_generation == 1 for c in second.status.conditions)
+
+
+# -- MigrationPolicy rules in the planner -------------------------------------------------------
+
+HOT = {"dirty_rate": 8 * GiB}  # dirties memory faster than any NIC here sends it: never converges
+
+
+@pytest.mark.parametrize(("ladder", "phase", "mode", "creates", "halts"), [
+    (("Abort",), "Waiting", None, False, False),
+    (("PostCopy", "Abort"), "Migrating", "PostCopy", True, False),
+    (("AutoConverge", "Abort"), "Migrating", "AutoConverge", True, False),
+    (("QuickMigration",), "Migrating", "QuickMigration", False, True),
+    (("Fail",), "Failed", None, False, False),
+    (("Allow",), "Migrating", None, True, False),
+])
+def test_downtime_ladder(ladder, phase, mode, creates, halts) -> None:
+    rules = Rules(max_downtime=0.3, on_downtime_exceeded=ladder)
+    d = plan_drain(snap([vmi("hot", **HOT)], rules={"ns/hot": rules},
+                        vms={"ns/hot": VMInfo("ns", "hot")}))
+    e = entry(d, "hot")
+    assert e.phase == phase
+    assert bool(d.create) is creates and bool(d.halt) is halts
+    if creates:
+        assert d.create[0].mode == mode
+    if phase in ("Waiting", "Failed"):
+        assert e.reason == "NotConverging" and "would not converge" in e.message
+
+
+def test_abort_ladder_stalls_with_the_reason_when_nothing_else_moves() -> None:
+    d = plan_drain(snap([vmi("hot", **HOT)], rules={"ns/hot": Rules(max_downtime=0.3)}))
+    stalled = next(c for c in d.status.conditions if c.type == "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "NotConverging")
+
+
+def test_too_slow_to_converge_before_kubevirts_timeout() -> None:
+    # lambda 0.98 converges in the model, but only after ~40s: beyond 1s per GiB.
+    rules = Rules(max_downtime=0.3, completion_timeout_per_gib=1, on_downtime_exceeded=("Fail",))
+    d = plan_drain(snap([vmi("warm", dirty_rate=4.9 * GiB)], rules={"ns/warm": rules},
+                        limits=KubeVirtLimits(5, 2)))
+    e = entry(d, "warm")
+    assert (e.phase, e.reason) == ("Failed", "NotConverging")
+    assert "CompletionTimeout" in e.message
+
+
+def test_post_copy_pause_still_counts_against_max_downtime() -> None:
+    rules = Rules(max_downtime=0.01, on_downtime_exceeded=("PostCopy", "Fail"))
+    d = plan_drain(snap([vmi("hot", **HOT)], rules={"ns/hot": rules}))
+    e = entry(d, "hot")
+    assert (e.phase, e.reason) == ("Failed", "NotConverging")  # 50 ms post-copy pause > 10 ms
+
+
+def _window(schedule: str, duration: str):
+    from virtshift.api.migrationpolicy import Window
+
+    return Window(schedule=schedule, duration=duration)
+
+
+@pytest.mark.parametrize(("window", "opens"), [
+    (("0 11 * * *", "2h"), True),  # 11:00-13:00 UTC, now is 12:00
+    (("0 22 * * *", "6h"), False),  # 22:00-04:00
+])
+def test_windows_gate_new_migrations(window, opens) -> None:
+    rules = Rules(policy="bulk", windows=(_window(*window),))
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules}))
+    assert bool(d.create) is opens
+    if not opens:
+        e = entry(d, "a")
+        assert (e.phase, e.reason) == ("Waiting", "OutsideWindow")
+        assert "2026-11-25T22:00:00Z" in e.message
+
+
+def test_inbound_limit_pins_distinct_targets() -> None:
+    rules = Rules(policy="p", max_inbound_per_node=1)
+    vms = [vmi(f"v{i}") for i in range(3)]
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(5, 5)))
+    targets = [m.selector["kubernetes.io/hostname"] for m in d.create]
+    assert sorted(targets) == ["n2", "n3"]  # two nodes, one arrival each; the third waits
+
+
+def test_node_bandwidth_bounds_outbound_concurrency() -> None:
+    rules = Rules(policy="p", node_bandwidth=2 * GiB, bandwidth_per_migration=1 * GiB)
+    vms = [vmi(f"v{i}") for i in range(4)]
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(5, 5)))
+    assert len(d.create) == 2
+
+
+def test_policy_parallel_limit_counts_migrations_of_that_policy() -> None:
+    rules = Rules(policy="p", max_parallel=1)
+    busy = [MigrationInfo(namespace="x", name="o", vmi="o", phase="Running", policy="p",
+                          source="n9")]
+    vms = [vmi(f"v{i}") for i in range(3)]
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, others=busy))
+    assert d.create == []

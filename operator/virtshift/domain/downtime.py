@@ -15,6 +15,11 @@ from virtshift.domain.views import VMIInfo
 MIGRATE = "Migrate"
 DOWNTIME_EXCEEDED = "DowntimeExceeded"
 NOT_CONVERGING = "NotConverging"
+# KubeVirt switches to post-copy only at the completion timeout, while its progress timeout
+# aborts a stuck pre-copy first with the defaults (150s vs 150s per GiB). When the ladder picks
+# post-copy, the rendered "-postcopy" KubeVirt policy sets this completion timeout per GiB so
+# the switch comes before the abort.
+POST_COPY_SWITCH_PER_GIB = 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: flo
                 return Choice(step, p, reason, f"{why}; migrating with auto-converge "
                               f"(predicted {p.downtime * 1000:.0f} ms)")
         elif step == "PostCopy":
-            p = predict(dataclasses.replace(rules, allow_post_copy=True))
+            p = predict(dataclasses.replace(
+                rules, allow_post_copy=True, completion_timeout_per_gib=POST_COPY_SWITCH_PER_GIB))
             if _fits(p, limit):
                 return Choice(step, p, reason, f"{why}; migrating in post-copy mode "
                               f"(predicted {p.downtime * 1000:.0f} ms)")

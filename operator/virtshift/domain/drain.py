@@ -25,7 +25,7 @@ from virtshift.api.nodedrain import (
     VMPhase,
 )
 from virtshift.api.units import parse_duration, parse_quantity
-from virtshift.domain import downtime, preflight
+from virtshift.domain import downtime, preflight, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
@@ -325,6 +325,11 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
     for v in sorted((v for v in vms if v.candidate_attempt), key=lambda v: -v.seconds):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
+        closed = _window_closed(rules, s.now)
+        if closed:
+            v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING, "reason": closed[0],
+                                                 "message": closed[1]})
+            continue
         if total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
                 rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
             continue
@@ -349,6 +354,20 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
         total += 1
         per_node[source] += 1
         per_policy[rules.policy] += 1
+
+
+def _window_closed(rules: Rules, now: dt.datetime) -> tuple[str, str] | None:
+    """(reason, message) when the policy's windows forbid starting a migration now."""
+    if not rules.windows:
+        return None
+    try:
+        state = windows.window_state(rules.windows, now)
+    except windows.WindowError as exc:
+        return "InvalidWindow", f"policy {rules.policy}: {exc}"
+    if state.open:
+        return None
+    when = stamp(state.next_open) if state.next_open else "never"
+    return "OutsideWindow", f"policy {rules.policy} allows new migrations from {when}"
 
 
 def _policy_of(s: DrainSnapshot, m: MigrationInfo) -> str | None:

@@ -40,6 +40,9 @@ class Estimator:
             bandwidth=self.bandwidth(rules, node_bandwidth, concurrency),
             max_downtime=rules.max_downtime or QEMU_DEFAULT_DOWNTIME,
             auto_converge=rules.allow_auto_converge, post_copy=rules.allow_post_copy,
+            # KubeVirt aborts (or, allowing post-copy, switches) at these limits.
+            completion_timeout=rules.completion_timeout_per_gib * max(vmi.memory / GiB, 1.0),
+            progress_timeout=rules.progress_timeout,
         ))
 
     def seconds(self, vmi: VMIInfo, rules: Rules, node_bandwidth: float | None,

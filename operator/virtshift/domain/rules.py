@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from virtshift.api.common import LabelSelector
-from virtshift.api.migrationpolicy import MigrationPolicySpec
+from virtshift.api.migrationpolicy import MigrationPolicySpec, Window
 from virtshift.api.units import parse_duration, parse_quantity
 
 
@@ -86,6 +86,9 @@ class Rules:
     max_parallel: int | None = None
     max_outbound_per_node: int | None = None
     max_inbound_per_node: int | None = None
+    windows: tuple[Window, ...] = ()
+    completion_timeout_per_gib: float = 150.0  # KubeVirt's default
+    progress_timeout: float = 150.0
 
     def backoff(self, failed_attempts: int) -> float:
         """Seconds to wait after the n-th failed attempt: doubling, capped."""
@@ -115,6 +118,9 @@ def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None =
             max_parallel=s.max_parallel_migrations,
             max_outbound_per_node=s.max_parallel_outbound_per_node,
             max_inbound_per_node=s.max_parallel_inbound_per_node,
+            windows=tuple(s.windows or ()),
+            completion_timeout_per_gib=float(s.completion_timeout_per_gi_b or 150),
+            progress_timeout=parse_duration(s.progress_timeout) if s.progress_timeout else 150.0,
         )
     if non_migratable_override:
         return Rules(**{**base.__dict__, "non_migratable": non_migratable_override})
