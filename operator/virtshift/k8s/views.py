@@ -113,7 +113,10 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> Migratio
         created=parse_time(transitions.get("Pending")) or parse_time(
             meta.get("creationTimestamp")),
         running_at=parse_time(transitions.get("Running")),
-        ended=ended or ended_seen, source=state.get("sourceNode"), target=state.get("targetNode"),
+        ended=ended or ended_seen, source=state.get("sourceNode"),
+        # Until KubeVirt schedules it, a pinned migration's target is its node selector's host.
+        target=state.get("targetNode") or (spec.get("addedNodeSelector") or {}).get(
+            "kubernetes.io/hostname"),
         failure=state.get("failureReason"), mode=state.get("mode"),
         downtime_ms=int(downtime) if downtime and downtime.isdigit() else None,
         terminating=bool(meta.get("deletionTimestamp")),

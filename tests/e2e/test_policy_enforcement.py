@@ -1,0 +1,176 @@
+"""MigrationPolicy rules enforced during drains, end to end: limits under two concurrent
+drains, maintenance windows in simulated time, and CPU-model compatibility."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from operator_harness import OperatorProcess, drain_body, get_drain, phase_of, wait_for
+
+from virtshift.api.kubevirt import FINAL_PHASES
+from virtshift.k8s import rest
+from virtshift.k8s.views import parse_time
+from virtshift.sim import runner
+from virtshift.sim.scenario import load_scenario
+
+SCENARIO = """
+seed: 11
+timeScale: 20
+kubevirt: {parallelMigrationsPerCluster: 5, parallelOutboundMigrationsPerNode: 3}
+network: {nodeBandwidth: 10Gi, targetPodStartup: 10s}
+storageClasses: [{name: ceph-rbd, accessMode: ReadWriteMany}]
+nodes:
+  - generate: {count: 6, prefix: node-, cpuModel: Skylake-Server,
+               allocatable: {cpu: "256", memory: 1Ti}}
+  - generate: {count: 2, prefix: rome-, cpuModel: EPYC-Rome,
+               allocatable: {cpu: "256", memory: 1Ti}}
+vms:
+  - generate: {count: 6, prefix: gold-a-, namespace: gold, nodes: [node-1], memory: 2Gi}
+  - generate: {count: 8, prefix: bulk-a-, namespace: bulk, nodes: [node-1], memory: 2Gi}
+  - generate: {count: 6, prefix: gold-b-, namespace: gold, nodes: [node-2], memory: 2Gi}
+  - generate: {count: 8, prefix: bulk-b-, namespace: bulk, nodes: [node-2], memory: 2Gi}
+  - generate: {count: 6, prefix: night-, namespace: night, nodes: [node-3], memory: 1Gi}
+  - generate: {count: 4, prefix: host-, namespace: cpu, nodes: [rome-1], memory: 1Gi}
+  - generate: {count: 2, prefix: named-, namespace: cpu, nodes: [rome-1], memory: 1Gi,
+               cpuModel: EPYC-Rome}
+"""
+
+
+def policy(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "virtshift.io/v1alpha1", "kind": "MigrationPolicy",
+            "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    scenario = load_scenario(SCENARIO)
+    sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
+    kube = fresh_cluster.kube
+    for ns in ("gold", "bulk", "night", "cpu"):
+        kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
+    op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
+                         scenario.time_scale, sim.metrics.url).start()
+    try:
+        yield {"kube": kube, "sim": sim, "op": op, "scenario": scenario}
+    finally:
+        op.stop()
+        sim.stop()
+
+
+def _unfinished(sample: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in sample if m.get("status", {}).get("phase") not in FINAL_PHASES]
+
+
+def test_two_policies_two_drains_every_limit_holds(env) -> None:
+    kube = env["kube"]
+    kube.create(rest.POLICIES, policy(
+        "gold", priority=10, namespaceSelector={"matchLabels": {"tier": "gold"}},
+        maxParallelMigrations=2, maxParallelInboundPerNode=1))
+    kube.create(rest.POLICIES, policy(
+        "bulk", namespaceSelector={"matchLabels": {"tier": "bulk"}},
+        bandwidthPerMigration="1Gi", nodeBandwidth="2Gi", maxParallelMigrations=3))
+    samples: list[list[dict[str, Any]]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(kube.items(rest.VMIMS))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for node in ("node-1", "node-2"):
+            kube.create(rest.NODE_DRAINS, drain_body(f"limits-{node}", nodeName=node))
+        for node in ("node-1", "node-2"):
+            wait_for(lambda n=node: phase_of(kube, f"limits-{n}") == "Drained", timeout=240,
+                     what=f"{node} drained")
+    finally:
+        stop.set()
+        sampler.join()
+    peak: Counter[str] = Counter()
+    for s in samples:
+        live = _unfinished(s)
+        by_policy = Counter(m["metadata"]["labels"].get("virtshift.io/policy") for m in live)
+        by_source = Counter(m["metadata"]["labels"].get("virtshift.io/source-node") for m in live)
+        bulk_by_source = Counter(m["metadata"]["labels"]["virtshift.io/source-node"] for m in live
+                                 if m["metadata"]["labels"].get("virtshift.io/policy") == "bulk")
+        gold_inbound = Counter(
+            (m.get("status", {}).get("migrationState", {}).get("targetNode")
+             or m["spec"].get("addedNodeSelector", {}).get("kubernetes.io/hostname"))
+            for m in live if m["metadata"]["labels"].get("virtshift.io/policy") == "gold")
+        checks = {
+            "cluster": len(live), "gold": by_policy["gold"], "bulk": by_policy["bulk"],
+            "outbound": max(by_source.values(), default=0),
+            "bulk-bandwidth": max(bulk_by_source.values(), default=0),
+            "gold-inbound": max(gold_inbound.values(), default=0),
+        }
+        for k, v in checks.items():
+            peak[k] = max(peak[k], v)
+    limits = {"cluster": 5, "gold": 2, "bulk": 3, "outbound": 3, "bulk-bandwidth": 2,
+              "gold-inbound": 1}
+    assert all(peak[k] <= v for k, v in limits.items()), peak
+    assert peak["cluster"] >= 3 and peak["gold"] == 2  # the limits were reached, not idle
+    ours = [m for m in kube.items(rest.VMIMS) if m["metadata"]["labels"].get(
+        "virtshift.io/drain", "").startswith("limits-")]
+    assert Counter(m["status"]["phase"] for m in ours) == {"Succeeded": 28}
+
+
+def _sim_now(env) -> dt.datetime:
+    clock = env["sim"].clock
+    return clock.at(clock.now())
+
+
+def test_window_holds_migrations_until_it_opens(env) -> None:
+    kube = env["kube"]
+    opens = (_sim_now(env) + dt.timedelta(minutes=3)).replace(second=0, microsecond=0) \
+        + dt.timedelta(minutes=1)
+    kube.create(rest.POLICIES, policy(
+        "night", namespaceSelector={"matchLabels": {"tier": "night"}},
+        windows=[{"schedule": f"{opens.minute} {opens.hour} * * *", "duration": "1h"}]))
+    kube.create(rest.NODE_DRAINS, drain_body("night-node-3", nodeName="node-3"))
+    drain = wait_for(lambda: (d := get_drain(kube, "night-node-3")) and any(
+        v.get("reason") == "OutsideWindow" for v in d.get("status", {}).get("vms") or []) and d,
+        what="waiting for the window")
+    waiting = [v for v in drain["status"]["vms"] if v["reason"] == "OutsideWindow"]
+    assert opens.strftime("%Y-%m-%dT%H:%M:%SZ") in waiting[0]["message"]
+    assert kube.items(rest.VMIMS, "night") == []  # nothing starts outside the window
+    assert _sim_now(env) < opens
+    wait_for(lambda: phase_of(kube, "night-node-3") == "Drained", timeout=120,
+             what="drained after the window opened")
+    started = [parse_time(t["phaseTransitionTimestamp"]) for m in kube.items(rest.VMIMS, "night")
+               for t in m["status"]["phaseTransitionTimestamps"] if t["phase"] == "Pending"]
+    assert len(started) == 6 and min(started) >= opens
+
+
+def test_cpu_models_are_respected(env) -> None:
+    kube = env["kube"]
+    kube.create(rest.NODE_DRAINS, drain_body("cpu-rome-1", nodeName="rome-1"))
+    wait_for(lambda: phase_of(kube, "cpu-rome-1") == "Drained", timeout=120, what="rome drained")
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in kube.items(rest.NODES)}
+    for vmi in kube.items(rest.VMIS, "cpu"):
+        node = vmi["status"]["nodeName"]
+        assert node == "rome-2", (vmi["metadata"]["name"], node)
+        model = vmi["spec"]["domain"]["cpu"]["model"]
+        label = ("host-model-cpu.node.kubevirt.io/EPYC-Rome" if model == "host-model"
+                 else f"cpu-model-migration.node.kubevirt.io/{model}")
+        assert nodes[node].get(label) == "true"
+
+
+def test_no_compatible_target_is_reported_with_the_model(env) -> None:
+    kube = env["kube"]
+    kube.create(rest.NODE_DRAINS, drain_body("cpu-rome-2", nodeName="rome-2"))
+    drain = wait_for(lambda: phase_of(kube, "cpu-rome-2") == "Stalled"
+                     and get_drain(kube, "cpu-rome-2"), what="stalled")
+    stalled = next(c for c in drain["status"]["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "NoCompatibleTarget"
+    assert all(v["reason"] == "NoCompatibleTarget" and "EPYC-Rome" in v["message"]
+               for v in drain["status"]["vms"])
+    assert not [m for m in _unfinished(kube.items(rest.VMIMS, "cpu"))
+                if m["metadata"]["labels"].get("virtshift.io/drain") == "cpu-rome-2"]
