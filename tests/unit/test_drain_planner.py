@@ -360,3 +360,11 @@ def test_policy_parallel_limit_counts_migrations_of_that_policy() -> None:
     vms = [vmi(f"v{i}") for i in range(3)]
     d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, others=busy))
     assert d.create == []
+
+
+def test_downtime_breach_is_flagged_on_the_vm_and_as_an_event() -> None:
+    d = plan_drain(snap([vmi("a", node_name="n2")], rules={"ns/a": Rules(max_downtime=0.1)},
+                        migrations=[mig("a", 1, "Succeeded", target="n2", downtime_ms=250)]))
+    e = entry(d, "a")
+    assert (e.phase, e.reason) == ("Succeeded", "DowntimeExceeded")
+    assert ("Warning", "DowntimeExceeded") in {(k, r) for k, r, _m in d.events}

@@ -218,9 +218,15 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
         done = next((m for m in migs if m.phase == "Succeeded"), None)
         if done is None and not migs:
             return None  # on a node of the wave that is not being drained (yet)
+        paused = done.downtime_ms if done else None
+        breach = paused is not None and rules.max_downtime is not None and \
+            paused > rules.max_downtime * 1000
         return _VM(key, entry(
-            VMPhase.SUCCEEDED, "Migrated" if done else "LeftNode",
-            f"now on {vmi.node}", source_node=(done.source if done else None),
+            VMPhase.SUCCEEDED, "DowntimeExceeded" if breach else
+            "Migrated" if done else "LeftNode",
+            f"now on {vmi.node}" + (f"; downtime {paused} ms exceeded maxDowntime "
+                                    f"{rules.max_downtime * 1000:.0f} ms" if breach else ""),
+            source_node=(done.source if done else None),
             target_node=vmi.node, mode=(done.mode and ("PostCopy" if done.mode == "PostCopy"
                                                        else "LiveMigration")) if done else None,
             migration=done.name if done else None,
@@ -544,6 +550,9 @@ def _events(s: DrainSnapshot, old: NodeDrainStatus, new: NodeDrainStatus
             events.append(("Normal", "Migrated", f"{e.namespace}/{e.name} moved to "
                            f"{e.target_node}" + (f" (downtime {e.downtime_ms} ms)"
                                                  if e.downtime_ms is not None else "")))
+            if e.reason == "DowntimeExceeded":
+                events.append(("Warning", "DowntimeExceeded", f"{e.namespace}/{e.name}: "
+                               f"{e.message}"))
         elif e.phase == VMPhase.FAILED:
             events.append(("Warning", "MigrationFailed", f"{e.namespace}/{e.name}: {e.reason}: "
                            f"{e.message}"))

@@ -61,6 +61,8 @@ def _count(reason: str, message: str) -> None:
             DOWNTIME.observe(int(message.rsplit("downtime ", 1)[1].split()[0]) / 1000)
     elif reason == "MigrationFailed":
         OUTCOMES.labels("failed").inc()
+    elif reason == "DowntimeExceeded":
+        OUTCOMES.labels("downtime_breach").inc()
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
