@@ -39,7 +39,13 @@ vms:
   - generate: {count: 4, prefix: host-, namespace: cpu, nodes: [rome-1], memory: 1Gi}
   - generate: {count: 2, prefix: named-, namespace: cpu, nodes: [rome-1], memory: 1Gi,
                cpuModel: EPYC-Rome}
+  # Guests that dirty memory faster than any NIC here can send it: pre-copy never converges.
+  - {name: hot, namespace: hot-abort, node: node-4, memory: 2Gi, dirtyRate: 20Gi}
+  - {name: hot, namespace: hot-postcopy, node: node-4, memory: 2Gi, dirtyRate: 20Gi}
+  - {name: hot, namespace: hot-quick, node: node-4, memory: 2Gi, dirtyRate: 20Gi}
 """
+LADDERS = {"hot-abort": ["Abort"], "hot-postcopy": ["PostCopy", "Abort"],
+           "hot-quick": ["QuickMigration"]}
 
 
 def policy(name: str, **spec: Any) -> dict[str, Any]:
@@ -52,7 +58,7 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(SCENARIO)
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     kube = fresh_cluster.kube
-    for ns in ("gold", "bulk", "night", "cpu"):
+    for ns in ("gold", "bulk", "night", "cpu", *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url).start()
@@ -174,3 +180,33 @@ def test_no_compatible_target_is_reported_with_the_model(env) -> None:
                for v in drain["status"]["vms"])
     assert not [m for m in _unfinished(kube.items(rest.VMIMS, "cpu"))
                 if m["metadata"]["labels"].get("virtshift.io/drain") == "cpu-rome-2"]
+
+
+def test_downtime_ladder_abort_post_copy_and_quick_migration(env) -> None:
+    kube = env["kube"]
+    for ns, ladder in LADDERS.items():
+        kube.create(rest.POLICIES, policy(
+            ns, namespaceSelector={"matchLabels": {"tier": ns}}, maxDowntime="300ms",
+            onDowntimeExceeded=ladder))
+    # KubeVirt must know the post-copy variant before the migration that needs it starts.
+    wait_for(lambda: any(p["spec"].get("allowPostCopy") for p in kube.items(
+        rest.KUBEVIRT_POLICIES)), what="rendered post-copy policy")
+    kube.create(rest.NODE_DRAINS, drain_body("hot-node-4", nodeName="node-4"))
+    drain = wait_for(lambda: phase_of(kube, "hot-node-4") == "Stalled"
+                     and get_drain(kube, "hot-node-4"), timeout=120, what="stalled on abort")
+    vms = {v["namespace"]: v for v in drain["status"]["vms"]}
+    assert (vms["hot-abort"]["phase"], vms["hot-abort"]["reason"]) == ("Waiting",
+                                                                       "NotConverging")
+    assert "would not converge" in vms["hot-abort"]["message"]
+    assert kube.items(rest.VMIMS, "hot-abort") == []  # never started: the policy forbids it
+    assert kube.get(rest.VMIS, "hot", "hot-abort")["status"]["nodeName"] == "node-4"
+
+    assert vms["hot-postcopy"]["phase"] == "Succeeded"
+    state = kube.get(rest.VMIS, "hot", "hot-postcopy")["status"]["migrationState"]
+    assert state["mode"] == "PostCopy" and state["completed"] is True
+
+    assert (vms["hot-quick"]["phase"], vms["hot-quick"]["mode"]) == ("Succeeded",
+                                                                     "QuickMigration")
+    assert vms["hot-quick"]["downtimeMs"] > 0
+    assert kube.items(rest.VMIMS, "hot-quick") == []  # a restart, not a live migration
+    assert kube.get(rest.VMIS, "hot", "hot-quick")["status"]["nodeName"] != "node-4"

@@ -65,7 +65,7 @@ def _count(reason: str, message: str) -> None:
         OUTCOMES.labels("downtime_breach").inc()
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10, cancellation_backoff=1.0)
 def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
     """Reconcile whenever a migration, VMI, VM or node changes, and every few seconds anyway."""
     rt = runtime.get()

@@ -7,6 +7,7 @@ from typing import Any
 
 import kopf
 
+import virtshift.handlers.migrationpolicy  # noqa: F401 - registers the handlers
 from virtshift.handlers import nodedrain, runtime  # noqa: F401 - registers the handlers
 
 

@@ -1,0 +1,383 @@
+"""A virtshift MigrationPolicy, made real: rendered into KubeVirt MigrationPolicies, applied to
+the VMIs it governs (by a label KubeVirt's policies select on), and reported in its status.
+
+Pure: the API objects are plain dicts in and out, the clock is an argument.
+
+How KubeVirt's matching is made to agree with ours
+--------------------------------------------------
+KubeVirt picks, for a VMI, the ``migrations.kubevirt.io`` MigrationPolicy whose selectors match
+the most labels (VMI labels plus namespace labels). Our selection is richer (priority, set-based
+selectors, a drain's policyRef), so we do not translate selectors: virtshift decides which of its
+policies governs each VMI, labels the VMI ``virtshift.io/policy=<policy>``, and every rendered
+KubeVirt policy selects on exactly that label:
+
+* ``virtshift-<policy>`` selects ``{virtshift.io/policy: <policy>}``;
+* ``virtshift-<policy>-autoconverge`` and ``-postcopy`` (only when the policy's
+  ``onDowntimeExceeded`` ladder contains that step) select the same label plus
+  ``virtshift.io/migration-mode: AutoConverge|PostCopy``. They match one label more, so KubeVirt
+  prefers them for a VMI the drain has labelled with a mode before starting its migration.
+
+A VMI with a virtshift migration in flight keeps the policy label that migration was started
+under (a drain's policyRef may have chosen another policy than precedence would); it is brought
+back in line once the migration has finished.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtshift.api.migrationpolicy import (
+    DowntimeAction,
+    DowntimeSummary,
+    MigrationPolicySpec,
+    MigrationPolicyStatus,
+    OutcomeCounters,
+)
+from virtshift.api.units import parse_duration
+from virtshift.domain.conditions import get_condition, set_condition
+from virtshift.domain.downtime import POST_COPY_SWITCH_PER_GIB
+from virtshift.domain.naming import kubevirt_policy_name, label_value
+from virtshift.domain.rules import NamedPolicy, governing_policy
+from virtshift.domain.views import MigrationInfo
+from virtshift.domain.windows import validate_windows, window_state
+
+JSON = dict[str, Any]
+
+# The same strings as virtshift.k8s.views (the domain may not import k8s; a unit test checks).
+POLICY_LABEL = "virtshift.io/policy"
+MODE_LABEL = "virtshift.io/migration-mode"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGER = "virtshift"
+
+API_VERSION = "virtshift.io/v1alpha1"
+KIND = "MigrationPolicy"
+KUBEVIRT_API_VERSION = "migrations.kubevirt.io/v1alpha1"
+
+# KubeVirt's schema: maxDowntimeMs is an int64 in [1, 2000000].
+MAX_DOWNTIME_MS_RANGE = (1, 2_000_000)
+
+READY = "Ready"
+RENDERED = "Rendered"
+CONFLICT = "KubeVirtPolicyConflict"
+INVALID_WINDOW = "InvalidWindow"
+INVALID_SPEC = "InvalidSpec"
+
+VARIANTS = {
+    DowntimeAction.AUTO_CONVERGE.value: ("autoconverge", "allowAutoConverge"),
+    DowntimeAction.POST_COPY.value: ("postcopy", "allowPostCopy"),
+}
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def variant_name(policy: str, mode: str) -> str:
+    """``virtshift-<policy>-autoconverge`` / ``-postcopy`` (shortened with a hash past 253)."""
+    return kubevirt_policy_name(f"{policy}-{VARIANTS[mode][0]}")
+
+
+def all_rendered_names(policy: str) -> list[str]:
+    """Every name a policy may render to, whether or not it does now."""
+    return [kubevirt_policy_name(policy)] + [variant_name(policy, m) for m in VARIANTS]
+
+
+def max_downtime_ms(spec: MigrationPolicySpec) -> int | None:
+    """maxDowntime in whole milliseconds, within the range KubeVirt's schema accepts."""
+    if not spec.max_downtime:
+        return None
+    ms = round(parse_duration(spec.max_downtime) * 1000)
+    lo, hi = MAX_DOWNTIME_MS_RANGE
+    return min(max(ms, lo), hi)
+
+
+def kubevirt_spec(spec: MigrationPolicySpec) -> JSON:
+    """The fields KubeVirt applies itself, only those the policy sets (selectors aside).
+
+    allowAutoConverge and allowPostCopy are rendered when the policy sets them explicitly (also
+    to false), so KubeVirt's cluster-wide defaults apply only to what the policy leaves open."""
+    out: JSON = {}
+    if spec.bandwidth_per_migration:
+        out["bandwidthPerMigration"] = str(spec.bandwidth_per_migration)
+    if spec.completion_timeout_per_gi_b is not None:
+        out["completionTimeoutPerGiB"] = int(spec.completion_timeout_per_gi_b)
+    if "allow_auto_converge" in spec.model_fields_set:
+        out["allowAutoConverge"] = bool(spec.allow_auto_converge)
+    if "allow_post_copy" in spec.model_fields_set:
+        out["allowPostCopy"] = bool(spec.allow_post_copy)
+    downtime = max_downtime_ms(spec)
+    if downtime is not None:
+        out["maxDowntimeMs"] = downtime
+    return out
+
+
+def owner_reference(name: str, uid: str) -> JSON:
+    # No blockOwnerDeletion: it needs update rights on our finalizers subresource where the
+    # OwnerReferencesPermissionEnforcement admission plugin runs, and nothing waits on it.
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid,
+            "controller": True}
+
+
+def render(name: str, uid: str, spec: MigrationPolicySpec) -> list[JSON]:
+    """The KubeVirt MigrationPolicies one virtshift MigrationPolicy becomes: the base one, then
+    a variant per convergence step of its onDowntimeExceeded ladder (AutoConverge, PostCopy)."""
+    value = label_value(name)
+    labels = {MANAGED_BY_LABEL: MANAGER, POLICY_LABEL: value}
+    base = kubevirt_spec(spec)
+
+    def body(obj_name: str, selector: dict[str, str], extra: JSON) -> JSON:
+        return {
+            "apiVersion": KUBEVIRT_API_VERSION, "kind": "MigrationPolicy",
+            "metadata": {"name": obj_name, "labels": dict(labels),
+                         "ownerReferences": [owner_reference(name, uid)]},
+            "spec": {**base, **extra,
+                     "selectors": {"virtualMachineInstanceSelector": selector}},
+        }
+
+    out = [body(kubevirt_policy_name(name), {POLICY_LABEL: value}, {})]
+    ladder = set(spec.on_downtime_exceeded)
+    for mode, (_suffix, flag) in VARIANTS.items():
+        if mode in ladder:
+            extra: JSON = {flag: True}
+            if mode == DowntimeAction.POST_COPY.value:
+                # Switch to post-copy soon, before KubeVirt's progress timeout aborts a
+                # pre-copy the planner already knows cannot converge.
+                extra["completionTimeoutPerGiB"] = POST_COPY_SWITCH_PER_GIB
+            out.append(body(variant_name(name, mode), {POLICY_LABEL: value, MODE_LABEL: mode},
+                            extra))
+    return out
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A KubeVirt MigrationPolicy of one of our names that is not ours to change."""
+
+    name: str
+    owner: str | None = None  # the virtshift policy label it carries, if another virtshift's
+
+    def message(self) -> str:
+        if self.owner:
+            return (f"KubeVirt MigrationPolicy {self.name} belongs to virtshift MigrationPolicy "
+                    f"{self.owner}; left unchanged")
+        return (f"KubeVirt MigrationPolicy {self.name} exists and is not managed by virtshift; "
+                f"left unchanged (delete or rename it so that virtshift can render this policy)")
+
+
+def ownership(existing: JSON, policy: str) -> Conflict | None:
+    """None when ``existing`` (a KubeVirt MigrationPolicy) is ours to update or delete: managed
+    by virtshift and rendered from this policy (a stale copy of a deleted policy of the same name
+    is adopted). Otherwise the conflict to report."""
+    meta = existing.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if labels.get(MANAGED_BY_LABEL) != MANAGER:
+        return Conflict(meta.get("name", ""))
+    if labels.get(POLICY_LABEL) != label_value(policy):
+        return Conflict(meta.get("name", ""), labels.get(POLICY_LABEL) or "(unknown)")
+    return None
+
+
+def up_to_date(existing: JSON, desired: JSON) -> bool:
+    """Whether an owned KubeVirt policy already says what we render (extra labels, annotations
+    and non-controller owners others added are kept and do not count)."""
+    meta, want = existing.get("metadata") or {}, desired["metadata"]
+    labels = meta.get("labels") or {}
+    if any(labels.get(k) != v for k, v in want["labels"].items()):
+        return False
+    if (existing.get("spec") or {}) != desired["spec"]:
+        return False
+    ours = want["ownerReferences"][0]
+    controllers = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+    return [{k: r.get(k) for k in ours} for r in controllers] == [ours]
+
+
+def updated(existing: JSON, desired: JSON) -> JSON:
+    """The object to PUT: desired spec, labels and controller reference over what is there."""
+    meta, want = dict(existing.get("metadata") or {}), desired["metadata"]
+    meta.pop("managedFields", None)
+    meta["labels"] = {**(meta.get("labels") or {}), **want["labels"]}
+    uid = want["ownerReferences"][0]["uid"]
+    others = [r for r in meta.get("ownerReferences") or []
+              if not r.get("controller") and r.get("uid") != uid]
+    meta["ownerReferences"] = [*others, *want["ownerReferences"]]
+    return {"apiVersion": desired["apiVersion"], "kind": desired["kind"], "metadata": meta,
+            "spec": desired["spec"]}
+
+
+# -- which VMIs carry which policy label ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VMIPolicyView:
+    """What labelling needs to know of one VMI."""
+
+    key: str  # namespace/name
+    labels: Mapping[str, str]
+    namespace_labels: Mapping[str, str] = field(default_factory=dict)
+    # A virtshift migration is in flight: the policy label it was started under (None: none).
+    pinned: bool = False
+    pinned_label: str | None = None
+
+    @property
+    def current(self) -> str | None:
+        return self.labels.get(POLICY_LABEL)
+
+
+def desired_label(vmi: VMIPolicyView, policies: Sequence[NamedPolicy]) -> str | None:
+    """The policy label a VMI should carry: the one of its in-flight migration, while that names
+    a policy that still exists; else the governing policy's (see rules.governing_policy)."""
+    if vmi.pinned and (vmi.pinned_label is None
+                       or vmi.pinned_label in {label_value(p.name) for p in policies}):
+        return vmi.pinned_label
+    chosen = governing_policy(policies, vmi.labels, vmi.namespace_labels)
+    return label_value(chosen.name) if chosen else None
+
+
+def governed(policy: str, policies: Sequence[NamedPolicy],
+             vmis: Sequence[VMIPolicyView]) -> list[str]:
+    """Keys of the VMIs ``policy`` governs now."""
+    value = label_value(policy)
+    return [v.key for v in vmis if desired_label(v, policies) == value]
+
+
+def label_changes(policy: str, policies: Sequence[NamedPolicy],
+                  vmis: Sequence[VMIPolicyView]) -> dict[str, str | None]:
+    """The label writes one policy's reconcile makes, VMI key -> new value (None: remove).
+
+    It brings in line the VMIs it governs and the VMIs carrying its label, and VMIs whose label
+    names no existing policy (left over from a policy deleted mid-way). Every policy computes
+    the same desired label for a VMI, so two reconciles never undo each other. Called with
+    ``policies`` not holding ``policy``, it yields the clean-up after its deletion."""
+    value = label_value(policy)
+    known = {label_value(p.name) for p in policies}
+    changes: dict[str, str | None] = {}
+    for vmi in vmis:
+        want, have = desired_label(vmi, policies), vmi.current
+        if want == have:
+            continue
+        if value in (want, have) or (have is not None and have not in known):
+            changes[vmi.key] = want
+    return changes
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def nearest_rank(sorted_values: Sequence[int], percent: float) -> int | None:
+    """The nearest-rank percentile of ascending values: the smallest value with at least
+    ``percent`` % of the values at or below it."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(percent / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo]
+             ) -> tuple[OutcomeCounters, DowntimeSummary]:
+    """Counters over the migrations that still exist: succeeded, failed for good (the final
+    attempt of a virtshift drain, or a migration nobody retries), downtime breaches."""
+    limit = max_downtime_ms(spec)
+    succeeded = [m for m in migrations if m.phase == "Succeeded"]
+    failed = [m for m in migrations if m.phase == "Failed"
+              and (m.drain is None or m.attempt == 0 or m.attempt >= spec.max_attempts)]
+    downtimes = sorted(m.downtime_ms for m in succeeded if m.downtime_ms is not None)
+    breaches = sum(1 for d in downtimes if limit is not None and d > limit)
+    counters = OutcomeCounters(succeeded=len(succeeded), failed=len(failed),
+                               downtime_breaches=breaches)
+    summary = DowntimeSummary(samples=len(downtimes), p50_ms=nearest_rank(downtimes, 50),
+                              p99_ms=nearest_rank(downtimes, 99),
+                              max_ms=downtimes[-1] if downtimes else None)
+    return counters, summary
+
+
+def stamp(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    name: str
+    generation: int
+    spec: MigrationPolicySpec
+    status: MigrationPolicyStatus
+    now: dt.datetime
+    matched: int = 0
+    migrations: Sequence[MigrationInfo] = ()  # the VMIMs labelled with this policy
+    conflicts: Sequence[Conflict] = ()
+    rendered: Sequence[str] = ()  # names of the KubeVirt policies we own now
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    status: MigrationPolicyStatus
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _ready(s: PolicySnapshot, window_problems: Sequence[str]) -> tuple[bool, str, str]:
+    if s.conflicts:
+        message = "; ".join(c.message() for c in s.conflicts)
+        if window_problems:
+            message += "; invalid windows: " + "; ".join(window_problems)
+        return False, CONFLICT, message
+    if window_problems:
+        return False, INVALID_WINDOW, "; ".join(window_problems)
+    return True, RENDERED, "rendered as KubeVirt MigrationPolicy " + ", ".join(s.rendered)
+
+
+def derive_status(s: PolicySnapshot) -> PolicyDecision:
+    """The policy's status, and the Events worth recording for the change (each only on the
+    transition into its reason, so a reconcile loop does not repeat them)."""
+    problems = validate_windows(s.spec.windows)
+    ok, reason, message = _ready(s, problems)
+    before = get_condition(s.status.conditions, READY)
+    conditions = set_condition(s.status.conditions or [], READY, ok, reason, message,
+                               s.generation, stamp(s.now))
+    counters, downtime = outcomes(s.spec, s.migrations)
+    window_open = next_window = None
+    if not problems:
+        state = window_state(s.spec.windows, s.now)
+        window_open = state.open
+        next_window = stamp(state.next_open) if state.next_open else None
+    base = kubevirt_policy_name(s.name)
+    status = MigrationPolicyStatus(
+        observed_generation=s.generation, conditions=conditions, matched_v_ms=s.matched,
+        kubevirt_policy=base if base in s.rendered else None,
+        in_flight=sum(1 for m in s.migrations if m.unfinished),
+        outcomes=counters, downtime=downtime, window_open=window_open, next_window=next_window,
+    )
+    events: list[tuple[str, str, str]] = []
+    if before is None or before.reason != reason or before.status != ("True" if ok else "False"):
+        events.append(("Normal" if ok else "Warning", reason, message))
+    return PolicyDecision(status, events)
+
+
+def invalid_spec(status: MigrationPolicyStatus, generation: int, message: str,
+                 now: dt.datetime) -> PolicyDecision:
+    """A spec our models reject (the CRD schema lets very little through): report, change
+    nothing."""
+    before = get_condition(status.conditions, READY)
+    conditions = set_condition(status.conditions or [], READY, False, INVALID_SPEC, message,
+                               generation, stamp(now))
+    new = status.model_copy(update={"observed_generation": generation,
+                                    "conditions": conditions})
+    events = [] if before and before.reason == INVALID_SPEC else [
+        ("Warning", INVALID_SPEC, message)]
+    return PolicyDecision(new, events)
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The RFC 7386 merge patch turning ``old`` into ``new`` (None: nothing to change)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None if old == new else new
+    patch: JSON = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            sub = merge_patch(old[key], value)
+            patch[key] = value if sub is None else sub
+    return patch or None

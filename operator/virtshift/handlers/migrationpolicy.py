@@ -1,0 +1,174 @@
+"""kopf handlers for MigrationPolicy (migrationpolicies.virtshift.io): a daemon per policy that
+keeps its KubeVirt MigrationPolicies, its VMI labels and its status current, and a deletion
+handler that removes them (explicitly: garbage collection may not run, and labels are not
+owned objects)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from virtshift.api.migrationpolicy import MigrationPolicy, MigrationPolicyStatus
+from virtshift.domain import policy as dpolicy
+from virtshift.handlers import runtime
+from virtshift.k8s.policies import PolicyStore
+from virtshift.k8s.rest import JSON
+
+log = logging.getLogger(__name__)
+GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "migrationpolicies"
+COALESCE_SECONDS = 0.2  # after a wake-up, let a burst of watch events settle first
+STOP_POLL_SECONDS = 0.1
+WATCHED = ("vmi", "vmim", "policy")
+
+
+class _Policies:
+    """Per-process state of the policy handlers: the store, wake-ups, and per-policy locks so a
+    reconcile never runs beside the deletion clean-up of the same policy."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.rt = rt
+        self.store = PolicyStore(rt.cluster, on_change=self.wake_all)
+        self.wake: dict[str, threading.Event] = defaultdict(threading.Event)
+        self.locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self.deleting: set[str] = set()  # UIDs
+        self.guard = threading.Lock()
+        try:
+            self.store.start()
+        except Exception:
+            self.store.stop()
+            raise
+        rt.cluster.listeners.append(self._on_change)
+
+    def _on_change(self, kind: str, _obj: JSON) -> None:
+        if kind in WATCHED:
+            self.wake_all()
+
+    def wake_all(self) -> None:
+        with self.guard:
+            events = list(self.wake.values())
+        for ev in events:
+            ev.set()
+
+    def wake_event(self, name: str) -> threading.Event:
+        with self.guard:
+            return self.wake[name]
+
+    def lock(self, name: str) -> threading.Lock:
+        with self.guard:
+            return self.locks[name]
+
+    def forget(self, name: str) -> None:
+        with self.guard:
+            self.wake.pop(name, None)
+
+
+_state: _Policies | None = None
+_state_lock = threading.Lock()
+
+
+def state() -> _Policies:
+    global _state
+    rt = runtime.get()
+    with _state_lock:
+        if _state is None or _state.rt is not rt:
+            _state = _Policies(rt)
+        return _state
+
+
+def reconcile(name: str) -> None:
+    """gather -> render and decide (domain) -> apply -> status, for one policy."""
+    st = state()
+    rt, store = st.rt, st.store
+    obj = store.policy(name)
+    if obj is None or obj["metadata"].get("deletionTimestamp") \
+            or obj["metadata"].get("uid") in st.deleting:
+        return
+    meta = obj["metadata"]
+    generation = meta.get("generation", 1)
+    now = rt.cluster.clock.now()
+    try:
+        model = MigrationPolicy.model_validate(obj)
+    except ValidationError as exc:
+        previous = _previous_status(obj)
+        decision = dpolicy.invalid_spec(previous, generation, _short(exc), now)
+    else:
+        policies = rt.cluster.named_policies()
+        # KubeVirt policies first, so a VMI never carries a label nothing selects yet.
+        owned, conflicts = store.apply_rendered(
+            name, dpolicy.render(name, meta["uid"], model.spec))
+        vmis = store.vmi_views()
+        store.relabel(dpolicy.label_changes(name, policies, vmis))
+        decision = dpolicy.derive_status(dpolicy.PolicySnapshot(
+            name=name, generation=generation, spec=model.spec,
+            status=model.status or MigrationPolicyStatus(), now=now,
+            matched=len(dpolicy.governed(name, policies, vmis)),
+            migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned))
+    store.write_status(obj, decision.status.wire())
+    for kind, reason, message in decision.events:
+        rt.actions.event(_for_events(obj), kind, reason, message)
+
+
+def _previous_status(obj: JSON) -> MigrationPolicyStatus:
+    try:
+        return MigrationPolicyStatus.model_validate(obj.get("status") or {})
+    except ValidationError:
+        return MigrationPolicyStatus()
+
+
+def _short(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                     for e in exc.errors()[:5])
+
+
+def _for_events(obj: JSON) -> JSON:
+    return {**obj, "apiVersion": f"{GROUP}/{VERSION}", "kind": dpolicy.KIND}
+
+
+# cancellation_backoff: kopf re-checks a stopping daemon only after a delay (the backoff, else the
+# whole cancellation_timeout), and the policy's finalizer waits for that check; ours exits within
+# a poll interval, so a deletion completes in about a second rather than ten.
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_backoff=1.0, cancellation_timeout=10)
+def policy_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
+    """Reconcile whenever a VMI, a migration, a policy or a KubeVirt MigrationPolicy changes,
+    and every few seconds anyway (window state, missed events)."""
+    st = state()
+    wake = st.wake_event(name)
+    while not stopped:
+        wake.clear()
+        try:
+            with st.lock(name):
+                reconcile(name)
+        except Exception:
+            log.exception("reconciling MigrationPolicy %s failed; retrying", name)
+            stopped.wait(1.0)
+        _wait(stopped, wake, st.rt.settings.resync_seconds)
+        stopped.wait(COALESCE_SECONDS)
+
+
+def _wait(stopped: kopf.DaemonStopped, wake: threading.Event, seconds: float) -> None:
+    """Until woken, stopped, or ``seconds`` passed (in slices: kopf's flag cannot wake us)."""
+    deadline = time.monotonic() + seconds
+    while not stopped and (left := deadline - time.monotonic()) > 0:
+        if wake.wait(min(left, STOP_POLL_SECONDS)):
+            return
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def policy_deleted(name: str, uid: str, **_: Any) -> None:
+    """Delete the KubeVirt MigrationPolicies rendered from this policy and take its label off
+    the VMIs (each gets the label of the policy that governs it now, if any)."""
+    st = state()
+    with st.guard:
+        st.deleting.add(uid)
+    with st.lock(name):
+        st.store.delete_rendered(name)
+        others = [p for p in st.rt.cluster.named_policies() if p.name != name]
+        st.store.relabel(dpolicy.label_changes(name, others, st.store.vmi_views()))
+    st.forget(name)
+    st.wake_all()  # the policies that govern those VMIs now

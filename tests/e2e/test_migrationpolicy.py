@@ -1,0 +1,242 @@
+"""MigrationPolicy end to end: the operator as a process, the simulator, a real API server with
+KubeVirt's real CRDs (every KubeVirt MigrationPolicy the operator renders passes KubeVirt's own
+schema). The tests share one small scenario and run in file order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from operator_harness import OperatorProcess, drain_body, phase_of, wait_for
+
+from virtshift.k8s import rest
+from virtshift.sim import runner
+from virtshift.sim.scenario import load_scenario
+
+SCENARIO = """
+seed: 5
+timeScale: 40
+kubevirt: {parallelMigrationsPerCluster: 5, parallelOutboundMigrationsPerNode: 2}
+network: {nodeBandwidth: 1Gi, targetPodStartup: 2s}
+nodes:
+  - generate: {count: 3, prefix: node-, start: 1, allocatable: {cpu: "64", memory: 256Gi}}
+vms:
+  - {name: db-1, namespace: prod, node: node-1, memory: 1Gi, dirtyRate: 1Mi,
+     labels: {app: db}}
+  - {name: db-2, namespace: prod, node: node-2, memory: 1Gi, dirtyRate: 1Mi,
+     labels: {app: db}}
+  - {name: web-1, namespace: prod, node: node-1, memory: 1Gi, labels: {app: web}}
+  - {name: batch-1, namespace: batch, node: node-2, memory: 1Gi}
+"""
+POLICY = "virtshift.io/policy"
+MODE = "virtshift.io/migration-mode"
+MANAGED = "app.kubernetes.io/managed-by"
+TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    scenario = load_scenario(SCENARIO)
+    sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
+    op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
+                         scenario.time_scale).start()
+    try:
+        yield {"kube": fresh_cluster.kube, "op": op}
+    finally:
+        op.stop()
+        sim.stop()
+
+
+@pytest.fixture
+def kube(env) -> rest.KubeClient:
+    return env["kube"]
+
+
+def policy_body(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "virtshift.io/v1alpha1", "kind": "MigrationPolicy",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def status_of(kube: rest.KubeClient, name: str) -> dict[str, Any]:
+    return (kube.get(rest.POLICIES, name) or {}).get("status") or {}
+
+
+def ready(kube: rest.KubeClient, name: str, generation: int = 1) -> dict[str, Any] | None:
+    s = status_of(kube, name)
+    cond = next((c for c in s.get("conditions") or [] if c["type"] == "Ready"), None)
+    if s.get("observedGeneration") == generation and cond:
+        return s
+    return None
+
+
+def labels(kube: rest.KubeClient) -> dict[str, str | None]:
+    return {f"{v['metadata']['namespace']}/{v['metadata']['name']}":
+            (v["metadata"].get("labels") or {}).get(POLICY) for v in kube.items(rest.VMIS)}
+
+
+def kubevirt_policies(kube: rest.KubeClient) -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["name"]: p for p in kube.items(rest.KUBEVIRT_POLICIES)}
+
+
+def migrate(kube: rest.KubeClient, name: str, vmi: str, policy: str) -> dict[str, Any]:
+    kube.create(rest.VMIMS, {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": name, "namespace": "prod", "labels": {POLICY: policy}},
+        "spec": {"vmiName": vmi}})
+    return wait_for(lambda: (o := kube.get(rest.VMIMS, name, "prod"))
+                    and o.get("status", {}).get("phase") in ("Succeeded", "Failed") and o,
+                    timeout=TIMEOUT, what=f"migration {name}")
+
+
+def test_renders_kubevirt_policies_that_kubevirts_schema_accepts(kube) -> None:
+    kube.create(rest.POLICIES, policy_body(
+        "db", vmSelector={"matchLabels": {"app": "db"}}, bandwidthPerMigration="64Mi",
+        maxDowntime="300ms", completionTimeoutPerGiB=100, allowPostCopy=False,
+        onDowntimeExceeded=["AutoConverge", "PostCopy", "Abort"]))
+    status = wait_for(lambda: ready(kube, "db"), timeout=TIMEOUT, what="db reported")
+    [cond] = status["conditions"]
+    assert (cond["status"], cond["reason"]) == ("True", "Rendered"), cond
+    assert status["kubevirtPolicy"] == "virtshift-db" and status["matchedVMs"] == 2
+    assert status["inFlight"] == 0 and status["windowOpen"] is True
+
+    owner = kube.get(rest.POLICIES, "db")["metadata"]["uid"]
+    found = kubevirt_policies(kube)
+    assert set(found) == {"virtshift-db", "virtshift-db-autoconverge", "virtshift-db-postcopy"}
+    common = {"bandwidthPerMigration": "64Mi", "maxDowntimeMs": 300,
+              "completionTimeoutPerGiB": 100, "allowAutoConverge": False,
+              "allowPostCopy": False}
+    expected = {
+        "virtshift-db": ({**common}, {POLICY: "db"}),
+        "virtshift-db-autoconverge": ({**common, "allowAutoConverge": True},
+                                      {POLICY: "db", MODE: "AutoConverge"}),
+        "virtshift-db-postcopy": ({**common, "allowPostCopy": True},
+                                  {POLICY: "db", MODE: "PostCopy"}),
+    }
+    for name, (fields, selector) in expected.items():
+        obj = found[name]  # as stored: KubeVirt's structural schema pruned nothing
+        assert obj["spec"] == {**fields, "selectors": {"virtualMachineInstanceSelector":
+                                                       selector}}
+        assert obj["metadata"]["labels"] == {MANAGED: "virtshift", POLICY: "db"}
+        [ref] = obj["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+            "MigrationPolicy", "db", owner, True)
+
+    assert labels(kube) == {"prod/db-1": "db", "prod/db-2": "db", "prod/web-1": None,
+                            "batch/batch-1": None}
+
+    def versions() -> dict[str, str]:
+        objs = [kube.get(rest.POLICIES, "db"), *kubevirt_policies(kube).values(),
+                *kube.items(rest.VMIS)]
+        return {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in objs}
+
+    before = versions()
+    time.sleep(2.5)  # more than one resync: a settled policy writes nothing
+    assert versions() == before
+
+
+def test_kubevirt_picks_the_rendered_policy_and_status_counts_it(kube) -> None:
+    done = migrate(kube, "move-db-1", "db-1", "db")
+    assert done["status"]["phase"] == "Succeeded"
+    state = kube.get(rest.VMIS, "db-1", "prod")["status"]["migrationState"]
+    assert state["migrationPolicyName"] == "virtshift-db"
+    # A VMI labelled for post-copy (as a drain does first) gets the more specific variant.
+    kube.patch(rest.VMIS, "db-2", {"metadata": {"labels": {MODE: "PostCopy"}}}, "prod")
+    migrate(kube, "move-db-2", "db-2", "db")
+    state = kube.get(rest.VMIS, "db-2", "prod")["status"]["migrationState"]
+    assert state["migrationPolicyName"] == "virtshift-db-postcopy"
+
+    status = wait_for(lambda: (s := status_of(kube, "db"))
+                      and s.get("outcomes", {}).get("succeeded") == 2 and s,
+                      timeout=TIMEOUT, what="outcomes counted")
+    assert status["inFlight"] == 0 and status["downtime"]["samples"] == 2
+    assert 0 < status["downtime"]["p50Ms"] <= status["downtime"]["maxMs"]
+    assert status["outcomes"]["downtimeBreaches"] == sum(
+        int(kube.get(rest.VMIMS, m, "prod")["metadata"]["annotations"][
+            "sim.virtshift.io/downtime-ms"]) > 300 for m in ("move-db-1", "move-db-2"))
+
+
+def test_spec_changes_update_the_rendered_policies(kube) -> None:
+    kube.patch(rest.POLICIES, "db", {"spec": {"bandwidthPerMigration": "128Mi",
+                                              "onDowntimeExceeded": ["PostCopy", "Abort"]}})
+    wait_for(lambda: ready(kube, "db", generation=2), timeout=TIMEOUT, what="generation 2")
+    found = wait_for(lambda: (f := kubevirt_policies(kube))
+                     and "virtshift-db-autoconverge" not in f and f,
+                     timeout=TIMEOUT, what="auto-converge variant removed")
+    assert set(found) == {"virtshift-db", "virtshift-db-postcopy"}
+    assert all(p["spec"]["bandwidthPerMigration"] == "128Mi" for p in found.values())
+
+
+def test_a_foreign_kubevirt_policy_of_our_name_is_reported_and_left_alone(kube) -> None:
+    foreign = kube.create(rest.KUBEVIRT_POLICIES, {
+        "apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+        "metadata": {"name": "virtshift-legacy"},
+        "spec": {"allowPostCopy": True,
+                 "selectors": {"virtualMachineInstanceSelector": {"app": "legacy"}}}})
+    kube.create(rest.POLICIES, policy_body("legacy", vmSelector={"matchLabels": {
+        "app": "legacy"}}, bandwidthPerMigration="1Gi"))
+    status = wait_for(lambda: ready(kube, "legacy"), timeout=TIMEOUT, what="legacy reported")
+    [cond] = status["conditions"]
+    assert (cond["status"], cond["reason"]) == ("False", "KubeVirtPolicyConflict")
+    assert "virtshift-legacy" in cond["message"] and "kubevirtPolicy" not in status
+    events = wait_for(lambda: [e for e in kube.items(
+        rest.EVENTS, "default", field_selector="involvedObject.name=legacy")
+        if e["reason"] == "KubeVirtPolicyConflict"], timeout=TIMEOUT, what="event")
+    assert events[0]["type"] == "Warning" and "virtshift-legacy" in events[0]["message"]
+    assert events[0]["involvedObject"]["kind"] == "MigrationPolicy"
+
+    kube.delete(rest.POLICIES, "legacy")
+    wait_for(lambda: kube.get(rest.POLICIES, "legacy") is None, timeout=TIMEOUT,
+             what="legacy deleted")
+    after = kube.get(rest.KUBEVIRT_POLICIES, "virtshift-legacy")
+    assert after["metadata"]["resourceVersion"] == foreign["metadata"]["resourceVersion"]
+    assert after["spec"] == foreign["spec"] and "labels" not in after["metadata"]
+
+
+def test_the_higher_priority_policy_labels_the_vms(kube) -> None:
+    kube.create(rest.POLICIES, policy_body(
+        "db-critical", priority=10, vmSelector={"matchLabels": {"app": "db"}},
+        maxDowntime="100ms"))
+    kube.patch(rest.NAMESPACES, "batch", {"metadata": {"labels": {"team": "batch"}}})
+    kube.create(rest.POLICIES, policy_body("fallback", priority=-10, namespaceSelector={
+        "matchLabels": {"team": "batch"}}))
+    want = {"prod/db-1": "db-critical", "prod/db-2": "db-critical",
+            "prod/web-1": None, "batch/batch-1": "fallback"}
+    wait_for(lambda: labels(kube) == want, timeout=TIMEOUT, what="labels by precedence")
+    wait_for(lambda: status_of(kube, "db").get("matchedVMs") == 0
+             and status_of(kube, "db-critical").get("matchedVMs") == 2
+             and status_of(kube, "fallback").get("matchedVMs") == 1,
+             timeout=TIMEOUT, what="matched counts")
+    assert kubevirt_policies(kube)["virtshift-db-critical"]["spec"]["maxDowntimeMs"] == 100
+
+
+def test_a_drain_migrates_under_the_rendered_policy(kube) -> None:
+    node = kube.get(rest.VMIS, "db-1", "prod")["status"]["nodeName"]
+    kube.create(rest.NODE_DRAINS, drain_body("drain-db", nodeName=node))
+    wait_for(lambda: phase_of(kube, "drain-db") == "Drained", timeout=TIMEOUT, what="drained")
+    [vmim] = [m for m in kube.items(rest.VMIMS, "prod", label_selector=f"{POLICY}=db-critical")
+              if m["spec"]["vmiName"] == "db-1"]
+    vmi = kube.get(rest.VMIS, "db-1", "prod")
+    assert vmi["status"]["nodeName"] != node and vmi["metadata"]["labels"][POLICY] == "db-critical"
+    assert vmi["status"]["migrationState"]["migrationPolicyName"] == "virtshift-db-critical"
+    assert vmim["status"]["phase"] == "Succeeded"
+    wait_for(lambda: status_of(kube, "db-critical").get("outcomes", {}).get("succeeded") == 1,
+             timeout=TIMEOUT, what="counted under db-critical")
+    kube.delete(rest.NODE_DRAINS, "drain-db")  # ends maintenance (the finalizer may lag)
+    wait_for(lambda: not kube.get(rest.NODES, node)["spec"].get("unschedulable"),
+             timeout=TIMEOUT, what="uncordoned")
+
+
+def test_deleting_policies_removes_what_they_rendered_and_their_labels(kube) -> None:
+    kube.delete(rest.POLICIES, "db-critical")
+    wait_for(lambda: labels(kube)["prod/db-1"] == "db" and labels(kube)["prod/db-2"] == "db",
+             timeout=TIMEOUT, what="back to db")
+    assert "virtshift-db-critical" not in kubevirt_policies(kube)
+    for name in ("db", "fallback"):
+        kube.delete(rest.POLICIES, name)
+    wait_for(lambda: all(kube.get(rest.POLICIES, n) is None for n in ("db", "fallback")),
+             timeout=TIMEOUT, what="policies deleted")
+    assert set(labels(kube).values()) == {None}
+    assert set(kubevirt_policies(kube)) == {"virtshift-legacy"}  # only the foreign one

@@ -1,0 +1,364 @@
+"""MigrationPolicy in the domain: rendering into KubeVirt MigrationPolicies, which policy governs
+a VM (and so which label it carries), and the status derived from its migrations."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from virtshift.api.common import Condition
+from virtshift.api.migrationpolicy import MigrationPolicySpec, MigrationPolicyStatus
+from virtshift.domain import policy as p
+from virtshift.domain.naming import kubevirt_policy_name, label_value
+from virtshift.domain.rules import NamedPolicy, governing_policy
+from virtshift.domain.views import MigrationInfo
+from virtshift.k8s import views
+
+NOW = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
+BASE_KEYS = {"apiVersion", "kind", "metadata", "spec"}
+
+
+def spec(**fields: Any) -> MigrationPolicySpec:
+    return MigrationPolicySpec.model_validate(fields)
+
+
+def named(name: str, **fields: Any) -> NamedPolicy:
+    return NamedPolicy(name, spec(**fields))
+
+
+def test_label_keys_agree_with_the_k8s_layer() -> None:
+    assert p.POLICY_LABEL == views.POLICY_LABEL
+    assert p.MODE_LABEL == views.MODE_LABEL
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+RENDER_CASES = [
+    pytest.param(
+        {}, {}, [], id="nothing set: only the selector"),
+    pytest.param(
+        {"bandwidthPerMigration": "1Gi", "completionTimeoutPerGiB": 150, "maxDowntime": "300ms",
+         "allowAutoConverge": True, "allowPostCopy": False},
+        {"bandwidthPerMigration": "1Gi", "completionTimeoutPerGiB": 150, "maxDowntimeMs": 300,
+         "allowAutoConverge": True, "allowPostCopy": False}, [], id="every field"),
+    pytest.param(
+        {"maxDowntime": "1.5s"}, {"maxDowntimeMs": 1500}, [], id="seconds to ms"),
+    pytest.param(
+        {"maxDowntime": "100us"}, {"maxDowntimeMs": 1}, [], id="below KubeVirt's minimum"),
+    pytest.param(
+        {"maxDowntime": "1h"}, {"maxDowntimeMs": 2_000_000}, [], id="above KubeVirt's maximum"),
+    pytest.param(
+        {"bandwidthPerMigration": "500M", "onDowntimeExceeded": ["AutoConverge", "Abort"]},
+        {"bandwidthPerMigration": "500M"}, ["AutoConverge"], id="auto-converge variant"),
+    pytest.param(
+        {"onDowntimeExceeded": ["PostCopy", "Fail"]}, {}, ["PostCopy"], id="post-copy variant"),
+    pytest.param(
+        {"onDowntimeExceeded": ["AutoConverge", "PostCopy", "QuickMigration", "Allow"]}, {},
+        ["AutoConverge", "PostCopy"], id="both variants, other steps render nothing"),
+    pytest.param(
+        {"onDowntimeExceeded": ["QuickMigration", "Abort"]}, {}, [], id="no convergence steps"),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected", "modes"), RENDER_CASES)
+def test_render(fields: dict, expected: dict, modes: list[str]) -> None:
+    out = p.render("gold", "uid-1", spec(**fields))
+    names = [o["metadata"]["name"] for o in out]
+    assert names == ["virtshift-gold"] + [
+        {"AutoConverge": "virtshift-gold-autoconverge",
+         "PostCopy": "virtshift-gold-postcopy"}[m] for m in modes]
+    for obj, mode in zip(out, [None, *modes], strict=True):
+        assert set(obj) == BASE_KEYS
+        assert obj["apiVersion"] == "migrations.kubevirt.io/v1alpha1"
+        assert obj["kind"] == "MigrationPolicy"
+        assert obj["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "virtshift",
+                                             "virtshift.io/policy": "gold"}
+        assert obj["metadata"]["ownerReferences"] == [{
+            "apiVersion": "virtshift.io/v1alpha1", "kind": "MigrationPolicy", "name": "gold",
+            "uid": "uid-1", "controller": True}]
+        selector = {"virtshift.io/policy": "gold"}
+        extra = {}
+        if mode:
+            selector["virtshift.io/migration-mode"] = mode
+            extra = {"AutoConverge": {"allowAutoConverge": True},
+                     "PostCopy": {"allowPostCopy": True, "completionTimeoutPerGiB": 1}}[mode]
+        assert obj["spec"] == {**expected, **extra,
+                               "selectors": {"virtualMachineInstanceSelector": selector}}
+
+
+def test_render_long_names_stay_valid_and_distinct() -> None:
+    name = "x" * 253
+    out = p.render(name, "u", spec(onDowntimeExceeded=["AutoConverge", "PostCopy", "Abort"]))
+    names = [o["metadata"]["name"] for o in out]
+    assert len(set(names)) == 3 and all(len(n) <= 253 for n in names)
+    assert names[0] == kubevirt_policy_name(name)
+    assert names == p.all_rendered_names(name)
+    value = out[0]["metadata"]["labels"]["virtshift.io/policy"]
+    assert value == label_value(name) and len(value) <= 63
+
+
+OWNERSHIP_CASES = [
+    pytest.param({"app.kubernetes.io/managed-by": "virtshift", "virtshift.io/policy": "gold"},
+                 None, id="ours"),
+    pytest.param({}, ("virtshift-gold", None), id="foreign, no labels"),
+    pytest.param({"app.kubernetes.io/managed-by": "helm", "virtshift.io/policy": "gold"},
+                 ("virtshift-gold", None), id="someone else manages it"),
+    pytest.param({"app.kubernetes.io/managed-by": "virtshift", "virtshift.io/policy": "silver"},
+                 ("virtshift-gold", "silver"), id="another virtshift policy's"),
+]
+
+
+@pytest.mark.parametrize(("labels", "conflict"), OWNERSHIP_CASES)
+def test_ownership(labels: dict, conflict: tuple | None) -> None:
+    existing = {"metadata": {"name": "virtshift-gold", "labels": labels}}
+    found = p.ownership(existing, "gold")
+    assert (found and (found.name, found.owner)) == (conflict or None)
+    if found:
+        assert "virtshift-gold" in found.message()
+
+
+def test_update_keeps_foreign_metadata_and_replaces_spec() -> None:
+    desired = p.render("gold", "uid-2", spec(bandwidthPerMigration="2Gi"))[0]
+    existing = {
+        "apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+        "metadata": {"name": "virtshift-gold", "resourceVersion": "7", "uid": "k",
+                     "managedFields": [{}], "annotations": {"a": "b"},
+                     "labels": {"app.kubernetes.io/managed-by": "virtshift",
+                                "virtshift.io/policy": "gold", "team": "x"},
+                     "ownerReferences": [
+                         {**desired["metadata"]["ownerReferences"][0], "uid": "old-uid"},
+                         {"apiVersion": "v1", "kind": "X", "name": "y", "uid": "z"}]},
+        "spec": {"bandwidthPerMigration": "1Gi", "allowPostCopy": True, "selectors": {}},
+    }
+    assert not p.up_to_date(existing, desired)
+    new = p.updated(existing, desired)
+    assert new["spec"] == desired["spec"]
+    assert new["metadata"]["resourceVersion"] == "7" and "managedFields" not in new["metadata"]
+    assert new["metadata"]["labels"]["team"] == "x"
+    assert new["metadata"]["annotations"] == {"a": "b"}
+    assert [r["uid"] for r in new["metadata"]["ownerReferences"]] == ["z", "uid-2"]
+    assert p.up_to_date(new, desired)
+
+
+# -- precedence and labels ------------------------------------------------------------------------
+
+PRECEDENCE_CASES = [
+    pytest.param([named("a"), named("b", priority=1)], {}, {}, None, "b",
+                 id="higher priority wins"),
+    pytest.param([named("a", priority=5, vmSelector={"matchLabels": {"app": "db"}}),
+                  named("b", priority=-5)], {"app": "db"}, {}, None, "a",
+                 id="priority beats specificity"),
+    pytest.param([named("a"), named("b", vmSelector={"matchLabels": {"app": "db"}})],
+                 {"app": "db"}, {}, None, "b", id="more specific wins on a priority tie"),
+    pytest.param([named("a", namespaceSelector={"matchLabels": {"env": "prod"}}),
+                  named("b", vmSelector={"matchExpressions": [
+                      {"key": "app", "operator": "Exists"},
+                      {"key": "tier", "operator": "In", "values": ["1"]}]})],
+                 {"app": "db", "tier": "1"}, {"env": "prod"}, None, "b",
+                 id="specificity counts terms of both selectors"),
+    pytest.param([named("zeta"), named("alpha")], {}, {}, None, "alpha",
+                 id="name breaks the last tie"),
+    pytest.param([named("a", vmSelector={"matchLabels": {"app": "web"}})], {"app": "db"}, {},
+                 None, None, id="nothing matches"),
+    pytest.param([named("a", namespaceSelector={"matchLabels": {"env": "prod"}})], {},
+                 {"env": "dev"}, None, None, id="namespace selector excludes"),
+    pytest.param([named("a", priority=100), named("b", vmSelector={"matchLabels": {"x": "y"}})],
+                 {}, {}, "b", "b", id="policyRef overrides, even without a match"),
+    pytest.param([named("a")], {}, {}, "missing", None, id="policyRef to a missing policy"),
+]
+
+
+@pytest.mark.parametrize(("policies", "vm", "ns", "ref", "winner"), PRECEDENCE_CASES)
+def test_governing_policy(policies, vm, ns, ref, winner) -> None:
+    chosen = governing_policy(policies, vm, ns, ref)
+    assert (chosen.name if chosen else None) == winner
+
+
+def vmi(key: str, labels: dict | None = None, ns: dict | None = None, **kw: Any
+        ) -> p.VMIPolicyView:
+    return p.VMIPolicyView(key=key, labels=labels or {}, namespace_labels=ns or {}, **kw)
+
+
+POLICIES = [named("gold", priority=10, vmSelector={"matchLabels": {"tier": "gold"}}),
+            named("bronze")]
+LABEL = "virtshift.io/policy"
+
+LABEL_CASES = [
+    pytest.param("gold", vmi("ns/a", {"tier": "gold"}), "gold", id="unlabelled, governed"),
+    pytest.param("bronze", vmi("ns/a", {"tier": "gold"}), None,
+                 id="what another policy governs is left to that one"),
+    pytest.param("gold", vmi("ns/a", {"tier": "gold", LABEL: "gold"}), None,
+                 id="already right: no write"),
+    pytest.param("gold", vmi("ns/a", {LABEL: "gold"}), "bronze",
+                 id="no longer governed: relabelled to the winner"),
+    pytest.param("gold", vmi("ns/a", {"tier": "gold", LABEL: "bronze"}), "gold",
+                 id="taken over by the higher priority"),
+    pytest.param("gold", vmi("ns/a", {LABEL: "deleted-policy"}), "bronze",
+                 id="label of a policy that is gone"),
+    pytest.param("gold", vmi("ns/a", {LABEL: "bronze"}), None,
+                 id="another policy's VMI: not ours to touch"),
+    pytest.param("gold", vmi("ns/a", {"tier": "gold", LABEL: "bronze"}, pinned=True,
+                             pinned_label="bronze"), None,
+                 id="in flight under bronze (policyRef): left alone"),
+    pytest.param("gold", vmi("ns/a", {LABEL: "gold"}, pinned=True, pinned_label="gold"), None,
+                 id="in flight under gold: keeps gold"),
+    pytest.param("gold", vmi("ns/a", {"tier": "gold", LABEL: "gone"}, pinned=True,
+                             pinned_label="gone"), "gold",
+                 id="in flight under a deleted policy: not pinned"),
+]
+
+
+@pytest.mark.parametrize(("policy", "view", "written"), LABEL_CASES)
+def test_label_changes(policy: str, view: p.VMIPolicyView, written: str | None) -> None:
+    changes = p.label_changes(policy, POLICIES, [view])
+    assert changes == ({view.key: written} if written else {})
+
+
+def test_label_clean_up_after_deletion() -> None:
+    vmis = [vmi("ns/a", {"tier": "gold", LABEL: "gold"}), vmi("ns/b", {LABEL: "bronze"})]
+    others = [q for q in POLICIES if q.name != "gold"]
+    assert p.label_changes("gold", others, vmis) == {"ns/a": "bronze"}
+    assert p.label_changes("gold", [], vmis) == {"ns/a": None, "ns/b": None}
+
+
+def test_governed_counts_namespace_selection() -> None:
+    policies = [named("prod", namespaceSelector={"matchLabels": {"env": "prod"}}),
+                named("rest", priority=-1)]
+    vmis = [vmi("p/a", ns={"env": "prod"}), vmi("p/b", ns={"env": "prod"}), vmi("d/c")]
+    assert p.governed("prod", policies, vmis) == ["p/a", "p/b"]
+    assert p.governed("rest", policies, vmis) == ["d/c"]
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def mig(name: str, phase: str, downtime: int | None = None, attempt: int = 1,
+        drain: str | None = "d", terminating: bool = False) -> MigrationInfo:
+    return MigrationInfo(namespace="ns", name=name, vmi=name, phase=phase, drain=drain,
+                         policy="gold", attempt=attempt, downtime_ms=downtime,
+                         terminating=terminating)
+
+
+@pytest.mark.parametrize(("values", "p50", "p99", "top"), [
+    pytest.param([], None, None, None, id="no samples"),
+    pytest.param([7], 7, 7, 7, id="one sample"),
+    pytest.param([10, 20], 10, 20, 20, id="two: median is the lower"),
+    pytest.param([5, 1, 3, 2, 4], 3, 5, 5, id="odd count, unsorted"),
+    pytest.param(list(range(1, 101)), 50, 99, 100, id="1..100"),
+    pytest.param(list(range(1, 201)), 100, 198, 200, id="1..200"),
+])
+def test_downtime_percentiles_nearest_rank(values, p50, p99, top) -> None:
+    migrations = [mig(f"m{i}", "Succeeded", v) for i, v in enumerate(values)]
+    _counters, summary = p.outcomes(spec(), migrations)
+    assert (summary.samples, summary.p50_ms, summary.p99_ms, summary.max_ms) == (
+        len(values), p50, p99, top)
+
+
+COUNTER_CASES = [
+    pytest.param({}, [], (0, 0, 0, 0), id="nothing yet"),
+    pytest.param({"maxDowntime": "300ms"},
+                 [mig("a", "Succeeded", 100), mig("b", "Succeeded", 300),
+                  mig("c", "Succeeded", 301), mig("d", "Succeeded")],
+                 (4, 0, 1, 3), id="breach is strictly above maxDowntime"),
+    pytest.param({}, [mig("a", "Succeeded", 5000)], (1, 0, 0, 1),
+                 id="no maxDowntime: no breaches"),
+    pytest.param({"maxAttempts": 3},
+                 [mig("a", "Failed", attempt=1), mig("a2", "Failed", attempt=3),
+                  mig("b", "Failed", attempt=0, drain=None)],
+                 (0, 2, 0, 0), id="failed counts the final attempt and unretried ones"),
+    pytest.param({}, [mig("a", "Running"), mig("b", "Pending"), mig("c", "Failed", attempt=3)],
+                 (0, 1, 0, 0), id="unfinished count nowhere"),
+]
+
+
+@pytest.mark.parametrize(("fields", "migrations", "expected"), COUNTER_CASES)
+def test_outcome_counters(fields, migrations, expected) -> None:
+    counters, summary = p.outcomes(spec(**fields), migrations)
+    assert (counters.succeeded, counters.failed, counters.downtime_breaches,
+            summary.samples) == expected
+
+
+def snapshot(**kw: Any) -> p.PolicySnapshot:
+    defaults: dict[str, Any] = {
+        "name": "gold", "generation": 3, "spec": spec(), "status": MigrationPolicyStatus(),
+        "now": NOW, "rendered": ["virtshift-gold"]}
+    return p.PolicySnapshot(**{**defaults, **kw})
+
+
+def test_status_ready_and_counts() -> None:
+    decision = p.derive_status(snapshot(
+        matched=4, migrations=[mig("a", "Running"), mig("b", "Pending"),
+                               mig("c", "Running", terminating=True), mig("d", "Succeeded", 90)]))
+    s = decision.status.wire()
+    assert s["observedGeneration"] == 3 and s["matchedVMs"] == 4
+    assert s["kubevirtPolicy"] == "virtshift-gold" and s["inFlight"] == 2
+    assert s["outcomes"]["succeeded"] == 1
+    assert s["downtime"] == {"samples": 1, "p50Ms": 90, "p99Ms": 90, "maxMs": 90}
+    assert s["windowOpen"] is True and "nextWindow" not in s
+    [ready] = s["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Rendered")
+    assert ready["observedGeneration"] == 3 and ready["lastTransitionTime"] == \
+        "2026-03-02T12:00:00Z"
+    assert decision.events == [("Normal", "Rendered", ready["message"])]
+
+
+def test_status_conflict_then_resolved() -> None:
+    conflict = p.Conflict("virtshift-gold")
+    first = p.derive_status(snapshot(conflicts=[conflict], rendered=[]))
+    s = first.status.wire()
+    [ready] = s["conditions"]
+    assert (ready["status"], ready["reason"]) == ("False", "KubeVirtPolicyConflict")
+    assert "virtshift-gold" in ready["message"] and "kubevirtPolicy" not in s
+    assert [e[:2] for e in first.events] == [("Warning", "KubeVirtPolicyConflict")]
+    later = NOW + dt.timedelta(minutes=5)
+    again = p.derive_status(snapshot(conflicts=[conflict], rendered=[], status=first.status,
+                                     now=later))
+    assert again.events == [] and again.status == first.status  # nothing to write
+    fixed = p.derive_status(snapshot(status=first.status, now=later))
+    [ready] = fixed.status.wire()["conditions"]
+    assert (ready["status"], ready["lastTransitionTime"]) == ("True", "2026-03-02T12:05:00Z")
+    assert [e[:2] for e in fixed.events] == [("Normal", "Rendered")]
+
+
+def test_status_invalid_window() -> None:
+    windows = [{"schedule": "0 2 * * *", "duration": "2h", "timeZone": "Mars/Olympus"}]
+    s = p.derive_status(snapshot(spec=spec(windows=windows))).status.wire()
+    [ready] = s["conditions"]
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidWindow")
+    assert "windows[0].timeZone" in ready["message"]
+    assert "windowOpen" not in s and "nextWindow" not in s
+
+
+@pytest.mark.parametrize(("now", "is_open", "next_open"), [
+    (dt.datetime(2026, 3, 2, 1, 0, tzinfo=dt.UTC), False, "2026-03-02T02:00:00Z"),
+    (dt.datetime(2026, 3, 2, 3, 0, tzinfo=dt.UTC), True, "2026-03-03T02:00:00Z"),
+])
+def test_status_window(now, is_open, next_open) -> None:
+    windows = [{"schedule": "0 2 * * *", "duration": "2h"}]
+    s = p.derive_status(snapshot(spec=spec(windows=windows), now=now)).status
+    assert (s.window_open, s.next_window) == (is_open, next_open)
+
+
+def test_invalid_spec_keeps_the_rest_of_the_status() -> None:
+    before = MigrationPolicyStatus(matched_v_ms=2, conditions=[Condition(
+        type="Ready", status="True", reason="Rendered", last_transition_time="t0")])
+    decision = p.invalid_spec(before, 4, "spec.windows: bad", NOW)
+    assert decision.status.matched_v_ms == 2 and decision.status.observed_generation == 4
+    assert decision.status.conditions[0].reason == "InvalidSpec"
+    assert decision.events == [("Warning", "InvalidSpec", "spec.windows: bad")]
+    assert p.invalid_spec(decision.status, 4, "spec.windows: bad", NOW).events == []
+
+
+@pytest.mark.parametrize(("old", "new", "patch"), [
+    ({}, {}, None),
+    ({"a": 1}, {"a": 1}, None),
+    ({"a": 1}, {"a": 2}, {"a": 2}),
+    ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+    ({"d": {"x": 1, "y": 2}}, {"d": {"x": 1}}, {"d": {"y": None}}),
+    ({"c": [1, 2]}, {"c": [1]}, {"c": [1]}),
+    ({}, {"d": {"x": 1}}, {"d": {"x": 1}}),
+])
+def test_merge_patch(old, new, patch) -> None:
+    assert p.merge_patch(old, new) == patch
