@@ -60,10 +60,8 @@ def control_plane_binaries() -> dict[str, Path]:
     return {name: _need(name) for name in ("etcd", "kube-apiserver")}
 
 
-@pytest.fixture(scope="session")
-def cluster(
-    control_plane_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Cluster]:
+def _serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """etcd + kube-apiserver with our CRDs and KubeVirt's, stopped afterwards."""
     cp = LocalControlPlane(tmp_path_factory.mktemp("controlplane"), log=lambda _m: None)
     cp.up()
     try:
@@ -73,6 +71,13 @@ def cluster(
         yield Cluster(cp, api)
     finally:
         cp.down(quiet=True, grace=3)
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    control_plane_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    yield from _serve_cluster(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +85,7 @@ def fresh_cluster(
     control_plane_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """A control plane of the test module's own, for tests that create nodes and VMs."""
-    cp = LocalControlPlane(tmp_path_factory.mktemp("controlplane"), log=lambda _m: None)
-    cp.up()
-    try:
-        api = config.new_client_from_config(str(cp.kubeconfig))
-        kubevirt, _source = crds.kubevirt_crds()
-        crds.apply_crds(api, crds.our_crds() + kubevirt)
-        yield Cluster(cp, api)
-    finally:
-        cp.down(quiet=True, grace=3)
+    yield from _serve_cluster(tmp_path_factory)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from operator_harness import wait_for as harness_wait_for
 
 from virtshift.k8s import rest
 from virtshift.sim import runner
@@ -49,13 +50,7 @@ def sim(fresh_cluster) -> Iterator[runner.Simulator]:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout}s")
+    return harness_wait_for(predicate, timeout, every)
 
 
 def vmim(name: str, namespace: str, vmi: str, **spec: Any) -> dict[str, Any]:

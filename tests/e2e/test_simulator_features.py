@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from operator_harness import wait_for as harness_wait_for
 
 from virtshift.k8s import rest
 from virtshift.sim import runner
@@ -118,13 +119,7 @@ def kube(sim, fresh_cluster) -> rest.KubeClient:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met in {timeout}s")
+    return harness_wait_for(predicate, timeout, every)
 
 
 def migrate(kube: rest.KubeClient, name: str, vmi: str, ns: str = "prod", **spec: Any) -> None:
