@@ -368,3 +368,29 @@ def test_downtime_breach_is_flagged_on_the_vm_and_as_an_event() -> None:
     e = entry(d, "a")
     assert (e.phase, e.reason) == ("Succeeded", "DowntimeExceeded")
     assert ("Warning", "DowntimeExceeded") in {(k, r) for k, r, _m in d.events}
+
+
+def test_just_moved_vm_is_not_migrated_again_before_its_vmi_catches_up() -> None:
+    # The VMIM says Succeeded, but the cached VMI still shows the source node.
+    d = plan_drain(snap([vmi("a")], migrations=[mig("a", 1, "Succeeded", target="n2")]))
+    assert not d.create and entry(d, "a").reason == "Completing"
+
+
+def test_a_foreign_migration_of_the_vmi_is_waited_for() -> None:
+    evacuation = MigrationInfo(namespace="ns", name="kubevirt-evacuation-x", vmi="a",
+                               phase="Running", source="n1")
+    d = plan_drain(snap([vmi("a")], others=[evacuation]))
+    assert not d.create and entry(d, "a").reason == "MigrationInProgress"
+
+
+def test_a_terminating_attempt_is_waited_for() -> None:
+    d = plan_drain(snap([vmi("a")], migrations=[mig("a", 1, "Running", terminating=True)]))
+    assert not d.create and entry(d, "a").phase == "Migrating"
+
+
+def test_finalize_restarts_a_stopped_vm_even_while_its_vmi_shuts_down_or_in_conflict() -> None:
+    vm = VMInfo("ns", "gpu", run_strategy="Halted",
+                quick=QuickMigrationRecord("d", "n1", NOW, started=False))
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    d = finalize_drain(snap([vmi("gpu")], nodes=nodes, vms={"ns/gpu": vm}, conflict_with="x"))
+    assert d.start == ["ns/gpu"] and d.uncordon == ["n1"]

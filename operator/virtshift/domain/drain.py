@@ -233,12 +233,24 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
             downtime_ms=done.downtime_ms if done else None), memory)
     predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node),
                                     _concurrency(s, rules))
-    if last is not None and last.unfinished:
+    if last is not None and not last.final:
         elapsed = (s.now - (last.created or s.now)).total_seconds()
         return _VM(key, entry(VMPhase.MIGRATING, last.phase or "Pending",
                               f"migration {last.name} is {last.phase or 'Pending'}",
                               source_node=vmi.node, migration=last.name), memory,
                    seconds=max(predicted - elapsed, 0.0))
+    if last is not None and last.phase == "Succeeded":
+        # The VMI's new node has not reached our cache yet (separate watches): never migrate
+        # a VM again that has just moved.
+        return _VM(key, entry(VMPhase.MIGRATING, "Completing", f"migration {last.name} "
+                              "succeeded; waiting for the VMI to report its new node",
+                              source_node=vmi.node, migration=last.name), memory)
+    foreign = next((m for m in s.cluster_unfinished
+                    if m.vmi_key == key and m.drain != s.name), None)
+    if foreign is not None:
+        return _VM(key, entry(VMPhase.WAITING, "MigrationInProgress",
+                              f"another migration ({foreign.name}) of this VMI is in progress",
+                              source_node=vmi.node), memory, seconds=predicted)
     finding = preflight.preflight(vmi, ctx)
     if finding and finding[0] not in (preflight.NO_COMPATIBLE_TARGET,
                                       preflight.INSUFFICIENT_CAPACITY):
@@ -603,15 +615,14 @@ def _not_found(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
 def finalize_drain(s: DrainSnapshot) -> Decision:
     """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
     migrations (if asked), restart VMs a quick migration had stopped, uncordon our nodes."""
+    # Everything touched here carries this drain's name, so a drain that turned Conflict
+    # still undoes what it did before.
     decision = Decision(status=s.status)
-    if s.conflict_with:
-        return decision
     if s.spec.cancel_on_delete:
         decision.cancel = [m for m in s.migrations if not m.final and not m.terminating]
     for key, vm in s.vms.items():
-        if vm.quick and vm.quick.drain == s.name and not vm.quick.started and \
-                key not in s.vmis:
-            decision.start.append(key)
+        if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
+            decision.start.append(key)  # safe while the old VMI is still shutting down
     decision.uncordon = sorted(n.name for n in s.nodes.values()
                                if n.annotations.get(CORDONED_BY) == s.name)
     return decision

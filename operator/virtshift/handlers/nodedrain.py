@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "nodedrains"
 
 
-def reconcile(name: str) -> None:
+def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
     rt = runtime.get()
     drain = rt.drain(name)
     if drain is None or drain["metadata"].get("deletionTimestamp"):
@@ -37,12 +37,16 @@ def reconcile(name: str) -> None:
             if n.phase == NodePhase.DRAINING]
         pods = rt.actions.pods_on([n for n in nodes if n])
     with rt.cluster.admission:
+        # kopf stops the daemon and runs the delete handler in parallel; under this lock the
+        # delete handler either sees everything we did, or we do nothing.
+        if stopped:
+            return
         snapshot = rt.cluster.snapshot(drain, rt.blocked_pods[name], pods)
         decision = plan_drain(snapshot)
         rt.blocked_pods[name] = rt.actions.apply(drain, decision)
-    status = decision.status.wire()
-    if rt.actions.write_status(drain, status):
-        rt.remember({**drain, "status": status})
+    stored = rt.actions.write_status(drain, decision.status.wire())
+    if stored:
+        rt.remember(stored)
     for kind, reason, message in decision.events:
         rt.actions.event(drain, kind, reason, message)
         _count(reason, message)
@@ -73,7 +77,7 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
     while not stopped:
         wake.clear()
         try:
-            reconcile(name)
+            reconcile(name, stopped)
         except Exception:
             log.exception("reconciling NodeDrain %s failed; retrying", name)
             stopped.wait(1.0)
@@ -86,9 +90,10 @@ def drain_deleted(name: str, body: kopf.Body, **_: Any) -> None:
     stopped, uncordon what we cordoned. Waits (TemporaryError) until the aborts are done."""
     rt = runtime.get()
     drain: JSON = rt.drain(name) or dict(body)
-    snapshot = rt.cluster.snapshot(drain)
-    decision = finalize_drain(snapshot)
-    rt.actions.apply(drain, decision)
+    with rt.cluster.admission:
+        snapshot = rt.cluster.snapshot(drain)
+        decision = finalize_drain(snapshot)
+        rt.actions.apply(drain, decision)
     unfinished = [m for m in snapshot.migrations if not m.final]
     if decision.cancel:
         rt.actions.event(drain, "Normal", "Cancelled",

@@ -19,7 +19,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="virtshift.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 120
-    settings.execution.max_workers = 32
+    # Every sync daemon (one per NodeDrain and per MigrationPolicy) holds a worker thread for
+    # its lifetime; leave plenty for the delete, login and start-up handlers.
+    settings.execution.max_workers = 512
     runtime.get().start()
 
 

@@ -14,7 +14,7 @@ from virtshift.k8s.cluster import Cluster, ClusterClock
 from virtshift.k8s.dirty_rates import DirtyRateSource
 from virtshift.k8s.informer import key_of
 from virtshift.k8s.rest import JSON, KubeClient
-from virtshift.k8s.views import DRAIN_LABEL, parse_time
+from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
 DRAIN_VMS = Gauge("virtshift_drain_vms", "VMs of a NodeDrain by state", ["drain", "state"])
 DRAIN_REMAINING = Gauge("virtshift_drain_remaining_seconds",
@@ -49,7 +49,9 @@ class Runtime:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self.cluster.listeners.append(self._on_change)
+        """Idempotent: kopf retries a failed start-up handler."""
+        if self._on_change not in self.cluster.listeners:
+            self.cluster.listeners.append(self._on_change)
         self.cluster.start()
         if self.settings.time_scale != 1.0:
             kv = self.cluster.kubevirt()
@@ -65,7 +67,7 @@ class Runtime:
 
     def _on_change(self, kind: str, obj: JSON) -> None:
         if kind == "vmim":
-            drain = (obj["metadata"].get("labels") or {}).get(DRAIN_LABEL)
+            drain = (obj["metadata"].get("annotations") or {}).get(DRAIN_NAME_ANNOTATION)
             if drain:
                 self.wake_event(drain).set()
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from virtshift.api.kubevirt import SYSTEM_MAINTENANCE
@@ -34,11 +35,26 @@ def migration_body(m: NewMigration, drain: JSON) -> JSON:
             "name": m.name, "namespace": m.namespace, "labels": labels,
             # Cluster-scoped owner, namespaced dependent: not allowed as an ownerReference,
             # so the link back is an annotation (and the label above for selection).
-            "annotations": {"virtshift.io/node-drain": drain["metadata"]["name"],
-                            "virtshift.io/node-drain-uid": drain["metadata"]["uid"]},
+            "annotations": {views.DRAIN_NAME_ANNOTATION: drain["metadata"]["name"],
+                            views.DRAIN_UID_ANNOTATION: drain["metadata"]["uid"]},
         },
         "spec": spec,
     }
+
+
+_CLOCK_FIELDS = ("eta", "plannedSeconds")
+
+
+def _same(old: JSON, new: JSON) -> bool:
+    strip = lambda s: {k: v for k, v in s.items() if k not in _CLOCK_FIELDS}  # noqa: E731
+    if strip(old) != strip(new):
+        return False
+    before, after = old.get("plannedSeconds"), new.get("plannedSeconds")
+    if (before is None) != (after is None):
+        return False
+    if before is None or after is None:
+        return True
+    return abs(before - after) <= max(30.0, 0.1 * max(before, after))
 
 
 class Actions:
@@ -47,26 +63,33 @@ class Actions:
         self.kube = cluster.kube
 
     def apply(self, drain: JSON, d: Decision) -> dict[str, str]:
-        """Do it all; returns pods whose eviction was refused, with the reason."""
+        """Do it all; returns pods whose eviction was refused, with the reason. One refused
+        write (a webhook, a conflict) is reported and does not hold up the others."""
         name = drain["metadata"]["name"]
-        for node in d.cordon:
-            self.cordon(node, name)
-        for m in d.create:
-            self.create_migration(m, drain)
-        for m in d.cancel:
-            self.kube.delete(rest.VMIMS, m.name, m.namespace)
-        for key, source in d.halt:
-            self.halt(key, source, name)
-        for key in d.start:
-            self.start(key)
-        blocked = {}
-        for key in d.evict:
-            reason = self.evict(key)
-            if reason:
-                blocked[key] = reason
-        for node in d.uncordon:
-            self.uncordon(node, name)
+        blocked: dict[str, str] = {}
+        steps: list[tuple[str, Callable[[], object]]] = [
+            *((f"cordon {n}", lambda n=n: self.cordon(n, name)) for n in d.cordon),
+            *((f"create {m.namespace}/{m.name}", lambda m=m: self.create_migration(m, drain))
+              for m in d.create),
+            *((f"cancel {m.namespace}/{m.name}",
+               lambda m=m: self.kube.delete(rest.VMIMS, m.name, m.namespace)) for m in d.cancel),
+            *((f"stop {k}", lambda k=k, src=src: self.halt(k, src, name)) for k, src in d.halt),
+            *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
+            *((f"evict {k}", lambda k=k: self._evict_into(k, blocked)) for k in d.evict),
+            *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
+        ]
+        for what, step in steps:
+            try:
+                step()
+            except ApiError as exc:
+                log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
+                self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
         return blocked
+
+    def _evict_into(self, key: str, blocked: dict[str, str]) -> None:
+        reason = self.evict(key)
+        if reason:
+            blocked[key] = reason
 
     def cordon(self, node: str, drain: str) -> None:
         """Cordon and claim in one patch, so we later uncordon only what we cordoned."""
@@ -122,7 +145,8 @@ class Actions:
         record = views.quick_record(drain, source, stamp(self.cluster.clock.now()))
         patched = self.kube.patch(rest.VMS, name, {
             "metadata": {"annotations": {views.QUICK_ANNOTATION: record}},
-            "spec": {"runStrategy": "Halted"}}, ns)
+            # KubeVirt refuses spec.running together with runStrategy.
+            "spec": {"running": None, "runStrategy": "Halted"}}, ns)
         self.cluster.vms.put(patched)
 
     def start(self, key: str) -> None:
@@ -161,13 +185,18 @@ class Actions:
             pods.extend(self.kube.items(rest.PODS, field_selector=f"spec.nodeName={node}"))
         return pods
 
-    def write_status(self, drain: JSON, status: JSON) -> bool:
-        """Patch status when it changed; True if written."""
-        if (drain.get("status") or {}) == status:
-            return False
-        self.kube.patch(rest.NODE_DRAINS, drain["metadata"]["name"], {"status": status},
-                        subresource="status")
-        return True
+    def write_status(self, drain: JSON, status: JSON) -> JSON | None:
+        """Patch status when it changed (the stored object, or None when nothing was written).
+
+        Fields gone from the new status are sent as null, since a merge patch keeps what it
+        does not mention. The clock-driven ETA alone is not a change worth a write until it
+        moves by more than a tenth (or 30 seconds)."""
+        old = drain.get("status") or {}
+        if _same(old, status):
+            return None
+        patch = {**dict.fromkeys(old), **status}
+        return self.kube.patch(rest.NODE_DRAINS, drain["metadata"]["name"], {"status": patch},
+                               subresource="status")
 
     def event(self, drain: JSON, kind: str, reason: str, message: str) -> None:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -12,6 +12,7 @@ from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
 from virtshift.domain.drain import DrainSnapshot
 from virtshift.domain.eta import Estimator
+from virtshift.domain.naming import label_value
 from virtshift.domain.rules import (
     NamedPolicy,
     Rules,
@@ -167,8 +168,13 @@ class Cluster:
         name = drain["metadata"]["name"]
         nodes = {n["metadata"]["name"]: views.node_info(n) for n in self.nodes.values()}
         drain_nodes = self._nodes_of(drain)
+        # This drain's own: by label (hashed past 63 characters) and by UID, so a NodeDrain
+        # deleted and created again under the same name starts with a clean history.
+        uid = drain["metadata"].get("uid")
         ours = [m for m in self.vmims.values()
-                if (m["metadata"].get("labels") or {}).get(views.DRAIN_LABEL) == name]
+                if (m["metadata"].get("labels") or {}).get(views.DRAIN_LABEL) == label_value(name)
+                and (m["metadata"].get("annotations") or {}).get(views.DRAIN_UID_ANNOTATION,
+                                                                 uid) == uid]
         our_vmis = {f"{m['metadata']['namespace']}/{m['spec'].get('vmiName')}" for m in ours}
         vm_objs = {key_of(v): v for v in self.vms.values()}
         quick_keys = {k for k, v in vm_objs.items()

@@ -36,8 +36,9 @@ class DirtyRateSource:
         self._thread = threading.Thread(target=self._run, name="dirty-rates", daemon=True)
 
     def start(self) -> DirtyRateSource:
-        self.scrape()
-        self._thread.start()
+        if not self._thread.is_alive():
+            self.scrape()
+            self._thread.start()
         return self
 
     def stop(self) -> None:

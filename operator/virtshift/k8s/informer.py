@@ -30,12 +30,15 @@ class Informer:
         self._objects: dict[str, JSON] = {}
         self._lock = threading.Lock()
         self._synced = threading.Event()
+        self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"informer-{res.plural}",
                                         daemon=True)
 
     def start(self) -> Informer:
-        self._thread.start()
+        if not self._thread.is_alive() and not self._started:
+            self._started = True
+            self._thread.start()
         return self
 
     def stop(self) -> None:
@@ -84,7 +87,9 @@ class Informer:
                             if kind == "DELETED":
                                 self._objects.pop(key_of(obj), None)
                             else:
-                                self._objects[key_of(obj)] = obj
+                                current = self._objects.get(key_of(obj))
+                                if current is None or _rv(obj) >= _rv(current):
+                                    self._objects[key_of(obj)] = obj
                         if self.on_event:
                             self.on_event(kind, obj)
                         if self._stop.is_set():

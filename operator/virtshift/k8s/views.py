@@ -23,6 +23,8 @@ ATTEMPT_LABEL = "virtshift.io/attempt"
 POLICY_LABEL = "virtshift.io/policy"
 SOURCE_LABEL = "virtshift.io/source-node"
 MODE_LABEL = "virtshift.io/migration-mode"
+DRAIN_UID_ANNOTATION = "virtshift.io/node-drain-uid"
+DRAIN_NAME_ANNOTATION = "virtshift.io/node-drain"
 QUICK_ANNOTATION = "virtshift.io/quick-migration"
 DOWNTIME_ANNOTATION = "sim.virtshift.io/downtime-ms"
 
