@@ -394,3 +394,13 @@ def test_finalize_restarts_a_stopped_vm_even_while_its_vmi_shuts_down_or_in_conf
     nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
     d = finalize_drain(snap([vmi("gpu")], nodes=nodes, vms={"ns/gpu": vm}, conflict_with="x"))
     assert d.start == ["ns/gpu"] and d.uncordon == ["n1"]
+
+
+def test_vm_moved_onto_a_later_wave_node_moves_again_from_there() -> None:
+    spec = {"nodeSelector": {"matchLabels": {"zone": "a"}}, "maxUnavailable": 1}
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Released"),
+                                    NodeEntry(name="n2", phase="Waiting"),
+                                    NodeEntry(name="n3", phase="Waiting")])
+    earlier = mig("a", 1, "Succeeded", source="n1", target="n2")
+    d = plan_drain(snap([vmi("a", "n2")], spec=spec, status=status, migrations=[earlier]))
+    assert created(d) == ["vs-d-a-2"]

@@ -239,7 +239,7 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
                               f"migration {last.name} is {last.phase or 'Pending'}",
                               source_node=vmi.node, migration=last.name), memory,
                    seconds=max(predicted - elapsed, 0.0))
-    if last is not None and last.phase == "Succeeded":
+    if last is not None and last.phase == "Succeeded" and vmi.node == last.source:
         # The VMI's new node has not reached our cache yet (separate watches): never migrate
         # a VM again that has just moved.
         return _VM(key, entry(VMPhase.MIGRATING, "Completing", f"migration {last.name} "
