@@ -35,7 +35,7 @@ def _need(name: str) -> Path:
     except binaries.MissingBinaryError as exc:
         if IN_CI:
             pytest.fail(f"CI=true and {name} is missing: {exc}", pytrace=False)
-        pytest.skip(f"{name} unavailable: {exc}")
+        pytest.skip(f"{name} unavailable outside CI: {exc}")
 
 
 class Cluster:
