@@ -47,20 +47,6 @@ def parse_duration(text: str | int | float) -> float:
     )
 
 
-def format_duration(seconds: float) -> str:
-    """Seconds as a short Go-style duration: 0.3 -> 300ms, 95 -> 1m35s, 7200 -> 2h0m0s."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    total = round(seconds)
-    h, rem = divmod(total, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m}m{s}s"
-    if m:
-        return f"{m}m{s}s"
-    return f"{s}s"
-
-
 def format_bytes(n: float) -> str:
     for unit, size in (("Ti", 2**40), ("Gi", GiB), ("Mi", MiB), ("Ki", 2**10)):
         if abs(n) >= size:

@@ -31,7 +31,3 @@ def set_condition(
 def get_condition(conditions: Sequence[Condition] | None, type_: str) -> Condition | None:
     return next((c for c in conditions or () if c.type == type_), None)
 
-
-def is_true(conditions: Sequence[Condition] | None, type_: str) -> bool:
-    cond = get_condition(conditions, type_)
-    return bool(cond and cond.status == "True")

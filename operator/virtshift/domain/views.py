@@ -9,7 +9,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from virtshift.api.kubevirt import FINAL_PHASES, IN_FLIGHT_PHASES
+from virtshift.api.kubevirt import FINAL_PHASES
 from virtshift.domain.placement import NodeView
 
 
@@ -104,10 +104,6 @@ class MigrationInfo:
     def unfinished(self) -> bool:
         """Counts against KubeVirt's limits: queued (Pending) or in flight."""
         return not self.final and not self.terminating
-
-    @property
-    def in_flight(self) -> bool:
-        return self.phase in IN_FLIGHT_PHASES
 
 
 @dataclass(frozen=True)

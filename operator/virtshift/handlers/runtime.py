@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -12,7 +13,6 @@ from virtshift.domain.eta import Estimator
 from virtshift.k8s.actions import Actions
 from virtshift.k8s.cluster import Cluster, ClusterClock
 from virtshift.k8s.dirty_rates import DirtyRateSource
-from virtshift.k8s.informer import key_of
 from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
@@ -87,15 +87,10 @@ class Runtime:
             self._wake.pop(name, None)
         self.blocked_pods.pop(name, None)
         for state in ("total", "pending", "migrating", "succeeded", "failed", "skipped"):
-            DRAIN_VMS.remove(name, state) if (name, state) in _labels(DRAIN_VMS) else None
-
-    @staticmethod
-    def key(obj: JSON) -> str:
-        return key_of(obj)
-
-
-def _labels(metric: Gauge) -> set[tuple[str, ...]]:
-    return set(metric._metrics.keys())  # prometheus_client keeps them here; no public getter
+            with contextlib.suppress(KeyError):  # never reported for this drain
+                DRAIN_VMS.remove(name, state)
+        with contextlib.suppress(KeyError):
+            DRAIN_REMAINING.remove(name)
 
 
 _runtime: Runtime | None = None

@@ -42,9 +42,6 @@ class ClusterClock:
             return dt.datetime.fromtimestamp(wall, dt.UTC)
         return self.epoch + dt.timedelta(seconds=(wall - self.epoch.timestamp()) * self.scale)
 
-    def wall(self, cluster_seconds: float) -> float:
-        return cluster_seconds / self.scale
-
 
 class Cluster:
     """Caches of nodes, VMIs, VMs, VMIMs, policies and KubeVirt's settings."""

@@ -26,6 +26,3 @@ class SimClock:
         """RFC 3339 (seconds precision, as Kubernetes writes) of a simulated instant."""
         when = self.at(self.now() if sim_seconds is None else sim_seconds)
         return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    def wall_seconds(self, sim_seconds: float) -> float:
-        return sim_seconds / self.time_scale

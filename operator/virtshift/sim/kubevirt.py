@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtshift.api.units import GiB, parse_duration, parse_quantity
+from virtshift.api.units import GiB, parse_quantity
 from virtshift.domain.physics import Mode, PreCopyRun
 from virtshift.domain.placement import NodeView, choose_target, required_cpu_label
 from virtshift.k8s import rest
@@ -892,7 +892,3 @@ def _kubevirt_abort_reason(f: Flight) -> str:
                 "aborted")
     limit = int(f.config.completion_timeout_per_gib * max(f.vm.spec.memory / GiB, 1.0))
     return f"Live migration is not completed after {limit} sec and has been aborted"
-
-
-def parse_settings_duration(value: Any) -> float:
-    return parse_duration(value) if isinstance(value, str) else float(value)
