@@ -16,6 +16,7 @@ from virtshift.domain.physics import (
     PreCopyRun,
     Prediction,
     Transfer,
+    completion_limit,
     predict,
 )
 
@@ -80,16 +81,18 @@ def test_idle_guest_needs_one_pass_and_no_downtime() -> None:
     ("completion", "progress", "reason", "duration"),
     [
         (None, None, "NotConverging", 8.0),  # detected after the first non-shrinking round
-        (None, 150.0, "ProgressTimeout", 150.0),
-        (100.0, None, "CompletionTimeout", 100.0),
-        (100.0, 150.0, "CompletionTimeout", 100.0),
-        (100.0, 50.0, "ProgressTimeout", 50.0),
-        (60.0, 60.0, "ProgressTimeout", 60.0),  # a tie: the progress timeout is checked first
+        (None, 150.0, "NotConverging", 8.0),  # the progress timeout cannot end a moving one
+        # KubeVirt compares whole seconds with ">": a 100 s limit acts at 101 s.
+        (100.0, None, "CompletionTimeout", 101.0),
+        (100.0, 150.0, "CompletionTimeout", 101.0),
+        (100.0, 50.0, "CompletionTimeout", 101.0),  # data remaining drops between polls
     ],
 )
 def test_non_converging_precopy_fails_with_reason(
     completion: float | None, progress: float | None, reason: str, duration: float
 ) -> None:
+    """virt-launcher live-migration-source.go: processInflightMigration resets the progress
+    timer whenever data remaining drops between two polls; shouldTriggerTimeout aborts."""
     p = predict(Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B,
                          completion_timeout=completion, progress_timeout=progress))
     assert not p.converges and p.failure_reason == reason
@@ -99,9 +102,31 @@ def test_non_converging_precopy_fails_with_reason(
 
 
 def test_progress_timeout_does_not_fire_while_the_dirty_set_shrinks() -> None:
-    # lambda 0.95 takes ~156 s; each round is a new minimum, so a 10 s progress timeout is fine.
+    # lambda 0.95 takes ~156 s; data remaining keeps dropping, so a 10 s timeout is fine.
     p = predict(Transfer(memory=M, dirty_rate=0.95 * B, bandwidth=B, progress_timeout=10))
     assert p.converges and p.duration > 100
+
+
+def test_a_stalled_transfer_trips_the_progress_timeout() -> None:
+    """isMigrationProgressing: no drop of data remaining for more than progressTimeout whole
+    seconds aborts, wherever the stall begins."""
+    run = PreCopyRun(M, 1.5 * B, completion_timeout=1000, progress_timeout=150)
+    run.advance(20, B)
+    run.advance(1000, 0)  # the network stalls
+    assert run.failure_reason == "ProgressTimeout" and run.elapsed == pytest.approx(171)
+
+
+@pytest.mark.parametrize(("memory", "per_gib", "limit"), [
+    (8 * GiB, 150, 1350),  # 8 GiB is 8.59 GB: 9 decimal GB
+    (1 * GiB, 150, 300),  # 1.07 GB rounds up to 2
+    (10**9, 150, 150),
+    (512 * MiB, 150, 150),
+    (8 * GiB, 0, 0),  # off
+])
+def test_completion_limit_is_kubevirts_decimal_gb_rounded_up(memory: float, per_gib: int,
+                                                             limit: int) -> None:
+    """virt-launcher manager.go getVMIMigrationDataSize: ScaledValue(resource.Giga)."""
+    assert completion_limit(per_gib, memory) == limit
 
 
 def test_slow_convergence_is_bounded_by_the_round_cap() -> None:
@@ -133,7 +158,7 @@ def test_auto_converge_cannot_tame_more_than_its_cap() -> None:
     assert not p.converges and p.failure_reason == "NotConverging"
     assert p.throttle == AUTO_CONVERGE_MAX and p.mode is Mode.AUTO_CONVERGE
     timed = predict(Transfer(**{**slow.__dict__, "completion_timeout": 500.0}))
-    assert timed.failure_reason == "CompletionTimeout" and timed.duration == pytest.approx(500)
+    assert timed.failure_reason == "CompletionTimeout" and timed.duration == pytest.approx(501)
 
 
 def test_auto_converge_stays_off_when_precopy_converges() -> None:
@@ -156,8 +181,28 @@ def test_post_copy_switches_only_after_the_completion_timeout() -> None:
     p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True,
                          completion_timeout=30))
     assert p.converges and p.mode is Mode.POST_COPY and p.downtime == POST_COPY_SWITCH_DOWNTIME
-    # at 30 s the dirty set is all of M (capped), pulled in 8 s
-    assert p.duration == pytest.approx(38) and p.rounds == 4
+    # at 31 s the dirty set is all of M (capped), pulled in 8 s
+    assert p.duration == pytest.approx(39) and p.rounds == 4
+
+
+def test_post_copy_needs_workload_disruption() -> None:
+    """shouldAssistMigrationToComplete: allowPostCopy alone does not switch when
+    allowWorkloadDisruption is false; the completion timeout aborts."""
+    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True,
+                         completion_timeout=30, workload_disruption=False))
+    assert p.failure_reason == "CompletionTimeout" and p.duration == pytest.approx(31)
+
+
+def test_workload_disruption_without_post_copy_pauses_the_guest() -> None:
+    """live-migration-source.go: at the completion timeout the guest is suspended (mode
+    Paused) and the limit doubles; everything still to send is downtime."""
+    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, completion_timeout=30,
+                         workload_disruption=True))
+    assert p.converges and p.mode is Mode.PAUSED
+    assert p.downtime == pytest.approx(8) and p.duration == pytest.approx(39)
+    slow = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B / 100,
+                            completion_timeout=30, workload_disruption=True))
+    assert slow.failure_reason == "CompletionTimeout" and slow.duration == pytest.approx(61)
 
 
 def test_post_copy_is_not_needed_when_precopy_converges() -> None:
@@ -165,10 +210,11 @@ def test_post_copy_is_not_needed_when_precopy_converges() -> None:
     assert p.mode is Mode.PRE_COPY and p.downtime == pytest.approx(0.25)
 
 
-def test_progress_timeout_aborts_before_the_post_copy_switch() -> None:
+def test_a_moving_transfer_reaches_the_post_copy_switch() -> None:
+    # The progress timeout (150 s) never fires while data moves: post-copy starts at 301 s.
     p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True,
                          completion_timeout=300, progress_timeout=150))
-    assert not p.converges and p.failure_reason == "ProgressTimeout"
+    assert p.converges and p.mode is Mode.POST_COPY and p.duration == pytest.approx(309)
 
 
 def test_auto_converge_and_post_copy_together() -> None:
@@ -187,16 +233,16 @@ def test_no_bandwidth_never_finishes_without_a_timeout() -> None:
     p = predict(Transfer(memory=M, dirty_rate=B, bandwidth=0))
     assert not p.converges and math.isinf(p.duration) and p.failure_reason == "NotConverging"
     p = predict(Transfer(memory=M, dirty_rate=B, bandwidth=0, progress_timeout=150))
-    assert p.failure_reason == "ProgressTimeout" and p.duration == 150 and p.bytes_sent == 0
+    assert p.failure_reason == "ProgressTimeout" and p.duration == 151 and p.bytes_sent == 0
 
 
 def test_stepper_time_without_bandwidth_counts_toward_timeouts() -> None:
     run = PreCopyRun(M, B / 2, completion_timeout=20)
     run.advance(15, 0)
     assert (run.elapsed, run.bytes_sent, run.done) == (15, 0, False)
-    run.advance(10, B)  # 5 s of sending, then the completion timeout
-    assert run.done and run.failure_reason == "CompletionTimeout" and run.elapsed == 20
-    assert run.bytes_sent == pytest.approx(5 * B)
+    run.advance(10, B)  # 6 s of sending, then the completion timeout (acting at 21 s)
+    assert run.done and run.failure_reason == "CompletionTimeout" and run.elapsed == 21
+    assert run.bytes_sent == pytest.approx(6 * B)
 
 
 def test_invalid_inputs_are_rejected() -> None:

@@ -8,7 +8,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from virtshift.api.units import GiB
-from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME, Prediction, Transfer, predict
+from virtshift.domain.physics import (
+    QEMU_DEFAULT_DOWNTIME,
+    Prediction,
+    Transfer,
+    completion_limit,
+    predict,
+)
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import VMIInfo
 
@@ -38,10 +44,12 @@ class Estimator:
         return predict(Transfer(
             memory=vmi.memory, dirty_rate=vmi.dirty_rate or 0.0,
             bandwidth=self.bandwidth(rules, node_bandwidth, concurrency),
-            max_downtime=rules.max_downtime or QEMU_DEFAULT_DOWNTIME,
+            # KubeVirt's legacy convergence path never sets a downtime limit: QEMU's applies.
+            # maxDowntime is what the prediction is judged against, not what KubeVirt does.
+            max_downtime=QEMU_DEFAULT_DOWNTIME,
             auto_converge=rules.allow_auto_converge, post_copy=rules.allow_post_copy,
             # KubeVirt aborts (or, allowing post-copy, switches) at these limits.
-            completion_timeout=rules.completion_timeout_per_gib * max(vmi.memory / GiB, 1.0),
+            completion_timeout=completion_limit(rules.completion_timeout_per_gib, vmi.memory),
             progress_timeout=rules.progress_timeout,
         ))
 

@@ -9,18 +9,27 @@ migration only ends through auto-converge (vCPU throttling), post-copy, or KubeV
 
 Simplifications, kept deliberately so the operator's ETA and the simulator agree:
 
-* Switch-over is decided at round boundaries only (QEMU also re-checks mid-pass).
+* Switch-over is decided at round boundaries only (QEMU also re-checks mid-pass). The downtime
+  limit is QEMU's default (300 ms): KubeVirt's legacy convergence path never changes it.
 * The dirty set is measured as "unsent bytes of this round + bytes dirtied since it began",
-  capped at M (pages dirtied twice, or dirtied before being sent, are not de-duplicated). This
-  is what libvirt reports as data remaining, what KubeVirt's progress timeout watches, and what
-  post-copy still has to pull when it starts mid-round.
+  capped at M (pages dirtied twice, or dirtied before being sent, are not de-duplicated). It is
+  what post-copy still has to pull when it starts mid-round.
+* libvirt's "data remaining", which KubeVirt's progress timeout watches, is the unsent part of
+  the current round: the dirty bitmap is synced only when a round begins. KubeVirt counts any
+  drop between two polls as progress (virt-launcher live-migration-source.go,
+  processInflightMigration), so a transfer that is moving at all never trips the progress
+  timeout, however little it converges; only a stalled one (no bandwidth) does.
+* KubeVirt compares whole elapsed seconds with ``>`` (isMigrationProgressing,
+  shouldTriggerTimeout), so a limit of N seconds acts at N + 1 seconds.
+* At the completion timeout KubeVirt (shouldAssistMigrationToComplete) switches to post-copy
+  when both allowWorkloadDisruption and allowPostCopy hold, pauses the guest (mode Paused, the
+  limit doubled) when only allowWorkloadDisruption does, and aborts otherwise. Neither timeout
+  applies in post-copy.
 * Auto-converge engages when a round fails to shrink the dirty set (effective lambda >= 1):
   20% throttle, then +10% per further non-shrinking round, capped at 99%. QEMU's own trigger is
   "dirtied more than 50% of what was sent, twice", which throttles earlier and harder.
 * Post-copy pauses the guest for POST_COPY_SWITCH_DOWNTIME (device state); that pause is
   reported as downtime but not added to the duration. Post-copy is never aborted.
-* The progress timeout aborts a pre-copy even when post-copy is allowed (KubeVirt only switches
-  to post-copy on the completion timeout); when both fire together the progress timeout wins.
 * A run that cannot end (no rescue, no timeout) fails as "NotConverging" as soon as a round
   fails to shrink: the point where post-copy without a completion timeout would switch.
 
@@ -40,20 +49,32 @@ AUTO_CONVERGE_STEP = 0.10
 AUTO_CONVERGE_MAX = 0.99
 POST_COPY_SWITCH_DOWNTIME = 0.05
 MAX_ROUNDS = 10_000
+# KubeVirt truncates elapsed time to whole seconds and compares with ">": a limit of N seconds
+# acts once N + 1 seconds have passed.
+KUBEVIRT_TIMEOUT_GRACE = 1.0
 
 PROGRESS_TIMEOUT = "ProgressTimeout"
 COMPLETION_TIMEOUT = "CompletionTimeout"
 NOT_CONVERGING = "NotConverging"
 
-# Relative slack for "the dirty set shrank" / "a new minimum": accumulated floating-point noise
-# (many small steps) must not turn an effective lambda of exactly 1 into a crawling convergence.
+# Relative slack for "the dirty set shrank": accumulated floating-point noise (many small
+# steps) must not turn an effective lambda of exactly 1 into a crawling convergence.
 _TOLERANCE = 1e-9
+
+
+def completion_limit(per_gib: float, data_bytes: float) -> int:
+    """KubeVirt's acceptableCompletionTime in seconds: completionTimeoutPerGiB times the
+    migration's data size (guest memory plus migrated volumes) in decimal GB rounded up, as
+    virt-launcher's getVMIMigrationDataSize computes it (Quantity.ScaledValue(Giga)). 0 turns
+    the completion timeout off."""
+    return int(per_gib) * math.ceil(max(data_bytes, 0.0) / 1e9)
 
 
 class Mode(StrEnum):
     PRE_COPY = "PreCopy"
     AUTO_CONVERGE = "AutoConverge"
     POST_COPY = "PostCopy"
+    PAUSED = "Paused"  # KubeVirt paused the guest so the migration can complete
 
 
 @dataclass(frozen=True)
@@ -66,8 +87,9 @@ class Transfer:
     max_downtime: float = QEMU_DEFAULT_DOWNTIME
     auto_converge: bool = False
     post_copy: bool = False
-    completion_timeout: float | None = None  # seconds since the transfer began
-    progress_timeout: float | None = None  # seconds without a new minimum of the dirty set
+    completion_timeout: float | None = None  # KubeVirt's limit, seconds since the start
+    progress_timeout: float | None = None  # seconds without a drop of data remaining
+    workload_disruption: bool | None = None  # allowWorkloadDisruption; None follows post_copy
 
 
 @dataclass(frozen=True)
@@ -82,7 +104,7 @@ class Prediction:
     converges: bool
     mode: Mode  # how it finished (or would have had to)
     duration: float  # seconds from start of memory transfer to completion (or to abort)
-    downtime: float  # seconds of switch-over pause (0 when not converging)
+    downtime: float  # seconds the guest was paused (0 when not converging)
     bytes_sent: float
     rounds: int
     throttle: float  # final auto-converge throttle, 0..0.99
@@ -115,6 +137,7 @@ class PreCopyRun:
         post_copy: bool = False,
         completion_timeout: float | None = None,
         progress_timeout: float | None = None,
+        workload_disruption: bool | None = None,
     ) -> None:
         for name, value in (("memory", memory), ("dirty_rate", dirty_rate),
                             ("max_downtime", max_downtime),
@@ -126,8 +149,11 @@ class PreCopyRun:
         self._max_downtime = float(max_downtime)
         self._auto_converge = auto_converge
         self._post_copy = post_copy
-        self._completion_timeout = completion_timeout
-        self._progress_timeout = progress_timeout
+        # KubeVirt: allowWorkloadDisruption follows allowPostCopy unless set.
+        self._disruption = post_copy if workload_disruption is None else workload_disruption
+        # 0 turns a KubeVirt timeout off (acceptableCompletionTime == 0, progressTimeout == 0).
+        self._completion_timeout = completion_timeout or None
+        self._progress_timeout = progress_timeout or None
 
         self._phase = _Phase.PRE_COPY
         self._rounds = 0  # 0 = not started yet (no bandwidth so far): all of memory is dirty
@@ -140,10 +166,9 @@ class PreCopyRun:
         self._bytes_sent = 0.0
         self._throttle = 0.0
         self._switched_to_post_copy = False
+        self._paused = False  # KubeVirt paused the guest at the completion timeout
         self._failure_reason: str | None = None
-        # Progress timeout bookkeeping: smallest dirty set seen and when it was reached.
-        self._min_pending = self._memory
-        self._last_progress = 0.0
+        self._last_progress = 0.0  # when data remaining last dropped
 
     # -- read-only state ------------------------------------------------------------------
 
@@ -163,6 +188,8 @@ class PreCopyRun:
     def mode(self) -> Mode:
         if self._switched_to_post_copy:
             return Mode.POST_COPY
+        if self._paused:
+            return Mode.PAUSED
         return Mode.AUTO_CONVERGE if self._throttle > 0 else Mode.PRE_COPY
 
     @property
@@ -179,15 +206,18 @@ class PreCopyRun:
 
     @property
     def remaining(self) -> float:
-        """Bytes still to send in the current round (or stop-and-copy / post-copy)."""
-        if self._phase is _Phase.PRE_COPY or (self.failed and not self._switched_to_post_copy):
+        """libvirt's data remaining: unsent bytes of the current round (or of stop-and-copy /
+        post-copy)."""
+        if self._phase is _Phase.PRE_COPY or (self.failed and not self._switched_to_post_copy
+                                              and not self._paused):
             return self._round_size - self._round_sent
         return self._tail
 
     @property
     def pending(self) -> float:
-        """The dirty set (libvirt's "data remaining"): what the target still lacks."""
-        if self._phase is _Phase.PRE_COPY or (self.failed and not self._switched_to_post_copy):
+        """The dirty set: what the target still lacks."""
+        if self._phase is _Phase.PRE_COPY or (self.failed and not self._switched_to_post_copy
+                                              and not self._paused):
             return min(self._memory, self._round_size - self._round_sent + self._round_dirtied)
         return self._tail
 
@@ -248,43 +278,40 @@ class PreCopyRun:
 
     @property
     def _effective_dirty_rate(self) -> float:
-        return self._dirty_rate * (1.0 - self._throttle)
+        return 0.0 if self._paused else self._dirty_rate * (1.0 - self._throttle)
+
+    def _timeouts(self, bw: float) -> list[tuple[float, str]]:
+        """KubeVirt's timeouts still ahead, as (seconds from now, which). None in post-copy."""
+        out: list[tuple[float, str]] = []
+        if self._progress_timeout is not None and bw <= 0:
+            # Only a stalled transfer stops data remaining from dropping.
+            at = self._last_progress + self._progress_timeout + KUBEVIRT_TIMEOUT_GRACE
+            out.append((max(0.0, at - self._elapsed), PROGRESS_TIMEOUT))
+        if self._completion_timeout is not None:
+            limit = self._completion_timeout * (2 if self._paused else 1)
+            at = limit + KUBEVIRT_TIMEOUT_GRACE
+            out.append((max(0.0, at - self._elapsed), COMPLETION_TIMEOUT))
+        return out
 
     def _next_event(self, bw: float) -> tuple[float, str | None]:
         """Seconds until the next thing that changes the phase, and what it is."""
-        if self._phase in (_Phase.STOP_AND_COPY, _Phase.POST_COPY):
+        if self._phase is _Phase.POST_COPY:
             return (self._tail / bw, "drained") if bw > 0 else (math.inf, None)
         # Candidates in tie-break order: a round ending on the deadline may still converge.
         candidates: list[tuple[float, str]] = []
-        unsent = self._round_size - self._round_sent
-        if bw > 0 and self._rounds > 0:
-            candidates.append((unsent / bw, "round"))
-        if self._progress_timeout is not None:
-            deadline = max(0.0, self._last_progress + self._progress_timeout - self._elapsed)
-            crossing = self._time_to_new_minimum(bw)
-            if crossing is None or crossing > deadline:
-                candidates.append((deadline, PROGRESS_TIMEOUT))
-        if self._completion_timeout is not None:
-            candidates.append((max(0.0, self._completion_timeout - self._elapsed),
-                               COMPLETION_TIMEOUT))
+        if self._phase is _Phase.STOP_AND_COPY:
+            if bw > 0:
+                candidates.append((self._tail / bw, "drained"))
+            if self._paused:  # the guest was paused by KubeVirt: its timeouts still run
+                candidates += self._timeouts(bw)
+        else:
+            if bw > 0 and self._rounds > 0:
+                candidates.append(((self._round_size - self._round_sent) / bw, "round"))
+            candidates += self._timeouts(bw)
         if not candidates:
             return math.inf, None
         best = min(h for h, _ in candidates)
         return best, next(e for h, e in candidates if h == best)
-
-    def _time_to_new_minimum(self, bw: float) -> float | None:
-        """When, in this round and at this bandwidth, the dirty set drops to its minimum so far
-        (from then on it keeps making progress), or None if it does not."""
-        d = self._effective_dirty_rate
-        if self._rounds == 0 or bw <= d:
-            return None  # the dirty set does not shrink
-        if self._round_dirtied >= self._memory:
-            return None  # every page is dirty again: stuck at M until the round ends
-        level = self._round_size - self._round_sent + self._round_dirtied
-        t = max(0.0, (level - self._min_pending) / (bw - d))
-        if d > 0 and self._round_dirtied + d * t > self._memory:
-            return None  # the whole memory is dirty before the crossing
-        return t
 
     def _flow(self, h: float, bw: float) -> None:
         """Let h seconds pass with no event inside them."""
@@ -292,6 +319,8 @@ class PreCopyRun:
             return
         self._elapsed += h
         moved = bw * h
+        if bw > 0 and self._phase is not _Phase.POST_COPY:
+            self._last_progress = self._elapsed  # data remaining keeps dropping
         if self._phase is _Phase.PRE_COPY:
             if self._rounds > 0:
                 moved = min(moved, self._round_size - self._round_sent)
@@ -299,10 +328,6 @@ class PreCopyRun:
                 self._bytes_sent += moved
             self._round_dirtied = min(self._memory,
                                       self._round_dirtied + self._effective_dirty_rate * h)
-            pending = self.pending
-            if pending < self._min_pending * (1 - _TOLERANCE):
-                self._min_pending = pending
-                self._last_progress = self._elapsed
         else:
             moved = min(moved, self._tail)
             self._tail -= moved
@@ -321,8 +346,10 @@ class PreCopyRun:
         elif event == PROGRESS_TIMEOUT:
             self._fail(PROGRESS_TIMEOUT)
         elif event == COMPLETION_TIMEOUT:
-            if self._post_copy:
+            if self._disruption and self._post_copy and not self._paused:
                 self._start_post_copy(self.pending)
+            elif self._disruption and not self._paused:
+                self._pause()
             else:
                 self._fail(COMPLETION_TIMEOUT)
 
@@ -334,7 +361,7 @@ class PreCopyRun:
             self._begin_round(nxt, bw)  # becomes the stop-and-copy
             return
         if nxt >= previous * (1 - _TOLERANCE):  # the round did not shrink the dirty set
-            if self._post_copy and self._completion_timeout is None:
+            if self._post_copy and self._disruption and self._completion_timeout is None:
                 self._start_post_copy(nxt)
                 return
             if self._auto_converge and self._throttle < AUTO_CONVERGE_MAX:
@@ -342,8 +369,10 @@ class PreCopyRun:
                     self._throttle + AUTO_CONVERGE_STEP
                 # round(): 0.2 + 3 * 0.1 must be exactly 0.5, or lambda 2 crawls at 0.99999...
                 self._throttle = min(AUTO_CONVERGE_MAX, round(raised, 9))
-            elif self._completion_timeout is None and self._progress_timeout is None:
-                self._fail(NOT_CONVERGING)  # nothing left that could end it
+            elif self._completion_timeout is None:
+                # Nothing left that could end it: the progress timeout never fires while data
+                # is moving.
+                self._fail(NOT_CONVERGING)
                 return
         if self._rounds >= MAX_ROUNDS:
             self._fail(NOT_CONVERGING)  # safety bound: converging too slowly to matter
@@ -368,6 +397,13 @@ class PreCopyRun:
         self._tail = size
         self._phase = _Phase.POST_COPY if size > 0 else _Phase.DONE
 
+    def _pause(self) -> None:
+        """KubeVirt suspends the guest (mode Paused): nothing is dirtied any more, and what the
+        target still lacks goes across while the guest stays paused (all of it downtime)."""
+        self._paused = True
+        self._tail = self.pending
+        self._phase = _Phase.STOP_AND_COPY if self._tail > 0 else _Phase.DONE
+
     def _fail(self, reason: str) -> None:
         self._failure_reason = reason
         self._phase = _Phase.DONE
@@ -382,6 +418,7 @@ def predict(t: Transfer) -> Prediction:
     run = PreCopyRun(t.memory, t.dirty_rate, max_downtime=t.max_downtime,
                      auto_converge=t.auto_converge, post_copy=t.post_copy,
                      completion_timeout=t.completion_timeout,
-                     progress_timeout=t.progress_timeout)
+                     progress_timeout=t.progress_timeout,
+                     workload_disruption=t.workload_disruption)
     run.advance(math.inf, t.bandwidth)
     return run.prediction()
