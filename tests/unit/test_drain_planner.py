@@ -22,8 +22,11 @@ from virtshift.domain.views import (
 )
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+# As virt-handler labels a node (node_labeller.go prepareLabels, heartbeat.go).
 SKYLAKE = {"cpu-model-migration.node.kubevirt.io/Skylake": "true",
-           "host-model-cpu.node.kubevirt.io/Skylake": "true", "zone": "a"}
+           "cpu-model.node.kubevirt.io/Skylake": "true",
+           "host-model-cpu.node.kubevirt.io/Skylake": "true",
+           "kubevirt.io/schedulable": "true", "zone": "a"}
 
 
 def node(name: str, **kw: Any) -> NodeInfo:

@@ -226,6 +226,11 @@ class PreCopyRun:
         return self._rounds
 
     @property
+    def last_progress(self) -> float:
+        """Elapsed seconds at which data remaining last dropped."""
+        return self._last_progress
+
+    @property
     def throttle(self) -> float:
         return self._throttle
 
@@ -253,6 +258,23 @@ class PreCopyRun:
             self._flow(h, bw)
             left -= h
             self._handle(event, bw)
+
+    def advance_copying(self, dt: float) -> float:
+        """Let up to ``dt`` seconds pass while a volume migration copies disks ahead of memory:
+        data remaining drops (progress), no memory is sent, and the completion timeout runs
+        (aborting: libvirt cannot switch a block copy to post-copy). Returns the seconds used."""
+        _non_negative("dt", dt)
+        if self.done:
+            return 0.0
+        used = dt
+        if self._completion_timeout is not None:
+            used = min(dt, max(0.0, self._completion_timeout + KUBEVIRT_TIMEOUT_GRACE
+                               - self._elapsed))
+        self._elapsed += used
+        self._last_progress = self._elapsed
+        if used < dt:
+            self._fail(COMPLETION_TIMEOUT)
+        return used
 
     def eta(self, bandwidth: float) -> float:
         """Predicted seconds until the run ends (completes or is aborted) if ``bandwidth`` and

@@ -10,7 +10,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from virtshift.api.units import format_bytes
-from virtshift.domain.placement import NodeView, choose_target, rank_targets, required_cpu_label
+from virtshift.domain.placement import (
+    NodeView,
+    choose_target,
+    cpu_requirements,
+    fits_selector,
+    launcher_requests,
+    migration_selector,
+    rank_targets,
+)
 from virtshift.domain.views import NodeInfo, VMIInfo
 
 Finding = tuple[str, str]
@@ -39,29 +47,32 @@ def live_migratable(vmi: VMIInfo, ctx: Context) -> Finding | None:
 
 
 def cpu_compatible(vmi: VMIInfo, ctx: Context) -> Finding | None:
-    label = _cpu_label(vmi, ctx)
-    if label is None:
+    """No target offers the CPU model (and vendor) KubeVirt will require of it."""
+    needed = cpu_requirements(_selector(vmi, ctx))
+    if not needed:
         return None
+    placement = {**ctx.target_selector, **vmi.node_selector}
     nodes = [n for n in ctx.candidates() if n.ready and n.schedulable
-             and all(n.labels.get(k) == v for k, v in ctx.target_selector.items())]
-    if any(n.labels.get(label) == "true" for n in nodes):
+             and fits_selector(n, placement)]
+    if any(fits_selector(n, needed) for n in nodes):
         return None
-    model = label.rsplit("/", 1)[-1]
     return NO_COMPATIBLE_TARGET, (
-        f"no ready, schedulable node offers CPU model {model} "
-        f"({'host-model of ' + str(vmi.node) if vmi.cpu_model == 'host-model' else 'named'})"
+        "no ready, schedulable node offers the CPU KubeVirt requires of the target ("
+        + ", ".join(sorted(needed)) + ")"
         + (f" and matches targetNodeSelector {dict(ctx.target_selector)}"
            if ctx.target_selector else "")
     )
 
 
 def capacity(vmi: VMIInfo, ctx: Context) -> Finding | None:
-    target = choose_target(ctx.candidates(), vmi.node or "", vmi.cpu, vmi.memory,
-                           dict(ctx.usage), _cpu_label(vmi, ctx), dict(ctx.target_selector))
+    cpu, memory = _requests(vmi)
+    target = choose_target(ctx.candidates(), vmi.node or "", cpu, memory, dict(ctx.usage),
+                           _selector(vmi, ctx))
     if target:
         return None
     return INSUFFICIENT_CAPACITY, (
-        f"no compatible node has {vmi.cpu:g} CPU and {format_bytes(vmi.memory)} free"
+        f"no compatible node has {cpu:g} CPU and {format_bytes(memory)} free for the target "
+        "pod"
     )
 
 
@@ -78,11 +89,19 @@ def preflight(vmi: VMIInfo, ctx: Context) -> Finding | None:
     return None
 
 
-def target_candidates(vmi: VMIInfo, ctx: Context, limit: int = 5) -> list[str]:
-    return rank_targets(ctx.candidates(), vmi.node or "", vmi.cpu, vmi.memory, dict(ctx.usage),
-                        _cpu_label(vmi, ctx), dict(ctx.target_selector))[:limit]
+def target_candidates(vmi: VMIInfo, ctx: Context, limit: int | None = 5) -> list[str]:
+    cpu, memory = _requests(vmi)
+    ranked = rank_targets(ctx.candidates(), vmi.node or "", cpu, memory, dict(ctx.usage),
+                          _selector(vmi, ctx))
+    return ranked if limit is None else ranked[:limit]
 
 
-def _cpu_label(vmi: VMIInfo, ctx: Context) -> str | None:
+def _requests(vmi: VMIInfo) -> tuple[float, float]:
+    return launcher_requests(vmi.cpu, vmi.memory_request or vmi.memory)
+
+
+def _selector(vmi: VMIInfo, ctx: Context) -> dict[str, str]:
+    """The target pod's node selector as KubeVirt renders it (domain.placement)."""
     source = ctx.nodes.get(vmi.node or "")
-    return required_cpu_label(vmi.cpu_model, dict(source.labels) if source else {})
+    return migration_selector(vmi.cpu_model, dict(source.labels) if source else {},
+                              vmi.pod_selector, ctx.target_selector, vmi.node_selector)

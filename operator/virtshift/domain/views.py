@@ -22,10 +22,11 @@ class NodeInfo:
     unschedulable: bool = False
     cpu: float = 0.0  # allocatable cores
     memory: float = 0.0  # allocatable bytes
+    taints: tuple[tuple[str, str], ...] = ()  # (key, effect)
 
     def view(self) -> NodeView:
         return NodeView(self.name, dict(self.labels), self.ready, not self.unschedulable,
-                        self.cpu, self.memory)
+                        self.cpu, self.memory, self.taints)
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,12 @@ class VMIInfo:
     namespace: str
     name: str
     node: str | None
-    memory: float = 0.0
-    cpu: float = 1.0
+    memory: float = 0.0  # guest memory
+    cpu: float = 1.0  # vCPUs
     cpu_model: str = "host-model"
+    memory_request: float | None = None  # spec.domain.resources.requests.memory
+    node_selector: Mapping[str, str] = field(default_factory=dict)  # the VMI's own
+    pod_selector: Mapping[str, str] = field(default_factory=dict)  # its launcher pod's
     labels: Mapping[str, str] = field(default_factory=dict)
     phase: str = "Running"
     migratable: bool = True

@@ -45,6 +45,8 @@ def node_info(obj: JSON) -> NodeInfo:
         annotations=meta.get("annotations") or {}, ready=ready,
         unschedulable=bool((obj.get("spec") or {}).get("unschedulable")),
         cpu=parse_quantity(alloc.get("cpu", "0")), memory=parse_quantity(alloc.get("memory", "0")),
+        taints=tuple((t.get("key", ""), t.get("effect", ""))
+                     for t in (obj.get("spec") or {}).get("taints") or []),
     )
 
 
@@ -57,7 +59,15 @@ def _vmi_memory(spec: JSON) -> float:
     return parse_quantity(req) if req else 0.0
 
 
-def vmi_info(obj: JSON, dirty_rate: float | None = None) -> VMIInfo:
+def _memory_request(spec: JSON) -> float | None:
+    req = (((spec.get("domain") or {}).get("resources") or {}).get("requests") or {}).get("memory")
+    return parse_quantity(req) if req else None
+
+
+def vmi_info(obj: JSON, dirty_rate: float | None = None,
+             pod_selector: dict[str, str] | None = None) -> VMIInfo:
+    """``pod_selector``: the node selector of the VMI's current launcher pod, which carries
+    the CPU requirements KubeVirt keeps across moves."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     cpu = (spec.get("domain") or {}).get("cpu") or {}
     cores = (cpu.get("cores") or 1) * (cpu.get("sockets") or 1) * (cpu.get("threads") or 1)
@@ -75,7 +85,8 @@ def vmi_info(obj: JSON, dirty_rate: float | None = None) -> VMIInfo:
         not_migratable_message=(live or {}).get("message") if live and
         live.get("status") != "True" else None,
         running_since=parse_time(running[-1]["phaseTransitionTimestamp"]) if running else None,
-        dirty_rate=dirty_rate,
+        dirty_rate=dirty_rate, memory_request=_memory_request(spec),
+        node_selector=spec.get("nodeSelector") or {}, pod_selector=pod_selector or {},
     )
 
 

@@ -6,17 +6,30 @@ from typing import Any
 
 from virtshift.api.kubevirt import (
     CPU_MODEL_LABEL,
+    CPU_VENDOR_LABEL,
     HOST_MODEL_LABEL,
     LAUNCHER_LABEL,
+    MIGRATION_CPU_MODEL_LABEL,
+    MIGRATION_JOB_LABEL,
+    MIGRATION_TARGET_LABEL,
     NODE_NAME_LABEL,
+    SCHEDULABLE_LABEL,
 )
 from virtshift.api.kubevirt import CREATED_BY_LABEL as CREATED_BY
+from virtshift.domain.placement import launch_selector
+from virtshift.domain.placement import launcher_requests as _requests
 from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec, VMSpec
+
+__all__ = ["MIGRATION_JOB_LABEL", "MIGRATION_TARGET_LABEL", "NODE_NAME_LABEL"]
 
 JSON = dict[str, Any]
 SIM_DRIVER = "sim.virtshift.io"
 KUBEVIRT_NAMESPACE = "kubevirt"
-START_CPU_MODEL_LABEL = "cpu-model.node.kubevirt.io/"  # what a (non-migration) start needs
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+DOMAIN_ANNOTATION = "kubevirt.io/domain"  # on launcher pods: the VMI's name
+# The switch-over downtime the simulator modelled: the one field it writes that KubeVirt
+# does not (real KubeVirt publishes no per-migration downtime).
+DOWNTIME_ANNOTATION = "sim.virtshift.io/downtime-ms"
 
 
 def quantity(n: float) -> str:
@@ -32,13 +45,22 @@ def cpu_quantity(cores: float) -> str:
     return str(int(cores)) if float(cores).is_integer() else f"{int(cores * 1000)}m"
 
 
+def cpu_vendor(model: str) -> str:
+    return "AMD" if model.startswith(("EPYC", "Opteron")) else "Intel"
+
+
 def node(spec: NodeSpec) -> JSON:
+    """A Node as virt-handler's node labeller and heartbeat label it (node_labeller.go
+    prepareLabels): the node's CPU model is its host model, usable as a named model, and
+    accepted from host-model guests of that model."""
     labels = {
         "kubernetes.io/hostname": spec.name,
-        "kubevirt.io/schedulable": "true",
+        "kubernetes.io/arch": "amd64",
+        SCHEDULABLE_LABEL: "true",
         CPU_MODEL_LABEL + spec.cpu_model: "true",
+        MIGRATION_CPU_MODEL_LABEL + spec.cpu_model: "true",
         HOST_MODEL_LABEL + spec.cpu_model: "true",
-        START_CPU_MODEL_LABEL + spec.cpu_model: "true",
+        CPU_VENDOR_LABEL + cpu_vendor(spec.cpu_model): "true",
         **spec.labels,
     }
     return {
@@ -148,22 +170,27 @@ def vm_status(ready: bool = True, run_strategy: str = "Always") -> JSON:
                        "runStrategy": run_strategy}}
 
 
-def not_migratable(vm: VMSpec, shared: dict[str, bool]) -> tuple[str, str] | None:
-    """KubeVirt's (reason, message) for a VMI that cannot live-migrate, or None.
+def not_migratable(vm: VMSpec, shared: dict[str, bool],
+                   migrated: frozenset[str] = frozenset()) -> tuple[str, str] | None:
+    """KubeVirt's (reason, message) for a VMI that cannot live-migrate, or None
+    (virt-handler vm.go calculateLiveMigrationCondition, checkVolumesForMigration).
 
-    ``shared`` says per storage class whether its volumes are ReadWriteMany."""
+    ``shared`` says per storage class whether its volumes are ReadWriteMany; ``migrated``
+    names the volumes a volume migration is moving (status.migratedVolumes), which need not
+    be shared."""
     if not vm.live_migratable:
         reason = vm.not_migratable_reason or "NotMigratable"
         return reason, f"VMI uses a feature that prevents live migration ({reason})"
     for vol in vm.volumes:
-        if not shared[vol.storage_class]:
+        if not shared[vol.storage_class] and vol.name not in migrated:
             return ("DisksNotLiveMigratable",
                     f"cannot migrate VMI: PVC {vol.claim_name} is not shared, live migration "
                     "requires that all PVCs must be shared (using ReadWriteMany access mode)")
     return None
 
 
-def vmi_conditions(blocker: tuple[str, str] | None, stamp: str) -> list[JSON]:
+def vmi_conditions(blocker: tuple[str, str] | None, stamp: str,
+                   extra: list[JSON] | None = None) -> list[JSON]:
     live: JSON = {"type": "LiveMigratable", "status": "True", "lastProbeTime": None,
                   "lastTransitionTime": stamp}
     if blocker:
@@ -174,6 +201,7 @@ def vmi_conditions(blocker: tuple[str, str] | None, stamp: str) -> list[JSON]:
         live,
         {"type": "StorageLiveMigratable", "status": "True" if storage_migratable else "False",
          "lastProbeTime": None, "lastTransitionTime": stamp},
+        *(extra or []),
     ]
 
 
@@ -191,13 +219,27 @@ def virtual_machine_instance(vm: VMSpec, vm_uid: str) -> JSON:
     }
 
 
+def launcher_requests(vm: VMSpec) -> tuple[float, float]:
+    """(cores, bytes) a VM's launcher pod requests (domain.placement.launcher_requests)."""
+    return _requests(vm.cpu, vm.memory)
+
+
+def target_pod_anti_affinity(vmi_uid: str) -> JSON:
+    """createTargetPod: never on a node that runs a pod of the same VMI."""
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "labelSelector": {"matchLabels": {CREATED_BY: vmi_uid}},
+        "topologyKey": "kubernetes.io/hostname"}]}}
+
+
 def launcher_pod(vm: VMSpec, vmi_uid: str, name: str, node_name: str | None,
                  claims: dict[str, str] | None = None) -> JSON:
     claims = claims or {v.name: v.claim_name for v in vm.volumes}
+    cpu, memory = launcher_requests(vm)
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
             "name": name, "namespace": vm.namespace,
+            "annotations": {DOMAIN_ANNOTATION: vm.name},
             "labels": {LAUNCHER_LABEL: "virt-launcher", CREATED_BY: vmi_uid,
                        "vm.kubevirt.io/name": vm.name, **vm.labels},
             "ownerReferences": [{"apiVersion": "kubevirt.io/v1",
@@ -207,10 +249,11 @@ def launcher_pod(vm: VMSpec, vmi_uid: str, name: str, node_name: str | None,
         },
         "spec": {
             **({"nodeName": node_name} if node_name else {}),
+            "nodeSelector": launch_selector(vm.cpu_model),
             "containers": [{
                 "name": "compute", "image": "quay.io/kubevirt/virt-launcher:sim",
-                "resources": {"requests": {"cpu": cpu_quantity(vm.cpu),
-                                           "memory": quantity(vm.memory)}},
+                "resources": {"requests": {"cpu": cpu_quantity(cpu),
+                                           "memory": quantity(memory)}},
             }],
             "volumes": [{"name": v.name, "persistentVolumeClaim": {"claimName": claims[v.name]}}
                         for v in vm.volumes],
@@ -233,5 +276,6 @@ def kubevirt_cr(settings: KubeVirtSettings) -> JSON:
     return {
         "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt",
         "metadata": {"name": "kubevirt", "namespace": KUBEVIRT_NAMESPACE},
-        "spec": {"configuration": {"migrations": migrations}},
+        "spec": {"configuration": {"migrations": migrations},
+                 "workloadUpdateStrategy": {"workloadUpdateMethods": ["LiveMigrate"]}},
     }

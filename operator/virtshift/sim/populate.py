@@ -31,6 +31,21 @@ class SimVM:
     running: bool = True
     start_at: float | None = None  # restart pending (quick migration), simulated seconds
     stopped_at: float | None = None
+    pod_uid: str | None = None
+    pod_selector: dict[str, str] = field(default_factory=dict)  # the launcher pod's
+    migration_uid: str | None = None  # whose state the VMI's status.migrationState holds
+    target_node_label: str | None = None  # kubevirt.io/migrationTargetNodeName
+    clear_evacuation: bool = False  # the next VMI write clears status.evacuationNodeName
+    # A volume migration (VM controller): the VMI's spec.volumes and status.migratedVolumes
+    # point at the destination claims while the domain still uses ``claims``.
+    vmi_claims: dict[str, str] | None = None
+    migrated_volumes: list[dict[str, Any]] | None = None
+    volume_classes: dict[str, str] = field(default_factory=dict)  # volume -> new class
+    volume_change: dict[str, Any] | None = None  # the VMI's VolumesChange condition
+    vm_conditions: dict[str, dict[str, Any]] = field(default_factory=dict)  # on the VM
+    volume_migration_state: list[dict[str, Any]] | None = None  # VM volumeUpdateState
+    refused_update: dict[str, str] | None = None  # a volume update already refused as is
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)  # by type, as written
 
     @property
     def key(self) -> str:
@@ -67,8 +82,15 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
               scenario.storage_classes)
 
     def make_node(spec):
-        kube.create_or_get(rest.NODES, objects.node(spec))
+        node = kube.create_or_get(rest.NODES, objects.node(spec))
         kube.patch(rest.NODES, spec.name, objects.node_status(spec, stamp), subresource="status")
+        # The API server taints a new node not-ready (TaintNodesByCondition); the node
+        # lifecycle controller lifts it once the kubelet reports Ready. No controller-manager
+        # runs here, so the simulator does it.
+        taints = [t for t in (node.get("spec") or {}).get("taints") or []
+                  if t.get("key") != objects.NOT_READY_TAINT]
+        if taints != ((node.get("spec") or {}).get("taints") or []):
+            kube.patch(rest.NODES, spec.name, {"spec": {"taints": taints or None}})
 
     _parallel(make_node, scenario.nodes)
     log(f"created {len(scenario.nodes)} nodes, {len(scenario.storage_classes)} storage classes")
@@ -108,7 +130,8 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
             "phaseTransitionTimestamps": [{"phase": "Running", "phaseTransitionTimestamp": stamp}],
         }}, namespace=vm.namespace)
         return SimVM(vm, node, uid, pod_name, vm.dirty_rate,
-                     {v.name: v.claim_name for v in vm.volumes})
+                     {v.name: v.claim_name for v in vm.volumes}, pod_uid=pod["metadata"]["uid"],
+                     pod_selector=dict(pod["spec"].get("nodeSelector") or {}))
 
     for sim_vm in _parallel(make_vm, scenario.vms):
         world.vms[sim_vm.key] = sim_vm
