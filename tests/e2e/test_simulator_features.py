@@ -22,7 +22,7 @@ from virtshift.sim import runner
 from virtshift.sim.scenario import load_scenario
 
 ZONE = "topology.kubernetes.io/zone"
-CPU_MIGRATION = "cpu-model-migration.node.kubevirt.io/"
+CPU_MODEL = "cpu-model.node.kubevirt.io/"
 HOST_MODEL = "host-model-cpu.node.kubevirt.io/"
 NODE_FAILS_AT = 240.0  # simulated seconds, as in the scenario's nodeNotReady fault
 
@@ -47,9 +47,9 @@ nodes:
      labels: {{{ZONE}: c}}}}
   - {{name: casc-1, cpuModel: Cascadelake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
      labels: {{{ZONE}: a}}}}
-  # A newer host that also offers the older named model to migrating VMs.
+  # A newer host on which the older named model is usable too (node labeller: cpu-model.*).
   - {{name: ice-1, cpuModel: Icelake-Server, allocatable: {{cpu: "64", memory: 256Gi}},
-     labels: {{{ZONE}: a, {CPU_MIGRATION}Cascadelake-Server: "true"}}}}
+     labels: {{{ZONE}: a, {CPU_MODEL}Cascadelake-Server: "true"}}}}
 vms:
   # Fillers make the Skylake targets the most allocated, so the scheduler's "least allocated"
   # preference would pick a wrong node if the CPU model or a node selector were ignored.
@@ -197,17 +197,23 @@ def claim_names(vmi_obj: dict[str, Any]) -> dict[str, str]:
 # -- node failure (first: the fault fires at a fixed simulated time) ------------------------------
 
 
-def test_node_not_ready_fails_in_flight_migrations_from_it(sim, kube) -> None:
+def test_node_not_ready_stalls_and_aborts_migrations_through_it(sim, kube) -> None:
+    """virt-launcher live-migration-source.go isMigrationProgressing: a transfer that stops
+    moving (its node unreachable) is aborted once no data left for more than progressTimeout
+    whole seconds (60 here); on 1.9 the reason is "Live migration has been aborted"."""
     assert sim.clock.now() < NODE_FAILS_AT - 60, "the module started too slowly for this test"
     # 16Gi at the throttled policy's 16Mi/s takes ~1000 simulated seconds: in flight at 240s.
     migrate(kube, "move-nnr-1", "nnr-1")
     wait_for(lambda: phase_of(kube, "move-nnr-1") == "Running")
-    done = final_vmim(kube, "move-nnr-1", timeout=NODE_FAILS_AT / sim.clock.time_scale + 10)
+    done = final_vmim(kube, "move-nnr-1",
+                      timeout=(NODE_FAILS_AT + 61) / sim.clock.time_scale + 10)
     assert done["status"]["phase"] == "Failed"
     assert "Running" in phases(done)
     state = done["status"]["migrationState"]
-    assert state["failed"] is True and state["completed"] is False
-    assert "doomed-1" in state["failureReason"]
+    assert state["failed"] is True and state["completed"] is True
+    assert state["failureReason"] == "Live migration has been aborted"
+    assert state["abortStatus"] == "Succeeded"
+    assert seconds(state["endTimestamp"]) - sim.clock.start.timestamp() >= NODE_FAILS_AT + 60
     assert state["migrationPolicyName"] == "throttled"
     assert vmi(kube, "nnr-1")["status"]["nodeName"] == "doomed-1"
     node = kube.get(rest.NODES, "doomed-1")
@@ -246,22 +252,22 @@ def test_storage_live_migration_to_a_new_claim(kube) -> None:
     assert len(workload_update_vmims(kube, "stor-1")) == 1
 
 
-def test_node_local_disks_block_live_migration(kube) -> None:
+def test_node_local_disks_are_not_live_migratable(kube) -> None:
+    """virt-handler vm.go checkVolumesForMigration: a PVC that is not ReadWriteMany makes the
+    VMI not live-migratable (DisksNotLiveMigratable), though its storage can migrate."""
     obj = vmi(kube, "local-1")
     conds = conditions(obj)
     assert conds["LiveMigratable"]["status"] == "False"
     assert conds["LiveMigratable"]["reason"] == "DisksNotLiveMigratable"
+    assert conds["LiveMigratable"]["message"] == (
+        "cannot migrate VMI: PVC local-1-root is not shared, live migration requires that all "
+        "PVCs must be shared (using ReadWriteMany access mode)")
     assert conds["StorageLiveMigratable"]["status"] == "True"
+    assert obj["status"]["migrationMethod"] == "BlockMigration"
     pv = kube.get(rest.PVS, "pv-prod-local-1-root")
     assert pv["spec"]["accessModes"] == ["ReadWriteOnce"]
     terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["sky-1"]
-    migrate(kube, "move-local-1", "local-1")
-    done = final_vmim(kube, "move-local-1")
-    assert done["status"]["phase"] == "Failed"
-    assert done["status"]["migrationState"]["failureReason"].startswith(
-        "Cannot migrate VMI, Reason: DisksNotLiveMigratable")
-    assert vmi(kube, "local-1")["status"]["nodeName"] == "sky-1"
 
 
 def test_shared_nothing_volume_migration_moves_the_vm(kube) -> None:
@@ -278,25 +284,38 @@ def test_shared_nothing_volume_migration_moves_the_vm(kube) -> None:
 
 
 def test_volume_migration_must_move_every_node_local_disk(kube) -> None:
-    # local-2 has a shared root disk and a node-local data disk; moving only the root disk
-    # leaves it pinned, so KubeVirt refuses; moving the data disk to shared storage frees it.
+    """volume-migration.go ValidateVolumesUpdateMigration: a volume update that leaves an RWO
+    volume behind is refused with RestartRequired and KubeVirt's message, and no migration is
+    created; moving the data disk too starts it (VMI migratedVolumes, VolumesChange)."""
     new_claim(kube, "local-2-root-b", "ceph-rbd")
     update_volumes(kube, "local-2", {"rootdisk": "local-2-root-b"})
-    first = wait_for(lambda: workload_update_vmims(kube, "local-2"))[0]
-    failed = final_vmim(kube, first["metadata"]["name"])
-    assert failed["status"]["phase"] == "Failed"
-    assert "DisksNotLiveMigratable" in failed["status"]["migrationState"]["failureReason"]
-    time.sleep(0.5)  # 25 simulated seconds (a retry every tick would make 5 more by now);
-    # backing off 20s, 40s, 80s... allows at most 2 more even if this machine is slow.
-    assert len(workload_update_vmims(kube, "local-2")) <= 3
+    vm = wait_for(lambda: (o := kube.get(rest.VMS, "local-2", "prod")) and
+                  "RestartRequired" in conditions(o) and o)
+    assert conditions(vm)["RestartRequired"]["message"] == (
+        "cannot migrate the VM. The volume data is RWO and not included in the migration "
+        "volumes")
+    time.sleep(0.5)  # 25 simulated seconds
+    assert workload_update_vmims(kube, "local-2") == []
+    assert claim_names(vmi(kube, "local-2")) == {"rootdisk": "local-2-root",
+                                                 "data": "local-2-data"}
 
     new_claim(kube, "local-2-data-b", "ceph-rbd")
     update_volumes(kube, "local-2", {"rootdisk": "local-2-root-b", "data": "local-2-data-b"})
-    after = wait_for(lambda: (v := vmi(kube, "local-2")) and claim_names(v) ==
-                     {"rootdisk": "local-2-root-b", "data": "local-2-data-b"} and v, timeout=30)
+    during = wait_for(lambda: (v := vmi(kube, "local-2")) and v["status"].get(
+        "migratedVolumes") and v)
+    assert sorted(m["volumeName"] for m in during["status"]["migratedVolumes"]) == \
+        ["data", "rootdisk"]
+    assert conditions(during)["VolumesChange"]["status"] == "True"
+    assert conditions(during)["VolumesChange"]["message"] == "migrate volumes"
+    done = final_vmim(kube, wait_for(lambda: workload_update_vmims(
+        kube, "local-2"))[0]["metadata"]["name"], timeout=30)
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["metadata"]["labels"]["kubevirt.io/volume-update-migration"] == "local-2"
+    after = wait_for(lambda: (v := vmi(kube, "local-2")) and not v["status"].get(
+        "migratedVolumes") and v)
     assert after["status"]["nodeName"] != "sky-1"
-    wait_for(lambda: any(o.get("status", {}).get("phase") == "Succeeded"
-                         for o in workload_update_vmims(kube, "local-2")))
+    assert "VolumesChange" not in conditions(after)
+    assert claim_names(after) == {"rootdisk": "local-2-root-b", "data": "local-2-data-b"}
     # Both disks are shared now: the VMI became live-migratable, and a plain migration works.
     wait_for(lambda: conditions(vmi(kube, "local-2"))["LiveMigratable"]["status"] == "True")
     migrate(kube, "move-local-2", "local-2")
@@ -325,18 +344,25 @@ def test_named_model_vm_lands_only_where_that_model_is_offered(kube) -> None:
     assert vmi(kube, "named-1")["status"]["nodeName"] == "ice-1"
 
 
-def test_no_node_with_the_model_keeps_the_migration_scheduling(sim, kube) -> None:
+def test_no_node_with_the_model_leaves_the_target_pod_unschedulable(sim, kube) -> None:
+    """migration.go createTargetPod: the target pod needs cpu-model.node.kubevirt.io/<model>;
+    with no such node it stays Pending (Unschedulable) and the VMIM Scheduling, until
+    handlePendingPodTimeout deletes it after 300 s and the VMIM fails."""
     migrate(kube, "move-icy-1", "icy-1")
     wait_for(lambda: phase_of(kube, "move-icy-1") == "Scheduling")
-    since = sim.clock.now()
-    wait_for(lambda: sim.clock.now() - since > 100, timeout=10)  # 100 simulated seconds
-    obj = kube.get(rest.VMIMS, "move-icy-1", "prod")
-    assert obj["status"]["phase"] == "Scheduling"
-    assert "targetNode" not in obj["status"].get("migrationState", {})
-    assert len(launchers(kube, vmi(kube, "icy-1"))) == 1  # no target pod placed anywhere
-    assert vmi(kube, "icy-1")["status"]["nodeName"] == "ice-1"
-    kube.delete(rest.VMIMS, "move-icy-1", "prod")  # give up: aborts the pending migration
-    wait_for(lambda: kube.get(rest.VMIMS, "move-icy-1", "prod") is None)
+    source = vmi(kube, "icy-1")
+    target = wait_for(lambda: next((p for p in launchers(kube, source)
+                                    if "kubevirt.io/migrationJobUID" in p["metadata"]["labels"]
+                                    and conditions(p).get("PodScheduled")), None))
+    assert target["spec"]["nodeSelector"][CPU_MODEL + "Icelake-Server"] == "true"
+    assert conditions(target)["PodScheduled"]["reason"] == "Unschedulable"
+    assert not target["spec"].get("nodeName")
+    assert "targetNode" not in kube.get(rest.VMIMS, "move-icy-1", "prod")["status"].get(
+        "migrationState", {})
+    done = final_vmim(kube, "move-icy-1", timeout=310 / sim.clock.time_scale + 10)
+    assert done["status"]["phase"] == "Failed"
+    assert phases(done) == ["Pending", "Scheduling", "Failed"]
+    assert wait_for(lambda: kube.get(rest.PODS, target["metadata"]["name"], "prod") is None)
     assert vmi(kube, "icy-1")["status"]["nodeName"] == "ice-1"
 
 
@@ -362,7 +388,10 @@ def test_failed_target_pod_fails_the_first_attempt_only(kube) -> None:
     first = final_vmim(kube, "move-flaky-1-a")
     assert first["status"]["phase"] == "Failed"
     assert "Running" not in phases(first) and "PreparingTarget" in phases(first)
-    assert "target pod" in first["status"]["migrationState"]["failureReason"]
+    # handleMarkMigrationFailedOnVMI: the reason reaches the VMI from 1.9 on.
+    state = first["status"]["migrationState"]
+    assert state["failureReason"] == "Target pod is down"
+    assert state["failed"] is True and state["completed"] is True
     assert vmi(kube, "flaky-1")["status"]["nodeName"] == "sky-1"
     migrate(kube, "move-flaky-1-b", "flaky-1")
     second = final_vmim(kube, "move-flaky-1-b")
@@ -370,15 +399,17 @@ def test_failed_target_pod_fails_the_first_attempt_only(kube) -> None:
     assert vmi(kube, "flaky-1")["status"]["nodeName"] != "sky-1"
 
 
-def test_dirty_rate_spike_makes_pre_copy_fail(kube) -> None:
+def test_dirty_rate_spike_runs_until_the_completion_budget(kube) -> None:
+    """live-migration-source.go: a transfer that keeps moving never trips the progress timeout
+    (60 s here); it is aborted by the completion timeout, completionTimeoutPerGiB (150) x 2
+    (1 GiB is 1.07 GB, rounded up), acting at 301 s."""
     migrate(kube, "move-spiky-1", "spiky-1")
-    done = final_vmim(kube, "move-spiky-1")
+    done = final_vmim(kube, "move-spiky-1", timeout=30)
     assert done["status"]["phase"] == "Failed"
-    reason = done["status"]["migrationState"]["failureReason"]
-    assert reason == "Live migration stuck for 60 sec and has been aborted" or \
-        "not completed after" in reason, reason
     state = done["status"]["migrationState"]
-    assert seconds(state["endTimestamp"]) - seconds(state["startTimestamp"]) >= 55
+    assert state["failureReason"] == "Live migration has been aborted"
+    assert 300 < seconds(state["endTimestamp"]) - seconds(state["startTimestamp"]) <= 303
+    assert state["mode"] == "PreCopy"
     assert vmi(kube, "spiky-1")["status"]["nodeName"] == "sky-1"
 
 
@@ -408,8 +439,10 @@ def test_policy_bandwidth_slows_a_migration(kube) -> None:
     assert duration(slow) >= 60 > 3 * duration(fast)
     assert slow["status"]["migrationState"]["migrationConfiguration"][
         "bandwidthPerMigration"] == "16Mi"
-    assert "bandwidthPerMigration" not in fast["status"]["migrationState"][
-        "migrationConfiguration"]
+    # No policy: the cluster's configuration, unlimited (KubeVirt's default "0Mi").
+    assert fast["status"]["migrationState"]["migrationConfiguration"][
+        "bandwidthPerMigration"] == "0Mi"
+    assert "migrationPolicyName" not in fast["status"]["migrationState"]
 
 
 def test_a_queued_migration_starts_from_where_the_vm_is_now(kube) -> None:

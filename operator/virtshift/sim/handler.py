@@ -173,7 +173,7 @@ class Handler:
         ("source node reported migration failed") and the target pod goes."""
         flight.failed = True
         flight.failure = reason
-        if (abort_status and flight.abort_requested) or self.version != "1.9":
+        if abort_status:
             flight.abort_status = abort_status
         flight.ended_at = now
         self.freed_at = max(self.freed_at, now)
