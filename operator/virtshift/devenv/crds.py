@@ -27,16 +27,32 @@ KUBEVIRT_KINDS = [
 ]
 
 
+SHARED_CRDS = REPO_ROOT.parent / "shared" / "kubevirt-crds"
+
+
+def fallback_forced() -> bool:
+    """``KUBEVIRT_CRDS_DIR=none``: the stand-ins even where KubeVirt's real CRDs exist."""
+    return os.environ.get("KUBEVIRT_CRDS_DIR", "").strip().lower() == "none"
+
+
 def kubevirt_crds_dir() -> Path | None:
-    """``$KUBEVIRT_CRDS_DIR`` when set; else the shared folder beside the checkout, if present."""
-    explicit = os.environ.get("KUBEVIRT_CRDS_DIR")
-    if explicit:
+    """Where KubeVirt's real CRDs are, or None to use the stand-ins.
+
+    ``$KUBEVIRT_CRDS_DIR`` when set to a folder; None when set to ``none``; else the shared
+    folder beside the checkout, if present.
+    """
+    return None if fallback_forced() else real_kubevirt_crds_dir()
+
+
+def real_kubevirt_crds_dir() -> Path | None:
+    """KubeVirt's real CRDs even when the stand-ins are forced: to compare the two."""
+    explicit = os.environ.get("KUBEVIRT_CRDS_DIR", "")
+    if explicit and not fallback_forced():
         path = Path(explicit)
         if not path.is_dir():
             raise FileNotFoundError(f"KUBEVIRT_CRDS_DIR={explicit} is not a folder")
         return path
-    beside = REPO_ROOT.parent / "shared" / "kubevirt-crds"
-    return beside if beside.is_dir() else None
+    return SHARED_CRDS if SHARED_CRDS.is_dir() else None
 
 
 def minimal_kubevirt_crds() -> list[dict[str, Any]]:
@@ -70,11 +86,13 @@ def load_yaml_docs(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return docs
 
 
-def kubevirt_crds() -> tuple[list[dict[str, Any]], str]:
-    folder = kubevirt_crds_dir()
+def kubevirt_crds(fallback: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """KubeVirt's CRDs and where they came from; ``fallback=True`` forces the stand-ins."""
+    folder = None if fallback else kubevirt_crds_dir()
     if folder:
         return load_yaml_docs(folder.glob("*.yaml")), f"KubeVirt's real CRDs from {folder}"
-    return minimal_kubevirt_crds(), "minimal KubeVirt CRDs (no KUBEVIRT_CRDS_DIR)"
+    why = "forced" if fallback or fallback_forced() else "KubeVirt's real CRDs not found"
+    return minimal_kubevirt_crds(), f"KubeVirt stand-in CRDs ({why})"
 
 
 def our_crds() -> list[dict[str, Any]]:
