@@ -60,13 +60,15 @@ def control_plane_binaries() -> dict[str, Path]:
     return {name: _need(name) for name in ("etcd", "kube-apiserver")}
 
 
-def _serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """etcd + kube-apiserver with our CRDs and KubeVirt's, stopped afterwards."""
+def _serve_cluster(tmp_path_factory: pytest.TempPathFactory,
+                   kubevirt_fallback: bool = False) -> Iterator[Cluster]:
+    """etcd + kube-apiserver with our CRDs and KubeVirt's (real, or the stand-ins when
+    ``kubevirt_fallback``), stopped afterwards."""
     cp = LocalControlPlane(tmp_path_factory.mktemp("controlplane"), log=lambda _m: None)
     cp.up()
     try:
         api = config.new_client_from_config(str(cp.kubeconfig))
-        kubevirt, _source = crds.kubevirt_crds()
+        kubevirt, _source = crds.kubevirt_crds(fallback=kubevirt_fallback)
         crds.apply_crds(api, crds.our_crds() + kubevirt)
         yield Cluster(cp, api)
     finally:
@@ -86,6 +88,15 @@ def fresh_cluster(
 ) -> Iterator[Cluster]:
     """A control plane of the test module's own, for tests that create nodes and VMs."""
     yield from _serve_cluster(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fallback_cluster(
+    control_plane_binaries: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Like ``fresh_cluster``, but with the KubeVirt stand-in CRDs even where the real ones are
+    available: what a fresh clone without ../shared runs on."""
+    yield from _serve_cluster(tmp_path_factory, kubevirt_fallback=True)
 
 
 @pytest.fixture
