@@ -155,7 +155,7 @@ def test_drain_moves_every_migratable_vm_within_every_limit(env) -> None:
     assert max(len([m for m in s if m.get("status", {}).get("phase") not in FINAL_PHASES])
                for s in sampler.samples) == limits.parallel_outbound_migrations_per_node
     ours = migrations_of(kube, "drain-node-1")
-    assert all(m["spec"]["priority"] == "system-maintenance" for m in ours)
+    assert all("priority" not in m["spec"] for m in ours)  # only virt-controller may set it
     RESULTS["makespan"] = makespan_seconds(ours)
 
 
@@ -176,15 +176,26 @@ def test_deleting_mid_drain_aborts_and_uncordons(env) -> None:
                          for m in migrations_of(kube, "drain-node-2")), what="in flight")
     assert kube.get(rest.NODES, "node-2")["spec"]["unschedulable"] is True
     kube.delete(rest.NODE_DRAINS, "drain-node-2")
+    in_flight = {m["spec"]["vmiName"]: m["metadata"]["uid"]
+                 for m in migrations_of(kube, "drain-node-2")
+                 if m.get("status", {}).get("phase") not in FINAL_PHASES}
     wait_for(lambda: get_drain(kube, "drain-node-2") is None, timeout=60, what="drain gone")
     node = kube.get(rest.NODES, "node-2")
     assert not node["spec"].get("unschedulable")
     assert "virtshift.io/cordoned-by" not in (node["metadata"].get("annotations") or {})
     remaining = migrations_of(kube, "drain-node-2")
     assert all(m["status"]["phase"] in FINAL_PHASES for m in remaining)
-    aborted = [v for v in kube.items(rest.VMIS)
-               if v["status"].get("migrationState", {}).get("abortStatus") == "Succeeded"]
-    assert aborted, "the in-flight migration was aborted in KubeVirt"
+    # KubeVirt (migration.go): cancelled before handoff, the VMI is untouched; after it, the
+    # VMI shows abortRequested, and the migration either aborted or finished first.
+    stayed = 0
+    for name, uid in in_flight.items():
+        vmi = next(v for v in kube.items(rest.VMIS) if v["metadata"]["name"] == name)
+        state = vmi["status"].get("migrationState") or {}
+        if state.get("migrationUid") == uid and state.get("failed"):
+            assert state["abortRequested"] and state["abortStatus"] == "Succeeded", state
+        if vmi["status"]["nodeName"] == "node-2":
+            stayed += 1
+    assert in_flight and stayed, "an in-flight migration was aborted in KubeVirt"
 
 
 def test_sigkill_at_three_points_never_duplicates_a_migration(env) -> None:
