@@ -56,14 +56,16 @@ class OperatorProcess:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 120, every: float = 0.1,
-             what: str = "condition") -> Any:
+             what: str | Callable[[], str] = "condition") -> Any:
+    """Poll until ``predicate`` is truthy; ``what`` (or what it returns, evaluated only on
+    failure, so it can describe the state then) names it in the error."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"{what} not met in {timeout}s")
+    raise AssertionError(f"{what() if callable(what) else what} not met in {timeout}s")
 
 
 def drain_body(name: str, **spec: Any) -> dict[str, Any]:
