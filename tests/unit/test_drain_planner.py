@@ -16,6 +16,7 @@ from virtshift.domain.views import (
     KubeVirtLimits,
     MigrationInfo,
     NodeInfo,
+    PodInfo,
     QuickMigrationRecord,
     VMIInfo,
     VMInfo,
@@ -102,6 +103,27 @@ def test_moved_vm_is_succeeded_with_its_downtime() -> None:
     e = entry(d, "a")
     assert (e.phase, e.target_node, e.downtime_ms) == ("Succeeded", "n2", 42)
     assert d.status.phase == "Drained" and d.status.completion_time == stamp(NOW)
+
+
+def test_never_drained_while_a_launcher_pod_of_a_vm_to_move_runs_there() -> None:
+    """Issue 8: VMIs that say nothing (their status lost) must not make a node look empty;
+    a source pod that lingers after its VM moved keeps the node Draining too."""
+    lost = PodInfo("ns", "virt-launcher-x-abcde", "n1", "launcher", vmi="ns/x")
+    d = plan_drain(snap([], launchers=[lost]))
+    assert d.status.phase == "Draining" and d.status.counts.total == 0
+    drained = next(c for c in d.status.conditions if c.type == "Drained")
+    assert drained.status == "False" and "ns/virt-launcher-x-abcde" in drained.message
+    moved = snap([vmi("a", node_name="n2")], migrations=[mig("a", 1, "Succeeded", target="n2")],
+                 launchers=[PodInfo("ns", "virt-launcher-a-old", "n1", "launcher", vmi="ns/a")])
+    assert plan_drain(moved).status.phase == "Draining"
+    assert plan_drain(dataclasses.replace(moved, launchers=())).status.phase == "Drained"
+
+
+def test_a_skipped_vms_launcher_pod_does_not_hold_the_drain() -> None:
+    pod = PodInfo("ns", "virt-launcher-gpu", "n1", "launcher", vmi="ns/gpu")
+    d = plan_drain(snap([vmi("gpu", migratable=False, not_migratable_reason="HostDevice")],
+                        rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod]))
+    assert entry(d, "gpu").phase == "Skipped" and d.status.phase == "Drained"
 
 
 @pytest.mark.parametrize(("action", "phase", "halts"), [

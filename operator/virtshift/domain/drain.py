@@ -61,6 +61,7 @@ class DrainSnapshot:
     rules: Mapping[str, Rules] = field(default_factory=dict)  # by VMI key
     conflict_with: str | None = None
     pods: Sequence[PodInfo] = ()
+    launchers: Sequence[PodInfo] = ()  # running virt-launcher pods on the drain's nodes
     blocked_pods: Mapping[str, str] = field(default_factory=dict)
     usage: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     estimator: Estimator = field(default_factory=Estimator)
@@ -436,7 +437,12 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     unfinished_on = Counter(v.entry.source_node for v in vms
                             if v.entry.phase not in (VMPhase.SUCCEEDED, VMPhase.SKIPPED))
     pods_on = Counter(p.node for p in ordinary) if s.spec.evict_pods else Counter()
-    node_done = {n: unfinished_on[n] == 0 and pods_on[n] == 0 for n in draining}
+    # A node is empty only when no VM it had to move still runs there, whatever the VMIs
+    # say: a launcher pod is where a VM runs (a source pod lingers until its VM has left).
+    skipped = {v.key for v in vms if v.entry.phase == VMPhase.SKIPPED}
+    launchers_on = Counter(p.node for p in s.launchers if p.vmi not in skipped)
+    node_done = {n: unfinished_on[n] == 0 and pods_on[n] == 0 and launchers_on[n] == 0
+                 for n in draining}
     if not s.spec.dry_run:
         nodes = _advance_wave(s, nodes, node_done)
     for e in nodes:
@@ -446,11 +452,15 @@ def plan_drain(s: DrainSnapshot) -> Decision:
 
     # Waiting nodes' VMs are the wave's pending work.
     pending_later = [v for k, v in s.vmis.items() if v.node in waiting and k not in scope]
-    return _status(s, decision, nodes, vms, pending_later, pods_left, concurrency, now)
+    lingering = sorted(p.key for p in s.launchers if p.vmi not in skipped
+                       and p.node in draining and unfinished_on[p.node] == 0)
+    return _status(s, decision, nodes, vms, pending_later, pods_left, concurrency, now,
+                   lingering)
 
 
 def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: list[_VM],
-            later: list[VMIInfo], pods_left: int, concurrency: int, now: str) -> Decision:
+            later: list[VMIInfo], pods_left: int, concurrency: int, now: str,
+            lingering: list[str]) -> Decision:
     phases = Counter(v.entry.phase for v in vms)
     counts = DrainCounts(
         total=len(vms) + len(later),
@@ -465,7 +475,7 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
                                       _concurrency(s, s.rules_for(v.key))) for v in later]
     slots = max(1, min(s.limits.per_cluster, concurrency * max(1, s.spec.max_unavailable)))
     left = makespan(remaining, slots)
-    finished = counts.pending == counts.migrating == 0 and pods_left == 0
+    finished = counts.pending == counts.migrating == 0 and pods_left == 0 and not lingering
     drained = finished and counts.failed == 0 and all(
         e.phase in (NodePhase.DRAINED, NodePhase.RELEASED) for e in nodes) if not \
         s.spec.dry_run else False
@@ -511,7 +521,9 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
             "nodes in maintenance are unschedulable" if cordoned else "cordoning")
         put("Drained", drained, "Drained" if drained else "Draining",
             ("every VM has left" + (f" ({counts.skipped} skipped)" if counts.skipped else ""))
-            if drained else progress)
+            if drained else progress + (
+                f"; virt-launcher pods still running: {', '.join(lingering[:5])}"
+                if lingering else ""))
         stalled_reason = None
         if failed_names and finished:
             stalled_reason = ("MigrationFailed", "could not move: " + ", ".join(failed_names[:10]))

@@ -116,6 +116,7 @@ class PodInfo:
     name: str
     node: str
     kind: str  # "launcher", "daemonset", "mirror", "terminating" or "ordinary"
+    vmi: str | None = None  # a launcher pod's VMI, namespace/name
 
     @property
     def key(self) -> str:

@@ -58,12 +58,16 @@ class Cluster:
         self.vmis = Informer(kube, rest.VMIS, on_event=self._notify("vmi"))
         self.vms = Informer(kube, rest.VMS, on_event=self._notify("vm"))
         self.vmims = Informer(kube, rest.VMIMS, on_event=self._notify("vmim"))
+        # virt-launcher pods: where VMs really run, and the CPU requirements KubeVirt keeps
+        # in their node selectors across moves.
+        self.launchers = Informer(kube, rest.PODS, label_selector="kubevirt.io=virt-launcher",
+                                  on_event=self._notify("pod"))
         self.kubevirts = Informer(kube, rest.KUBEVIRTS)
         self.policies = Informer(kube, rest.POLICIES, on_event=self._notify("policy"))
         self.namespaces = Informer(kube, rest.NAMESPACES)
         self.drains = Informer(kube, rest.NODE_DRAINS)
-        self._all = [self.nodes, self.vmis, self.vms, self.vmims, self.kubevirts, self.policies,
-                     self.namespaces, self.drains]
+        self._all = [self.nodes, self.vmis, self.vms, self.vmims, self.launchers,
+                     self.kubevirts, self.policies, self.namespaces, self.drains]
         self.admission = threading.Lock()  # one drain at a time decides what to start
 
     def _notify(self, kind: str) -> Callable[[str, JSON], None]:
@@ -113,13 +117,27 @@ class Cluster:
         return rules_from(policy, non_migratable)
 
     def usage(self) -> dict[str, tuple[float, float]]:
+        """What launcher pods request per node, as the scheduler counts it."""
         used: dict[str, tuple[float, float]] = {}
-        for obj in self.vmis.values():
-            info = views.vmi_info(obj)
-            if info.node and info.phase in ("Running", "Scheduled", "Scheduling"):
-                cpu, mem = used.get(info.node, (0.0, 0.0))
-                used[info.node] = (cpu + info.cpu, mem + info.memory)
+        for pod in self.launchers.values():
+            node = (pod.get("spec") or {}).get("nodeName")
+            if not node or not views.pod_running(pod):
+                continue
+            cpu, mem = views.pod_requests(pod)
+            c, m = used.get(node, (0.0, 0.0))
+            used[node] = (c + cpu, m + mem)
         return used
+
+    def _launcher_selectors(self) -> dict[str, dict[str, str]]:
+        """VMI key -> node selector of its launcher pod on the VMI's node."""
+        out: dict[str, dict[str, str]] = {}
+        for pod in self.launchers.values():
+            info = views.pod_info(pod)
+            if info.vmi and views.pod_running(pod):
+                vmi = self.vmis.get(info.vmi) or {}
+                if (vmi.get("status") or {}).get("nodeName") == info.node:
+                    out[info.vmi] = (pod.get("spec") or {}).get("nodeSelector") or {}
+        return out
 
     def conflict_for(self, drain: JSON, node_names: set[str]) -> str | None:
         """An older NodeDrain that already covers one of these nodes, if any."""
@@ -180,13 +198,15 @@ class Cluster:
                     if (v.get("status") or {}).get("nodeName") in drain_nodes
                     or key_of(v) in our_vmis or key_of(v) in quick_keys}
         policies = self.named_policies()
+        selectors = self._launcher_selectors()
         policy_ref = spec.policy_ref.name if spec.policy_ref else None
         rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable)
                  for k, v in vmi_objs.items()}
         return DrainSnapshot(
             name=name, generation=drain["metadata"].get("generation", 1), spec=spec,
             status=model.status or NodeDrainStatus(), now=self.clock.now(), nodes=nodes,
-            vmis={k: views.vmi_info(v, self._dirty_rate(k)) for k, v in vmi_objs.items()},
+            vmis={k: views.vmi_info(v, self._dirty_rate(k), selectors.get(k))
+                  for k, v in vmi_objs.items()},
             vms={k: views.vm_info(vm_objs[k]) for k in set(vmi_objs) | quick_keys
                  if k in vm_objs},
             migrations=[self._migration(m) for m in ours],
@@ -195,5 +215,8 @@ class Cluster:
             limits=views.kubevirt_limits(self.kubevirt()), rules=rules,
             conflict_with=self.conflict_for(drain, drain_nodes),
             pods=[views.pod_info(p) for p in pods or []],
+            launchers=[views.pod_info(p) for p in self.launchers.values()
+                       if views.pod_running(p) and (p.get("spec") or {}).get("nodeName")
+                       in drain_nodes],
             blocked_pods=blocked_pods or {}, usage=self.usage(), estimator=self.estimator,
         )

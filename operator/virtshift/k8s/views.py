@@ -130,10 +130,24 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> Migratio
         # Until KubeVirt schedules it, a pinned migration's target is its node selector's host.
         target=state.get("targetNode") or (spec.get("addedNodeSelector") or {}).get(
             "kubernetes.io/hostname"),
-        failure=state.get("failureReason"), mode=state.get("mode"),
+        failure=state.get("failureReason") or _unexplained_failure(status),
+        mode=state.get("mode"),
         downtime_ms=int(downtime) if downtime and downtime.isdigit() else None,
         terminating=bool(meta.get("deletionTimestamp")),
     )
+
+
+def _unexplained_failure(status: JSON) -> str | None:
+    """KubeVirt writes no failureReason for a migration that failed before its target was
+    handed off (migration.go updateStatus): say what the VMIM itself shows."""
+    if status.get("phase") != "Failed":
+        return None
+    if any(c.get("type") == "migrationAbortRequested" for c in status.get("conditions") or []):
+        return "cancelled before the target was ready"
+    reached = [t["phase"] for t in status.get("phaseTransitionTimestamps") or []
+               if t.get("phase") != "Failed"]
+    return (f"failed in phase {reached[-1] if reached else 'Pending'} with no reason from "
+            "KubeVirt (target pod unschedulable, removed or failed)")
 
 
 def pod_info(obj: JSON) -> PodInfo:
@@ -151,8 +165,27 @@ def pod_info(obj: JSON) -> PodInfo:
         kind = "terminating"
     else:
         kind = "ordinary"
+    vmi = (meta.get("annotations") or {}).get("kubevirt.io/domain") or labels.get(
+        "vm.kubevirt.io/name")
     return PodInfo(namespace=meta["namespace"], name=meta["name"],
-                   node=(obj.get("spec") or {}).get("nodeName", ""), kind=kind)
+                   node=(obj.get("spec") or {}).get("nodeName", ""), kind=kind,
+                   vmi=f"{meta['namespace']}/{vmi}" if kind == "launcher" and vmi else None)
+
+
+def pod_requests(obj: JSON) -> tuple[float, float]:
+    """(cores, bytes) the pod's containers request."""
+    cpu = mem = 0.0
+    for c in (obj.get("spec") or {}).get("containers") or []:
+        req = (c.get("resources") or {}).get("requests") or {}
+        cpu += parse_quantity(req.get("cpu", "0"))
+        mem += parse_quantity(req.get("memory", "0"))
+    return cpu, mem
+
+
+def pod_running(obj: JSON) -> bool:
+    """Not finished and not being deleted: its VM may still run in it."""
+    return not obj["metadata"].get("deletionTimestamp") and (obj.get("status") or {}).get(
+        "phase") not in ("Succeeded", "Failed")
 
 
 def kubevirt_limits(kv: JSON | None) -> KubeVirtLimits:
