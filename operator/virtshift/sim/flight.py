@@ -170,7 +170,8 @@ class Flight:
     abort_due: float | None = None
     downtime_ms: int | None = None
     dirty: bool = True  # status needs writing
-    finalized: bool = False  # the final state was copied and the finalizer removed
+    final_written: bool = False  # the final phase is on the VMIM
+    finalized: bool = False  # ... and then its finalizer was removed
 
     @property
     def done(self) -> bool:

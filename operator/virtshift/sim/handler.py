@@ -156,6 +156,7 @@ class Handler:
         self.freed_at = max(self.freed_at, now)
         old_pod, vm.node, vm.pod_name = vm.pod_name, flight.target, flight.target_pod or ""
         vm.pod_uid = flight.target_pod_uid
+        vm.pod_selector = dict(flight.pod_selector)
         vm.target_node_label = None
         vm.clear_evacuation = True
         if flight.volume_update is not None:

@@ -212,7 +212,8 @@ class MigrationController:
             assert flight.pod_ready_at is not None
             if now >= flight.pod_ready_at:
                 self.set_phase(flight, "Scheduled", flight.pod_ready_at)
-        elif flight.phase == "Scheduled":
+        elif flight.phase == "Scheduled" and not flight.dirty:
+            # The next reconcile, once Scheduled is written (sync, case Scheduled).
             self._handoff(flight, flight.phase_since)
         elif flight.phase == "PreparingTarget":
             since = flight.handed_off_at or flight.phase_since
@@ -308,7 +309,8 @@ class MigrationController:
                         "migrationState": state or None,
                         "conditions": f.conditions or None}
         self.patch_vmim(f, {"status": status}, subresource="status")
-        if f.done and not f.finalized:
+        if f.done and not f.finalized and f.final_written:
+            # A later reconcile than the one that made it final (updateStatus, IsFinal).
             f.finalized = True
             obj = self.vmims.get(f.key) or {}
             finalizers = [x for x in (obj.get("metadata") or {}).get("finalizers") or []
@@ -316,6 +318,9 @@ class MigrationController:
             self.patch_vmim(f, {"metadata": {"finalizers": finalizers or None}})
             if vm is not None:
                 self._collect_garbage(vm.spec.namespace, vm.spec.name)
+        elif f.done:
+            f.final_written = True
+            f.dirty = True
 
     def _collect_garbage(self: KubeVirtSim, namespace: str, vmi: str) -> None:
         """garbageCollectFinalizedMigrations: keep the 5 newest finished VMIMs of a VMI."""
