@@ -101,8 +101,9 @@ def test_migration_walks_kubevirts_phases_in_order(sim, fresh_cluster) -> None:
     assert state["startTimestamp"] <= state["endTimestamp"]
     assert done["status"]["migrationState"] == state
     assert int(done["metadata"]["annotations"]["sim.virtshift.io/downtime-ms"]) <= 300
-    assert "kubevirt.io/migrationJobFinalize" not in (done["metadata"].get("finalizers") or [])
     assert done["metadata"]["labels"]["kubevirt.io/vmi-name"] == "db-1"
+    wait_for(lambda: "kubevirt.io/migrationJobFinalize" not in (
+        kube.get(rest.VMIMS, "move-db-1", "prod")["metadata"].get("finalizers") or []))
 
 
 def test_deleting_a_vmim_mid_flight_aborts_it(sim, fresh_cluster) -> None:
