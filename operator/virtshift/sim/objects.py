@@ -233,5 +233,32 @@ def kubevirt_cr(settings: KubeVirtSettings) -> JSON:
     return {
         "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt",
         "metadata": {"name": "kubevirt", "namespace": KUBEVIRT_NAMESPACE},
-        "spec": {"configuration": {"migrations": migrations}},
+        "spec": {"configuration": {
+            "migrations": migrations,
+            "developerConfiguration": {"featureGates": list(settings.feature_gates)}}},
     }
+
+
+def kubevirt_status(settings: KubeVirtSettings) -> JSON:
+    """What virt-operator reports once a release is deployed (pkg/virt-operator/util:
+    SetObservedDeploymentConfig, SetTargetDeploymentConfig, UpdateConditionsCreated and
+    UpdateConditionsAvailable)."""
+    release, registry = settings.release, "quay.io/kubevirt"
+    ready = "All components are ready."
+    return {"status": {
+        "phase": "Deployed",
+        "observedKubeVirtVersion": release, "targetKubeVirtVersion": release,
+        "operatorVersion": release,
+        "observedKubeVirtRegistry": registry, "targetKubeVirtRegistry": registry,
+        "defaultArchitecture": "amd64",
+        "conditions": [
+            {"type": "Available", "status": "True", "reason": "AllComponentsReady",
+             "message": ready},
+            {"type": "Progressing", "status": "False", "reason": "AllComponentsReady",
+             "message": ready},
+            {"type": "Degraded", "status": "False", "reason": "AllComponentsReady",
+             "message": ready},
+            {"type": "Created", "status": "True", "reason": "AllResourcesCreated",
+             "message": "All resources were created."},
+        ],
+    }}
