@@ -16,6 +16,7 @@ from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec,
 JSON = dict[str, Any]
 SIM_DRIVER = "sim.virtshift.io"
 KUBEVIRT_NAMESPACE = "kubevirt"
+DOMAIN_ANNOTATION = "kubevirt.io/domain"  # on launcher pods: the VMI name (DomainAnnotation)
 START_CPU_MODEL_LABEL = "cpu-model.node.kubevirt.io/"  # what a (non-migration) start needs
 
 
@@ -200,6 +201,7 @@ def launcher_pod(vm: VMSpec, vmi_uid: str, name: str, node_name: str | None,
             "name": name, "namespace": vm.namespace,
             "labels": {LAUNCHER_LABEL: "virt-launcher", CREATED_BY: vmi_uid,
                        "vm.kubevirt.io/name": vm.name, **vm.labels},
+            "annotations": {DOMAIN_ANNOTATION: vm.name},
             "ownerReferences": [{"apiVersion": "kubevirt.io/v1",
                                  "kind": "VirtualMachineInstance", "name": vm.name,
                                  "uid": vmi_uid, "controller": True,
