@@ -100,13 +100,17 @@ def test_migration_walks_kubevirts_phases_in_order(sim, fresh_cluster) -> None:
     assert "kubevirt.io/migrationJobFinalize" in done["metadata"]["finalizers"]
 
 
-def test_non_migratable_vmi_fails_with_kubevirts_reason(sim, fresh_cluster) -> None:
+def test_non_migratable_vmi_is_refused_with_kubevirts_reason(sim, fresh_cluster) -> None:
+    """virt-api refuses the VMIM itself (migration-create-admitter.go: isMigratable)."""
     kube = fresh_cluster.kube
-    kube.create(rest.VMIMS, vmim("move-gpu-1", "prod", "gpu-1"))
-    done = final_vmim(kube, "move-gpu-1", "prod")
-    assert done["status"]["phase"] == "Failed"
-    reason = done["status"]["migrationState"]["failureReason"]
-    assert reason.startswith("Cannot migrate VMI, Reason: HostDeviceNotLiveMigratable")
+    with pytest.raises(rest.ApiError) as err:
+        kube.create(rest.VMIMS, vmim("move-gpu-1", "prod", "gpu-1"))
+    assert err.value.status == 400
+    assert err.value.message == (
+        'admission webhook "migration-create-validator.kubevirt.io" denied the request: '
+        "Cannot migrate VMI, Reason: HostDeviceNotLiveMigratable, Message: VMI uses a feature "
+        "that prevents live migration (HostDeviceNotLiveMigratable)")
+    assert kube.get(rest.VMIMS, "move-gpu-1", "prod") is None
     assert kube.get(rest.VMIS, "gpu-1", "prod")["status"]["nodeName"] == "node-1"
 
 

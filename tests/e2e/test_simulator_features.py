@@ -256,11 +256,12 @@ def test_node_local_disks_block_live_migration(kube) -> None:
     assert pv["spec"]["accessModes"] == ["ReadWriteOnce"]
     terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["sky-1"]
-    migrate(kube, "move-local-1", "local-1")
-    done = final_vmim(kube, "move-local-1")
-    assert done["status"]["phase"] == "Failed"
-    assert done["status"]["migrationState"]["failureReason"].startswith(
-        "Cannot migrate VMI, Reason: DisksNotLiveMigratable")
+    # virt-api refuses the migration (migration-create-admitter.go: isMigratable).
+    with pytest.raises(rest.ApiError) as err:
+        migrate(kube, "move-local-1", "local-1")
+    assert err.value.status == 400
+    assert "denied the request: Cannot migrate VMI, Reason: DisksNotLiveMigratable" in \
+        err.value.message
     assert vmi(kube, "local-1")["status"]["nodeName"] == "sky-1"
 
 
@@ -282,13 +283,15 @@ def test_volume_migration_must_move_every_node_local_disk(kube) -> None:
     # leaves it pinned, so KubeVirt refuses; moving the data disk to shared storage frees it.
     new_claim(kube, "local-2-root-b", "ceph-rbd")
     update_volumes(kube, "local-2", {"rootdisk": "local-2-root-b"})
-    first = wait_for(lambda: workload_update_vmims(kube, "local-2"))[0]
-    failed = final_vmim(kube, first["metadata"]["name"])
-    assert failed["status"]["phase"] == "Failed"
-    assert "DisksNotLiveMigratable" in failed["status"]["migrationState"]["failureReason"]
-    time.sleep(0.5)  # 25 simulated seconds (a retry every tick would make 5 more by now);
-    # backing off 20s, 40s, 80s... allows at most 2 more even if this machine is slow.
-    assert len(workload_update_vmims(kube, "local-2")) <= 3
+    # The root disk is recorded as migrating, yet the data disk keeps the VMI non-migratable,
+    # so virt-api admits no migration (migration-create-admitter.go: isMigratable).
+    recorded = wait_for(lambda: (v := vmi(kube, "local-2")) and
+                        v["status"].get("migratedVolumes") and v)
+    assert [m["volumeName"] for m in recorded["status"]["migratedVolumes"]] == ["rootdisk"]
+    assert conditions(recorded)["LiveMigratable"]["reason"] == "DisksNotLiveMigratable"
+    time.sleep(0.5)  # 25 simulated seconds
+    assert workload_update_vmims(kube, "local-2") == []
+    assert vmi(kube, "local-2")["status"]["nodeName"] == "sky-1"
 
     new_claim(kube, "local-2-data-b", "ceph-rbd")
     update_volumes(kube, "local-2", {"rootdisk": "local-2-root-b", "data": "local-2-data-b"})
@@ -412,10 +415,17 @@ def test_policy_bandwidth_slows_a_migration(kube) -> None:
         "migrationConfiguration"]
 
 
-def test_a_queued_migration_starts_from_where_the_vm_is_now(kube) -> None:
+def test_one_migration_per_vmi_and_the_next_starts_from_where_the_vm_is_now(kube) -> None:
     migrate(kube, "move-twice-1-a", "twice-1")
-    migrate(kube, "move-twice-1-b", "twice-1")  # waits: one migration per VMI at a time
+    # One unfinished migration per VMI (migration-create-admitter.go: ensureNoMigrationConflict).
+    with pytest.raises(rest.ApiError) as err:
+        migrate(kube, "move-twice-1-b", "twice-1")
+    uid = kube.get(rest.VMIMS, "move-twice-1-a", "prod")["metadata"]["uid"]
+    assert err.value.status == 400 and err.value.message.endswith(
+        f"in-flight migration detected. Active migration job ({uid}) is currently already in "
+        "progress for VMI twice-1.")
     first = final_vmim(kube, "move-twice-1-a")
+    migrate(kube, "move-twice-1-b", "twice-1")
     second = final_vmim(kube, "move-twice-1-b")
     assert first["status"]["phase"] == second["status"]["phase"] == "Succeeded"
     a, b = first["status"]["migrationState"], second["status"]["migrationState"]

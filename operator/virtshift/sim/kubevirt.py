@@ -232,7 +232,8 @@ class KubeVirtSim:
                 cfg.allow_auto_converge = bool(spec["allowAutoConverge"])
             if "allowPostCopy" in spec:
                 cfg.allow_post_copy = bool(spec["allowPostCopy"])
-            if "maxDowntimeMs" in spec:
+            # KubeVirt hands maxDowntimeMs to QEMU only with stall detection (1.9+, gated).
+            if "maxDowntimeMs" in spec and self.scenario.kubevirt.migration_stall_detection:
                 cfg.max_downtime = float(spec["maxDowntimeMs"]) / 1000
         return cfg
 
@@ -453,7 +454,21 @@ class KubeVirtSim:
                     "metadata": {"name": name, "namespace": vm.spec.namespace,
                                  "annotations": {"kubevirt.io/workloadUpdateMigration": ""}},
                     "spec": {"vmiName": vm.spec.name}}
-            created = self.kube.create(rest.VMIMS, body)
+            # virt-api admits the VMIM by the VMI's LiveMigratable, which leaves out the volumes
+            # recorded as migrating; a refusal (a node-local disk left behind) backs off.
+            shared = {sc.name: sc.access_mode == "ReadWriteMany"
+                      for sc in self.scenario.storage_classes}
+            vmi = self.kube.get(rest.VMIS, vm.spec.name, vm.spec.namespace) or {}
+            self.kube.patch(rest.VMIS, vm.spec.name, objects.migrated_volumes_status(
+                vm.spec, vm.claims, wanted, shared, vmi, self.clock.stamp(now)), vm.spec.namespace)
+            try:
+                created = self.kube.create(rest.VMIMS, body)
+            except ApiError as exc:
+                log.info("volume migration of %s refused: %s", vm.key, exc.message)
+                failures = self.volume_retry.get(vm.key, (0, 0.0))[0] + 1
+                self.volume_retry[vm.key] = (failures, now + min(
+                    VOLUME_RETRY_MAX, VOLUME_RETRY_BASE * 2 ** (failures - 1)))
+                continue
             self.vmims.put(created)
             flight = self._register(created, now)
             if flight:
@@ -500,8 +515,14 @@ class KubeVirtSim:
             body = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
                     "metadata": {"name": name, "namespace": vm.spec.namespace,
                                  "annotations": {"kubevirt.io/evacuationMigration": node}},
-                    "spec": {"vmiName": vm.spec.name, "priority": "system-critical"}}
-            created = self.kube.create(rest.VMIMS, body)
+                    "spec": {"vmiName": vm.spec.name}}
+            if self.scenario.kubevirt.migration_priority_queue:  # before 1.9: only when gated
+                body["spec"]["priority"] = "system-critical"
+            try:
+                created = self.kube.create(rest.VMIMS, body)
+            except ApiError as exc:  # virt-api refused it (e.g. another migration in flight)
+                log.info("evacuation of %s refused: %s", vmi_key, exc.message)
+                continue
             self.vmims.put(created)
             self._register(created, now)
 

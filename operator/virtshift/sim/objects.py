@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from virtshift.api.kubevirt import (
@@ -149,15 +150,18 @@ def vm_status(ready: bool = True, run_strategy: str = "Always") -> JSON:
                        "runStrategy": run_strategy}}
 
 
-def not_migratable(vm: VMSpec, shared: dict[str, bool]) -> tuple[str, str] | None:
+def not_migratable(vm: VMSpec, shared: dict[str, bool],
+                   migrated: Collection[str] = ()) -> tuple[str, str] | None:
     """KubeVirt's (reason, message) for a VMI that cannot live-migrate, or None.
 
-    ``shared`` says per storage class whether its volumes are ReadWriteMany."""
+    ``shared`` says per storage class whether its volumes are ReadWriteMany; volumes named in
+    ``migrated`` (the VMI's status.migratedVolumes) move with the VM and need not be shared
+    (virt-handler's checkVolumesForMigration)."""
     if not vm.live_migratable:
         reason = vm.not_migratable_reason or "NotMigratable"
         return reason, f"VMI uses a feature that prevents live migration ({reason})"
     for vol in vm.volumes:
-        if not shared[vol.storage_class]:
+        if not shared[vol.storage_class] and vol.name not in migrated:
             return ("DisksNotLiveMigratable",
                     f"cannot migrate VMI: PVC {vol.claim_name} is not shared, live migration "
                     "requires that all PVCs must be shared (using ReadWriteMany access mode)")
@@ -176,6 +180,23 @@ def vmi_conditions(blocker: tuple[str, str] | None, stamp: str) -> list[JSON]:
         {"type": "StorageLiveMigratable", "status": "True" if storage_migratable else "False",
          "lastProbeTime": None, "lastTransitionTime": stamp},
     ]
+
+
+def migrated_volumes_status(vm: VMSpec, claims: dict[str, str], wanted: dict[str, str],
+                            shared: dict[str, bool], vmi: JSON, stamp: str) -> JSON:
+    """The VMI status patch KubeVirt makes before a volume migration's VMIM exists: the VM
+    controller records ``status.migratedVolumes`` (source and destination claims), and
+    virt-handler's LiveMigratable condition then leaves those volumes out, so virt-api admits
+    the migration when every non-shared disk moves (and refuses it otherwise)."""
+    moved = {n: c for n, c in wanted.items() if claims.get(n) not in (None, c)}
+    blocker = not_migratable(vm, shared, migrated=moved)
+    fresh = next(c for c in vmi_conditions(blocker, stamp) if c["type"] == "LiveMigratable")
+    conditions = [fresh if c.get("type") == "LiveMigratable" and
+                  (c.get("status"), c.get("reason")) != (fresh["status"], fresh.get("reason"))
+                  else c for c in (vmi.get("status") or {}).get("conditions") or []]
+    return {"status": {"conditions": conditions, "migratedVolumes": [
+        {"volumeName": name, "sourcePVCInfo": {"claimName": claims[name]},
+         "destinationPVCInfo": {"claimName": claim}} for name, claim in sorted(moved.items())]}}
 
 
 def virtual_machine_instance(vm: VMSpec, vm_uid: str) -> JSON:
