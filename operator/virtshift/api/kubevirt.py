@@ -12,4 +12,3 @@ MIGRATION_PHASES = ("Pending", "Scheduling", "Scheduled", "PreparingTarget", "Ta
                     "Running", "Succeeded", "Failed")
 IN_FLIGHT_PHASES = ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running")
 FINAL_PHASES = ("Succeeded", "Failed")
-SYSTEM_MAINTENANCE = "system-maintenance"

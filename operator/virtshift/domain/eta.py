@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from virtshift.api.units import GiB
-from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME, Prediction, Transfer, predict
+from virtshift.domain.physics import Prediction, Transfer, predict
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import VMIInfo
 
@@ -38,7 +38,7 @@ class Estimator:
         return predict(Transfer(
             memory=vmi.memory, dirty_rate=vmi.dirty_rate or 0.0,
             bandwidth=self.bandwidth(rules, node_bandwidth, concurrency),
-            max_downtime=rules.max_downtime or QEMU_DEFAULT_DOWNTIME,
+            max_downtime=rules.switchover_downtime,
             auto_converge=rules.allow_auto_converge, post_copy=rules.allow_post_copy,
             # KubeVirt aborts (or, allowing post-copy, switches) at these limits.
             completion_timeout=rules.completion_timeout_per_gib * max(vmi.memory / GiB, 1.0),

@@ -8,7 +8,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from virtshift.api.kubevirt import SYSTEM_MAINTENANCE
 from virtshift.domain.drain import CORDONED_BY, Decision, NewMigration, stamp
 from virtshift.domain.naming import label_value
 from virtshift.k8s import rest, views
@@ -26,7 +25,9 @@ def migration_body(m: NewMigration, drain: JSON) -> JSON:
               "app.kubernetes.io/managed-by": MANAGER}
     if m.policy:
         labels[views.POLICY_LABEL] = label_value(m.policy)
-    spec: JSON = {"vmiName": m.vmi, "priority": SYSTEM_MAINTENANCE}
+    # No spec.priority: KubeVirt accepts it only from its own virt-controller
+    # (migration-create-admitter.go), and before v1.9 only with MigrationPriorityQueue.
+    spec: JSON = {"vmiName": m.vmi}
     if m.selector:
         spec["addedNodeSelector"] = dict(m.selector)
     return {
