@@ -37,8 +37,13 @@ class Simulator:
     webhook: AdmissionWebhooks | None
     metrics: VirtHandlerMetrics
     identities: Identities
+    stopped: bool = False
 
     def stop(self) -> None:
+        """Remove the webhook configurations and stop every part (once; later calls return)."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.webhook:
             self.webhook.stop()
         self.metrics.stop()
