@@ -12,9 +12,11 @@ differ). The webhook server (``virtshift.sim.webhook``) serves them on KubeVirt'
 carries out the one side effect a decision can ask for: marking a VMI for evacuation.
 
 Not modelled: the OpenAPI schema checks (``webhookutils.ValidateSchema``; the API server
-validates against KubeVirt's CRD schemas already), the VM template's full VMI spec validation,
-instancetypes and preferences, the snapshot/restore status rules, VMI hotplug and node-restriction
-checks, and the stall detector's factor ranges.
+validates against KubeVirt's CRD schemas already), the VM template's metadata and full VMI spec
+validation, instancetypes and preferences, the DataVolumeTemplate namespace check, the
+snapshot/restore status rules, VMI hotplug and node-restriction checks, the stall detector's
+factor ranges, and the webhooks this simulator has no use for (VMI create, replica sets, pools,
+snapshots, exports, clones, instancetypes, the status validator).
 """
 
 from __future__ import annotations
