@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--scenario", required=True, help="scenario YAML (examples/scenarios/)")
     sim.add_argument("--kubeconfig", default=None)
     sim.add_argument("--no-webhook", dest="webhook", action="store_false",
-                     help="do not register the virt-launcher eviction webhook")
+                     help="do not serve virt-api's admission webhooks")
     sim.add_argument("--metrics-port", type=int, default=0,
                      help="port of the simulated virt-handler metrics (0: any free port)")
     sim.set_defaults(func=_sim)

@@ -19,7 +19,10 @@ from virtshift.sim.scenario import load_scenario
 SCENARIO = """
 seed: 5
 timeScale: 40
-kubevirt: {parallelMigrationsPerCluster: 5, parallelOutboundMigrationsPerNode: 2}
+# MigrationStallDetection: KubeVirt v1.9 takes maxDowntimeMs only with it (until the test that
+# turns it off).
+kubevirt: {parallelMigrationsPerCluster: 5, parallelOutboundMigrationsPerNode: 2,
+           featureGates: [MigrationStallDetection]}
 network: {nodeBandwidth: 1Gi, targetPodStartup: 2s}
 nodes:
   - generate: {count: 3, prefix: node-, start: 1, allocatable: {cpu: "64", memory: 256Gi}}
@@ -229,6 +232,29 @@ def test_a_drain_migrates_under_the_rendered_policy(kube) -> None:
     kube.delete(rest.NODE_DRAINS, "drain-db")  # ends maintenance (the finalizer may lag)
     wait_for(lambda: not kube.get(rest.NODES, node)["spec"].get("unschedulable"),
              timeout=TIMEOUT, what="uncordoned")
+
+
+def test_without_stall_detection_max_downtime_is_not_rendered(kube) -> None:
+    """KubeVirt v1.9 refuses maxDowntimeMs without MigrationStallDetection
+    (migrationpolicy-admitter.go: (*MigrationPolicyAdmitter).Admit). When the gate goes, the
+    operator renders its policies without the field (removing it is admitted)."""
+    kube.patch(rest.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {
+        "developerConfiguration": {"featureGates": []}}}}, "kubevirt")
+    wait_for(lambda: all("maxDowntimeMs" not in p["spec"]
+                         for p in kubevirt_policies(kube).values()),
+             timeout=TIMEOUT, what="maxDowntimeMs no longer rendered")
+    assert kubevirt_policies(kube)["virtshift-db-critical"]["spec"]["selectors"] == {
+        "virtualMachineInstanceSelector": {POLICY: "db-critical"}}
+    with pytest.raises(rest.ApiError) as err:
+        kube.create(rest.KUBEVIRT_POLICIES, {
+            "apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+            "metadata": {"name": "by-hand"},
+            "spec": {"maxDowntimeMs": 300, "selectors": {}}})
+    assert err.value.status == 422
+    assert err.value.message == (
+        'admission webhook "migration-policy-validator.kubevirt.io" denied the request: '
+        "maxDowntimeMs cannot be modified without enabling the MigrationStallDetection feature "
+        "gate")
 
 
 def test_deleting_policies_removes_what_they_rendered_and_their_labels(kube) -> None:

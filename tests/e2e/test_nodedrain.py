@@ -155,7 +155,12 @@ def test_drain_moves_every_migratable_vm_within_every_limit(env) -> None:
     assert max(len([m for m in s if m.get("status", {}).get("phase") not in FINAL_PHASES])
                for s in sampler.samples) == limits.parallel_outbound_migrations_per_node
     ours = migrations_of(kube, "drain-node-1")
-    assert all("priority" not in m["spec"] for m in ours)  # only virt-controller may set it
+    # Only KubeVirt's own virt-controller may set spec.priority (migration-create-admitter.go:
+    # hasRequestOriginatedFromVirtController); ours carry none, and KubeVirt's mutator labelled
+    # and finalized them (migration-create-mutator.go).
+    assert ours and all("priority" not in m["spec"] for m in ours)
+    assert all(m["metadata"]["labels"]["kubevirt.io/vmi-name"] == m["spec"]["vmiName"]
+               for m in ours)
     RESULTS["makespan"] = makespan_seconds(ours)
 
 

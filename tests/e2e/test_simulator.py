@@ -106,6 +106,20 @@ def test_migration_walks_kubevirts_phases_in_order(sim, fresh_cluster) -> None:
         kube.get(rest.VMIMS, "move-db-1", "prod")["metadata"].get("finalizers") or []))
 
 
+def test_non_migratable_vmi_is_refused_with_kubevirts_reason(sim, fresh_cluster) -> None:
+    """virt-api refuses the VMIM itself (migration-create-admitter.go: isMigratable)."""
+    kube = fresh_cluster.kube
+    with pytest.raises(rest.ApiError) as err:
+        kube.create(rest.VMIMS, vmim("move-gpu-1", "prod", "gpu-1"))
+    assert err.value.status == 400
+    assert err.value.message == (
+        'admission webhook "migration-create-validator.kubevirt.io" denied the request: '
+        "Cannot migrate VMI, Reason: HostDeviceNotLiveMigratable, Message: VMI uses a feature "
+        "that prevents live migration (HostDeviceNotLiveMigratable)")
+    assert kube.get(rest.VMIMS, "move-gpu-1", "prod") is None
+    assert kube.get(rest.VMIS, "gpu-1", "prod")["status"]["nodeName"] == "node-1"
+
+
 def test_deleting_a_vmim_mid_flight_aborts_it(sim, fresh_cluster) -> None:
     """migration.go markMigrationAbortInVmiStatus (once Running) and the source handler's
     abort: abortRequested, abortStatus Succeeded, and (1.9) "Live migration has been aborted"

@@ -268,6 +268,13 @@ def test_node_local_disks_are_not_live_migratable(kube) -> None:
     assert pv["spec"]["accessModes"] == ["ReadWriteOnce"]
     terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["sky-1"]
+    # virt-api refuses the migration (migration-create-admitter.go: isMigratable).
+    with pytest.raises(rest.ApiError) as err:
+        migrate(kube, "move-local-1", "local-1")
+    assert err.value.status == 400
+    assert "denied the request: Cannot migrate VMI, Reason: DisksNotLiveMigratable" in \
+        err.value.message
+    assert vmi(kube, "local-1")["status"]["nodeName"] == "sky-1"
 
 
 def test_shared_nothing_volume_migration_moves_the_vm(kube) -> None:
@@ -445,10 +452,17 @@ def test_policy_bandwidth_slows_a_migration(kube) -> None:
     assert "migrationPolicyName" not in fast["status"]["migrationState"]
 
 
-def test_a_queued_migration_starts_from_where_the_vm_is_now(kube) -> None:
+def test_one_migration_per_vmi_and_the_next_starts_from_where_the_vm_is_now(kube) -> None:
     migrate(kube, "move-twice-1-a", "twice-1")
-    migrate(kube, "move-twice-1-b", "twice-1")  # waits: one migration per VMI at a time
+    # One unfinished migration per VMI (migration-create-admitter.go: ensureNoMigrationConflict).
+    with pytest.raises(rest.ApiError) as err:
+        migrate(kube, "move-twice-1-b", "twice-1")
+    uid = kube.get(rest.VMIMS, "move-twice-1-a", "prod")["metadata"]["uid"]
+    assert err.value.status == 400 and err.value.message.endswith(
+        f"in-flight migration detected. Active migration job ({uid}) is currently already in "
+        "progress for VMI twice-1.")
     first = final_vmim(kube, "move-twice-1-a")
+    migrate(kube, "move-twice-1-b", "twice-1")
     second = final_vmim(kube, "move-twice-1-b")
     assert first["status"]["phase"] == second["status"]["phase"] == "Succeeded"
     a, b = first["status"]["migrationState"], second["status"]["migrationState"]

@@ -343,6 +343,28 @@ def test_post_copy_pause_still_counts_against_max_downtime() -> None:
     assert (e.phase, e.reason) == ("Failed", "NotConverging")  # 50 ms post-copy pause > 10 ms
 
 
+@pytest.mark.parametrize(("applies", "action", "downtime"), [
+    (True, "Migrate", (0.0, 0.1)),  # QEMU waits for a 100 ms stop-and-copy
+    (False, "Abort", (0.1, 0.3)),  # QEMU switches over at its own 300 ms: too long a pause
+])
+def test_max_downtime_is_predicted_with_the_limit_qemu_really_gets(applies, action,
+                                                                     downtime) -> None:
+    """maxDowntime reaches QEMU only when KubeVirt takes maxDowntimeMs (v1.9 with
+    MigrationStallDetection); otherwise virtshift holds it by prediction against QEMU's 300 ms
+    switch-over, and walks the ladder when the pause would be longer."""
+    from virtshift.domain.downtime import choose
+    from virtshift.domain.eta import Estimator
+
+    rules = Rules(max_downtime=0.1, kubevirt_applies_max_downtime=applies)
+    assert rules.switchover_downtime == (0.1 if applies else 0.3)
+    warm = vmi("warm", memory=4 * GiB, dirty_rate=0.5 * GiB)  # lambda 0.5 at 1 GiB/s
+    choice = choose(warm, rules, Estimator(node_bandwidth=GiB), None, 1)
+    assert choice.action == action
+    assert choice.predicted.converges and downtime[0] < choice.predicted.downtime <= downtime[1]
+    if not applies:
+        assert choice.reason == "DowntimeExceeded"
+
+
 def _window(schedule: str, duration: str):
     from virtshift.api.migrationpolicy import Window
 

@@ -64,7 +64,8 @@ RENDER_CASES = [
 
 @pytest.mark.parametrize(("fields", "expected", "modes"), RENDER_CASES)
 def test_render(fields: dict, expected: dict, modes: list[str]) -> None:
-    out = p.render("gold", "uid-1", spec(**fields))
+    """With the KubeVirt CR enabling MigrationStallDetection (v1.9+), maxDowntime is rendered."""
+    out = p.render("gold", "uid-1", spec(**fields), max_downtime=True)
     names = [o["metadata"]["name"] for o in out]
     assert names == ["virtshift-gold"] + [
         {"AutoConverge": "virtshift-gold-autoconverge",
@@ -86,6 +87,39 @@ def test_render(fields: dict, expected: dict, modes: list[str]) -> None:
                      "PostCopy": {"allowPostCopy": True, "completionTimeoutPerGiB": 1}}[mode]
         assert obj["spec"] == {**expected, **extra,
                                "selectors": {"virtualMachineInstanceSelector": selector}}
+
+
+@pytest.mark.parametrize(("fields", "expected", "modes"), RENDER_CASES)
+def test_render_leaves_max_downtime_out_unless_kubevirt_takes_it(fields: dict, expected: dict,
+                                                                 modes: list[str]) -> None:
+    """KubeVirt v1.9 refuses maxDowntimeMs without MigrationStallDetection
+    (migrationpolicy-admitter.go); v1.7 and v1.8 have no such field. Everything else stays."""
+    gated = p.render("gold", "uid-1", spec(**fields), max_downtime=True)
+    plain = p.render("gold", "uid-1", spec(**fields))
+    assert len(plain) == len(gated)
+    for without, with_it in zip(plain, gated, strict=True):
+        assert "maxDowntimeMs" not in without["spec"]
+        assert without["spec"] == {k: v for k, v in with_it["spec"].items()
+                                   if k != "maxDowntimeMs"}
+
+
+@pytest.mark.parametrize(("kv", "applies"), [
+    (None, False),
+    ({"status": {"observedKubeVirtVersion": "v1.9.0"}}, False),
+    ({"spec": {"configuration": {"developerConfiguration": {
+        "featureGates": ["MigrationStallDetection"]}}},
+      "status": {"observedKubeVirtVersion": "v1.9.0"}}, True),
+    ({"spec": {"configuration": {"developerConfiguration": {
+        "featureGates": ["MigrationStallDetection"]}}},
+      "status": {"observedKubeVirtVersion": "v1.10.2"}}, True),
+    ({"spec": {"configuration": {"developerConfiguration": {
+        "featureGates": ["MigrationStallDetection"]}}},
+      "status": {"observedKubeVirtVersion": "v1.8.4"}}, False),  # no such field before 1.9
+    ({"spec": {"configuration": {"developerConfiguration": {
+        "featureGates": ["MigrationStallDetection"]}}}}, True),  # version not reported yet
+])
+def test_kubevirt_takes_max_downtime_only_with_stall_detection(kv: Any, applies: bool) -> None:
+    assert views.kubevirt_applies_max_downtime(kv) is applies
 
 
 def test_render_long_names_stay_valid_and_distinct() -> None:

@@ -27,6 +27,7 @@ FORMAT_EXAMPLE = """\
 seed: 7
 timeScale: 60
 kubevirt:
+  version: "1.9"
   parallelMigrationsPerCluster: 5
   parallelOutboundMigrationsPerNode: 2
   bandwidthPerMigration: 0
@@ -190,6 +191,24 @@ def test_generate_expands_in_order_round_robin_with_a_root_disk() -> None:
                                          size=20 * GiB, storage_class="ceph-rbd")]
 
 
+@pytest.mark.parametrize(("kubevirt", "release", "priority_queue", "stall_detection"), [
+    ({}, "v1.9.0", True, False),
+    ({"version": "1.9", "featureGates": ["MigrationStallDetection"]}, "v1.9.0", True, True),
+    ({"version": 1.9}, "v1.9.0", True, False),  # an unquoted version reads as a number
+    ({"version": "1.8"}, "v1.8.4", False, False),
+    ({"version": "1.8", "featureGates": ["MigrationPriorityQueue"]}, "v1.8.4", True, False),
+    ({"version": "1.7", "featureGates": ["MigrationPriorityQueue", "Sidecar"]}, "v1.7.4", True,
+     False),
+])
+def test_kubevirt_version_and_feature_gates(kubevirt: dict, release: str, priority_queue: bool,
+                                            stall_detection: bool) -> None:
+    settings = parse_scenario(_scenario() | {"kubevirt": kubevirt}).kubevirt
+    assert settings.release == release
+    assert settings.feature_gates == tuple(kubevirt.get("featureGates", ()))
+    assert settings.migration_priority_queue is priority_queue
+    assert settings.migration_stall_detection is stall_detection
+
+
 def test_defaults() -> None:
     scenario = parse_scenario({"nodes": [{"name": "n", "allocatable": {"cpu": 2, "memory": "8Gi"}}],
                                "vms": [{"name": "v", "node": "n", "memory": "1Gi"}]})
@@ -198,6 +217,7 @@ def test_defaults() -> None:
     assert scenario.kubevirt.parallel_migrations_per_cluster == 5
     assert scenario.kubevirt.parallel_outbound_migrations_per_node == 2
     assert scenario.kubevirt.completion_timeout_per_gib == 150
+    assert (scenario.kubevirt.version, scenario.kubevirt.feature_gates) == ("1.9", ())
     assert scenario.network.node_bandwidth == 10 * GiB
     assert scenario.network.target_pod_startup == 10.0
     node, vm = scenario.nodes[0], scenario.vms[0]
@@ -252,6 +272,21 @@ BAD = [  # (override of BASE's top-level sections, a problem line must start wit
     ("kubevirt: {allowPostCopy: maybe}", "kubevirt.allowPostCopy: must be true or false"),
     ("kubevirt: {bandwidthPerMigration: -64Mi}",
      "kubevirt.bandwidthPerMigration: must be 0 or more"),
+    ("kubevirt: {version: '1.6'}",
+     "kubevirt.version: '1.6' is not a supported KubeVirt version (one of 1.7, 1.8, 1.9)"),
+    ("kubevirt: {version: v1.9.0}", "kubevirt.version: 'v1.9.0' is not a supported"),
+    ("kubevirt: {featureGates: MigrationPriorityQueue}",
+     "kubevirt.featureGates: must be a list of feature gate names"),
+    ("kubevirt: {featureGates: [migration-priority-queue]}",
+     "kubevirt.featureGates[0]: 'migration-priority-queue' is not a feature gate name"),
+    ("kubevirt: {featureGates: [Sidecar, 7]}",
+     "kubevirt.featureGates[1]: 7 is not a feature gate name"),
+    ("kubevirt: {featureGates: [Sidecar, Sidecar]}",
+     "kubevirt.featureGates[1]: duplicate feature gate 'Sidecar' (also at [0])"),
+    ("kubevirt: {version: '1.8', featureGates: [MigrationStallDetection]}",
+     "kubevirt.featureGates[0]: MigrationStallDetection is not a feature gate of KubeVirt 1.8"),
+    ("kubevirt: {featureGate: [Sidecar]}",
+     "kubevirt.featureGate: unknown field (did you mean featureGates?)"),
     ("network: {nodeBandwidth: 0}", "network.nodeBandwidth: must be greater than 0"),
     ("network: {targetPodStartup: 10 parsecs}",
      "network.targetPodStartup: '10 parsecs' is not a duration"),

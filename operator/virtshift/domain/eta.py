@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from virtshift.api.units import GiB
 from virtshift.domain.physics import (
-    QEMU_DEFAULT_DOWNTIME,
     Prediction,
     Transfer,
     completion_limit,
@@ -44,9 +43,7 @@ class Estimator:
         return predict(Transfer(
             memory=vmi.memory, dirty_rate=vmi.dirty_rate or 0.0,
             bandwidth=self.bandwidth(rules, node_bandwidth, concurrency),
-            # KubeVirt's legacy convergence path never sets a downtime limit: QEMU's applies.
-            # maxDowntime is what the prediction is judged against, not what KubeVirt does.
-            max_downtime=QEMU_DEFAULT_DOWNTIME,
+            max_downtime=rules.switchover_downtime,
             auto_converge=rules.allow_auto_converge, post_copy=rules.allow_post_copy,
             # KubeVirt aborts (or, allowing post-copy, switches) at these limits.
             completion_timeout=completion_limit(rules.completion_timeout_per_gib, vmi.memory),

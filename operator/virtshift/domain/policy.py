@@ -94,11 +94,14 @@ def max_downtime_ms(spec: MigrationPolicySpec) -> int | None:
     return min(max(ms, lo), hi)
 
 
-def kubevirt_spec(spec: MigrationPolicySpec) -> JSON:
+def kubevirt_spec(spec: MigrationPolicySpec, max_downtime: bool = False) -> JSON:
     """The fields KubeVirt applies itself, only those the policy sets (selectors aside).
 
     allowAutoConverge and allowPostCopy are rendered when the policy sets them explicitly (also
-    to false), so KubeVirt's cluster-wide defaults apply only to what the policy leaves open."""
+    to false), so KubeVirt's cluster-wide defaults apply only to what the policy leaves open.
+    maxDowntimeMs only when ``max_downtime``: KubeVirt v1.9 refuses the field without the
+    MigrationStallDetection gate (and only then passes it to QEMU), earlier releases do not
+    have it. Without it maxDowntime is enforced by prediction alone (``downtime.choose``)."""
     out: JSON = {}
     if spec.bandwidth_per_migration:
         out["bandwidthPerMigration"] = str(spec.bandwidth_per_migration)
@@ -109,7 +112,7 @@ def kubevirt_spec(spec: MigrationPolicySpec) -> JSON:
     if "allow_post_copy" in spec.model_fields_set:
         out["allowPostCopy"] = bool(spec.allow_post_copy)
     downtime = max_downtime_ms(spec)
-    if downtime is not None:
+    if downtime is not None and max_downtime:
         out["maxDowntimeMs"] = downtime
     return out
 
@@ -121,12 +124,14 @@ def owner_reference(name: str, uid: str) -> JSON:
             "controller": True}
 
 
-def render(name: str, uid: str, spec: MigrationPolicySpec) -> list[JSON]:
+def render(name: str, uid: str, spec: MigrationPolicySpec,
+           max_downtime: bool = False) -> list[JSON]:
     """The KubeVirt MigrationPolicies one virtshift MigrationPolicy becomes: the base one, then
-    a variant per convergence step of its onDowntimeExceeded ladder (AutoConverge, PostCopy)."""
+    a variant per convergence step of its onDowntimeExceeded ladder (AutoConverge, PostCopy).
+    ``max_downtime``: whether KubeVirt takes maxDowntimeMs (see ``kubevirt_spec``)."""
     value = label_value(name)
     labels = {MANAGED_BY_LABEL: MANAGER, POLICY_LABEL: value}
-    base = kubevirt_spec(spec)
+    base = kubevirt_spec(spec, max_downtime)
 
     def body(obj_name: str, selector: dict[str, str], extra: JSON) -> JSON:
         return {

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from virtshift.api.common import LabelSelector
 from virtshift.api.migrationpolicy import MigrationPolicySpec, Window
 from virtshift.api.units import parse_duration, parse_quantity
+from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME
 
 
 def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
@@ -89,6 +90,18 @@ class Rules:
     windows: tuple[Window, ...] = ()
     completion_timeout_per_gib: float = 150.0  # KubeVirt's default
     progress_timeout: float = 150.0
+    # Whether KubeVirt hands maxDowntime (rendered as maxDowntimeMs) on to QEMU: only v1.9+
+    # with the MigrationStallDetection gate. Otherwise maxDowntime is virtshift's own limit,
+    # held by prediction (the ladder), while QEMU switches over at its default 300 ms.
+    kubevirt_applies_max_downtime: bool = False
+
+    @property
+    def switchover_downtime(self) -> float:
+        """The pause QEMU accepts when it decides to switch over (what the physics model
+        converges to): maxDowntime when KubeVirt passes it on, else QEMU's default."""
+        if self.kubevirt_applies_max_downtime and self.max_downtime:
+            return self.max_downtime
+        return QEMU_DEFAULT_DOWNTIME
 
     def backoff(self, failed_attempts: int) -> float:
         """Seconds to wait after the n-th failed attempt: doubling, capped."""
@@ -97,9 +110,10 @@ class Rules:
         return min(self.backoff_initial * 2 ** (failed_attempts - 1), self.backoff_max)
 
 
-def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None = None) -> Rules:
+def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None = None,
+               kubevirt_applies_max_downtime: bool = False) -> Rules:
     if policy is None:
-        base = Rules()
+        base = Rules(kubevirt_applies_max_downtime=kubevirt_applies_max_downtime)
     else:
         s = policy.spec
         base = Rules(
@@ -121,6 +135,7 @@ def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None =
             windows=tuple(s.windows or ()),
             completion_timeout_per_gib=float(s.completion_timeout_per_gi_b or 150),
             progress_timeout=parse_duration(s.progress_timeout) if s.progress_timeout else 150.0,
+            kubevirt_applies_max_downtime=kubevirt_applies_max_downtime,
         )
     if non_migratable_override:
         return Rules(**{**base.__dict__, "non_migratable": non_migratable_override})

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "migrationpolicies"
 COALESCE_SECONDS = 0.2  # after a wake-up, let a burst of watch events settle first
 STOP_POLL_SECONDS = 0.1
-WATCHED = ("vmi", "vmim", "policy")
+WATCHED = ("vmi", "vmim", "policy", "kubevirt")  # kubevirt: its feature gates decide maxDowntimeMs
 
 
 class _Policies:
@@ -100,8 +100,8 @@ def reconcile(name: str) -> None:
     else:
         policies = rt.cluster.named_policies()
         # KubeVirt policies first, so a VMI never carries a label nothing selects yet.
-        owned, conflicts = store.apply_rendered(
-            name, dpolicy.render(name, meta["uid"], model.spec))
+        owned, conflicts = store.apply_rendered(name, dpolicy.render(
+            name, meta["uid"], model.spec, rt.cluster.kubevirt_applies_max_downtime()))
         vmis = store.vmi_views()
         store.relabel(dpolicy.label_changes(name, policies, vmis))
         decision = dpolicy.derive_status(dpolicy.PolicySnapshot(

@@ -25,8 +25,8 @@ def migration_body(m: NewMigration, drain: JSON) -> JSON:
               "app.kubernetes.io/managed-by": MANAGER}
     if m.policy:
         labels[views.POLICY_LABEL] = label_value(m.policy)
-    # No spec.priority: KubeVirt admits it only from virt-controller's own service account
-    # (migration-create-admitter.go).
+    # No spec.priority: KubeVirt accepts it only from its own virt-controller
+    # (migration-create-admitter.go), and before v1.9 only with MigrationPriorityQueue.
     spec: JSON = {"vmiName": m.vmi}
     if m.selector:
         spec["addedNodeSelector"] = dict(m.selector)

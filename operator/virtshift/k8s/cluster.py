@@ -62,7 +62,7 @@ class Cluster:
         # in their node selectors across moves.
         self.launchers = Informer(kube, rest.PODS, label_selector="kubevirt.io=virt-launcher",
                                   on_event=self._notify("pod"))
-        self.kubevirts = Informer(kube, rest.KUBEVIRTS)
+        self.kubevirts = Informer(kube, rest.KUBEVIRTS, on_event=self._notify("kubevirt"))
         self.policies = Informer(kube, rest.POLICIES, on_event=self._notify("policy"))
         self.namespaces = Informer(kube, rest.NAMESPACES)
         self.drains = Informer(kube, rest.NODE_DRAINS)
@@ -109,12 +109,15 @@ class Cluster:
                 continue  # the policy's own handler reports it
         return out
 
+    def kubevirt_applies_max_downtime(self) -> bool:
+        return views.kubevirt_applies_max_downtime(self.kubevirt())
+
     def rules_for(self, vmi: JSON, policies: list[NamedPolicy], policy_ref: str | None,
-                  non_migratable: str | None) -> Rules:
+                  non_migratable: str | None, applies_max_downtime: bool = False) -> Rules:
         ns = self.namespaces.get(vmi["metadata"]["namespace"]) or {}
         policy = governing_policy(policies, vmi["metadata"].get("labels") or {},
                                   ns.get("metadata", {}).get("labels") or {}, policy_ref)
-        return rules_from(policy, non_migratable)
+        return rules_from(policy, non_migratable, applies_max_downtime)
 
     def usage(self) -> dict[str, tuple[float, float]]:
         """What launcher pods request per node, as the scheduler counts it."""
@@ -200,7 +203,8 @@ class Cluster:
         policies = self.named_policies()
         selectors = self._launcher_selectors()
         policy_ref = spec.policy_ref.name if spec.policy_ref else None
-        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable)
+        applies = self.kubevirt_applies_max_downtime()
+        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable, applies)
                  for k, v in vmi_objs.items()}
         return DrainSnapshot(
             name=name, generation=drain["metadata"].get("generation", 1), spec=spec,

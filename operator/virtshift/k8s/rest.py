@@ -8,10 +8,11 @@ schemas describe, with no generated model classes in between.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -91,6 +92,11 @@ NODE_DRAINS = Resource("virtshift.io", "v1alpha1", "nodedrains", namespaced=Fals
 POLICIES = Resource("virtshift.io", "v1alpha1", "migrationpolicies", namespaced=False)
 WEBHOOKS = Resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations",
                     namespaced=False)
+MUTATING_WEBHOOKS = Resource("admissionregistration.k8s.io", "v1",
+                             "mutatingwebhookconfigurations", namespaced=False)
+SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts")
+CLUSTER_ROLE_BINDINGS = Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings",
+                                 namespaced=False)
 PDBS = Resource("policy", "v1", "poddisruptionbudgets")
 
 
@@ -116,17 +122,33 @@ class KubeClient:
         if cfg.cert_file:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
         self.http = urllib3.PoolManager(num_pools=4, maxsize=pool_size, ssl_context=ctx)
+        self._token: Callable[[], str] | None = None
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: str | None = None) -> KubeClient:
         return cls(load_configuration(kubeconfig))
 
+    def with_token(self, token: str | Callable[[], str], pool_size: int = 32) -> KubeClient:
+        """A client of the same server (and CA) that authenticates only with this bearer token,
+        e.g. a ServiceAccount's from the TokenRequest API. A callable is asked for the token
+        on every request, so it can renew one before it expires."""
+        cfg = copy.copy(self.cfg)
+        cfg.api_key, cfg.api_key_prefix = {}, {}
+        cfg.refresh_api_key_hook = None
+        cfg.cert_file = cfg.key_file = None  # a client certificate would authenticate first
+        client = KubeClient(cfg, pool_size)
+        client._token = token if callable(token) else (lambda: token)
+        return client
+
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
-        key = self.cfg.get_api_key_with_prefix
-        auth = key("authorization") or key("BearerToken")
-        if auth:
-            headers["Authorization"] = auth
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token()}"
+        else:
+            key = self.cfg.get_api_key_with_prefix
+            auth = key("authorization") or key("BearerToken")
+            if auth:
+                headers["Authorization"] = auth
         if content_type:
             headers["Content-Type"] = content_type
         return headers
@@ -201,10 +223,12 @@ class KubeClient:
 
     def patch(self, res: Resource, name: str, patch: Any, namespace: str | None = None,
               subresource: str | None = None, kind: str = MERGE,
-              field_manager: str | None = None) -> JSON:
-        params = {"fieldManager": field_manager} if field_manager else None
+              field_manager: str | None = None, dry_run: bool = False) -> JSON:
+        params: dict[str, str] | None = {"fieldManager": field_manager} if field_manager else None
         if kind == APPLY:
             params = {"fieldManager": field_manager or "virtshift", "force": "true"}
+        if dry_run:
+            params = {**(params or {}), "dryRun": "All"}
         return self.request("PATCH", res.path(namespace, name, subresource), patch,
                             params=params, content_type=kind)
 

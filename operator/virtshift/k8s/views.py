@@ -195,3 +195,25 @@ def kubevirt_limits(kv: JSON | None) -> KubeVirtLimits:
         per_cluster=int(migrations.get("parallelMigrationsPerCluster", 5)),
         outbound_per_node=int(migrations.get("parallelOutboundMigrationsPerNode", 2)),
     )
+
+
+MIGRATION_STALL_DETECTION = "MigrationStallDetection"
+
+
+def kubevirt_applies_max_downtime(kv: JSON | None) -> bool:
+    """Whether KubeVirt takes a MigrationPolicy's maxDowntimeMs (and hands it on to QEMU):
+    v1.9 or later (``status.observedKubeVirtVersion``; trusted when unreported) with the
+    MigrationStallDetection feature gate in ``developerConfiguration.featureGates``. virt-api
+    refuses the field otherwise (migrationpolicy-admitter.go), and before v1.9 it does not
+    exist; QEMU's default 300 ms downtime limit applies then."""
+    kv = kv or {}
+    config = (kv.get("spec") or {}).get("configuration") or {}
+    if MIGRATION_STALL_DETECTION not in ((config.get("developerConfiguration") or {}).get(
+            "featureGates") or []):
+        return False
+    observed = ((kv.get("status") or {}).get("observedKubeVirtVersion") or "").lstrip("v")
+    try:
+        major, minor = (int(part) for part in observed.split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (1, 9)

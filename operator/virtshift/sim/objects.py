@@ -205,6 +205,23 @@ def vmi_conditions(blocker: tuple[str, str] | None, stamp: str,
     ]
 
 
+def migrated_volumes_status(vm: VMSpec, claims: dict[str, str], wanted: dict[str, str],
+                            shared: dict[str, bool], vmi: JSON, stamp: str) -> JSON:
+    """The VMI status patch KubeVirt makes before a volume migration's VMIM exists: the VM
+    controller records ``status.migratedVolumes`` (source and destination claims), and
+    virt-handler's LiveMigratable condition then leaves those volumes out, so virt-api admits
+    the migration when every non-shared disk moves (and refuses it otherwise)."""
+    moved = {n: c for n, c in wanted.items() if claims.get(n) not in (None, c)}
+    blocker = not_migratable(vm, shared, migrated=moved)
+    fresh = next(c for c in vmi_conditions(blocker, stamp) if c["type"] == "LiveMigratable")
+    conditions = [fresh if c.get("type") == "LiveMigratable" and
+                  (c.get("status"), c.get("reason")) != (fresh["status"], fresh.get("reason"))
+                  else c for c in (vmi.get("status") or {}).get("conditions") or []]
+    return {"status": {"conditions": conditions, "migratedVolumes": [
+        {"volumeName": name, "sourcePVCInfo": {"claimName": claims[name]},
+         "destinationPVCInfo": {"claimName": claim}} for name, claim in sorted(moved.items())]}}
+
+
 def virtual_machine_instance(vm: VMSpec, vm_uid: str) -> JSON:
     return {
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
@@ -276,6 +293,33 @@ def kubevirt_cr(settings: KubeVirtSettings) -> JSON:
     return {
         "apiVersion": "kubevirt.io/v1", "kind": "KubeVirt",
         "metadata": {"name": "kubevirt", "namespace": KUBEVIRT_NAMESPACE},
-        "spec": {"configuration": {"migrations": migrations},
-                 "workloadUpdateStrategy": {"workloadUpdateMethods": ["LiveMigrate"]}},
+        "spec": {"configuration": {
+            "migrations": migrations,
+            "developerConfiguration": {"featureGates": list(settings.feature_gates)}},
+            "workloadUpdateStrategy": {"workloadUpdateMethods": ["LiveMigrate"]}},
     }
+
+
+def kubevirt_status(settings: KubeVirtSettings) -> JSON:
+    """What virt-operator reports once a release is deployed (pkg/virt-operator/util:
+    SetObservedDeploymentConfig, SetTargetDeploymentConfig, UpdateConditionsCreated and
+    UpdateConditionsAvailable)."""
+    release, registry = settings.release, "quay.io/kubevirt"
+    ready = "All components are ready."
+    return {"status": {
+        "phase": "Deployed",
+        "observedKubeVirtVersion": release, "targetKubeVirtVersion": release,
+        "operatorVersion": release,
+        "observedKubeVirtRegistry": registry, "targetKubeVirtRegistry": registry,
+        "defaultArchitecture": "amd64",
+        "conditions": [
+            {"type": "Available", "status": "True", "reason": "AllComponentsReady",
+             "message": ready},
+            {"type": "Progressing", "status": "False", "reason": "AllComponentsReady",
+             "message": ready},
+            {"type": "Degraded", "status": "False", "reason": "AllComponentsReady",
+             "message": ready},
+            {"type": "Created", "status": "True", "reason": "AllResourcesCreated",
+             "message": "All resources were created."},
+        ],
+    }}

@@ -140,10 +140,20 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
 
 
 def ensure_kubevirt(kube: KubeClient, scenario: Scenario) -> dt.datetime:
-    """Create the KubeVirt CR (in its namespace); its creationTimestamp is the clock's epoch."""
+    """Create the KubeVirt CR (in its namespace) and report the scenario's release in its
+    status, as virt-operator does; its creationTimestamp is the clock's epoch. A CR left by an
+    earlier run keeps its epoch but gets this scenario's feature gates."""
+    ns = objects.KUBEVIRT_NAMESPACE
     kube.create_or_get(rest.NAMESPACES, {"apiVersion": "v1", "kind": "Namespace",
-                                         "metadata": {"name": objects.KUBEVIRT_NAMESPACE}})
+                                         "metadata": {"name": ns}})
     kv = kube.create_or_get(rest.KUBEVIRTS, objects.kubevirt_cr(scenario.kubevirt))
+    gates = list(scenario.kubevirt.feature_gates)
+    config = (kv.get("spec") or {}).get("configuration") or {}
+    if (config.get("developerConfiguration") or {}).get("featureGates") != gates:
+        kube.patch(rest.KUBEVIRTS, kv["metadata"]["name"], {"spec": {"configuration": {
+            "developerConfiguration": {"featureGates": gates}}}}, ns)
+    kube.patch(rest.KUBEVIRTS, kv["metadata"]["name"], objects.kubevirt_status(scenario.kubevirt),
+               ns, subresource="status")
     created = kv["metadata"]["creationTimestamp"].replace("Z", "+00:00")
     return dt.datetime.fromisoformat(created)
 

@@ -1,4 +1,12 @@
-"""Start the whole simulator: populate the scenario, drive KubeVirt, intercept evictions."""
+"""Start the whole simulator: KubeVirt's identities and CR, virt-api's admission webhooks, the
+scenario's objects, and the simulated virt-controller/virt-handler.
+
+The simulator acts as KubeVirt's own ServiceAccounts (``virtshift.sim.identity``): it writes as
+``kubevirt-controller``, and the webhooks read and mark as ``kubevirt-apiserver``; the client it
+is given (an admin's) only sets those up and installs the KubeVirt CR and the webhook
+configurations. The webhooks are registered before the scenario's objects are created, so those
+are admitted as KubeVirt would admit them.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +19,31 @@ from pathlib import Path
 
 from virtshift.k8s.rest import KubeClient
 from virtshift.sim.clock import SimClock
+from virtshift.sim.identity import Identities, ensure_identities
 from virtshift.sim.kubevirt import KubeVirtSim
 from virtshift.sim.metrics import VirtHandlerMetrics
 from virtshift.sim.populate import World, ensure_kubevirt, populate
 from virtshift.sim.scenario import Scenario, load_scenario
-from virtshift.sim.webhook import EvictionWebhook
+from virtshift.sim.webhook import AdmissionWebhooks
 
 
 @dataclass
 class Simulator:
-    kube: KubeClient
+    kube: KubeClient  # the admin client the simulator was started with
     scenario: Scenario
     clock: SimClock
     world: World
     kubevirt: KubeVirtSim
-    webhook: EvictionWebhook | None
+    webhook: AdmissionWebhooks | None
     metrics: VirtHandlerMetrics
+    identities: Identities
+    stopped: bool = False
 
     def stop(self) -> None:
+        """Remove the webhook configurations and stop every part (once; later calls return)."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.webhook:
             self.webhook.stop()
         self.metrics.stop()
@@ -39,15 +54,25 @@ def start(kube: KubeClient, scenario: Scenario | str | Path, webhook: bool = Tru
           log: Callable[[str], None] = print, metrics_port: int = 0) -> Simulator:
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
+    ids = ensure_identities(kube)
     clock = SimClock(scenario.time_scale, epoch=ensure_kubevirt(kube, scenario))
-    world = populate(kube, scenario, clock, log)
-    sim = KubeVirtSim(kube, world, clock).start()
-    hook = EvictionWebhook(kube, sim).start() if webhook else None
+    hooks = AdmissionWebhooks(kube, ids.api).start() if webhook else None
+    try:
+        world = populate(ids.controller, scenario, clock, log)
+        sim = KubeVirtSim(ids.controller, world, clock).start()
+    except BaseException:
+        if hooks:
+            hooks.stop()
+        raise
+    if hooks:
+        # The webhook only marks the VMI (status.evacuationNodeName), which the evacuation
+        # controller reads; this wakes it at once instead of at its next resync.
+        hooks.on_marked = sim.request_evacuation
     metrics = VirtHandlerMetrics(sim, metrics_port)
-    log(f"simulating KubeVirt at {scenario.time_scale:g}x time"
-        + (f"; eviction webhook on 127.0.0.1:{hook.port}" if hook else "")
+    log(f"simulating KubeVirt {scenario.kubevirt.release} at {scenario.time_scale:g}x time"
+        + (f"; virt-api webhooks on 127.0.0.1:{hooks.port}" if hooks else "")
         + f"; virt-handler metrics at {metrics.url}")
-    return Simulator(kube, scenario, clock, world, sim, hook, metrics)
+    return Simulator(kube, scenario, clock, world, sim, hooks, metrics, ids)
 
 
 def run_forever(scenario_path: str, kubeconfig: str | None, webhook: bool,

@@ -31,6 +31,7 @@ __all__ = [
     "Fault",
     "FaultKind",
     "KubeVirtSettings",
+    "KubeVirtVersion",
     "Network",
     "NodeSpec",
     "Scenario",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 AccessMode = Literal["ReadWriteOnce", "ReadWriteMany"]
+KubeVirtVersion = Literal["1.7", "1.8", "1.9"]
 EvictionStrategy = Literal["None", "LiveMigrate", "LiveMigrateIfPossible", "External"]
 FaultKind = Literal["failTargetPod", "nodeNotReady", "dirtyRateSpike"]
 
@@ -64,9 +66,39 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class KubeVirtSettings(_Frozen):
-    """KubeVirt's spec.configuration.migrations, with KubeVirt's own defaults."""
+# Feature gates whose meaning the simulator follows (KubeVirt's pkg/virt-config/featuregate).
+MIGRATION_PRIORITY_QUEUE = "MigrationPriorityQueue"  # Alpha 1.7, Beta 1.8, GA in 1.9
+MIGRATION_STALL_DETECTION = "MigrationStallDetection"  # new in 1.9 (Alpha)
+DECENTRALIZED_LIVE_MIGRATION = "DecentralizedLiveMigration"  # Alpha in 1.7 to 1.9
+# Gates that do not exist before a version: listing them there is a scenario mistake.
+GATE_SINCE = {MIGRATION_STALL_DETECTION: "1.9"}
+# KubeVirt's install version per scenario version (the tags the admission rules were read at).
+KUBEVIRT_RELEASES = {"1.7": "v1.7.4", "1.8": "v1.8.4", "1.9": "v1.9.0"}
 
+
+def version_key(version: str) -> tuple[int, ...]:
+    """"1.9" -> (1, 9), so "1.10" sorts after "1.9"."""
+    return tuple(int(part) for part in version.split("."))
+
+
+def gate_enabled(version: str, gates: Iterable[str], gate: str) -> bool:
+    """Whether KubeVirt ``version`` with ``developerConfiguration.featureGates`` has ``gate`` on.
+
+    A GA gate is always on; Alpha and Beta gates only when listed (v1.8.4's
+    ``isFeatureGateEnabled`` does not turn Beta gates on by default)."""
+    if gate == MIGRATION_PRIORITY_QUEUE and version_key(version) >= (1, 9):
+        return True  # GA in v1.9.0 (pkg/virt-config/featuregate/inactive.go)
+    if gate in GATE_SINCE and version_key(version) < version_key(GATE_SINCE[gate]):
+        return False
+    return gate in gates
+
+
+class KubeVirtSettings(_Frozen):
+    """KubeVirt's spec.configuration.migrations, with KubeVirt's own defaults; the KubeVirt
+    version whose behaviour to follow where versions differ, and its enabled feature gates."""
+
+    version: KubeVirtVersion = "1.9"
+    feature_gates: tuple[str, ...] = ()
     parallel_migrations_per_cluster: int = 5
     parallel_outbound_migrations_per_node: int = 2
     bandwidth_per_migration: float = 0.0  # bytes/s; 0 = unlimited
@@ -74,6 +106,21 @@ class KubeVirtSettings(_Frozen):
     progress_timeout: int = 150  # seconds
     allow_auto_converge: bool = False
     allow_post_copy: bool = False
+
+    @property
+    def release(self) -> str:
+        """The KubeVirt release reported in the KubeVirt CR's status, e.g. v1.9.0."""
+        return KUBEVIRT_RELEASES[self.version]
+
+    @property
+    def migration_priority_queue(self) -> bool:
+        """Whether virt-controller sets (and virt-api accepts) VMIM ``spec.priority``."""
+        return gate_enabled(self.version, self.feature_gates, MIGRATION_PRIORITY_QUEUE)
+
+    @property
+    def migration_stall_detection(self) -> bool:
+        """Whether KubeVirt hands a MigrationPolicy's ``maxDowntimeMs`` on to QEMU."""
+        return gate_enabled(self.version, self.feature_gates, MIGRATION_STALL_DETECTION)
 
 
 class Network(_Frozen):
@@ -291,6 +338,36 @@ def _range(convert: Convert) -> Convert:
     return convert_range
 
 
+def _version(value: Any) -> str:
+    """"1.9" (a bare 1.9 reads as a YAML number; it is accepted as the same version)."""
+    choices = get_args(KubeVirtVersion)
+    text = f"{value:g}" if isinstance(value, float) else value
+    if not isinstance(text, str) or text not in choices:
+        raise ValueError(f"{value!r} is not a supported KubeVirt version "
+                         f"(one of {', '.join(choices)})")
+    return text
+
+
+_GATE_NAME = r"[A-Z][A-Za-z0-9]*"
+
+
+def _feature_gates(value: Any) -> tuple[str, ...]:
+    """KubeVirt feature gate names (CamelCase), each once. Names the simulator does not act on
+    are kept for the KubeVirt CR, as KubeVirt keeps gates it does not know."""
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of feature gate names, got {_describe(value)}")
+    seen: dict[str, int] = {}
+    for i, gate in enumerate(value):
+        if not isinstance(gate, str) or not re.fullmatch(_GATE_NAME, gate):
+            raise _FieldError(f"[{i}]", f"{gate!r} is not a feature gate name (CamelCase, such "
+                              f"as {MIGRATION_PRIORITY_QUEUE})")
+        if gate in seen:
+            raise _FieldError(f"[{i}]", f"duplicate feature gate {gate!r} (also at "
+                              f"[{seen[gate]}])")
+        seen[gate] = i
+    return tuple(value)
+
+
 def _labels(value: Any) -> dict[str, str]:
     """Kubernetes label syntax; the runtime copies these onto Nodes and VMs verbatim."""
     if not isinstance(value, dict):
@@ -438,6 +515,8 @@ _TOP_FIELDS = (
     "seed", "timeScale", "kubevirt", "network", "storageClasses", "nodes", "vms", "faults",
 )
 _KUBEVIRT_FIELDS = {  # YAML key -> (attribute, converter)
+    "version": ("version", _version),
+    "featureGates": ("feature_gates", _feature_gates),
     "parallelMigrationsPerCluster": ("parallel_migrations_per_cluster", _int(1)),
     "parallelOutboundMigrationsPerNode": ("parallel_outbound_migrations_per_node", _int(1)),
     "bandwidthPerMigration": ("bandwidth_per_migration", _RATE),
@@ -707,6 +786,16 @@ def _faults(r: _Reader, raw: Any, vm_keys: set[str], node_names: set[str]) -> li
 # --- cross-checks --------------------------------------------------------------------------------
 
 
+def _check_gates(r: _Reader, kubevirt: dict[str, Any]) -> None:
+    """A gate listed for a KubeVirt version that does not have it yet would silently do nothing."""
+    version = kubevirt.get("version") or KubeVirtSettings().version
+    for i, gate in enumerate(kubevirt.get("feature_gates") or ()):
+        since = GATE_SINCE.get(gate)
+        if since and version_key(version) < version_key(since):
+            r.problem(f"kubevirt.featureGates[{i}]", f"{gate} is not a feature gate of KubeVirt "
+                      f"{version} (it exists from {since})")
+
+
 def _check_unique(r: _Reader, items: list[_Item], field: str, what: str, key: Callable) -> None:
     grouped = _Grouped()
     first: dict[Any, str] = {}
@@ -791,6 +880,7 @@ def parse_scenario(data: dict[str, Any]) -> Scenario:
     seed = r.value(top, "seed", "", _int(0), 0)
     time_scale = r.value(top, "timeScale", "", _above_zero, 1.0)
     kubevirt = _settings(r, top.get("kubevirt"), "kubevirt", _KUBEVIRT_FIELDS)
+    _check_gates(r, kubevirt)
     network = _settings(r, top.get("network"), "network", _NETWORK_FIELDS)
     classes = _storage_classes(r, top.get("storageClasses"))
     nodes = _nodes(r, top.get("nodes"))

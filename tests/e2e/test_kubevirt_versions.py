@@ -1,0 +1,172 @@
+"""Where KubeVirt 1.7/1.8 behave differently from 1.9 (scenario ``kubevirt.version: "1.8"``),
+checked on the cluster's objects. Each test names the KubeVirt source of the difference."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from operator_harness import wait_for as harness_wait_for
+
+from virtshift.k8s import rest
+from virtshift.sim import runner
+from virtshift.sim.scenario import load_scenario
+
+SCALE = 100
+NODE_FAILS_AT = 120
+SCENARIO = f"""
+seed: 9
+timeScale: {SCALE}
+kubevirt: {{version: "1.8", parallelMigrationsPerCluster: 10,
+            parallelOutboundMigrationsPerNode: 2, progressTimeout: 20}}
+network: {{nodeBandwidth: 1Gi, targetPodStartup: 10s}}
+nodes:
+  - generate: {{count: 3, prefix: n-, start: 1, cpuModel: Skylake-Server,
+               allocatable: {{cpu: "64", memory: 256Gi}}}}
+  - {{name: doomed-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}}}}
+  - {{name: drain-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}}}}
+vms:
+  - {{name: big-8g, namespace: v18, node: n-1, memory: 8Gi, dirtyRate: 3Gi}}
+  - {{name: abort-1, namespace: v18, node: n-1, memory: 64Gi, dirtyRate: 100Mi}}
+  - {{name: stall-1, namespace: v18, node: doomed-1, memory: 64Gi, dirtyRate: 100Mi}}
+  - {{name: flaky-1, namespace: v18, node: n-2, memory: 1Gi}}
+  - {{name: plain-1, namespace: v18, node: n-2, memory: 1Gi, labels: {{tier: gold}}}}
+  - generate: {{count: 5, prefix: evac-, namespace: v18, nodes: [drain-1], memory: [8Gi, 8Gi],
+               dirtyRate: [10Mi, 10Mi]}}
+faults:
+  - {{kind: failTargetPod, vm: v18/flaky-1, attempt: 1}}
+  - {{kind: nodeNotReady, node: doomed-1, at: {NODE_FAILS_AT}s}}
+"""
+SAME_AS_CLUSTER = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+                   "metadata": {"name": "same-as-cluster"},
+                   "spec": {"allowPostCopy": False,
+                            "selectors": {"virtualMachineInstanceSelector": {"tier": "gold"}}}}
+
+
+@pytest.fixture(scope="module")
+def sim(fresh_cluster) -> Iterator[runner.Simulator]:
+    fresh_cluster.kube.create(rest.KUBEVIRT_POLICIES, SAME_AS_CLUSTER)
+    simulator = runner.start(fresh_cluster.kube, load_scenario(SCENARIO), log=lambda _m: None)
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def kube(sim, fresh_cluster) -> rest.KubeClient:
+    return fresh_cluster.kube
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, every: float = 0.05) -> Any:
+    return harness_wait_for(predicate, timeout, every)
+
+
+def migrate(kube: rest.KubeClient, name: str, vmi: str) -> None:
+    kube.create(rest.VMIMS, {"apiVersion": "kubevirt.io/v1",
+                             "kind": "VirtualMachineInstanceMigration",
+                             "metadata": {"name": name, "namespace": "v18"},
+                             "spec": {"vmiName": vmi}})
+
+
+def final(kube: rest.KubeClient, name: str, timeout: float = 30) -> dict[str, Any]:
+    return wait_for(lambda: (o := kube.get(rest.VMIMS, name, "v18")) and o.get(
+        "status", {}).get("phase") in ("Succeeded", "Failed") and o, timeout)
+
+
+def state_of(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.get("status", {}).get("migrationState") or {}
+
+
+def seconds(stamp: str) -> float:
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+def test_stall_is_reported_with_the_seconds_it_was_stuck(sim, kube) -> None:
+    """1.7/1.8 live-migration-source.go processInflightMigration: "Live migration stuck for %d
+    seconds and has been aborted" with the measured delay (progressTimeout 20: 21 s)."""
+    assert sim.clock.now() < NODE_FAILS_AT - 30, "the module started too slowly"
+    migrate(kube, "move-stall", "stall-1")
+    done = final(kube, "move-stall", timeout=(NODE_FAILS_AT + 30) / SCALE + 20)
+    state = state_of(done)
+    assert state["failureReason"] == "Live migration stuck for 21 seconds and has been aborted"
+    assert state["failed"] is True and "completed" not in state
+    assert state["abortStatus"] == "Succeeded"
+
+
+def test_completion_timeout_names_the_budget(kube) -> None:
+    """1.7/1.8: "Live migration is not completed after %d seconds and has been aborted" with
+    the budget (150 x 9 decimal GB for 8 GiB); ``completed`` is not set with ``failed``
+    (migration-source.go setMigrationProgressStatus)."""
+    migrate(kube, "move-big", "big-8g")
+    done = final(kube, "move-big", timeout=1400 / SCALE + 20)
+    state = state_of(done)
+    assert state["failureReason"] == \
+        "Live migration is not completed after 1350 seconds and has been aborted"
+    assert state["failed"] is True and "completed" not in state
+
+
+def test_user_abort_reason_keeps_kubevirts_trailing_space(kube) -> None:
+    """1.7/1.8 asyncMigrationAbort: "Live migration aborted " (sic)."""
+    migrate(kube, "move-abort", "abort-1")
+    wait_for(lambda: (kube.get(rest.VMIMS, "move-abort", "v18") or {}).get(
+        "status", {}).get("phase") == "Running")
+    kube.delete(rest.VMIMS, "move-abort", "v18")
+    vmi = wait_for(lambda: (v := kube.get(rest.VMIS, "abort-1", "v18")) and state_of(v).get(
+        "failed") and v)
+    state = state_of(vmi)
+    assert state["failureReason"] == "Live migration aborted "
+    assert state["abortRequested"] is True and state["abortStatus"] == "Succeeded"
+
+
+def test_target_pod_down_reason_does_not_reach_the_vmi(kube) -> None:
+    """1.7/1.8 handleMarkMigrationFailedOnVMI sets "Target pod is down" after the patch is
+    sent: the VMI shows failed and completed with no reason."""
+    migrate(kube, "move-flaky", "flaky-1")
+    state = state_of(final(kube, "move-flaky"))
+    assert state["failed"] is True and state["completed"] is True
+    assert "failureReason" not in state
+
+
+def test_policy_name_only_when_the_policy_changed_something(kube) -> None:
+    """1.7/1.8 GetMigrationConfByPolicy: a matching policy that changes nothing leaves
+    migrationPolicyName unset (1.9 records every match)."""
+    migrate(kube, "move-plain", "plain-1")
+    state = state_of(final(kube, "move-plain"))
+    assert "migrationPolicyName" not in state
+    assert state["migrationConfiguration"]["allowPostCopy"] is False
+    assert "maxDowntimeMs" not in state["migrationConfiguration"]  # a 1.9 field
+
+
+def test_evacuation_without_the_priority_queue_respects_the_limits_itself(kube) -> None:
+    """1.7/1.8 with MigrationPriorityQueue off: evacuation.go sync creates at most
+    min(parallelMigrationsPerCluster - running, parallelOutboundMigrationsPerNode - running
+    from the node) VMIMs, with no spec.priority."""
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            unfinished = [m for m in kube.items(rest.VMIMS, "v18")
+                          if m["spec"]["vmiName"].startswith("evac-")
+                          and m.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+            samples.append(len(unfinished))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        kube.patch(rest.NODES, "drain-1", {"spec": {"taints": [
+            {"key": "kubevirt.io/drain", "effect": "NoSchedule"}]}})
+        wait_for(lambda: all(kube.get(rest.VMIS, f"evac-{i}", "v18")["status"]["nodeName"]
+                             != "drain-1" for i in range(1, 6)), timeout=60)
+    finally:
+        stop.set()
+        sampler.join()
+    created = [m for m in kube.items(rest.VMIMS, "v18") if m["spec"]["vmiName"].startswith(
+        "evac-")]
+    assert len(created) == 5
+    assert all("priority" not in m["spec"] for m in created)
+    assert max(samples) == 2
