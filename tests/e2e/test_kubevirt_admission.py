@@ -447,8 +447,12 @@ def test_on_1_8_priority_needs_the_gate_even_for_virt_controller(sim_18, cluster
 
 def test_on_1_8_without_the_gate_evacuations_carry_no_priority(sim_18, cluster_18) -> None:
     """KubeVirt's evacuation controller (evacuation.go: GenerateNewMigration) sets a priority
-    before v1.9 only with the gate; the simulator started without it."""
+    before v1.9 only with the gate, read live from the KubeVirt CR (the test above turned it
+    on)."""
     kube = cluster_18.kube
+    kube.patch(rest.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {"developerConfiguration": {
+        "featureGates": []}}}}, "kubevirt")
+    wait_for(lambda: not sim_18.kubevirt.priority_queue, timeout=10, what="gate off")
     err = refused(lambda: evict(kube, launcher(kube, "evict-live")["metadata"]["name"]))
     assert err.status == 429
     [migration] = wait_for(lambda: evacuations(kube, "evict-live"), timeout=30,

@@ -48,6 +48,9 @@ vms:
   - {{name: vol-2, namespace: fid, node: sky-1, memory: 1Gi,
      volumes: [{{name: rootdisk, claimName: vol-2-root, size: 20Gi, storageClass: ceph-rbd}}]}}
   - generate: {{count: 3, prefix: evac-, namespace: fid, nodes: [drain-1], memory: [1Gi, 1Gi]}}
+  - {{name: q-1, namespace: fid, node: sky-3, memory: 8Gi, dirtyRate: 10Mi}}
+  - {{name: q-2, namespace: fid, node: sky-3, memory: 1Gi}}
+  - {{name: q-3, namespace: fid, node: sky-3, memory: 1Gi}}
 faults:
   - {{kind: failTargetPod, vm: fid/flaky-1, attempt: 1}}
   - {{kind: failTargetPod, vm: fid/flaky-1, attempt: 2}}
@@ -223,6 +226,33 @@ def test_finished_migrations_are_garbage_collected_keeping_the_five_newest(kube)
     left = wait_for(lambda: (o := [m["metadata"]["name"] for m in kube.items(rest.VMIMS, "fid")
                                    if m["spec"]["vmiName"] == "gc-1"]) and len(o) == 5 and o)
     assert sorted(left) == names[2:]
+
+
+def test_the_queue_admits_the_highest_priority_first(sim, kube) -> None:
+    """With MigrationPriorityQueue (GA in 1.9) Pending VMIMs are taken by spec.priority, then
+    age (pkg/util/migrations PriorityFromMigration; migration.go handleTargetPodCreation under
+    parallelMigrationsPerCluster, read live from the KubeVirt CR)."""
+    def limit(n: int) -> None:
+        kube.patch(rest.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {"migrations": {
+            "parallelMigrationsPerCluster": n}}}}, "kubevirt")
+        wait_for(lambda: sim.kubevirt.limits()[0] == n)
+
+    limit(1)
+    try:
+        migrate(kube, "q-first", "q-1")
+        wait_for(lambda: (vmim(kube, "q-first") or {}).get("status", {}).get("phase")
+                 == "Running")
+        migrate(kube, "q-plain", "q-2")  # older, no priority
+        sim.identities.controller.create(rest.VMIMS, {
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": "q-critical", "namespace": "fid"},
+            "spec": {"vmiName": "q-3", "priority": "system-critical"}})
+        critical = stamps(final(kube, "q-critical"))
+        plain = stamps(final(kube, "q-plain"))
+        assert critical["Scheduling"] < plain["Scheduling"]
+        assert stamps(vmim(kube, "q-first"))["Succeeded"] <= critical["Scheduling"]
+    finally:
+        limit(20)
 
 
 # -- placement (migration.go createTargetPod, services/renderresources.go) -------------------

@@ -3,6 +3,7 @@ migration configuration KubeVirt resolves for it at handoff."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,31 @@ VOLUME_UPDATE_LABEL = "kubevirt.io/volume-update-migration"
 VMI_NAME_LABEL = "kubevirt.io/vmi-name"
 FINALIZER = "kubevirt.io/migrationJobFinalize"
 ABORT_REQUESTED_CONDITION = "migrationAbortRequested"
+
+
+def best_policy(policies: Iterable[JSON], vmi_labels: dict[str, str] | None,
+                ns_labels: dict[str, str]) -> JSON | None:
+    """migrationpolicy.go matchPolicy/countMatchingLabels: every selector label must match;
+    the most matching labels win, then the most VMI labels, then the first name. As coded
+    there, a VMI without labels skips both selector checks."""
+    best: tuple[tuple[int, int, str], JSON] | None = None
+    for policy in policies:
+        sel = (policy.get("spec") or {}).get("selectors")
+        if sel is None:
+            continue
+        vmi_sel = sel.get("virtualMachineInstanceSelector") or {}
+        ns_sel = sel.get("namespaceSelector") or {}
+        vmi_score = ns_score = 0
+        if vmi_labels:
+            if any(vmi_labels.get(k) != v for k, v in vmi_sel.items()):
+                continue
+            if any(ns_labels.get(k) != v for k, v in ns_sel.items()):
+                continue
+            vmi_score, ns_score = len(vmi_sel), len(ns_sel)
+        rank = (-(vmi_score + ns_score), -vmi_score, policy["metadata"]["name"])
+        if best is None or rank < best[0]:
+            best = (rank, policy)
+    return best[1] if best else None
 
 
 @dataclass
@@ -106,7 +132,7 @@ class Config:
 
         if "allowPostCopy" in spec and spec.get("allowWorkloadDisruption") is None:
             # Disruption follows the policy's allowPostCopy when the policy leaves it unset.
-            if self.allow_workload_disruption != bool(spec["allowPostCopy"]):
+            if self.workload_disruption != bool(spec["allowPostCopy"]):
                 changed = True
             self.allow_workload_disruption = bool(spec["allowPostCopy"])
             self.wire_fields["allowWorkloadDisruption"] = self.allow_workload_disruption
@@ -114,7 +140,11 @@ class Config:
         take("bandwidthPerMigration", "bandwidth", lambda v: parse_quantity(v) if v else 0.0)
         take("completionTimeoutPerGiB", "completion_timeout_per_gib", int)
         take("allowPostCopy", "allow_post_copy", bool)
-        take("allowWorkloadDisruption", "allow_workload_disruption", bool)
+        if spec.get("allowWorkloadDisruption") is not None:
+            if self.workload_disruption != bool(spec["allowWorkloadDisruption"]):
+                changed = True
+            self.allow_workload_disruption = bool(spec["allowWorkloadDisruption"])
+            self.wire_fields["allowWorkloadDisruption"] = self.allow_workload_disruption
         if version == "1.9" and spec.get("maxDowntimeMs") is not None:
             self.wire_fields["maxDowntimeMs"] = int(spec["maxDowntimeMs"])
         if version == "1.9" or changed:

@@ -38,7 +38,7 @@ from virtshift.k8s.rest import JSON, ApiError, KubeClient
 from virtshift.sim import objects
 from virtshift.sim.clock import SimClock
 from virtshift.sim.evacuation import EvacuationController
-from virtshift.sim.flight import FINAL, IN_FLIGHT, Config, Flight
+from virtshift.sim.flight import FINAL, IN_FLIGHT, Config, Flight, best_policy
 from virtshift.sim.handler import Handler
 from virtshift.sim.kubelet import Kubelet
 from virtshift.sim.migration_controller import MigrationController
@@ -194,33 +194,10 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         return cfg
 
     def _matching_policy(self, vm: SimVM) -> JSON | None:
-        """migrationpolicy.go matchPolicy/countMatchingLabels: every selector label must match;
-        the most matching labels win, then the most VMI labels, then the first name. As coded
-        there, a VMI without labels skips both selector checks."""
         vmi = self.vmis.get(vm.key) or {}
-        vmi_labels = vmi.get("metadata", {}).get("labels")
         ns = self.namespaces.get(vm.spec.namespace) or {}
-        ns_labels = ns.get("metadata", {}).get("labels") or {}
-        best: tuple[int, int, str, JSON] | None = None
-        for policy in self.policies.values():
-            sel = policy.get("spec", {}).get("selectors")
-            if sel is None:
-                continue
-            vmi_sel = sel.get("virtualMachineInstanceSelector") or {}
-            ns_sel = sel.get("namespaceSelector") or {}
-            vmi_score = ns_score = 0
-            if vmi_labels:
-                if any(vmi_labels.get(k) != v for k, v in vmi_sel.items()):
-                    continue
-                vmi_score = len(vmi_sel)
-                if any(ns_labels.get(k) != v for k, v in ns_sel.items()):
-                    continue
-                ns_score = len(ns_sel)
-            name = policy["metadata"]["name"]
-            rank = (-(vmi_score + ns_score), -vmi_score, name)
-            if best is None or rank < (-best[0], -best[1], best[2]):
-                best = (vmi_score + ns_score, vmi_score, name, policy)
-        return best[3] if best else None
+        return best_policy(self.policies.values(), vmi.get("metadata", {}).get("labels"),
+                           ns.get("metadata", {}).get("labels") or {})
 
     # -- nodes -------------------------------------------------------------------------------
 
