@@ -48,7 +48,9 @@ vms:
   - {{name: vol-2, namespace: fid, node: sky-1, memory: 1Gi,
      volumes: [{{name: rootdisk, claimName: vol-2-root, size: 20Gi, storageClass: ceph-rbd}}]}}
   - generate: {{count: 3, prefix: evac-, namespace: fid, nodes: [drain-1], memory: [1Gi, 1Gi]}}
-  - {{name: q-1, namespace: fid, node: sky-3, memory: 8Gi, dirtyRate: 10Mi}}
+  - {{name: vol-3, namespace: fid, node: sky-2, memory: 1Gi,
+     volumes: [{{name: rootdisk, claimName: vol-3-root, size: 20Gi, storageClass: ceph-rbd}}]}}
+  - {{name: q-1, namespace: fid, node: sky-3, memory: 64Gi, dirtyRate: 10Mi}}
   - {{name: q-2, namespace: fid, node: sky-3, memory: 1Gi}}
   - {{name: q-3, namespace: fid, node: sky-3, memory: 1Gi}}
 faults:
@@ -239,9 +241,9 @@ def test_the_queue_admits_the_highest_priority_first(sim, kube) -> None:
 
     limit(1)
     try:
-        migrate(kube, "q-first", "q-1")
+        migrate(kube, "q-first", "q-1")  # 64 GiB: about 70 simulated seconds in flight
         wait_for(lambda: (vmim(kube, "q-first") or {}).get("status", {}).get("phase")
-                 == "Running")
+                 not in (None, "", "Pending"))
         migrate(kube, "q-plain", "q-2")  # older, no priority
         sim.identities.controller.create(rest.VMIMS, {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
@@ -406,3 +408,30 @@ def test_stopping_a_vm_mid_volume_migration_requires_manual_recovery(kube) -> No
         kube.get(rest.VMS, "vol-2", "fid")))
     wait_for(lambda: (v := kube.get(rest.VMIS, "vol-2", "fid")) and v.get("status", {}).get(
         "phase") == "Running", timeout=60)
+
+
+def test_without_live_migrate_in_workload_update_methods_no_migration_starts(sim, kube) -> None:
+    """workload-updater.go getUpdateData: the VMIM of a volume update is created only with
+    LiveMigrate in the KubeVirt CR's workloadUpdateMethods; without it the VMI waits in
+    VolumesChange, and nothing says why (as in KubeVirt)."""
+    def methods(value: list[str]) -> None:
+        kube.patch(rest.KUBEVIRTS, "kubevirt", {"spec": {"workloadUpdateStrategy": {
+            "workloadUpdateMethods": value}}}, "kubevirt")
+        wait_for(lambda: (sim.kubevirt.kubevirt_spec().get("workloadUpdateStrategy") or {}).get(
+            "workloadUpdateMethods") == value)
+
+    methods([])
+    try:
+        new_claim(kube, "vol-3-b", "ceph-rbd")
+        point_volume(kube, "vol-3", "vol-3-b")
+        wait_for(lambda: conditions(vmi(kube, "vol-3")).get("VolumesChange", {}).get(
+            "status") == "True")
+        time.sleep(60 / SCALE)
+        assert not [m for m in kube.items(rest.VMIMS, "fid") if m["spec"]["vmiName"] == "vol-3"]
+    finally:
+        methods(["LiveMigrate"])
+    update = wait_for(lambda: next((m for m in kube.items(rest.VMIMS, "fid")
+                                    if m["spec"]["vmiName"] == "vol-3"), None))
+    assert final(kube, update["metadata"]["name"])["status"]["phase"] == "Succeeded"
+    assert vmi(kube, "vol-3")["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == \
+        "vol-3-b"

@@ -296,7 +296,8 @@ def kubevirt_cr(settings: KubeVirtSettings) -> JSON:
         "spec": {"configuration": {
             "migrations": migrations,
             "developerConfiguration": {"featureGates": list(settings.feature_gates)}},
-            "workloadUpdateStrategy": {"workloadUpdateMethods": ["LiveMigrate"]}},
+            "workloadUpdateStrategy": {
+                "workloadUpdateMethods": list(settings.workload_update_methods)}},
     }
 
 

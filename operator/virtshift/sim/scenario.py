@@ -99,6 +99,9 @@ class KubeVirtSettings(_Frozen):
 
     version: KubeVirtVersion = "1.9"
     feature_gates: tuple[str, ...] = ()
+    # The KubeVirt CR's workloadUpdateStrategy.workloadUpdateMethods: volume migrations need
+    # LiveMigrate (the workload updater creates their VMIMs only then).
+    workload_update_methods: tuple[str, ...] = ("LiveMigrate",)
     parallel_migrations_per_cluster: int = 5
     parallel_outbound_migrations_per_node: int = 2
     bandwidth_per_migration: float = 0.0  # bytes/s; 0 = unlimited
@@ -349,6 +352,17 @@ def _version(value: Any) -> str:
 
 
 _GATE_NAME = r"[A-Z][A-Za-z0-9]*"
+WORKLOAD_UPDATE_METHODS = ("LiveMigrate", "Evict")
+
+
+def _workload_update_methods(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of methods, got {_describe(value)}")
+    for i, method in enumerate(value):
+        if method not in WORKLOAD_UPDATE_METHODS:
+            raise _FieldError(f"[{i}]", f"{method!r} is not a workload update method (one of "
+                              f"{', '.join(WORKLOAD_UPDATE_METHODS)})")
+    return tuple(value)
 
 
 def _feature_gates(value: Any) -> tuple[str, ...]:
@@ -517,6 +531,7 @@ _TOP_FIELDS = (
 _KUBEVIRT_FIELDS = {  # YAML key -> (attribute, converter)
     "version": ("version", _version),
     "featureGates": ("feature_gates", _feature_gates),
+    "workloadUpdateMethods": ("workload_update_methods", _workload_update_methods),
     "parallelMigrationsPerCluster": ("parallel_migrations_per_cluster", _int(1)),
     "parallelOutboundMigrationsPerNode": ("parallel_outbound_migrations_per_node", _int(1)),
     "bandwidthPerMigration": ("bandwidth_per_migration", _RATE),
