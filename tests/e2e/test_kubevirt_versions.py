@@ -17,7 +17,7 @@ from virtshift.sim import runner
 from virtshift.sim.scenario import load_scenario
 
 SCALE = 100
-NODE_FAILS_AT = 120
+NODE_FAILS_AT = 900  # simulated seconds: 9 s of wall time to get the migration going
 SCENARIO = f"""
 seed: 9
 timeScale: {SCALE}
@@ -27,12 +27,13 @@ network: {{nodeBandwidth: 1Gi, targetPodStartup: 10s}}
 nodes:
   - generate: {{count: 3, prefix: n-, start: 1, cpuModel: Skylake-Server,
                allocatable: {{cpu: "64", memory: 256Gi}}}}
-  - {{name: doomed-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}}}}
+  # Room for stall-1 only: nothing else of this module migrates onto the failing node.
+  - {{name: doomed-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 70Gi}}}}
   - {{name: drain-1, cpuModel: Skylake-Server, allocatable: {{cpu: "64", memory: 256Gi}}}}
 vms:
   - {{name: big-8g, namespace: v18, node: n-1, memory: 8Gi, dirtyRate: 3Gi}}
   - {{name: abort-1, namespace: v18, node: n-1, memory: 64Gi, dirtyRate: 100Mi}}
-  - {{name: stall-1, namespace: v18, node: doomed-1, memory: 64Gi, dirtyRate: 100Mi}}
+  - {{name: stall-1, namespace: v18, node: doomed-1, memory: 64Gi, dirtyRate: 3Gi}}
   - {{name: flaky-1, namespace: v18, node: n-2, memory: 1Gi}}
   - {{name: plain-1, namespace: v18, node: n-2, memory: 1Gi, labels: {{tier: gold}}}}
   - generate: {{count: 5, prefix: evac-, namespace: v18, nodes: [drain-1], memory: [8Gi, 8Gi],

@@ -24,7 +24,7 @@ from virtshift.sim.scenario import load_scenario
 ZONE = "topology.kubernetes.io/zone"
 CPU_MODEL = "cpu-model.node.kubevirt.io/"
 HOST_MODEL = "host-model-cpu.node.kubevirt.io/"
-NODE_FAILS_AT = 240.0  # simulated seconds, as in the scenario's nodeNotReady fault
+NODE_FAILS_AT = 600.0  # simulated seconds (12 s of wall time), as in the nodeNotReady fault
 
 SCENARIO = f"""
 seed: 5
@@ -202,7 +202,7 @@ def test_node_not_ready_stalls_and_aborts_migrations_through_it(sim, kube) -> No
     moving (its node unreachable) is aborted once no data left for more than progressTimeout
     whole seconds (60 here); on 1.9 the reason is "Live migration has been aborted"."""
     assert sim.clock.now() < NODE_FAILS_AT - 60, "the module started too slowly for this test"
-    # 16Gi at the throttled policy's 16Mi/s takes ~1000 simulated seconds: in flight at 240s.
+    # 16Gi at the throttled policy's 16Mi/s takes ~1000 simulated seconds: in flight at 600s.
     migrate(kube, "move-nnr-1", "nnr-1")
     wait_for(lambda: phase_of(kube, "move-nnr-1") == "Running")
     done = final_vmim(kube, "move-nnr-1",
