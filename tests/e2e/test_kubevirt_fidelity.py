@@ -213,6 +213,10 @@ def test_deleting_before_handoff_fails_the_vmim_and_leaves_the_vmi_alone(kube) -
     assert failed and "migrationAbortRequested" in conditions(failed[0])
     assert [t["phase"] for t in failed[0]["status"]["phaseTransitionTimestamps"]] == [
         "Pending", "Scheduling", "Failed"]
+    uid = failed[0]["metadata"]["uid"]
+    events = [e for e in kube.items(rest.EVENTS, "fid") if e["involvedObject"].get("uid") == uid]
+    assert [(e["type"], e["reason"], e["message"]) for e in events] == [
+        ("Warning", "FailedMigration", "Migration failed due to being canceled")]
     wait_for(lambda: not [p for p in pods_of(kube, "stuck-1")
                           if "kubevirt.io/migrationJobUID" in p["metadata"]["labels"]])
     assert state_of(vmi(kube, "stuck-1")) == before

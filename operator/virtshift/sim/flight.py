@@ -193,7 +193,9 @@ class Flight:
     progressed_to: float | None = None  # simulated time the transfer has been advanced to
     completed: bool = False
     failed: bool = False
-    failure: str | None = None
+    failure: str | None = None  # the VMI's failureReason (virt-handler's)
+    event: str | None = None  # virt-controller's FailedMigration event on the VMIM
+    event_sent: bool = False
     deleting: bool = False
     abort_requested: bool = False  # written on the VMI (only once Running)
     abort_status: str | None = None

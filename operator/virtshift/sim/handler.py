@@ -223,8 +223,7 @@ class Handler:
             state.update(failed=True, endTimestamp=self.clock.stamp(f.ended_at))
             if self.version == "1.9" or f.completed:
                 state["completed"] = True
-            if f.failure and f.failure != "Migration failed because target pod shutdown " \
-                                          "during migration":
+            if f.failure:
                 state["failureReason"] = f.failure
         return state
 

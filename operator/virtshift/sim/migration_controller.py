@@ -105,8 +105,8 @@ class MigrationController:
         if owner is None or owner is flight or owner.done:  # canMigrateVMI
             self.set_phase(flight, "Pending", now)
         else:
-            flight.failure = ("VMI is not eligible for migration because another migration "
-                              "job is in progress.")
+            flight.event = ("VMI is not eligible for migration because another migration "
+                            "job is in progress.")
             self.set_phase(flight, "Failed", now)
         return flight
 
@@ -205,8 +205,8 @@ class MigrationController:
                     if now - flight.pod_created_at >= UNSCHEDULABLE_TIMEOUT:
                         # deleteTimedOutTargetPod; the VMIM then fails in updateStatus.
                         self._delete_target_pod(flight)
-                        flight.failure = "Migration target pod was removed during active " \
-                                         "migration."
+                        flight.event = "Migration target pod was removed during active " \
+                                       "migration."
                         self._fail(flight, flight.pod_created_at + UNSCHEDULABLE_TIMEOUT)
                     return
             assert flight.pod_ready_at is not None
@@ -267,7 +267,7 @@ class MigrationController:
         self._delete_target_pod(flight)
         if not any(c["type"] == ABORT_REQUESTED_CONDITION for c in flight.conditions):
             flight.conditions.append(self._abort_condition(now))
-        flight.failure = "Migration failed due to being canceled"
+        flight.event = "Migration failed due to being canceled"
         self._fail(flight, now)
 
     def _abort_condition(self: KubeVirtSim, now: float) -> JSON:
@@ -281,8 +281,7 @@ class MigrationController:
         self._delete_target_pod(flight)
         if flight.handed_off:
             self.mark_failed_on_vmi(flight, now)
-        flight.failure = flight.failure or "Migration failed because target pod shutdown " \
-                                           "during migration"
+        flight.event = "Migration failed because target pod shutdown during migration"
         self._fail(flight, now)
 
     def _delete_target_pod(self: KubeVirtSim, flight: Flight) -> None:
@@ -309,6 +308,9 @@ class MigrationController:
                         "migrationState": state or None,
                         "conditions": f.conditions or None}
         self.patch_vmim(f, {"status": status}, subresource="status")
+        if f.done and f.event and not f.event_sent:
+            f.event_sent = True
+            self._record_event(f, "Warning", "FailedMigration", f.event)
         if f.done and not f.finalized and f.final_written:
             # A later reconcile than the one that made it final (updateStatus, IsFinal).
             f.finalized = True
@@ -321,6 +323,21 @@ class MigrationController:
         elif f.done:
             f.final_written = True
             f.dirty = True
+
+    def _record_event(self: KubeVirtSim, f: Flight, kind: str, reason: str,
+                      message: str) -> None:
+        """An Event on the VMIM, as virt-controller's recorder writes them."""
+        ns, name = f.key.split("/", 1)
+        stamp = self.clock.stamp()
+        self.kube.create(rest.EVENTS, {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": ns},
+            "involvedObject": {"apiVersion": "kubevirt.io/v1",
+                               "kind": "VirtualMachineInstanceMigration", "name": name,
+                               "namespace": ns, "uid": f.uid},
+            "reason": reason, "message": message, "type": kind, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "virtualmachine-controller"}}, namespace=ns)
 
     def _collect_garbage(self: KubeVirtSim, namespace: str, vmi: str) -> None:
         """garbageCollectFinalizedMigrations: keep the 5 newest finished VMIMs of a VMI."""
