@@ -200,8 +200,9 @@ class MigrationController:
             if flight.target is None:
                 if now < flight.pod_created_at + BIND_AT * startup:
                     return
-                if not self.schedule_target_pod(flight, max(now, flight.pod_created_at +
-                                                            BIND_AT * startup)):
+                # Bound when it was due, or now if it had to wait for room.
+                due = flight.pod_created_at + BIND_AT * startup
+                if not self.schedule_target_pod(flight, now if flight.unschedulable else due):
                     if now - flight.pod_created_at >= UNSCHEDULABLE_TIMEOUT:
                         # deleteTimedOutTargetPod; the VMIM then fails in updateStatus.
                         self._delete_target_pod(flight)
