@@ -5,18 +5,17 @@ behaviour (the scenario default); tests/e2e/test_kubevirt_versions.py covers 1.7
 
 from __future__ import annotations
 
-import datetime as dt
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+import kubevirt_objects
 import pytest
-from operator_harness import wait_for as harness_wait_for
+from kubevirt_objects import conditions, seconds, simulate, stamps, state_of, wait_for
 
 from virtshift.api.units import parse_quantity
 from virtshift.k8s import rest
 from virtshift.sim import runner
-from virtshift.sim.scenario import load_scenario
 
 SCALE = 100
 ACCEPTS_SKYLAKE = "cpu-model-migration.node.kubevirt.io/Skylake-Server"
@@ -66,10 +65,7 @@ DISRUPT = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPo
 
 @pytest.fixture(scope="module")
 def sim(fresh_cluster) -> Iterator[runner.Simulator]:
-    fresh_cluster.kube.create(rest.KUBEVIRT_POLICIES, DISRUPT)
-    simulator = runner.start(fresh_cluster.kube, load_scenario(SCENARIO), log=lambda _m: None)
-    yield simulator
-    simulator.stop()
+    yield from simulate(fresh_cluster.kube, SCENARIO, (DISRUPT,))
 
 
 @pytest.fixture
@@ -77,15 +73,8 @@ def kube(sim, fresh_cluster) -> rest.KubeClient:
     return fresh_cluster.kube
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, every: float = 0.05) -> Any:
-    return harness_wait_for(predicate, timeout, every)
-
-
 def migrate(kube: rest.KubeClient, name: str, vmi: str, **spec: Any) -> dict[str, Any]:
-    return kube.create(rest.VMIMS, {"apiVersion": "kubevirt.io/v1",
-                                    "kind": "VirtualMachineInstanceMigration",
-                                    "metadata": {"name": name, "namespace": "fid"},
-                                    "spec": {"vmiName": vmi, **spec}})
+    return kubevirt_objects.migrate(kube, "fid", name, vmi, **spec)
 
 
 def vmim(kube: rest.KubeClient, name: str) -> dict[str, Any] | None:
@@ -93,31 +82,13 @@ def vmim(kube: rest.KubeClient, name: str) -> dict[str, Any] | None:
 
 
 def final(kube: rest.KubeClient, name: str, timeout: float = 30) -> dict[str, Any]:
-    return wait_for(lambda: (o := vmim(kube, name)) and o.get("status", {}).get("phase") in (
-        "Succeeded", "Failed") and o, timeout)
+    return kubevirt_objects.final(kube, "fid", name, timeout)
 
 
 def vmi(kube: rest.KubeClient, name: str) -> dict[str, Any]:
     obj = kube.get(rest.VMIS, name, "fid")
     assert obj is not None
     return obj
-
-
-def state_of(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj.get("status", {}).get("migrationState") or {}
-
-
-def seconds(stamp: str) -> float:
-    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
-
-
-def stamps(obj: dict[str, Any]) -> dict[str, float]:
-    return {t["phase"]: seconds(t["phaseTransitionTimestamp"])
-            for t in obj["status"]["phaseTransitionTimestamps"]}
-
-
-def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in obj.get("status", {}).get("conditions") or []}
 
 
 def pods_of(kube: rest.KubeClient, name: str) -> list[dict[str, Any]]:

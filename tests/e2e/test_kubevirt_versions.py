@@ -3,18 +3,17 @@ checked on the cluster's objects. Each test names the KubeVirt source of the dif
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+import kubevirt_objects
 import pytest
-from operator_harness import wait_for as harness_wait_for
+from kubevirt_objects import simulate, state_of, wait_for
 
 from virtshift.k8s import rest
 from virtshift.sim import runner
-from virtshift.sim.scenario import load_scenario
 
 SCALE = 100
 NODE_FAILS_AT = 900  # simulated seconds: 9 s of wall time to get the migration going
@@ -50,10 +49,7 @@ SAME_AS_CLUSTER = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "Mig
 
 @pytest.fixture(scope="module")
 def sim(fresh_cluster) -> Iterator[runner.Simulator]:
-    fresh_cluster.kube.create(rest.KUBEVIRT_POLICIES, SAME_AS_CLUSTER)
-    simulator = runner.start(fresh_cluster.kube, load_scenario(SCENARIO), log=lambda _m: None)
-    yield simulator
-    simulator.stop()
+    yield from simulate(fresh_cluster.kube, SCENARIO, (SAME_AS_CLUSTER,))
 
 
 @pytest.fixture
@@ -61,28 +57,12 @@ def kube(sim, fresh_cluster) -> rest.KubeClient:
     return fresh_cluster.kube
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, every: float = 0.05) -> Any:
-    return harness_wait_for(predicate, timeout, every)
-
-
 def migrate(kube: rest.KubeClient, name: str, vmi: str) -> None:
-    kube.create(rest.VMIMS, {"apiVersion": "kubevirt.io/v1",
-                             "kind": "VirtualMachineInstanceMigration",
-                             "metadata": {"name": name, "namespace": "v18"},
-                             "spec": {"vmiName": vmi}})
+    kubevirt_objects.migrate(kube, "v18", name, vmi)
 
 
 def final(kube: rest.KubeClient, name: str, timeout: float = 30) -> dict[str, Any]:
-    return wait_for(lambda: (o := kube.get(rest.VMIMS, name, "v18")) and o.get(
-        "status", {}).get("phase") in ("Succeeded", "Failed") and o, timeout)
-
-
-def state_of(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj.get("status", {}).get("migrationState") or {}
-
-
-def seconds(stamp: str) -> float:
-    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+    return kubevirt_objects.final(kube, "v18", name, timeout)
 
 
 def test_stall_is_reported_with_the_seconds_it_was_stuck(sim, kube) -> None:
