@@ -30,6 +30,10 @@ nodes:
                allocatable: {cpu: "256", memory: 1Ti}}
   - generate: {count: 2, prefix: rome-, cpuModel: EPYC-Rome,
                allocatable: {cpu: "256", memory: 1Ti}}
+  # An island of its own CPU model (host-model guests move only between equal hosts): what
+  # happens here cannot spill onto the nodes of the other tests.
+  - generate: {count: 2, prefix: cl-, cpuModel: Cascadelake-Server,
+               allocatable: {cpu: "64", memory: 256Gi}}
 vms:
   - generate: {count: 6, prefix: gold-a-, namespace: gold, nodes: [node-1], memory: 2Gi}
   - generate: {count: 8, prefix: bulk-a-, namespace: bulk, nodes: [node-1], memory: 2Gi}
@@ -46,9 +50,12 @@ vms:
   - {name: hot, namespace: hot-quick, node: node-4, memory: 8Gi, dirtyRate: 20Gi}
   - {name: gpu, namespace: restart, node: node-5, memory: 4Gi, liveMigratable: false,
      notMigratableReason: HostDeviceNotLiveMigratable}
+  # Never converges at the 1Gi/s its policy allows: only KubeVirt's post-copy can move it.
+  - {name: hot, namespace: hot-inherit, node: cl-1, memory: 1Gi, dirtyRate: 20Gi}
 """
 LADDERS = {"hot-abort": ["Abort"], "hot-postcopy": ["PostCopy", "Abort"],
            "hot-quick": ["QuickMigration"]}
+KUBEVIRT = ("kubevirt", "kubevirt")  # the KubeVirt CR: name, namespace
 
 
 def policy(name: str, **spec: Any) -> dict[str, Any]:
@@ -61,7 +68,7 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(SCENARIO)
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     kube = fresh_cluster.kube
-    for ns in ("gold", "bulk", "night", "cpu", "restart", *LADDERS):
+    for ns in ("gold", "bulk", "night", "cpu", "restart", "hot-inherit", *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url).start()
@@ -215,6 +222,54 @@ def test_downtime_ladder_abort_post_copy_and_quick_migration(env) -> None:
     assert vms["hot-quick"]["downtimeMs"] > 0
     assert kube.items(rest.VMIMS, "hot-quick") == []  # a restart, not a live migration
     assert kube.get(rest.VMIS, "hot", "hot-quick")["status"]["nodeName"] != "node-4"
+
+
+def _kubevirt_migrations(kube, **fields: Any) -> dict[str, Any]:
+    """Set fields of the KubeVirt CR's spec.configuration.migrations; returns what they were."""
+    before = kube.get(rest.KUBEVIRTS, *KUBEVIRT)["spec"]["configuration"]["migrations"]
+    kube.patch(rest.KUBEVIRTS, KUBEVIRT[0], {"spec": {"configuration": {"migrations": fields}}},
+               KUBEVIRT[1])
+    return {k: before.get(k) for k in fields}
+
+
+def test_unset_post_copy_follows_kubevirts_cluster_setting(env) -> None:
+    """Issue 9: allowPostCopy left unset means KubeVirt's own (the KubeVirt CR's
+    spec.configuration.migrations), as its description says. The rendered KubeVirt policy
+    leaves it out, the operator predicts with KubeVirt's post-copy (so the Abort ladder does
+    not hold the VM back) and KubeVirt switches the migration to post-copy at its completion
+    timeout (5 s per GB here, also the KubeVirt CR's)."""
+    kube = env["kube"]
+    # The CR change reaches every policy that leaves these fields to KubeVirt: end the stalled
+    # drain of the hot VMs first, so that it does not start moving them now.
+    kube.delete(rest.NODE_DRAINS, "hot-node-4")
+    wait_for(lambda: get_drain(kube, "hot-node-4") is None, what="hot-node-4 gone")
+    kube.create(rest.POLICIES, policy(
+        "hot-inherit", namespaceSelector={"matchLabels": {"tier": "hot-inherit"}},
+        maxDowntime="300ms", bandwidthPerMigration="1Gi"))
+    rendered = wait_for(lambda: kube.get(rest.KUBEVIRT_POLICIES, "virtshift-hot-inherit"),
+                        what="rendered")
+    assert "allowPostCopy" not in rendered["spec"], rendered["spec"]
+    assert "allowAutoConverge" not in rendered["spec"], rendered["spec"]
+    stored = kube.get(rest.POLICIES, "hot-inherit")["spec"]
+    assert "allowPostCopy" not in stored and "allowAutoConverge" not in stored
+
+    before = _kubevirt_migrations(kube, allowPostCopy=True, completionTimeoutPerGiB=5)
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body("inherit-cl-1", nodeName="cl-1"))
+        drain = wait_for(lambda: phase_of(kube, "inherit-cl-1") in ("Drained", "Stalled")
+                         and get_drain(kube, "inherit-cl-1"), timeout=120, what="drained")
+        [vm] = drain["status"]["vms"]
+        assert (drain["status"]["phase"], vm["phase"]) == ("Drained", "Succeeded"), vm
+    finally:
+        _kubevirt_migrations(kube, **before)
+    state = kube.get(rest.VMIS, "hot", "hot-inherit")["status"]["migrationState"]
+    assert state["mode"] == "PostCopy" and state["completed"] is True
+    assert state["migrationPolicyName"] == "virtshift-hot-inherit"
+    config = state["migrationConfiguration"]
+    assert (config["allowPostCopy"], config["allowWorkloadDisruption"],
+            config["completionTimeoutPerGiB"], config["bandwidthPerMigration"]) == (
+        True, True, 5, "1Gi")
+    kube.delete(rest.NODE_DRAINS, "inherit-cl-1")
 
 
 def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None:

@@ -14,6 +14,7 @@ from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, p
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import (
     KubeVirtLimits,
+    KubeVirtMigrationConfig,
     MigrationInfo,
     NodeInfo,
     PodInfo,
@@ -451,3 +452,53 @@ def test_vm_moved_onto_a_later_wave_node_moves_again_from_there() -> None:
     earlier = mig("a", 1, "Succeeded", source="n1", target="n2")
     d = plan_drain(snap([vmi("a", "n2")], spec=spec, status=status, migrations=[earlier]))
     assert created(d) == ["vs-d-a-2"]
+
+
+# -- the spec's fields, mapped by rules_from, as the planner applies them ----------------------
+
+
+def _policy_rules(kubevirt: KubeVirtMigrationConfig | None = None, **fields: Any) -> Rules:
+    from virtshift.api.migrationpolicy import MigrationPolicySpec
+    from virtshift.domain.rules import NamedPolicy, rules_from
+
+    spec = MigrationPolicySpec.model_validate(fields)
+    return rules_from(NamedPolicy("p", spec), kubevirt=kubevirt or KubeVirtMigrationConfig())
+
+
+@pytest.mark.parametrize(("kubevirt", "action"), [
+    (KubeVirtMigrationConfig(), "Abort"),
+    # KubeVirt's cluster-wide allowPostCopy: post-copy at the completion timeout (40s x 5 GB).
+    (KubeVirtMigrationConfig(allow_post_copy=True, completion_timeout_per_gib=40), "Migrate"),
+    # Disruption without post-copy: KubeVirt pauses the guest at the timeout, for seconds.
+    (KubeVirtMigrationConfig(allow_workload_disruption=True), "Abort"),
+    (KubeVirtMigrationConfig(allow_post_copy=True, allow_workload_disruption=False), "Abort"),
+])
+def test_unset_post_copy_is_predicted_with_kubevirts_setting(kubevirt, action) -> None:
+    """Issue 9: a policy that leaves allowPostCopy unset migrates under the KubeVirt CR's; the
+    prediction (and so the ladder) must assume what KubeVirt will do."""
+    from virtshift.domain.downtime import choose
+    from virtshift.domain.eta import Estimator
+
+    rules = _policy_rules(kubevirt, maxDowntime="300ms")
+    hot = vmi("hot", **HOT)
+    choice = choose(hot, rules, Estimator(), None, 2)  # 5 GiB/s each: as the planner shares
+    assert choice.action == action
+    if action == "Migrate":
+        assert choice.predicted.mode == "PostCopy" and choice.predicted.converges
+    d = plan_drain(snap([hot], rules={"ns/hot": rules}))
+    assert bool(d.create) is (action == "Migrate")
+
+
+@pytest.mark.parametrize("kubevirt", [
+    KubeVirtMigrationConfig(),
+    KubeVirtMigrationConfig(allow_post_copy=False, allow_workload_disruption=False),
+    KubeVirtMigrationConfig(allow_auto_converge=False, completion_timeout_per_gib=1000),
+])
+def test_ladder_variants_work_whatever_kubevirt_says(kubevirt) -> None:
+    """The -postcopy variant sets allowPostCopy (so KubeVirt's disruption follows it) and a
+    1 s per GiB completion timeout; the -autoconverge variant sets allowAutoConverge."""
+    for ladder, mode in ((["PostCopy", "Abort"], "PostCopy"),
+                         (["AutoConverge", "Abort"], "AutoConverge")):
+        rules = _policy_rules(kubevirt, maxDowntime="300ms", onDowntimeExceeded=ladder)
+        d = plan_drain(snap([vmi("hot", **HOT)], rules={"ns/hot": rules}))
+        assert [m.mode for m in d.create] == [mode], (ladder, entry(d, "hot"))

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 
 from virtshift.api.common import Condition
+from virtshift.api.crdgen import KINDS, crd
 from virtshift.api.migrationpolicy import MigrationPolicySpec, MigrationPolicyStatus
 from virtshift.domain import policy as p
 from virtshift.domain.naming import kubevirt_policy_name, label_value
-from virtshift.domain.rules import NamedPolicy, governing_policy
-from virtshift.domain.views import MigrationInfo
+from virtshift.domain.rules import NamedPolicy, governing_policy, rules_from
+from virtshift.domain.views import KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import views
 
 NOW = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
@@ -396,3 +397,68 @@ def test_invalid_spec_keeps_the_rest_of_the_status() -> None:
 ])
 def test_merge_patch(old, new, patch) -> None:
     assert p.merge_patch(old, new) == patch
+
+
+# -- what the spec means for a VM's rules (rules_from) --------------------------------------------
+
+KV = KubeVirtMigrationConfig
+
+
+def test_convergence_flags_have_no_default_so_kubevirt_s_apply() -> None:
+    """Issue 9: a CRD default of false made every policy override KubeVirt's cluster-wide
+    allowAutoConverge/allowPostCopy. Unset must stay unset, on the wire and in the schema."""
+    assert spec().allow_auto_converge is None and spec().allow_post_copy is None
+    props = crd(next(k for k in KINDS if k.name == "MigrationPolicy"))["spec"]["versions"][0][
+        "schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for field in ("allowAutoConverge", "allowPostCopy"):
+        assert "default" not in props[field], field
+        assert "KubeVirt CR" in props[field]["description"], field
+    rendered = p.render("gold", "u", spec())[0]["spec"]
+    assert "allowAutoConverge" not in rendered and "allowPostCopy" not in rendered
+
+
+INHERIT_CASES = [
+    # (policy fields, KubeVirt CR's migrations, (autoConverge, postCopy, workloadDisruption,
+    #  completionTimeoutPerGiB))
+    pytest.param({}, KV(), (False, False, False, 150), id="nothing set anywhere"),
+    pytest.param({}, KV(allow_post_copy=True), (False, True, True, 150),
+                 id="unset: KubeVirt's post-copy, disruption follows it"),
+    pytest.param({}, KV(allow_post_copy=True, allow_workload_disruption=False),
+                 (False, True, False, 150), id="unset: KubeVirt's explicit disruption"),
+    pytest.param({}, KV(allow_workload_disruption=True), (False, False, True, 150),
+                 id="unset: disruption without post-copy (KubeVirt pauses the guest)"),
+    pytest.param({}, KV(allow_auto_converge=True, completion_timeout_per_gib=40),
+                 (True, False, False, 40), id="unset: KubeVirt's auto-converge and timeout"),
+    pytest.param({"allowPostCopy": False},
+                 KV(allow_post_copy=True, allow_workload_disruption=True),
+                 (False, False, False, 150), id="false overrides, disruption follows the policy"),
+    pytest.param({"allowPostCopy": True}, KV(allow_workload_disruption=False),
+                 (False, True, True, 150), id="true overrides, disruption follows the policy"),
+    pytest.param({"allowAutoConverge": False, "completionTimeoutPerGiB": 80},
+                 KV(allow_auto_converge=True, completion_timeout_per_gib=40),
+                 (False, False, False, 80), id="set values win"),
+]
+
+
+@pytest.mark.parametrize(("fields", "kubevirt", "expected"), INHERIT_CASES)
+def test_rules_inherit_what_the_policy_leaves_to_kubevirt(fields, kubevirt, expected) -> None:
+    """What KubeVirt resolves at handoff (virt-config.go GetMigrationConfiguration, then the
+    rendered policy applied field by field; allowWorkloadDisruption follows the policy's
+    allowPostCopy when set) is what the predictions must assume."""
+    r = rules_from(named("gold", **fields), kubevirt=kubevirt)
+    assert (r.allow_auto_converge, r.allow_post_copy, r.allow_workload_disruption,
+            r.completion_timeout_per_gib) == expected
+    assert rules_from(None, kubevirt=kubevirt).allow_post_copy == kubevirt.allow_post_copy
+
+
+def test_kubevirt_migration_config_reads_the_kubevirt_cr() -> None:
+    assert views.kubevirt_migration_config(None) == KV()
+    kv = {"spec": {"configuration": {"migrations": {
+        "allowAutoConverge": True, "allowPostCopy": True, "allowWorkloadDisruption": False,
+        "completionTimeoutPerGiB": 60, "progressTimeout": 30}}}}
+    got = views.kubevirt_migration_config(kv)
+    assert got == KV(allow_auto_converge=True, allow_post_copy=True,
+                     allow_workload_disruption=False, completion_timeout_per_gib=60,
+                     progress_timeout=30)
+    assert got.workload_disruption is False and KV(allow_post_copy=True).workload_disruption
+

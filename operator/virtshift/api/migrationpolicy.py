@@ -154,7 +154,11 @@ class MigrationPolicySpec(Model):
     )
     completion_timeout_per_gi_b: int | None = Field(
         None, ge=1, le=86400, alias="completionTimeoutPerGiB",
-        description="Seconds allowed per GiB of guest memory before KubeVirt aborts a migration.",
+        description="Seconds allowed per GiB of guest memory (KubeVirt counts decimal GB, "
+        "rounded up) before KubeVirt ends a migration that has not completed: it aborts it, "
+        "or with allowPostCopy switches it to post-copy. Rendered into KubeVirt's "
+        "MigrationPolicy. Unset: the KubeVirt CR's spec.configuration.migrations."
+        "completionTimeoutPerGiB applies (150 unless set there).",
     )
     progress_timeout: PositiveDuration | None = Field(
         None, description="Abort a migration whose transfer makes no progress for this long.",
@@ -166,11 +170,21 @@ class MigrationPolicySpec(Model):
     backoff: Backoff = Field(
         default_factory=Backoff, description="Exponential backoff between attempts."
     )
-    allow_auto_converge: bool = Field(
-        False, description="Let KubeVirt throttle the guest's vCPUs so memory copying converges."
+    allow_auto_converge: bool | None = Field(
+        None, description="Let KubeVirt throttle the guest's vCPUs so that memory copying "
+        "converges (QEMU auto-converge). Rendered into KubeVirt's MigrationPolicy when set. "
+        "Unset: the KubeVirt CR's spec.configuration.migrations.allowAutoConverge applies "
+        "(false unless set there), and virtshift predicts with it.",
     )
-    allow_post_copy: bool = Field(
-        False, description="Let KubeVirt switch to post-copy when pre-copy does not converge."
+    allow_post_copy: bool | None = Field(
+        None, description="Whether KubeVirt switches a migration that has not completed by its "
+        "completion timeout (completionTimeoutPerGiB) to post-copy. Rendered into KubeVirt's "
+        "MigrationPolicy when set, where KubeVirt also takes it as allowWorkloadDisruption: "
+        "true switches to post-copy at the timeout, false aborts the migration then (the guest "
+        "is never paused). Unset: the KubeVirt CR's spec.configuration.migrations.allowPostCopy "
+        "and allowWorkloadDisruption apply (false unless set there: abort at the timeout; "
+        "allowWorkloadDisruption without allowPostCopy pauses the guest instead), and "
+        "virtshift predicts with them.",
     )
     on_downtime_exceeded: list[DowntimeAction] = Field(
         default_factory=lambda: [DowntimeAction.ABORT], min_length=1, max_length=6,

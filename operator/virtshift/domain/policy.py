@@ -97,8 +97,10 @@ def max_downtime_ms(spec: MigrationPolicySpec) -> int | None:
 def kubevirt_spec(spec: MigrationPolicySpec, max_downtime: bool = False) -> JSON:
     """The fields KubeVirt applies itself, only those the policy sets (selectors aside).
 
-    allowAutoConverge and allowPostCopy are rendered when the policy sets them explicitly (also
-    to false), so KubeVirt's cluster-wide defaults apply only to what the policy leaves open.
+    allowAutoConverge and allowPostCopy are rendered only when the policy sets them (also to
+    false): unset, KubeVirt's cluster-wide settings (the KubeVirt CR's
+    spec.configuration.migrations) apply, and ``rules.rules_from`` predicts with those.
+    allowWorkloadDisruption is never rendered: KubeVirt lets it follow allowPostCopy.
     maxDowntimeMs only when ``max_downtime``: KubeVirt v1.9 refuses the field without the
     MigrationStallDetection gate (and only then passes it to QEMU), earlier releases do not
     have it. Without it maxDowntime is enforced by prediction alone (``downtime.choose``)."""
@@ -107,10 +109,10 @@ def kubevirt_spec(spec: MigrationPolicySpec, max_downtime: bool = False) -> JSON
         out["bandwidthPerMigration"] = str(spec.bandwidth_per_migration)
     if spec.completion_timeout_per_gi_b is not None:
         out["completionTimeoutPerGiB"] = int(spec.completion_timeout_per_gi_b)
-    if "allow_auto_converge" in spec.model_fields_set:
-        out["allowAutoConverge"] = bool(spec.allow_auto_converge)
-    if "allow_post_copy" in spec.model_fields_set:
-        out["allowPostCopy"] = bool(spec.allow_post_copy)
+    if spec.allow_auto_converge is not None:
+        out["allowAutoConverge"] = spec.allow_auto_converge
+    if spec.allow_post_copy is not None:
+        out["allowPostCopy"] = spec.allow_post_copy
     downtime = max_downtime_ms(spec)
     if downtime is not None and max_downtime:
         out["maxDowntimeMs"] = downtime

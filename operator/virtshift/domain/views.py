@@ -127,3 +127,26 @@ class PodInfo:
 class KubeVirtLimits:
     per_cluster: int = 5
     outbound_per_node: int = 2
+
+
+@dataclass(frozen=True)
+class KubeVirtMigrationConfig:
+    """What the KubeVirt CR's ``spec.configuration.migrations`` says about the fields a
+    MigrationPolicy may leave to KubeVirt, with KubeVirt's defaults filled in
+    (pkg/virt-config/virt-config.go). KubeVirt starts every migration from these and applies
+    the matching migrations.kubevirt.io policy over them field by field (migration.go
+    handleTargetPodHandoff)."""
+
+    allow_auto_converge: bool = False
+    allow_post_copy: bool = False
+    allow_workload_disruption: bool | None = None  # None: follows allow_post_copy
+    completion_timeout_per_gib: int = 150
+    progress_timeout: int = 150  # KubeVirt's own; no MigrationPolicy can change it
+
+    @property
+    def workload_disruption(self) -> bool:
+        """virt-config.go GetMigrationConfiguration: unset follows allowPostCopy."""
+        if self.allow_workload_disruption is None:
+            return self.allow_post_copy
+        return self.allow_workload_disruption
+

@@ -20,7 +20,7 @@ from virtshift.domain.rules import (
     rules_from,
     selector_matches,
 )
-from virtshift.domain.views import MigrationInfo
+from virtshift.domain.views import KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s.dirty_rates import DirtyRateSource
 from virtshift.k8s.informer import Informer, key_of
@@ -112,12 +112,16 @@ class Cluster:
     def kubevirt_applies_max_downtime(self) -> bool:
         return views.kubevirt_applies_max_downtime(self.kubevirt())
 
+    def kubevirt_migration_config(self) -> KubeVirtMigrationConfig:
+        return views.kubevirt_migration_config(self.kubevirt())
+
     def rules_for(self, vmi: JSON, policies: list[NamedPolicy], policy_ref: str | None,
-                  non_migratable: str | None, applies_max_downtime: bool = False) -> Rules:
+                  non_migratable: str | None, applies_max_downtime: bool = False,
+                  kubevirt: KubeVirtMigrationConfig | None = None) -> Rules:
         ns = self.namespaces.get(vmi["metadata"]["namespace"]) or {}
         policy = governing_policy(policies, vmi["metadata"].get("labels") or {},
                                   ns.get("metadata", {}).get("labels") or {}, policy_ref)
-        return rules_from(policy, non_migratable, applies_max_downtime)
+        return rules_from(policy, non_migratable, applies_max_downtime, kubevirt)
 
     def usage(self) -> dict[str, tuple[float, float]]:
         """What launcher pods request per node, as the scheduler counts it."""
@@ -204,7 +208,9 @@ class Cluster:
         selectors = self._launcher_selectors()
         policy_ref = spec.policy_ref.name if spec.policy_ref else None
         applies = self.kubevirt_applies_max_downtime()
-        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable, applies)
+        kubevirt = self.kubevirt_migration_config()
+        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable, applies,
+                                   kubevirt)
                  for k, v in vmi_objs.items()}
         return DrainSnapshot(
             name=name, generation=drain["metadata"].get("generation", 1), spec=spec,

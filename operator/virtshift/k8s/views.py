@@ -9,6 +9,7 @@ from typing import Any
 from virtshift.api.units import parse_quantity
 from virtshift.domain.views import (
     KubeVirtLimits,
+    KubeVirtMigrationConfig,
     MigrationInfo,
     NodeInfo,
     PodInfo,
@@ -188,9 +189,26 @@ def pod_running(obj: JSON) -> bool:
         "phase") not in ("Succeeded", "Failed")
 
 
+def _kubevirt_migrations(kv: JSON | None) -> JSON:
+    return (((kv or {}).get("spec") or {}).get("configuration") or {}).get("migrations") or {}
+
+
+def kubevirt_migration_config(kv: JSON | None) -> KubeVirtMigrationConfig:
+    """The KubeVirt CR's migration settings a MigrationPolicy may leave to KubeVirt, with
+    KubeVirt's defaults (virt-config.go; allowWorkloadDisruption unset follows allowPostCopy)."""
+    migrations = _kubevirt_migrations(kv)
+    disruption = migrations.get("allowWorkloadDisruption")
+    return KubeVirtMigrationConfig(
+        allow_auto_converge=bool(migrations.get("allowAutoConverge", False)),
+        allow_post_copy=bool(migrations.get("allowPostCopy", False)),
+        allow_workload_disruption=None if disruption is None else bool(disruption),
+        completion_timeout_per_gib=int(migrations.get("completionTimeoutPerGiB", 150)),
+        progress_timeout=int(migrations.get("progressTimeout", 150)),
+    )
+
+
 def kubevirt_limits(kv: JSON | None) -> KubeVirtLimits:
-    migrations = (((kv or {}).get("spec") or {}).get("configuration") or {}).get(
-        "migrations") or {}
+    migrations = _kubevirt_migrations(kv)
     return KubeVirtLimits(
         per_cluster=int(migrations.get("parallelMigrationsPerCluster", 5)),
         outbound_per_node=int(migrations.get("parallelOutboundMigrationsPerNode", 2)),
