@@ -465,6 +465,49 @@ def _policy_rules(kubevirt: KubeVirtMigrationConfig | None = None, **fields: Any
     return rules_from(NamedPolicy("p", spec), kubevirt=kubevirt or KubeVirtMigrationConfig())
 
 
+@pytest.mark.parametrize(("outbound", "expected"), [(None, 4), (1, 1), (3, 3)])
+def test_max_parallel_outbound_per_node_bounds_each_source(outbound, expected) -> None:
+    """maxParallelOutboundPerNode, below KubeVirt's parallelOutboundMigrationsPerNode (5 here):
+    no more of the policy's migrations leave n1 at once."""
+    fields = {"maxParallelOutboundPerNode": outbound} if outbound else {}
+    rules = _policy_rules(**fields)
+    vms = [vmi(f"v{i}") for i in range(6)]
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5)))
+    assert len(d.create) == expected
+    assert {m.source for m in d.create} == {"n1"}
+    busy = [MigrationInfo(namespace="x", name="o", vmi="o", phase="Running", policy="p",
+                          source="n1")]
+    later = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5),
+                            others=busy))
+    assert len(later.create) == min(expected, 4 - 1, max(0, (outbound or 5) - 1))
+
+
+@pytest.mark.parametrize(("fields", "failures", "phase"), [
+    ({"maxAttempts": 1}, 1, "Failed"),
+    ({"maxAttempts": 2}, 1, "Migrating"),
+    ({"maxAttempts": 2}, 2, "Failed"),
+])
+def test_max_attempts_from_the_spec_bounds_retries(fields, failures, phase) -> None:
+    ended = NOW - dt.timedelta(hours=1)
+    migs = [mig("a", i, "Failed", ended=ended, failure="x") for i in range(1, failures + 1)]
+    d = plan_drain(snap([vmi("a")], migrations=migs, rules={"ns/a": _policy_rules(**fields)}))
+    assert entry(d, "a").phase == phase
+
+
+@pytest.mark.parametrize(("failures", "ended_ago", "retries"), [
+    (1, 9, False), (1, 11, True),  # initial 10s
+    (2, 14, False), (2, 16, True),  # doubled to 20s, capped at max 15s
+])
+def test_backoff_from_the_spec_delays_the_retry(failures, ended_ago, retries) -> None:
+    rules = _policy_rules(maxAttempts=5, backoff={"initial": "10s", "max": "15s"})
+    ended = NOW - dt.timedelta(seconds=ended_ago)
+    migs = [mig("a", i, "Failed", ended=ended, failure="x") for i in range(1, failures + 1)]
+    d = plan_drain(snap([vmi("a")], migrations=migs, rules={"ns/a": rules}))
+    assert created(d) == ([f"vs-d-a-{failures + 1}"] if retries else [])
+    if not retries:
+        assert entry(d, "a").reason == "Backoff"
+
+
 @pytest.mark.parametrize(("kubevirt", "action"), [
     (KubeVirtMigrationConfig(), "Abort"),
     # KubeVirt's cluster-wide allowPostCopy: post-copy at the completion timeout (40s x 5 GB).

@@ -451,6 +451,29 @@ def test_rules_inherit_what_the_policy_leaves_to_kubevirt(fields, kubevirt, expe
     assert rules_from(None, kubevirt=kubevirt).allow_post_copy == kubevirt.allow_post_copy
 
 
+@pytest.mark.parametrize(("fields", "attempts", "waits"), [
+    pytest.param({}, 3, [0, 30, 60, 120, 240, 480, 600, 600],
+                 id="defaults: 3, 30s doubling to 10m"),
+    pytest.param({"maxAttempts": 5, "backoff": {"initial": "10s", "max": "1m"}}, 5,
+                 [0, 10, 20, 40, 60, 60, 60, 60], id="maxAttempts and backoff"),
+    pytest.param({"maxAttempts": 1, "backoff": {"initial": "1m30s", "max": "2h"}}, 1,
+                 [0, 90, 180, 360, 720, 1440, 2880, 5760], id="durations parsed"),
+])
+def test_rules_take_max_attempts_and_backoff_from_the_spec(fields, attempts, waits) -> None:
+    r = rules_from(named("gold", **fields))
+    assert r.policy == "gold" and r.max_attempts == attempts
+    assert [r.backoff(n) for n in range(8)] == waits
+
+
+def test_rules_take_the_limits_by_their_crd_names() -> None:
+    r = rules_from(named("gold", maxParallelMigrations=4, maxParallelOutboundPerNode=2,
+                         maxParallelInboundPerNode=1, progressTimeout="45s"))
+    assert (r.max_parallel, r.max_outbound_per_node, r.max_inbound_per_node) == (4, 2, 1)
+    assert r.progress_timeout == 45.0
+    assert rules_from(named("gold")).progress_timeout is None
+    assert rules_from(named("gold"), non_migratable_override="Skip").non_migratable == "Skip"
+
+
 def test_kubevirt_migration_config_reads_the_kubevirt_cr() -> None:
     assert views.kubevirt_migration_config(None) == KV()
     kv = {"spec": {"configuration": {"migrations": {
