@@ -50,6 +50,8 @@ vms:
   - {name: hot, namespace: hot-quick, node: node-4, memory: 8Gi, dirtyRate: 20Gi}
   - {name: gpu, namespace: restart, node: node-5, memory: 4Gi, liveMigratable: false,
      notMigratableReason: HostDeviceNotLiveMigratable}
+  - {name: gpu, namespace: skip, node: node-5, memory: 4Gi, liveMigratable: false,
+     notMigratableReason: HostDeviceNotLiveMigratable}
   # Never converges at the 1Gi/s its policy allows: only KubeVirt's post-copy can move it.
   - {name: hot, namespace: hot-inherit, node: cl-1, memory: 1Gi, dirtyRate: 20Gi}
 """
@@ -68,7 +70,7 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(SCENARIO)
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     kube = fresh_cluster.kube
-    for ns in ("gold", "bulk", "night", "cpu", "restart", "hot-inherit", *LADDERS):
+    for ns in ("gold", "bulk", "night", "cpu", "restart", "skip", "hot-inherit", *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url).start()
@@ -77,6 +79,10 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     finally:
         op.stop()
         sim.stop()
+
+
+def outcomes_of(kube, name: str) -> dict[str, int]:
+    return ((kube.get(rest.POLICIES, name) or {}).get("status") or {}).get("outcomes") or {}
 
 
 def _unfinished(sample: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -223,6 +229,14 @@ def test_downtime_ladder_abort_post_copy_and_quick_migration(env) -> None:
     assert kube.items(rest.VMIMS, "hot-quick") == []  # a restart, not a live migration
     assert kube.get(rest.VMIS, "hot", "hot-quick")["status"]["nodeName"] != "node-4"
 
+    # Each policy's status counts what the drain did with its VM (issue 9: never set before).
+    wanted = {"hot-abort": {"aborted": 1, "quickMigrated": 0, "succeeded": 0},
+              "hot-quick": {"aborted": 0, "quickMigrated": 1, "succeeded": 0},
+              "hot-postcopy": {"aborted": 0, "quickMigrated": 0, "succeeded": 1}}
+    wait_for(lambda: all({k: outcomes_of(kube, p).get(k) for k in want} == want
+                         for p, want in wanted.items()),
+             what=lambda: f"outcomes: { {p: outcomes_of(kube, p) for p in wanted} }")
+
 
 def _kubevirt_migrations(kube, **fields: Any) -> dict[str, Any]:
     """Set fields of the KubeVirt CR's spec.configuration.migrations; returns what they were."""
@@ -277,12 +291,21 @@ def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None
     kube.create(rest.POLICIES, policy(
         "restart", namespaceSelector={"matchLabels": {"tier": "restart"}},
         nonMigratable="Restart"))
+    kube.create(rest.POLICIES, policy(
+        "skip", namespaceSelector={"matchLabels": {"tier": "skip"}}, nonMigratable="Skip"))
     kube.create(rest.NODE_DRAINS, drain_body("restart-node-5", nodeName="node-5"))
     drain = wait_for(lambda: phase_of(kube, "restart-node-5") == "Drained"
                      and get_drain(kube, "restart-node-5"), timeout=120, what="drained")
     gpu = next(v for v in drain["status"]["vms"] if v["namespace"] == "restart")
     assert (gpu["phase"], gpu["mode"], gpu["reason"]) == ("Succeeded", "QuickMigration",
                                                           "QuickMigrated")
+    skipped = next(v for v in drain["status"]["vms"] if v["namespace"] == "skip")
+    assert (skipped["phase"], skipped["reason"]) == ("Skipped", "HostDeviceNotLiveMigratable")
+    wait_for(lambda: outcomes_of(kube, "restart").get("quickMigrated") == 1
+             and outcomes_of(kube, "skip").get("skipped") == 1,
+             what=lambda: f"outcomes: {outcomes_of(kube, 'restart')} {outcomes_of(kube, 'skip')}")
+    assert outcomes_of(kube, "restart").get("skipped") == 0
+    assert outcomes_of(kube, "skip").get("quickMigrated") == 0
     # Stop, then start on another node: the target pod start-up (10s) at least.
     assert gpu["downtimeMs"] >= 10_000
     vmi = kube.get(rest.VMIS, "gpu", "restart")

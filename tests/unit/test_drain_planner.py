@@ -127,6 +127,24 @@ def test_a_skipped_vms_launcher_pod_does_not_hold_the_drain() -> None:
     assert entry(d, "gpu").phase == "Skipped" and d.status.phase == "Drained"
 
 
+def test_a_skipped_vm_stays_reported_once_its_node_is_drained() -> None:
+    """The VM is still on the node in maintenance: the drain keeps it in its status (and
+    counts), on every later pass, not only on the pass that skipped it (issue 9: the policy's
+    outcomes.skipped counts these entries)."""
+    gpu = vmi("gpu", migratable=False, not_migratable_reason="HostDevice")
+    pod = PodInfo("ns", "virt-launcher-gpu", "n1", "launcher", vmi="ns/gpu")
+    s = snap([gpu], rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod])
+    first = plan_drain(s)
+    assert first.status.phase == "Drained" and first.status.nodes[0].phase == "Drained"
+    later = plan_drain(dataclasses.replace(s, status=first.status,
+                                           now=NOW + dt.timedelta(minutes=1)))
+    assert later.status.phase == "Drained" and later.status.counts.skipped == 1
+    assert entry(later, "gpu").phase == "Skipped" and not later.changes_cluster
+    # Once the VM has gone (say, stopped by its owner) there is nothing left to report.
+    gone = plan_drain(dataclasses.replace(s, status=later.status, vmis={}, launchers=()))
+    assert gone.status.counts.total == 0 and gone.status.phase == "Drained"
+
+
 @pytest.mark.parametrize(("action", "phase", "halts"), [
     ("Fail", "Failed", False), ("Skip", "Skipped", False), ("Restart", "Migrating", True),
 ])

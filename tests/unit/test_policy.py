@@ -485,3 +485,36 @@ def test_kubevirt_migration_config_reads_the_kubevirt_cr() -> None:
                      progress_timeout=30)
     assert got.workload_disruption is False and KV(allow_post_copy=True).workload_disruption
 
+
+# -- outcomes from a drain's VM entries and virtshift's aborts -------------------------------------
+
+OUTCOME_CASES = [
+    pytest.param([], [], (0, 0, 0), id="nothing"),
+    pytest.param([], [p.DrainVM("d", "ns", "gpu", "Skipped", reason="HostDeviceNotLiveMigratable"),
+                      p.DrainVM("d", "ns", "gone", "Skipped", reason="VMIGone")],
+                 (1, 0, 0), id="skipped by nonMigratable Skip, not a VMI that vanished"),
+    pytest.param([], [p.DrainVM("d", "ns", "gpu", "Succeeded", mode="QuickMigration",
+                                reason="QuickMigrated"),
+                      p.DrainVM("d", "ns", "hot", "Succeeded", mode="QuickMigration",
+                                reason="DowntimeExceeded"),
+                      p.DrainVM("d", "ns", "stopping", "Migrating", mode="QuickMigration"),
+                      p.DrainVM("d", "ns", "live", "Succeeded", mode="LiveMigration")],
+                 (0, 2, 0), id="quick migrated: finished restarts only"),
+    pytest.param([], [p.DrainVM("d", "ns", "hot", "Waiting", reason="NotConverging"),
+                      p.DrainVM("d", "ns", "warm", "Waiting", reason="DowntimeExceeded"),
+                      p.DrainVM("d", "ns", "late", "Waiting", reason="OutsideWindow"),
+                      p.DrainVM("d", "ns", "done", "Succeeded", reason="DowntimeExceeded")],
+                 (0, 0, 2), id="held back by the ladder's Abort"),
+]
+
+
+@pytest.mark.parametrize(("migrations", "drain_vms", "expected"), OUTCOME_CASES)
+def test_outcomes_skipped_quick_migrated_aborted(migrations, drain_vms, expected) -> None:
+    counters, _ = p.outcomes(spec(), migrations, drain_vms)
+    assert (counters.skipped, counters.quick_migrated, counters.aborted) == expected
+
+
+def test_status_reports_outcomes_of_drains() -> None:
+    s = p.derive_status(snapshot(drain_vms=[
+        p.DrainVM("d", "ns", "gpu", "Skipped", reason="HostDeviceNotLiveMigratable")]))
+    assert s.status.wire()["outcomes"]["skipped"] == 1

@@ -216,11 +216,22 @@ class MigrationPolicySpec(Model):
 
 
 class OutcomeCounters(Model):
-    succeeded: int = Field(0, description="Migrations that completed.")
-    failed: int = Field(0, description="Migrations that failed after every attempt.")
-    skipped: int = Field(0, description="VMs left in place by the policy.")
-    quick_migrated: int = Field(0, description="VMs moved by stop, move, start.")
-    aborted: int = Field(0, description="Migrations not started or aborted for downtime.")
+    """Counted from the objects that exist now (KubeVirt keeps the five newest finished
+    migrations of each VMI; a NodeDrain reports its VMs while it exists), so they can fall."""
+
+    succeeded: int = Field(0, description="Migrations labelled with this policy that completed "
+                           "(VirtualMachineInstanceMigrations that still exist).")
+    failed: int = Field(0, description="Migrations labelled with this policy that failed for "
+                        "good: a NodeDrain's last attempt (maxAttempts), or one nobody retries.")
+    skipped: int = Field(0, description="VMs this policy governs that a NodeDrain left in place "
+                         "because they cannot live-migrate (nonMigratable: Skip), over the "
+                         "NodeDrains that exist.")
+    quick_migrated: int = Field(0, description="VMs this policy governs that a NodeDrain moved "
+                                "by stop, move, start (quick migration, completed), over the "
+                                "NodeDrains that exist.")
+    aborted: int = Field(0, description="Migrations held back: VMs this policy governs that a "
+                         "NodeDrain is not migrating now because onDowntimeExceeded ended in "
+                         "Abort, over the NodeDrains that exist.")
     downtime_breaches: int = Field(0, description="Migrations whose downtime exceeded "
                                    "maxDowntime.")
 
@@ -247,7 +258,10 @@ class MigrationPolicyStatus(Model):
         "rendered from this one."
     )
     in_flight: int | None = Field(None, description="Migrations under this policy in flight.")
-    outcomes: OutcomeCounters | None = Field(None, description="What happened so far.")
+    outcomes: OutcomeCounters | None = Field(
+        None, description="What happened, counted from the objects that exist now: the "
+        "migrations labelled with this policy and the NodeDrains' VM entries (each counter "
+        "says which).")
     downtime: DowntimeSummary | None = Field(None, description="Observed switch-over downtime.")
     window_open: bool | None = Field(None, description="Whether new migrations may start now.")
     next_window: str | None = Field(

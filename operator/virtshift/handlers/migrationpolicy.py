@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "migrationpolicies"
 COALESCE_SECONDS = 0.2  # after a wake-up, let a burst of watch events settle first
 STOP_POLL_SECONDS = 0.1
-WATCHED = ("vmi", "vmim", "policy", "kubevirt")  # kubevirt: its feature gates decide maxDowntimeMs
+# kubevirt: its feature gates decide maxDowntimeMs. NodeDrains (whose VM entries feed the
+# outcomes) are not watched: their status changes with every drain's pass; the resync reads them.
+WATCHED = ("vmi", "vmim", "policy", "kubevirt")
 
 
 class _Policies:
@@ -108,7 +110,8 @@ def reconcile(name: str) -> None:
             name=name, generation=generation, spec=model.spec,
             status=model.status or MigrationPolicyStatus(), now=now,
             matched=len(dpolicy.governed(name, policies, vmis)),
-            migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned))
+            migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned,
+            drain_vms=store.drain_vms(name, policies)))
     store.write_status(obj, decision.status.wire())
     for kind, reason, message in decision.events:
         rt.actions.event(_for_events(obj), kind, reason, message)

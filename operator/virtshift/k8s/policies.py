@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from virtshift.domain import policy as dpolicy
 from virtshift.domain.naming import label_value
-from virtshift.domain.policy import Conflict, VMIPolicyView
+from virtshift.domain.policy import Conflict, DrainVM, VMIPolicyView
+from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s.cluster import Cluster
@@ -63,6 +64,34 @@ class PolicyStore:
                 key=key, labels=meta.get("labels") or {},
                 namespace_labels=(ns.get("metadata") or {}).get("labels") or {},
                 pinned=key in pins, pinned_label=pins.get(key)))
+        return out
+
+    def drain_vms(self, name: str, policies: list[NamedPolicy]) -> list[DrainVM]:
+        """The VM entries of every NodeDrain's status that ``name`` governs in that drain:
+        named by the drain's policyRef, else chosen by precedence from the VMI's labels (an
+        entry whose VMI is gone counts only under a policyRef)."""
+        out: list[DrainVM] = []
+        for drain in self.cluster.drains.values():
+            ref = ((drain.get("spec") or {}).get("policyRef") or {}).get("name")
+            if ref and ref != name:
+                continue
+            for e in (drain.get("status") or {}).get("vms") or []:
+                ns, vm = e.get("namespace"), e.get("name")
+                if not ns or not vm:
+                    continue
+                if not ref:
+                    vmi = self.cluster.vmis.get(f"{ns}/{vm}")
+                    if vmi is None:
+                        continue
+                    namespace = self.cluster.namespaces.get(ns) or {}
+                    chosen = governing_policy(
+                        policies, vmi["metadata"].get("labels") or {},
+                        (namespace.get("metadata") or {}).get("labels") or {})
+                    if chosen is None or chosen.name != name:
+                        continue
+                out.append(DrainVM(drain=drain["metadata"]["name"], namespace=ns, name=vm,
+                                   phase=e.get("phase", ""), mode=e.get("mode"),
+                                   reason=e.get("reason")))
         return out
 
     def migrations_of(self, name: str) -> list[MigrationInfo]:
