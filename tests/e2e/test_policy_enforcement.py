@@ -4,6 +4,7 @@ drains, maintenance windows in simulated time, and CPU-model compatibility."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from collections import Counter
@@ -34,6 +35,8 @@ nodes:
   # happens here cannot spill onto the nodes of the other tests.
   - generate: {count: 2, prefix: cl-, cpuModel: Cascadelake-Server,
                allocatable: {cpu: "64", memory: 256Gi}}
+  - generate: {count: 3, prefix: il-, cpuModel: Icelake-Server,
+               allocatable: {cpu: "64", memory: 256Gi}}
 vms:
   - generate: {count: 6, prefix: gold-a-, namespace: gold, nodes: [node-1], memory: 2Gi}
   - generate: {count: 8, prefix: bulk-a-, namespace: bulk, nodes: [node-1], memory: 2Gi}
@@ -54,6 +57,7 @@ vms:
      notMigratableReason: HostDeviceNotLiveMigratable}
   # Never converges at the 1Gi/s its policy allows: only KubeVirt's post-copy can move it.
   - {name: hot, namespace: hot-inherit, node: cl-1, memory: 1Gi, dirtyRate: 20Gi}
+  - {name: slow, namespace: stall, node: il-1, memory: 1Gi}
 """
 LADDERS = {"hot-abort": ["Abort"], "hot-postcopy": ["PostCopy", "Abort"],
            "hot-quick": ["QuickMigration"]}
@@ -70,7 +74,8 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(SCENARIO)
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     kube = fresh_cluster.kube
-    for ns in ("gold", "bulk", "night", "cpu", "restart", "skip", "hot-inherit", *LADDERS):
+    for ns in ("gold", "bulk", "night", "cpu", "restart", "skip", "hot-inherit", "stall",
+               *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url).start()
@@ -313,3 +318,62 @@ def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None
     vm = kube.get(rest.VMS, "gpu", "restart")
     assert vm["spec"]["runStrategy"] == "Always"
     assert kube.items(rest.VMIMS, "restart") == []
+
+
+def test_progress_timeout_aborts_a_stalled_transfer_and_the_drain_retries(env) -> None:
+    """progressTimeout is held by virtshift (KubeVirt's MigrationPolicy has no such field):
+    once KubeVirt's kubevirt_vmi_migration_data_remaining_bytes for the VMI stops dropping for
+    30 s, virtshift deletes the migration (KubeVirt aborts it), records the abort on the VMI,
+    and the drain retries after the policy's backoff, elsewhere. KubeVirt's own progress
+    timeout (150 s, cluster-wide) would act far later."""
+    kube, sim = env["kube"], env["sim"]
+    kube.create(rest.POLICIES, policy(
+        "stall", namespaceSelector={"matchLabels": {"tier": "stall"}},
+        bandwidthPerMigration="8Mi", progressTimeout="30s", maxAttempts=2,
+        backoff={"initial": "10s", "max": "1m"}))
+    wait_for(lambda: kube.get(rest.KUBEVIRT_POLICIES, "virtshift-stall"), what="rendered")
+    assert "progressTimeout" not in kube.get(rest.KUBEVIRT_POLICIES, "virtshift-stall")["spec"]
+    kube.patch(rest.NODES, "il-3", {"spec": {"unschedulable": True}})  # attempt 1: to il-2
+    kube.create(rest.NODE_DRAINS, drain_body("stall-il-1", nodeName="il-1"))
+    first = wait_for(lambda: (m := kube.get(rest.VMIMS, "vs-stall-il-1-slow-1", "stall"))
+                     and m.get("status", {}).get("phase") == "Running" and m,
+                     what="attempt 1 transferring")
+    state = kube.get(rest.VMIS, "slow", "stall")["status"]["migrationState"]
+    assert (state["migrationUid"], state["targetNode"]) == (first["metadata"]["uid"], "il-2")
+    stalled_at = _sim_now(env)
+    sim.kubevirt.node_not_ready("il-2")  # the transfer to il-2 stops moving
+    kube.patch(rest.NODES, "il-3", {"spec": {"unschedulable": None}})
+
+    def records() -> list[dict[str, Any]]:
+        vmi = kube.get(rest.VMIS, "slow", "stall")
+        raw = (vmi["metadata"].get("annotations") or {}).get("virtshift.io/aborted-migrations")
+        return json.loads(raw) if raw else []
+
+    [record] = wait_for(records, timeout=60, what="the abort recorded on the VMI")
+    assert (record["migration"], record["reason"], record["attempt"], record["policy"],
+            record["drain"]) == ("vs-stall-il-1-slow-1", "ProgressTimeout", 1, "stall",
+                                 "stall-il-1")
+    assert "progressTimeout 30s" in record["message"]
+    waited = (parse_time(record["at"]) - stalled_at).total_seconds()
+    assert 25 <= waited < 150, waited  # virtshift's 30 s, not KubeVirt's 150 s
+    events = wait_for(lambda: [e for e in kube.items(
+        rest.EVENTS, "default", field_selector="involvedObject.name=stall")
+        if e["reason"] == "ProgressTimeout"], what="event")
+    assert events[0]["type"] == "Warning" and "vs-stall-il-1-slow-1" in events[0]["message"]
+
+    drain = wait_for(lambda: phase_of(kube, "stall-il-1") in ("Drained", "Stalled")
+                     and get_drain(kube, "stall-il-1"), timeout=120, what="drained")
+    [vm] = drain["status"]["vms"]
+    assert (drain["status"]["phase"], vm["phase"], vm["attempts"], vm["targetNode"]) == (
+        "Drained", "Succeeded", 2, "il-3"), vm
+    assert kube.get(rest.VMIMS, "vs-stall-il-1-slow-1", "stall") is None  # KubeVirt removed it
+    second = kube.get(rest.VMIMS, "vs-stall-il-1-slow-2", "stall")
+    assert second["status"]["phase"] == "Succeeded"
+    started = next(parse_time(t["phaseTransitionTimestamp"])
+                   for t in second["status"]["phaseTransitionTimestamps"]
+                   if t["phase"] == "Pending")
+    assert (started - parse_time(record["at"])).total_seconds() >= 10  # the policy's backoff
+    wait_for(lambda: {k: outcomes_of(kube, "stall").get(k) for k in ("aborted", "succeeded",
+                                                                     "failed")}
+             == {"aborted": 1, "succeeded": 1, "failed": 0},
+             what=lambda: f"outcomes: {outcomes_of(kube, 'stall')}")

@@ -505,6 +505,13 @@ OUTCOME_CASES = [
                       p.DrainVM("d", "ns", "late", "Waiting", reason="OutsideWindow"),
                       p.DrainVM("d", "ns", "done", "Succeeded", reason="DowntimeExceeded")],
                  (0, 0, 2), id="held back by the ladder's Abort"),
+    pytest.param([MigrationInfo(namespace="ns", name="m1", vmi="a", phase="Failed",
+                                aborted="ProgressTimeout", attempt=1, drain="d"),
+                  MigrationInfo(namespace="ns", name="m2", vmi="a", phase="Running",
+                                attempt=2, drain="d"),
+                  MigrationInfo(namespace="ns", name="m3", vmi="b", phase="Failed",
+                                failure="Live migration has been aborted")],
+                 [], (0, 0, 1), id="aborted by virtshift for progressTimeout"),
 ]
 
 

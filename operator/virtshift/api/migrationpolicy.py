@@ -161,7 +161,19 @@ class MigrationPolicySpec(Model):
         "completionTimeoutPerGiB applies (150 unless set there).",
     )
     progress_timeout: PositiveDuration | None = Field(
-        None, description="Abort a migration whose transfer makes no progress for this long.",
+        None, description="Abort a migration whose transfer makes no progress for this long. "
+        "virtshift does it, not KubeVirt (KubeVirt's MigrationPolicy has no such field; its own "
+        "cluster-wide progressTimeout, 150s by default, still applies, so a longer value here "
+        "changes nothing): a migration labelled virtshift.io/policy=<this policy> (every "
+        "migration a NodeDrain starts for the VMs it governs), in phase Running and not in "
+        "post-copy, is deleted, which makes KubeVirt abort it, once KubeVirt's "
+        "kubevirt_vmi_migration_data_remaining_bytes for its VMI has not dropped from one "
+        "sample to the next for this long. The abort is recorded on the VMI (annotation "
+        "virtshift.io/aborted-migrations) and counts as a failed attempt: a NodeDrain retries "
+        "it after the backoff, up to maxAttempts. Progress is read from the operator's "
+        "--metrics-source (virt-handler's /metrics or a Prometheus carrying that metric); "
+        "without it, or while it cannot be read, nothing is aborted. Unset: virtshift aborts "
+        "nothing itself.",
     )
     max_attempts: int = Field(
         3, ge=1, le=100, description="How many times one VM's migration is tried before it is "
@@ -229,9 +241,11 @@ class OutcomeCounters(Model):
     quick_migrated: int = Field(0, description="VMs this policy governs that a NodeDrain moved "
                                 "by stop, move, start (quick migration, completed), over the "
                                 "NodeDrains that exist.")
-    aborted: int = Field(0, description="Migrations held back: VMs this policy governs that a "
-                         "NodeDrain is not migrating now because onDowntimeExceeded ended in "
-                         "Abort, over the NodeDrains that exist.")
+    aborted: int = Field(0, description="Migrations held back or stopped: VMs this policy "
+                         "governs that a NodeDrain is not migrating now because "
+                         "onDowntimeExceeded ended in Abort (over the NodeDrains that exist), "
+                         "plus migrations virtshift aborted for progressTimeout (recorded on "
+                         "their VMIs, the last 10 per VMI).")
     downtime_breaches: int = Field(0, description="Migrations whose downtime exceeded "
                                    "maxDowntime.")
 

@@ -308,9 +308,11 @@ def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo],
 
     * succeeded, failed for good (the final attempt of a virtshift drain, or a migration
       nobody retries), downtime breaches: the VirtualMachineInstanceMigrations labelled with
-      the policy;
+      the policy, and the records of those virtshift aborted (``progress``), which outlive
+      them;
     * skipped (nonMigratable: Skip), quickMigrated (a finished stop, move, start) and aborted
-      (held back because onDowntimeExceeded ended in Abort): the NodeDrains' VM entries."""
+      (held back because onDowntimeExceeded ended in Abort): the NodeDrains' VM entries;
+      aborted also counts the migrations virtshift aborted for progressTimeout."""
     limit = max_downtime_ms(spec)
     succeeded = [m for m in migrations if m.phase == "Succeeded"]
     failed = [m for m in migrations if m.phase == "Failed"
@@ -321,6 +323,7 @@ def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo],
     quick = sum(1 for v in drain_vms if v.phase == "Succeeded" and v.mode == "QuickMigration")
     held = sum(1 for v in drain_vms if v.phase == "Waiting"
                and v.reason in (DOWNTIME_EXCEEDED, NOT_CONVERGING))
+    held += len({(m.namespace, m.name) for m in migrations if m.aborted})
     counters = OutcomeCounters(succeeded=len(succeeded), failed=len(failed), skipped=skipped,
                                quick_migrated=quick, aborted=held,
                                downtime_breaches=breaches)

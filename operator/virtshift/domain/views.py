@@ -95,6 +95,7 @@ class MigrationInfo:
     mode: str | None = None
     downtime_ms: int | None = None
     terminating: bool = False
+    aborted: str | None = None  # why virtshift aborted it (e.g. ProgressTimeout), if it did
 
     @property
     def vmi_key(self) -> str:
@@ -150,3 +151,27 @@ class KubeVirtMigrationConfig:
             return self.allow_post_copy
         return self.allow_workload_disruption
 
+
+@dataclass(frozen=True)
+class AbortRecord:
+    """A migration virtshift aborted (by deleting it), kept on its VMI: KubeVirt removes the
+    VirtualMachineInstanceMigration once the abort is done, and the attempt must still count
+    (maxAttempts, backoff) and be reported."""
+
+    migration: str
+    namespace: str
+    vmi: str
+    reason: str  # e.g. ProgressTimeout
+    message: str
+    at: dt.datetime
+    policy: str | None = None  # the virtshift.io/policy label it carried
+    drain: str | None = None  # the virtshift.io/drain label it carried
+    drain_uid: str | None = None
+    attempt: int = 0
+
+    def as_migration(self) -> MigrationInfo:
+        """The failed attempt this record stands for once the migration object is gone."""
+        return MigrationInfo(
+            namespace=self.namespace, name=self.migration, vmi=self.vmi, phase="Failed",
+            drain=self.drain, policy=self.policy, attempt=self.attempt, ended=self.at,
+            failure=self.message, aborted=self.reason)
