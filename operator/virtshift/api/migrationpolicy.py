@@ -154,22 +154,27 @@ class MigrationPolicySpec(Model):
     )
     completion_timeout_per_gi_b: int | None = Field(
         None, ge=1, le=86400, alias="completionTimeoutPerGiB",
-        description="Seconds allowed per GiB of guest memory (KubeVirt counts decimal GB, "
-        "rounded up) before KubeVirt ends a migration that has not completed: it aborts it, "
-        "or with allowPostCopy switches it to post-copy. Rendered into KubeVirt's "
-        "MigrationPolicy. Unset: the KubeVirt CR's spec.configuration.migrations."
-        "completionTimeoutPerGiB applies (150 unless set there).",
+        description="Seconds allowed per GiB of the migration's data (guest memory plus any "
+        "volumes it moves; KubeVirt counts decimal GB, rounded up) before KubeVirt acts on a "
+        "migration that has not completed: it aborts it, switches it to post-copy "
+        "(allowPostCopy), or pauses the guest (allowWorkloadDisruption without allowPostCopy, "
+        "from the KubeVirt CR). Rendered into KubeVirt's MigrationPolicy when set. Unset: the "
+        "KubeVirt CR's spec.configuration.migrations.completionTimeoutPerGiB applies (150 "
+        "unless set there), and virtshift predicts with it.",
     )
     progress_timeout: PositiveDuration | None = Field(
         None, description="Abort a migration whose transfer makes no progress for this long. "
         "virtshift does it, not KubeVirt (KubeVirt's MigrationPolicy has no such field; its own "
-        "cluster-wide progressTimeout, 150s by default, still applies, so a longer value here "
-        "changes nothing): a migration labelled virtshift.io/policy=<this policy> (every "
+        "cluster-wide one, the KubeVirt CR's spec.configuration.migrations.progressTimeout, "
+        "150s by default, still applies, so a longer value here changes nothing): a migration "
+        "labelled virtshift.io/policy=<this policy> (every "
         "migration a NodeDrain starts for the VMs it governs), in phase Running and not in "
         "post-copy, is deleted, which makes KubeVirt abort it, once KubeVirt's "
         "kubevirt_vmi_migration_data_remaining_bytes for its VMI has not dropped from one "
-        "sample to the next for this long. The abort is recorded on the VMI (annotation "
-        "virtshift.io/aborted-migrations) and counts as a failed attempt: a NodeDrain retries "
+        "sample to the next for this long (counted from the transfer's start; a gap of over "
+        "a minute between samples starts the count again). The abort is recorded on the VMI "
+        "(annotation virtshift.io/aborted-migrations) and counts as a failed attempt: a "
+        "NodeDrain retries "
         "it after the backoff, up to maxAttempts. Progress is read from the operator's "
         "--metrics-source (virt-handler's /metrics or a Prometheus carrying that metric); "
         "without it, or while it cannot be read, nothing is aborted. Unset: virtshift aborts "
