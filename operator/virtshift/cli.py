@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     runtime.configure(runtime.Settings(
         kubeconfig=args.kubeconfig, time_scale=args.time_scale,
-        dirty_rate_source=args.dirty_rate_source,
+        metrics_source=args.metrics_source,
         estimator=Estimator(target_startup=parse_duration(args.target_startup),
                             node_bandwidth=parse_quantity(args.node_bandwidth)),
     ))
@@ -137,9 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-bandwidth", default="10Gi",
                      help="assumed migration bandwidth per node (bytes/s) when neither the "
                      "node's virtshift.io/migration-bandwidth annotation nor a policy says")
-    run.add_argument("--dirty-rate-source", default=None,
-                     help="URL of Prometheus text with kubevirt_vmi_dirty_rate_bytes_per_second "
-                     "(virt-handler /metrics or a Prometheus federate URL)")
+    run.add_argument("--metrics-source", "--dirty-rate-source", dest="metrics_source",
+                     default=None,
+                     help="URL of Prometheus text with KubeVirt's virt-handler metrics "
+                     "(virt-handler /metrics or a Prometheus federate URL): "
+                     "kubevirt_vmi_dirty_rate_bytes_per_second for predictions, "
+                     "kubevirt_vmi_migration_data_remaining_bytes for a MigrationPolicy's "
+                     "progressTimeout; without it neither is used")
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
     run.set_defaults(func=_run)

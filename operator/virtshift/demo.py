@@ -88,7 +88,7 @@ def run_demo(directory: str, scenario_path: str | None, node: str) -> int:
         operator = subprocess.Popen(
             [sys.executable, "-m", "virtshift", "run", "--standalone", "--metrics-port", "0",
              "--kubeconfig", str(cp.kubeconfig), "--time-scale", str(scenario.time_scale),
-             "--dirty-rate-source", sim.metrics.url],
+             "--metrics-source", sim.metrics.url],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         print(f"operator started (log: {workdir / 'operator.log'})", flush=True)
         name = f"demo-{node}"

@@ -18,7 +18,7 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_dir: Path, time_scale: float,
                  dirty_rate_source: str | None = None) -> None:
         self.kubeconfig = kubeconfig
-        self.extra = ["--dirty-rate-source", dirty_rate_source] if dirty_rate_source else []
+        self.extra = ["--metrics-source", dirty_rate_source] if dirty_rate_source else []
         self.log_dir = log_dir
         self.time_scale = time_scale
         self.proc: subprocess.Popen[bytes] | None = None

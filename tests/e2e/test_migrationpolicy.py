@@ -108,9 +108,9 @@ def test_renders_kubevirt_policies_that_kubevirts_schema_accepts(kube) -> None:
     owner = kube.get(rest.POLICIES, "db")["metadata"]["uid"]
     found = kubevirt_policies(kube)
     assert set(found) == {"virtshift-db", "virtshift-db-autoconverge", "virtshift-db-postcopy"}
+    # allowPostCopy is set (to false), allowAutoConverge is not: KubeVirt's own applies.
     common = {"bandwidthPerMigration": "64Mi", "maxDowntimeMs": 300,
-              "completionTimeoutPerGiB": 100, "allowAutoConverge": False,
-              "allowPostCopy": False}
+              "completionTimeoutPerGiB": 100, "allowPostCopy": False}
     expected = {
         "virtshift-db": ({**common}, {POLICY: "db"}),
         "virtshift-db-autoconverge": ({**common, "allowAutoConverge": True},
@@ -130,6 +130,8 @@ def test_renders_kubevirt_policies_that_kubevirts_schema_accepts(kube) -> None:
 
     assert labels(kube) == {"prod/db-1": "db", "prod/db-2": "db", "prod/web-1": None,
                             "batch/batch-1": None}
+    stored = kube.get(rest.POLICIES, "db")["spec"]
+    assert "allowAutoConverge" not in stored and stored["allowPostCopy"] is False
 
     def versions() -> dict[str, str]:
         objs = [kube.get(rest.POLICIES, "db"), *kubevirt_policies(kube).values(),

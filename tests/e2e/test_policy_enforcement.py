@@ -4,6 +4,7 @@ drains, maintenance windows in simulated time, and CPU-model compatibility."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,12 @@ nodes:
                allocatable: {cpu: "256", memory: 1Ti}}
   - generate: {count: 2, prefix: rome-, cpuModel: EPYC-Rome,
                allocatable: {cpu: "256", memory: 1Ti}}
+  # An island of its own CPU model (host-model guests move only between equal hosts): what
+  # happens here cannot spill onto the nodes of the other tests.
+  - generate: {count: 2, prefix: cl-, cpuModel: Cascadelake-Server,
+               allocatable: {cpu: "64", memory: 256Gi}}
+  - generate: {count: 3, prefix: il-, cpuModel: Icelake-Server,
+               allocatable: {cpu: "64", memory: 256Gi}}
 vms:
   - generate: {count: 6, prefix: gold-a-, namespace: gold, nodes: [node-1], memory: 2Gi}
   - generate: {count: 8, prefix: bulk-a-, namespace: bulk, nodes: [node-1], memory: 2Gi}
@@ -46,9 +53,15 @@ vms:
   - {name: hot, namespace: hot-quick, node: node-4, memory: 8Gi, dirtyRate: 20Gi}
   - {name: gpu, namespace: restart, node: node-5, memory: 4Gi, liveMigratable: false,
      notMigratableReason: HostDeviceNotLiveMigratable}
+  - {name: gpu, namespace: skip, node: node-5, memory: 4Gi, liveMigratable: false,
+     notMigratableReason: HostDeviceNotLiveMigratable}
+  # Never converges at the 1Gi/s its policy allows: only KubeVirt's post-copy can move it.
+  - {name: hot, namespace: hot-inherit, node: cl-1, memory: 1Gi, dirtyRate: 20Gi}
+  - {name: slow, namespace: stall, node: il-1, memory: 1Gi}
 """
 LADDERS = {"hot-abort": ["Abort"], "hot-postcopy": ["PostCopy", "Abort"],
            "hot-quick": ["QuickMigration"]}
+KUBEVIRT = ("kubevirt", "kubevirt")  # the KubeVirt CR: name, namespace
 
 
 def policy(name: str, **spec: Any) -> dict[str, Any]:
@@ -61,7 +74,8 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(SCENARIO)
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     kube = fresh_cluster.kube
-    for ns in ("gold", "bulk", "night", "cpu", "restart", *LADDERS):
+    for ns in ("gold", "bulk", "night", "cpu", "restart", "skip", "hot-inherit", "stall",
+               *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url).start()
@@ -70,6 +84,10 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     finally:
         op.stop()
         sim.stop()
+
+
+def outcomes_of(kube, name: str) -> dict[str, int]:
+    return ((kube.get(rest.POLICIES, name) or {}).get("status") or {}).get("outcomes") or {}
 
 
 def _unfinished(sample: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -216,18 +234,83 @@ def test_downtime_ladder_abort_post_copy_and_quick_migration(env) -> None:
     assert kube.items(rest.VMIMS, "hot-quick") == []  # a restart, not a live migration
     assert kube.get(rest.VMIS, "hot", "hot-quick")["status"]["nodeName"] != "node-4"
 
+    # Each policy's status counts what the drain did with its VM (issue 9: never set before).
+    wanted = {"hot-abort": {"aborted": 1, "quickMigrated": 0, "succeeded": 0},
+              "hot-quick": {"aborted": 0, "quickMigrated": 1, "succeeded": 0},
+              "hot-postcopy": {"aborted": 0, "quickMigrated": 0, "succeeded": 1}}
+    wait_for(lambda: all({k: outcomes_of(kube, p).get(k) for k in want} == want
+                         for p, want in wanted.items()),
+             what=lambda: f"outcomes: { {p: outcomes_of(kube, p) for p in wanted} }")
+
+
+def _kubevirt_migrations(kube, **fields: Any) -> dict[str, Any]:
+    """Set fields of the KubeVirt CR's spec.configuration.migrations; returns what they were."""
+    before = kube.get(rest.KUBEVIRTS, *KUBEVIRT)["spec"]["configuration"]["migrations"]
+    kube.patch(rest.KUBEVIRTS, KUBEVIRT[0], {"spec": {"configuration": {"migrations": fields}}},
+               KUBEVIRT[1])
+    return {k: before.get(k) for k in fields}
+
+
+def test_unset_post_copy_follows_kubevirts_cluster_setting(env) -> None:
+    """Issue 9: allowPostCopy left unset means KubeVirt's own (the KubeVirt CR's
+    spec.configuration.migrations), as its description says. The rendered KubeVirt policy
+    leaves it out, the operator predicts with KubeVirt's post-copy (so the Abort ladder does
+    not hold the VM back) and KubeVirt switches the migration to post-copy at its completion
+    timeout (5 s per GB here, also the KubeVirt CR's)."""
+    kube = env["kube"]
+    # The CR change reaches every policy that leaves these fields to KubeVirt: end the stalled
+    # drain of the hot VMs first, so that it does not start moving them now.
+    kube.delete(rest.NODE_DRAINS, "hot-node-4")
+    wait_for(lambda: get_drain(kube, "hot-node-4") is None, what="hot-node-4 gone")
+    kube.create(rest.POLICIES, policy(
+        "hot-inherit", namespaceSelector={"matchLabels": {"tier": "hot-inherit"}},
+        maxDowntime="300ms", bandwidthPerMigration="1Gi"))
+    rendered = wait_for(lambda: kube.get(rest.KUBEVIRT_POLICIES, "virtshift-hot-inherit"),
+                        what="rendered")
+    assert "allowPostCopy" not in rendered["spec"], rendered["spec"]
+    assert "allowAutoConverge" not in rendered["spec"], rendered["spec"]
+    stored = kube.get(rest.POLICIES, "hot-inherit")["spec"]
+    assert "allowPostCopy" not in stored and "allowAutoConverge" not in stored
+
+    before = _kubevirt_migrations(kube, allowPostCopy=True, completionTimeoutPerGiB=5)
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body("inherit-cl-1", nodeName="cl-1"))
+        drain = wait_for(lambda: phase_of(kube, "inherit-cl-1") in ("Drained", "Stalled")
+                         and get_drain(kube, "inherit-cl-1"), timeout=120, what="drained")
+        [vm] = drain["status"]["vms"]
+        assert (drain["status"]["phase"], vm["phase"]) == ("Drained", "Succeeded"), vm
+    finally:
+        _kubevirt_migrations(kube, **before)
+    state = kube.get(rest.VMIS, "hot", "hot-inherit")["status"]["migrationState"]
+    assert state["mode"] == "PostCopy" and state["completed"] is True
+    assert state["migrationPolicyName"] == "virtshift-hot-inherit"
+    config = state["migrationConfiguration"]
+    assert (config["allowPostCopy"], config["allowWorkloadDisruption"],
+            config["completionTimeoutPerGiB"], config["bandwidthPerMigration"]) == (
+        True, True, 5, "1Gi")
+    kube.delete(rest.NODE_DRAINS, "inherit-cl-1")
+
 
 def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None:
     kube = env["kube"]
     kube.create(rest.POLICIES, policy(
         "restart", namespaceSelector={"matchLabels": {"tier": "restart"}},
         nonMigratable="Restart"))
+    kube.create(rest.POLICIES, policy(
+        "skip", namespaceSelector={"matchLabels": {"tier": "skip"}}, nonMigratable="Skip"))
     kube.create(rest.NODE_DRAINS, drain_body("restart-node-5", nodeName="node-5"))
     drain = wait_for(lambda: phase_of(kube, "restart-node-5") == "Drained"
                      and get_drain(kube, "restart-node-5"), timeout=120, what="drained")
     gpu = next(v for v in drain["status"]["vms"] if v["namespace"] == "restart")
     assert (gpu["phase"], gpu["mode"], gpu["reason"]) == ("Succeeded", "QuickMigration",
                                                           "QuickMigrated")
+    skipped = next(v for v in drain["status"]["vms"] if v["namespace"] == "skip")
+    assert (skipped["phase"], skipped["reason"]) == ("Skipped", "HostDeviceNotLiveMigratable")
+    wait_for(lambda: outcomes_of(kube, "restart").get("quickMigrated") == 1
+             and outcomes_of(kube, "skip").get("skipped") == 1,
+             what=lambda: f"outcomes: {outcomes_of(kube, 'restart')} {outcomes_of(kube, 'skip')}")
+    assert outcomes_of(kube, "restart").get("skipped") == 0
+    assert outcomes_of(kube, "skip").get("quickMigrated") == 0
     # Stop, then start on another node: the target pod start-up (10s) at least.
     assert gpu["downtimeMs"] >= 10_000
     vmi = kube.get(rest.VMIS, "gpu", "restart")
@@ -235,3 +318,62 @@ def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None
     vm = kube.get(rest.VMS, "gpu", "restart")
     assert vm["spec"]["runStrategy"] == "Always"
     assert kube.items(rest.VMIMS, "restart") == []
+
+
+def test_progress_timeout_aborts_a_stalled_transfer_and_the_drain_retries(env) -> None:
+    """progressTimeout is held by virtshift (KubeVirt's MigrationPolicy has no such field):
+    once KubeVirt's kubevirt_vmi_migration_data_remaining_bytes for the VMI stops dropping for
+    30 s, virtshift deletes the migration (KubeVirt aborts it), records the abort on the VMI,
+    and the drain retries after the policy's backoff, elsewhere. KubeVirt's own progress
+    timeout (150 s, cluster-wide) would act far later."""
+    kube, sim = env["kube"], env["sim"]
+    kube.create(rest.POLICIES, policy(
+        "stall", namespaceSelector={"matchLabels": {"tier": "stall"}},
+        bandwidthPerMigration="8Mi", progressTimeout="30s", maxAttempts=2,
+        backoff={"initial": "10s", "max": "1m"}))
+    wait_for(lambda: kube.get(rest.KUBEVIRT_POLICIES, "virtshift-stall"), what="rendered")
+    assert "progressTimeout" not in kube.get(rest.KUBEVIRT_POLICIES, "virtshift-stall")["spec"]
+    kube.patch(rest.NODES, "il-3", {"spec": {"unschedulable": True}})  # attempt 1: to il-2
+    kube.create(rest.NODE_DRAINS, drain_body("stall-il-1", nodeName="il-1"))
+    first = wait_for(lambda: (m := kube.get(rest.VMIMS, "vs-stall-il-1-slow-1", "stall"))
+                     and m.get("status", {}).get("phase") == "Running" and m,
+                     what="attempt 1 transferring")
+    state = kube.get(rest.VMIS, "slow", "stall")["status"]["migrationState"]
+    assert (state["migrationUid"], state["targetNode"]) == (first["metadata"]["uid"], "il-2")
+    stalled_at = _sim_now(env)
+    sim.kubevirt.node_not_ready("il-2")  # the transfer to il-2 stops moving
+    kube.patch(rest.NODES, "il-3", {"spec": {"unschedulable": None}})
+
+    def records() -> list[dict[str, Any]]:
+        vmi = kube.get(rest.VMIS, "slow", "stall")
+        raw = (vmi["metadata"].get("annotations") or {}).get("virtshift.io/aborted-migrations")
+        return json.loads(raw) if raw else []
+
+    [record] = wait_for(records, timeout=60, what="the abort recorded on the VMI")
+    assert (record["migration"], record["reason"], record["attempt"], record["policy"],
+            record["drain"]) == ("vs-stall-il-1-slow-1", "ProgressTimeout", 1, "stall",
+                                 "stall-il-1")
+    assert "progressTimeout 30s" in record["message"]
+    waited = (parse_time(record["at"]) - stalled_at).total_seconds()
+    assert 25 <= waited < 150, waited  # virtshift's 30 s, not KubeVirt's 150 s
+    events = wait_for(lambda: [e for e in kube.items(
+        rest.EVENTS, "default", field_selector="involvedObject.name=stall")
+        if e["reason"] == "ProgressTimeout"], what="event")
+    assert events[0]["type"] == "Warning" and "vs-stall-il-1-slow-1" in events[0]["message"]
+
+    drain = wait_for(lambda: phase_of(kube, "stall-il-1") in ("Drained", "Stalled")
+                     and get_drain(kube, "stall-il-1"), timeout=120, what="drained")
+    [vm] = drain["status"]["vms"]
+    assert (drain["status"]["phase"], vm["phase"], vm["attempts"], vm["targetNode"]) == (
+        "Drained", "Succeeded", 2, "il-3"), vm
+    assert kube.get(rest.VMIMS, "vs-stall-il-1-slow-1", "stall") is None  # KubeVirt removed it
+    second = kube.get(rest.VMIMS, "vs-stall-il-1-slow-2", "stall")
+    assert second["status"]["phase"] == "Succeeded"
+    started = next(parse_time(t["phaseTransitionTimestamp"])
+                   for t in second["status"]["phaseTransitionTimestamps"]
+                   if t["phase"] == "Pending")
+    assert (started - parse_time(record["at"])).total_seconds() >= 10  # the policy's backoff
+    wait_for(lambda: {k: outcomes_of(kube, "stall").get(k) for k in ("aborted", "succeeded",
+                                                                     "failed")}
+             == {"aborted": 1, "succeeded": 1, "failed": 0},
+             what=lambda: f"outcomes: {outcomes_of(kube, 'stall')}")

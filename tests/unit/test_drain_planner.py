@@ -14,6 +14,7 @@ from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, p
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import (
     KubeVirtLimits,
+    KubeVirtMigrationConfig,
     MigrationInfo,
     NodeInfo,
     PodInfo,
@@ -124,6 +125,24 @@ def test_a_skipped_vms_launcher_pod_does_not_hold_the_drain() -> None:
     d = plan_drain(snap([vmi("gpu", migratable=False, not_migratable_reason="HostDevice")],
                         rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod]))
     assert entry(d, "gpu").phase == "Skipped" and d.status.phase == "Drained"
+
+
+def test_a_skipped_vm_stays_reported_once_its_node_is_drained() -> None:
+    """The VM is still on the node in maintenance: the drain keeps it in its status (and
+    counts), on every later pass, not only on the pass that skipped it (issue 9: the policy's
+    outcomes.skipped counts these entries)."""
+    gpu = vmi("gpu", migratable=False, not_migratable_reason="HostDevice")
+    pod = PodInfo("ns", "virt-launcher-gpu", "n1", "launcher", vmi="ns/gpu")
+    s = snap([gpu], rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod])
+    first = plan_drain(s)
+    assert first.status.phase == "Drained" and first.status.nodes[0].phase == "Drained"
+    later = plan_drain(dataclasses.replace(s, status=first.status,
+                                           now=NOW + dt.timedelta(minutes=1)))
+    assert later.status.phase == "Drained" and later.status.counts.skipped == 1
+    assert entry(later, "gpu").phase == "Skipped" and not later.changes_cluster
+    # Once the VM has gone (say, stopped by its owner) there is nothing left to report.
+    gone = plan_drain(dataclasses.replace(s, status=later.status, vmis={}, launchers=()))
+    assert gone.status.counts.total == 0 and gone.status.phase == "Drained"
 
 
 @pytest.mark.parametrize(("action", "phase", "halts"), [
@@ -451,3 +470,96 @@ def test_vm_moved_onto_a_later_wave_node_moves_again_from_there() -> None:
     earlier = mig("a", 1, "Succeeded", source="n1", target="n2")
     d = plan_drain(snap([vmi("a", "n2")], spec=spec, status=status, migrations=[earlier]))
     assert created(d) == ["vs-d-a-2"]
+
+
+# -- the spec's fields, mapped by rules_from, as the planner applies them ----------------------
+
+
+def _policy_rules(kubevirt: KubeVirtMigrationConfig | None = None, **fields: Any) -> Rules:
+    from virtshift.api.migrationpolicy import MigrationPolicySpec
+    from virtshift.domain.rules import NamedPolicy, rules_from
+
+    spec = MigrationPolicySpec.model_validate(fields)
+    return rules_from(NamedPolicy("p", spec), kubevirt=kubevirt or KubeVirtMigrationConfig())
+
+
+@pytest.mark.parametrize(("outbound", "expected"), [(None, 4), (1, 1), (3, 3)])
+def test_max_parallel_outbound_per_node_bounds_each_source(outbound, expected) -> None:
+    """maxParallelOutboundPerNode, below KubeVirt's parallelOutboundMigrationsPerNode (5 here):
+    no more of the policy's migrations leave n1 at once."""
+    fields = {"maxParallelOutboundPerNode": outbound} if outbound else {}
+    rules = _policy_rules(**fields)
+    vms = [vmi(f"v{i}") for i in range(6)]
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5)))
+    assert len(d.create) == expected
+    assert {m.source for m in d.create} == {"n1"}
+    busy = [MigrationInfo(namespace="x", name="o", vmi="o", phase="Running", policy="p",
+                          source="n1")]
+    later = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5),
+                            others=busy))
+    assert len(later.create) == min(expected, 4 - 1, max(0, (outbound or 5) - 1))
+
+
+@pytest.mark.parametrize(("fields", "failures", "phase"), [
+    ({"maxAttempts": 1}, 1, "Failed"),
+    ({"maxAttempts": 2}, 1, "Migrating"),
+    ({"maxAttempts": 2}, 2, "Failed"),
+])
+def test_max_attempts_from_the_spec_bounds_retries(fields, failures, phase) -> None:
+    ended = NOW - dt.timedelta(hours=1)
+    migs = [mig("a", i, "Failed", ended=ended, failure="x") for i in range(1, failures + 1)]
+    d = plan_drain(snap([vmi("a")], migrations=migs, rules={"ns/a": _policy_rules(**fields)}))
+    assert entry(d, "a").phase == phase
+
+
+@pytest.mark.parametrize(("failures", "ended_ago", "retries"), [
+    (1, 9, False), (1, 11, True),  # initial 10s
+    (2, 14, False), (2, 16, True),  # doubled to 20s, capped at max 15s
+])
+def test_backoff_from_the_spec_delays_the_retry(failures, ended_ago, retries) -> None:
+    rules = _policy_rules(maxAttempts=5, backoff={"initial": "10s", "max": "15s"})
+    ended = NOW - dt.timedelta(seconds=ended_ago)
+    migs = [mig("a", i, "Failed", ended=ended, failure="x") for i in range(1, failures + 1)]
+    d = plan_drain(snap([vmi("a")], migrations=migs, rules={"ns/a": rules}))
+    assert created(d) == ([f"vs-d-a-{failures + 1}"] if retries else [])
+    if not retries:
+        assert entry(d, "a").reason == "Backoff"
+
+
+@pytest.mark.parametrize(("kubevirt", "action"), [
+    (KubeVirtMigrationConfig(), "Abort"),
+    # KubeVirt's cluster-wide allowPostCopy: post-copy at the completion timeout (40s x 5 GB).
+    (KubeVirtMigrationConfig(allow_post_copy=True, completion_timeout_per_gib=40), "Migrate"),
+    # Disruption without post-copy: KubeVirt pauses the guest at the timeout, for seconds.
+    (KubeVirtMigrationConfig(allow_workload_disruption=True), "Abort"),
+    (KubeVirtMigrationConfig(allow_post_copy=True, allow_workload_disruption=False), "Abort"),
+])
+def test_unset_post_copy_is_predicted_with_kubevirts_setting(kubevirt, action) -> None:
+    """Issue 9: a policy that leaves allowPostCopy unset migrates under the KubeVirt CR's; the
+    prediction (and so the ladder) must assume what KubeVirt will do."""
+    from virtshift.domain.downtime import choose
+    from virtshift.domain.eta import Estimator
+
+    rules = _policy_rules(kubevirt, maxDowntime="300ms")
+    hot = vmi("hot", **HOT)
+    choice = choose(hot, rules, Estimator(), None, 2)  # 5 GiB/s each: as the planner shares
+    assert choice.action == action
+    if action == "Migrate":
+        assert choice.predicted.mode == "PostCopy" and choice.predicted.converges
+    d = plan_drain(snap([hot], rules={"ns/hot": rules}))
+    assert bool(d.create) is (action == "Migrate")
+
+
+@pytest.mark.parametrize("kubevirt", [
+    KubeVirtMigrationConfig(),
+    KubeVirtMigrationConfig(allow_post_copy=False, allow_workload_disruption=False),
+    KubeVirtMigrationConfig(allow_auto_converge=False, completion_timeout_per_gib=1000),
+])
+def test_ladder_variants_work_whatever_kubevirt_says(kubevirt) -> None:
+    """The -postcopy variant sets allowPostCopy (so KubeVirt's disruption follows it) and a
+    1 s per GiB completion timeout; the -autoconverge variant sets allowAutoConverge."""
+    for ladder, mode in ((["PostCopy", "Abort"], "PostCopy"),
+                         (["AutoConverge", "Abort"], "AutoConverge")):
+        rules = _policy_rules(kubevirt, maxDowntime="300ms", onDowntimeExceeded=ladder)
+        d = plan_drain(snap([vmi("hot", **HOT)], rules={"ns/hot": rules}))
+        assert [m.mode for m in d.create] == [mode], (ladder, entry(d, "hot"))

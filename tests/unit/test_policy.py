@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 
 from virtshift.api.common import Condition
+from virtshift.api.crdgen import KINDS, crd
 from virtshift.api.migrationpolicy import MigrationPolicySpec, MigrationPolicyStatus
 from virtshift.domain import policy as p
 from virtshift.domain.naming import kubevirt_policy_name, label_value
-from virtshift.domain.rules import NamedPolicy, governing_policy
-from virtshift.domain.views import MigrationInfo
+from virtshift.domain.rules import NamedPolicy, governing_policy, rules_from
+from virtshift.domain.views import KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import views
 
 NOW = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
@@ -396,3 +397,131 @@ def test_invalid_spec_keeps_the_rest_of_the_status() -> None:
 ])
 def test_merge_patch(old, new, patch) -> None:
     assert p.merge_patch(old, new) == patch
+
+
+# -- what the spec means for a VM's rules (rules_from) --------------------------------------------
+
+KV = KubeVirtMigrationConfig
+
+
+def test_convergence_flags_have_no_default_so_kubevirt_s_apply() -> None:
+    """Issue 9: a CRD default of false made every policy override KubeVirt's cluster-wide
+    allowAutoConverge/allowPostCopy. Unset must stay unset, on the wire and in the schema."""
+    assert spec().allow_auto_converge is None and spec().allow_post_copy is None
+    props = crd(next(k for k in KINDS if k.name == "MigrationPolicy"))["spec"]["versions"][0][
+        "schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for field in ("allowAutoConverge", "allowPostCopy"):
+        assert "default" not in props[field], field
+        assert "KubeVirt CR" in props[field]["description"], field
+    rendered = p.render("gold", "u", spec())[0]["spec"]
+    assert "allowAutoConverge" not in rendered and "allowPostCopy" not in rendered
+
+
+INHERIT_CASES = [
+    # (policy fields, KubeVirt CR's migrations, (autoConverge, postCopy, workloadDisruption,
+    #  completionTimeoutPerGiB))
+    pytest.param({}, KV(), (False, False, False, 150), id="nothing set anywhere"),
+    pytest.param({}, KV(allow_post_copy=True), (False, True, True, 150),
+                 id="unset: KubeVirt's post-copy, disruption follows it"),
+    pytest.param({}, KV(allow_post_copy=True, allow_workload_disruption=False),
+                 (False, True, False, 150), id="unset: KubeVirt's explicit disruption"),
+    pytest.param({}, KV(allow_workload_disruption=True), (False, False, True, 150),
+                 id="unset: disruption without post-copy (KubeVirt pauses the guest)"),
+    pytest.param({}, KV(allow_auto_converge=True, completion_timeout_per_gib=40),
+                 (True, False, False, 40), id="unset: KubeVirt's auto-converge and timeout"),
+    pytest.param({"allowPostCopy": False},
+                 KV(allow_post_copy=True, allow_workload_disruption=True),
+                 (False, False, False, 150), id="false overrides, disruption follows the policy"),
+    pytest.param({"allowPostCopy": True}, KV(allow_workload_disruption=False),
+                 (False, True, True, 150), id="true overrides, disruption follows the policy"),
+    pytest.param({"allowAutoConverge": False, "completionTimeoutPerGiB": 80},
+                 KV(allow_auto_converge=True, completion_timeout_per_gib=40),
+                 (False, False, False, 80), id="set values win"),
+]
+
+
+@pytest.mark.parametrize(("fields", "kubevirt", "expected"), INHERIT_CASES)
+def test_rules_inherit_what_the_policy_leaves_to_kubevirt(fields, kubevirt, expected) -> None:
+    """What KubeVirt resolves at handoff (virt-config.go GetMigrationConfiguration, then the
+    rendered policy applied field by field; allowWorkloadDisruption follows the policy's
+    allowPostCopy when set) is what the predictions must assume."""
+    r = rules_from(named("gold", **fields), kubevirt=kubevirt)
+    assert (r.allow_auto_converge, r.allow_post_copy, r.allow_workload_disruption,
+            r.completion_timeout_per_gib) == expected
+    assert rules_from(None, kubevirt=kubevirt).allow_post_copy == kubevirt.allow_post_copy
+
+
+@pytest.mark.parametrize(("fields", "attempts", "waits"), [
+    pytest.param({}, 3, [0, 30, 60, 120, 240, 480, 600, 600],
+                 id="defaults: 3, 30s doubling to 10m"),
+    pytest.param({"maxAttempts": 5, "backoff": {"initial": "10s", "max": "1m"}}, 5,
+                 [0, 10, 20, 40, 60, 60, 60, 60], id="maxAttempts and backoff"),
+    pytest.param({"maxAttempts": 1, "backoff": {"initial": "1m30s", "max": "2h"}}, 1,
+                 [0, 90, 180, 360, 720, 1440, 2880, 5760], id="durations parsed"),
+])
+def test_rules_take_max_attempts_and_backoff_from_the_spec(fields, attempts, waits) -> None:
+    r = rules_from(named("gold", **fields))
+    assert r.policy == "gold" and r.max_attempts == attempts
+    assert [r.backoff(n) for n in range(8)] == waits
+
+
+def test_rules_take_the_limits_by_their_crd_names() -> None:
+    r = rules_from(named("gold", maxParallelMigrations=4, maxParallelOutboundPerNode=2,
+                         maxParallelInboundPerNode=1, progressTimeout="45s"))
+    assert (r.max_parallel, r.max_outbound_per_node, r.max_inbound_per_node) == (4, 2, 1)
+    assert r.progress_timeout == 45.0
+    assert rules_from(named("gold")).progress_timeout is None
+    assert rules_from(named("gold"), non_migratable_override="Skip").non_migratable == "Skip"
+
+
+def test_kubevirt_migration_config_reads_the_kubevirt_cr() -> None:
+    assert views.kubevirt_migration_config(None) == KV()
+    kv = {"spec": {"configuration": {"migrations": {
+        "allowAutoConverge": True, "allowPostCopy": True, "allowWorkloadDisruption": False,
+        "completionTimeoutPerGiB": 60, "progressTimeout": 30}}}}
+    got = views.kubevirt_migration_config(kv)
+    assert got == KV(allow_auto_converge=True, allow_post_copy=True,
+                     allow_workload_disruption=False, completion_timeout_per_gib=60,
+                     progress_timeout=30)
+    assert got.workload_disruption is False and KV(allow_post_copy=True).workload_disruption
+
+
+# -- outcomes from a drain's VM entries and virtshift's aborts -------------------------------------
+
+OUTCOME_CASES = [
+    pytest.param([], [], (0, 0, 0), id="nothing"),
+    pytest.param([], [p.DrainVM("d", "ns", "gpu", "Skipped", reason="HostDeviceNotLiveMigratable"),
+                      p.DrainVM("d", "ns", "gone", "Skipped", reason="VMIGone")],
+                 (1, 0, 0), id="skipped by nonMigratable Skip, not a VMI that vanished"),
+    pytest.param([], [p.DrainVM("d", "ns", "gpu", "Succeeded", mode="QuickMigration",
+                                reason="QuickMigrated"),
+                      p.DrainVM("d", "ns", "hot", "Succeeded", mode="QuickMigration",
+                                reason="DowntimeExceeded"),
+                      p.DrainVM("d", "ns", "stopping", "Migrating", mode="QuickMigration"),
+                      p.DrainVM("d", "ns", "live", "Succeeded", mode="LiveMigration")],
+                 (0, 2, 0), id="quick migrated: finished restarts only"),
+    pytest.param([], [p.DrainVM("d", "ns", "hot", "Waiting", reason="NotConverging"),
+                      p.DrainVM("d", "ns", "warm", "Waiting", reason="DowntimeExceeded"),
+                      p.DrainVM("d", "ns", "late", "Waiting", reason="OutsideWindow"),
+                      p.DrainVM("d", "ns", "done", "Succeeded", reason="DowntimeExceeded")],
+                 (0, 0, 2), id="held back by the ladder's Abort"),
+    pytest.param([MigrationInfo(namespace="ns", name="m1", vmi="a", phase="Failed",
+                                aborted="ProgressTimeout", attempt=1, drain="d"),
+                  MigrationInfo(namespace="ns", name="m2", vmi="a", phase="Running",
+                                attempt=2, drain="d"),
+                  MigrationInfo(namespace="ns", name="m3", vmi="b", phase="Failed",
+                                failure="Live migration has been aborted")],
+                 [], (0, 0, 1), id="aborted by virtshift for progressTimeout"),
+]
+
+
+@pytest.mark.parametrize(("migrations", "drain_vms", "expected"), OUTCOME_CASES)
+def test_outcomes_skipped_quick_migrated_aborted(migrations, drain_vms, expected) -> None:
+    counters, _ = p.outcomes(spec(), migrations, drain_vms)
+    assert (counters.skipped, counters.quick_migrated, counters.aborted) == expected
+
+
+def test_status_reports_outcomes_of_drains() -> None:
+    s = p.derive_status(snapshot(drain_vms=[
+        p.DrainVM("d", "ns", "gpu", "Skipped", reason="HostDeviceNotLiveMigratable")]))
+    assert s.status.wire()["outcomes"]["skipped"] == 1

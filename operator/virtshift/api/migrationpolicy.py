@@ -154,10 +154,31 @@ class MigrationPolicySpec(Model):
     )
     completion_timeout_per_gi_b: int | None = Field(
         None, ge=1, le=86400, alias="completionTimeoutPerGiB",
-        description="Seconds allowed per GiB of guest memory before KubeVirt aborts a migration.",
+        description="Seconds allowed per GiB of the migration's data (guest memory plus any "
+        "volumes it moves; KubeVirt counts decimal GB, rounded up) before KubeVirt acts on a "
+        "migration that has not completed: it aborts it, switches it to post-copy "
+        "(allowPostCopy), or pauses the guest (allowWorkloadDisruption without allowPostCopy, "
+        "from the KubeVirt CR). Rendered into KubeVirt's MigrationPolicy when set. Unset: the "
+        "KubeVirt CR's spec.configuration.migrations.completionTimeoutPerGiB applies (150 "
+        "unless set there), and virtshift predicts with it.",
     )
     progress_timeout: PositiveDuration | None = Field(
-        None, description="Abort a migration whose transfer makes no progress for this long.",
+        None, description="Abort a migration whose transfer makes no progress for this long. "
+        "virtshift does it, not KubeVirt (KubeVirt's MigrationPolicy has no such field; its own "
+        "cluster-wide one, the KubeVirt CR's spec.configuration.migrations.progressTimeout, "
+        "150s by default, still applies, so a longer value here changes nothing): a migration "
+        "labelled virtshift.io/policy=<this policy> (every "
+        "migration a NodeDrain starts for the VMs it governs), in phase Running and not in "
+        "post-copy, is deleted, which makes KubeVirt abort it, once KubeVirt's "
+        "kubevirt_vmi_migration_data_remaining_bytes for its VMI has not dropped from one "
+        "sample to the next for this long (counted from the transfer's start; a gap of over "
+        "a minute between samples starts the count again). The abort is recorded on the VMI "
+        "(annotation virtshift.io/aborted-migrations) and counts as a failed attempt: a "
+        "NodeDrain retries "
+        "it after the backoff, up to maxAttempts. Progress is read from the operator's "
+        "--metrics-source (virt-handler's /metrics or a Prometheus carrying that metric); "
+        "without it, or while it cannot be read, nothing is aborted. Unset: virtshift aborts "
+        "nothing itself.",
     )
     max_attempts: int = Field(
         3, ge=1, le=100, description="How many times one VM's migration is tried before it is "
@@ -166,11 +187,21 @@ class MigrationPolicySpec(Model):
     backoff: Backoff = Field(
         default_factory=Backoff, description="Exponential backoff between attempts."
     )
-    allow_auto_converge: bool = Field(
-        False, description="Let KubeVirt throttle the guest's vCPUs so memory copying converges."
+    allow_auto_converge: bool | None = Field(
+        None, description="Let KubeVirt throttle the guest's vCPUs so that memory copying "
+        "converges (QEMU auto-converge). Rendered into KubeVirt's MigrationPolicy when set. "
+        "Unset: the KubeVirt CR's spec.configuration.migrations.allowAutoConverge applies "
+        "(false unless set there), and virtshift predicts with it.",
     )
-    allow_post_copy: bool = Field(
-        False, description="Let KubeVirt switch to post-copy when pre-copy does not converge."
+    allow_post_copy: bool | None = Field(
+        None, description="Whether KubeVirt switches a migration that has not completed by its "
+        "completion timeout (completionTimeoutPerGiB) to post-copy. Rendered into KubeVirt's "
+        "MigrationPolicy when set, where KubeVirt also takes it as allowWorkloadDisruption: "
+        "true switches to post-copy at the timeout, false aborts the migration then (the guest "
+        "is never paused). Unset: the KubeVirt CR's spec.configuration.migrations.allowPostCopy "
+        "and allowWorkloadDisruption apply (false unless set there: abort at the timeout; "
+        "allowWorkloadDisruption without allowPostCopy pauses the guest instead), and "
+        "virtshift predicts with them.",
     )
     on_downtime_exceeded: list[DowntimeAction] = Field(
         default_factory=lambda: [DowntimeAction.ABORT], min_length=1, max_length=6,
@@ -202,11 +233,24 @@ class MigrationPolicySpec(Model):
 
 
 class OutcomeCounters(Model):
-    succeeded: int = Field(0, description="Migrations that completed.")
-    failed: int = Field(0, description="Migrations that failed after every attempt.")
-    skipped: int = Field(0, description="VMs left in place by the policy.")
-    quick_migrated: int = Field(0, description="VMs moved by stop, move, start.")
-    aborted: int = Field(0, description="Migrations not started or aborted for downtime.")
+    """Counted from the objects that exist now (KubeVirt keeps the five newest finished
+    migrations of each VMI; a NodeDrain reports its VMs while it exists), so they can fall."""
+
+    succeeded: int = Field(0, description="Migrations labelled with this policy that completed "
+                           "(VirtualMachineInstanceMigrations that still exist).")
+    failed: int = Field(0, description="Migrations labelled with this policy that failed for "
+                        "good: a NodeDrain's last attempt (maxAttempts), or one nobody retries.")
+    skipped: int = Field(0, description="VMs this policy governs that a NodeDrain left in place "
+                         "because they cannot live-migrate (nonMigratable: Skip), over the "
+                         "NodeDrains that exist.")
+    quick_migrated: int = Field(0, description="VMs this policy governs that a NodeDrain moved "
+                                "by stop, move, start (quick migration, completed), over the "
+                                "NodeDrains that exist.")
+    aborted: int = Field(0, description="Migrations held back or stopped: VMs this policy "
+                         "governs that a NodeDrain is not migrating now because "
+                         "onDowntimeExceeded ended in Abort (over the NodeDrains that exist), "
+                         "plus migrations virtshift aborted for progressTimeout (recorded on "
+                         "their VMIs, the last 10 per VMI).")
     downtime_breaches: int = Field(0, description="Migrations whose downtime exceeded "
                                    "maxDowntime.")
 
@@ -233,7 +277,10 @@ class MigrationPolicyStatus(Model):
         "rendered from this one."
     )
     in_flight: int | None = Field(None, description="Migrations under this policy in flight.")
-    outcomes: OutcomeCounters | None = Field(None, description="What happened so far.")
+    outcomes: OutcomeCounters | None = Field(
+        None, description="What happened, counted from the objects that exist now: the "
+        "migrations labelled with this policy and the NodeDrains' VM entries (each counter "
+        "says which).")
     downtime: DowntimeSummary | None = Field(None, description="Observed switch-over downtime.")
     window_open: bool | None = Field(None, description="Whether new migrations may start now.")
     next_window: str | None = Field(

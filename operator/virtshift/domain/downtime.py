@@ -64,13 +64,17 @@ def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: flo
     why = _describe(plain, limit)
     for step in rules.on_downtime_exceeded:
         if step == "AutoConverge":
+            # The "-autoconverge" KubeVirt policy: allowAutoConverge, the rest as rendered.
             p = predict(dataclasses.replace(rules, allow_auto_converge=True))
             if _fits(p, limit):
                 return Choice(step, p, reason, f"{why}; migrating with auto-converge "
                               f"(predicted {p.downtime * 1000:.0f} ms)")
         elif step == "PostCopy":
+            # The "-postcopy" KubeVirt policy: allowPostCopy (which KubeVirt also takes as
+            # allowWorkloadDisruption) and an early completion timeout; the rest as rendered.
             p = predict(dataclasses.replace(
-                rules, allow_post_copy=True, completion_timeout_per_gib=POST_COPY_SWITCH_PER_GIB))
+                rules, allow_post_copy=True, allow_workload_disruption=True,
+                completion_timeout_per_gib=POST_COPY_SWITCH_PER_GIB))
             if _fits(p, limit):
                 return Choice(step, p, reason, f"{why}; migrating in post-copy mode "
                               f"(predicted {p.downtime * 1000:.0f} ms)")

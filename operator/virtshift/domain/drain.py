@@ -425,7 +425,13 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     scope = {k for k, v in s.vmis.items() if v.node in draining}
     scope |= {m.vmi_key for m in s.migrations}
     scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
-    vms = [v for k in sorted(scope) if (v := _evaluate(s, k, draining, ctx, decision))]
+    # A VM skipped on a node that has drained since is still on it: keep reporting it.
+    skipped_before = {f"{e.namespace}/{e.name}" for e in s.status.vms or []
+                      if e.phase == VMPhase.SKIPPED}
+    kept = {k for k in skipped_before if k in s.vmis and s.vmis[k].node in active}
+    scope |= kept
+    vms = [v for k in sorted(scope)
+           if (v := _evaluate(s, k, active if k in kept else draining, ctx, decision))]
     _admit(s, vms, decision)
 
     # Pods other than virt-launchers (evictPods).

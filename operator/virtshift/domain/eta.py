@@ -1,4 +1,8 @@
-"""Predicted migration times and drain makespans, from the pre-copy model."""
+"""Predicted migration times and drain makespans, from the pre-copy model.
+
+The convergence settings are the ones KubeVirt will use (``Rules``: the policy's
+allowAutoConverge, allowPostCopy and completionTimeoutPerGiB, else the KubeVirt CR's, with
+allowWorkloadDisruption resolved as KubeVirt resolves it)."""
 
 from __future__ import annotations
 
@@ -40,14 +44,19 @@ class Estimator:
 
     def transfer(self, vmi: VMIInfo, rules: Rules, node_bandwidth: float | None,
                  concurrency: int) -> Prediction:
+        stall_limit = rules.kubevirt_progress_timeout
+        if rules.progress_timeout is not None:  # virtshift's own abort of a stalled transfer
+            stall_limit = min(stall_limit, rules.progress_timeout)
         return predict(Transfer(
             memory=vmi.memory, dirty_rate=vmi.dirty_rate or 0.0,
             bandwidth=self.bandwidth(rules, node_bandwidth, concurrency),
             max_downtime=rules.switchover_downtime,
+            # As KubeVirt resolves them: the policy's, else the KubeVirt CR's.
             auto_converge=rules.allow_auto_converge, post_copy=rules.allow_post_copy,
-            # KubeVirt aborts (or, allowing post-copy, switches) at these limits.
+            workload_disruption=rules.allow_workload_disruption,
+            # KubeVirt aborts, pauses the guest or switches to post-copy at this limit.
             completion_timeout=completion_limit(rules.completion_timeout_per_gib, vmi.memory),
-            progress_timeout=rules.progress_timeout,
+            progress_timeout=stall_limit,
         ))
 
     def seconds(self, vmi: VMIInfo, rules: Rules, node_bandwidth: float | None,

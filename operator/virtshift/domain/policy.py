@@ -39,7 +39,11 @@ from virtshift.api.migrationpolicy import (
 )
 from virtshift.api.units import parse_duration
 from virtshift.domain.conditions import get_condition, set_condition
-from virtshift.domain.downtime import POST_COPY_SWITCH_PER_GIB
+from virtshift.domain.downtime import (
+    DOWNTIME_EXCEEDED,
+    NOT_CONVERGING,
+    POST_COPY_SWITCH_PER_GIB,
+)
 from virtshift.domain.naming import kubevirt_policy_name, label_value
 from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
@@ -97,8 +101,10 @@ def max_downtime_ms(spec: MigrationPolicySpec) -> int | None:
 def kubevirt_spec(spec: MigrationPolicySpec, max_downtime: bool = False) -> JSON:
     """The fields KubeVirt applies itself, only those the policy sets (selectors aside).
 
-    allowAutoConverge and allowPostCopy are rendered when the policy sets them explicitly (also
-    to false), so KubeVirt's cluster-wide defaults apply only to what the policy leaves open.
+    allowAutoConverge and allowPostCopy are rendered only when the policy sets them (also to
+    false): unset, KubeVirt's cluster-wide settings (the KubeVirt CR's
+    spec.configuration.migrations) apply, and ``rules.rules_from`` predicts with those.
+    allowWorkloadDisruption is never rendered: KubeVirt lets it follow allowPostCopy.
     maxDowntimeMs only when ``max_downtime``: KubeVirt v1.9 refuses the field without the
     MigrationStallDetection gate (and only then passes it to QEMU), earlier releases do not
     have it. Without it maxDowntime is enforced by prediction alone (``downtime.choose``)."""
@@ -107,10 +113,10 @@ def kubevirt_spec(spec: MigrationPolicySpec, max_downtime: bool = False) -> JSON
         out["bandwidthPerMigration"] = str(spec.bandwidth_per_migration)
     if spec.completion_timeout_per_gi_b is not None:
         out["completionTimeoutPerGiB"] = int(spec.completion_timeout_per_gi_b)
-    if "allow_auto_converge" in spec.model_fields_set:
-        out["allowAutoConverge"] = bool(spec.allow_auto_converge)
-    if "allow_post_copy" in spec.model_fields_set:
-        out["allowPostCopy"] = bool(spec.allow_post_copy)
+    if spec.allow_auto_converge is not None:
+        out["allowAutoConverge"] = spec.allow_auto_converge
+    if spec.allow_post_copy is not None:
+        out["allowPostCopy"] = spec.allow_post_copy
     downtime = max_downtime_ms(spec)
     if downtime is not None and max_downtime:
         out["maxDowntimeMs"] = downtime
@@ -279,17 +285,47 @@ def nearest_rank(sorted_values: Sequence[int], percent: float) -> int | None:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo]
-             ) -> tuple[OutcomeCounters, DowntimeSummary]:
-    """Counters over the migrations that still exist: succeeded, failed for good (the final
-    attempt of a virtshift drain, or a migration nobody retries), downtime breaches."""
+@dataclass(frozen=True)
+class DrainVM:
+    """A VM entry of a NodeDrain's status (``status.vms``), for a VM this policy governs in
+    that drain (the drain's policyRef, else the precedence of ``rules.governing_policy``)."""
+
+    drain: str
+    namespace: str
+    name: str
+    phase: str
+    mode: str | None = None
+    reason: str | None = None
+
+
+# A drain's reason for a VM it skipped because its VMI had gone (not the policy's doing).
+VMI_GONE = "VMIGone"
+
+
+def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo],
+             drain_vms: Sequence[DrainVM] = ()) -> tuple[OutcomeCounters, DowntimeSummary]:
+    """Counters over what exists now, the way each outcome shows in the cluster:
+
+    * succeeded, failed for good (the final attempt of a virtshift drain, or a migration
+      nobody retries), downtime breaches: the VirtualMachineInstanceMigrations labelled with
+      the policy, and the records of those virtshift aborted (``progress``), which outlive
+      them;
+    * skipped (nonMigratable: Skip), quickMigrated (a finished stop, move, start) and aborted
+      (held back because onDowntimeExceeded ended in Abort): the NodeDrains' VM entries;
+      aborted also counts the migrations virtshift aborted for progressTimeout."""
     limit = max_downtime_ms(spec)
     succeeded = [m for m in migrations if m.phase == "Succeeded"]
     failed = [m for m in migrations if m.phase == "Failed"
               and (m.drain is None or m.attempt == 0 or m.attempt >= spec.max_attempts)]
     downtimes = sorted(m.downtime_ms for m in succeeded if m.downtime_ms is not None)
     breaches = sum(1 for d in downtimes if limit is not None and d > limit)
-    counters = OutcomeCounters(succeeded=len(succeeded), failed=len(failed),
+    skipped = sum(1 for v in drain_vms if v.phase == "Skipped" and v.reason != VMI_GONE)
+    quick = sum(1 for v in drain_vms if v.phase == "Succeeded" and v.mode == "QuickMigration")
+    held = sum(1 for v in drain_vms if v.phase == "Waiting"
+               and v.reason in (DOWNTIME_EXCEEDED, NOT_CONVERGING))
+    held += len({(m.namespace, m.name) for m in migrations if m.aborted})
+    counters = OutcomeCounters(succeeded=len(succeeded), failed=len(failed), skipped=skipped,
+                               quick_migrated=quick, aborted=held,
                                downtime_breaches=breaches)
     summary = DowntimeSummary(samples=len(downtimes), p50_ms=nearest_rank(downtimes, 50),
                               p99_ms=nearest_rank(downtimes, 99),
@@ -312,6 +348,7 @@ class PolicySnapshot:
     migrations: Sequence[MigrationInfo] = ()  # the VMIMs labelled with this policy
     conflicts: Sequence[Conflict] = ()
     rendered: Sequence[str] = ()  # names of the KubeVirt policies we own now
+    drain_vms: Sequence[DrainVM] = ()  # the NodeDrains' entries of VMs this policy governs
 
 
 @dataclass(frozen=True)
@@ -339,7 +376,7 @@ def derive_status(s: PolicySnapshot) -> PolicyDecision:
     before = get_condition(s.status.conditions, READY)
     conditions = set_condition(s.status.conditions or [], READY, ok, reason, message,
                                s.generation, stamp(s.now))
-    counters, downtime = outcomes(s.spec, s.migrations)
+    counters, downtime = outcomes(s.spec, s.migrations, s.drain_vms)
     window_open = next_window = None
     if not problems:
         state = window_state(s.spec.windows, s.now)

@@ -3,10 +3,20 @@
 Precedence (also in the CRD's description): highest ``priority``; then the most specific
 policy (more selector terms); then the name that sorts first. A drain's ``policyRef`` wins
 over all of them.
+
+``rules_from`` maps the spec onto the rules the planner and the predictions use, keeping the
+CRD's names: maxAttempts, backoff, nonMigratable, maxDowntime, bandwidthPerMigration,
+nodeBandwidth, maxParallelMigrations, maxParallelOutboundPerNode, maxParallelInboundPerNode,
+windows, onDowntimeExceeded, progressTimeout; and allowAutoConverge, allowPostCopy and
+completionTimeoutPerGiB as KubeVirt will resolve them: the policy's value when it sets one,
+else the KubeVirt CR's (``KubeVirtMigrationConfig``), with allowWorkloadDisruption following
+the policy's allowPostCopy when the policy sets that (KubeVirt's GetMigrationConfByPolicy /
+applyMigrationPolicySpec; our rendered policies never set allowWorkloadDisruption).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +24,7 @@ from virtshift.api.common import LabelSelector
 from virtshift.api.migrationpolicy import MigrationPolicySpec, Window
 from virtshift.api.units import parse_duration, parse_quantity
 from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME
+from virtshift.domain.views import KubeVirtMigrationConfig
 
 
 def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
@@ -81,15 +92,20 @@ class Rules:
     max_downtime: float | None = None
     bandwidth_per_migration: float | None = None
     node_bandwidth: float | None = None
+    # As KubeVirt resolves them for this VM's migrations (the policy's, else the KubeVirt CR's).
     allow_post_copy: bool = False
     allow_auto_converge: bool = False
+    allow_workload_disruption: bool = False
     on_downtime_exceeded: tuple[str, ...] = ("Abort",)
     max_parallel: int | None = None
     max_outbound_per_node: int | None = None
     max_inbound_per_node: int | None = None
     windows: tuple[Window, ...] = ()
     completion_timeout_per_gib: float = 150.0  # KubeVirt's default
-    progress_timeout: float = 150.0
+    # The policy's progressTimeout: virtshift's own abort of a stalled transfer (None: none).
+    progress_timeout: float | None = None
+    # KubeVirt's own, cluster-wide (the KubeVirt CR's progressTimeout): no policy changes it.
+    kubevirt_progress_timeout: float = 150.0
     # Whether KubeVirt hands maxDowntime (rendered as maxDowntimeMs) on to QEMU: only v1.9+
     # with the MigrationStallDetection gate. Otherwise maxDowntime is virtshift's own limit,
     # held by prediction (the ladder), while QEMU switches over at its default 300 ms.
@@ -111,11 +127,32 @@ class Rules:
 
 
 def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None = None,
-               kubevirt_applies_max_downtime: bool = False) -> Rules:
+               kubevirt_applies_max_downtime: bool = False,
+               kubevirt: KubeVirtMigrationConfig | None = None) -> Rules:
+    """The rules of a VM governed by ``policy`` (None: by none). ``kubevirt``: the KubeVirt
+    CR's migration configuration, which applies wherever the policy leaves a field unset."""
+    kv = kubevirt or KubeVirtMigrationConfig()
+    inherited = {
+        "allow_auto_converge": kv.allow_auto_converge,
+        "allow_post_copy": kv.allow_post_copy,
+        "allow_workload_disruption": kv.workload_disruption,
+        "completion_timeout_per_gib": float(kv.completion_timeout_per_gib),
+        "kubevirt_progress_timeout": float(kv.progress_timeout),
+        "kubevirt_applies_max_downtime": kubevirt_applies_max_downtime,
+    }
     if policy is None:
-        base = Rules(kubevirt_applies_max_downtime=kubevirt_applies_max_downtime)
+        base = Rules(**inherited)
     else:
         s = policy.spec
+        if s.allow_auto_converge is not None:
+            inherited["allow_auto_converge"] = s.allow_auto_converge
+        if s.allow_post_copy is not None:
+            # KubeVirt: a policy's allowPostCopy also sets allowWorkloadDisruption when the
+            # policy leaves that unset (ours always does).
+            inherited["allow_post_copy"] = s.allow_post_copy
+            inherited["allow_workload_disruption"] = s.allow_post_copy
+        if s.completion_timeout_per_gi_b is not None:
+            inherited["completion_timeout_per_gib"] = float(s.completion_timeout_per_gi_b)
         base = Rules(
             policy=policy.name,
             max_attempts=s.max_attempts,
@@ -126,17 +163,14 @@ def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None =
             bandwidth_per_migration=parse_quantity(s.bandwidth_per_migration)
             if s.bandwidth_per_migration else None,
             node_bandwidth=parse_quantity(s.node_bandwidth) if s.node_bandwidth else None,
-            allow_post_copy=s.allow_post_copy,
-            allow_auto_converge=s.allow_auto_converge,
             on_downtime_exceeded=tuple(s.on_downtime_exceeded),
             max_parallel=s.max_parallel_migrations,
             max_outbound_per_node=s.max_parallel_outbound_per_node,
             max_inbound_per_node=s.max_parallel_inbound_per_node,
             windows=tuple(s.windows or ()),
-            completion_timeout_per_gib=float(s.completion_timeout_per_gi_b or 150),
-            progress_timeout=parse_duration(s.progress_timeout) if s.progress_timeout else 150.0,
-            kubevirt_applies_max_downtime=kubevirt_applies_max_downtime,
+            progress_timeout=parse_duration(s.progress_timeout) if s.progress_timeout else None,
+            **inherited,
         )
     if non_migratable_override:
-        return Rules(**{**base.__dict__, "non_migratable": non_migratable_override})
+        return dataclasses.replace(base, non_migratable=non_migratable_override)
     return base

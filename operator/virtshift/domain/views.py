@@ -95,6 +95,7 @@ class MigrationInfo:
     mode: str | None = None
     downtime_ms: int | None = None
     terminating: bool = False
+    aborted: str | None = None  # why virtshift aborted it (e.g. ProgressTimeout), if it did
 
     @property
     def vmi_key(self) -> str:
@@ -127,3 +128,50 @@ class PodInfo:
 class KubeVirtLimits:
     per_cluster: int = 5
     outbound_per_node: int = 2
+
+
+@dataclass(frozen=True)
+class KubeVirtMigrationConfig:
+    """What the KubeVirt CR's ``spec.configuration.migrations`` says about the fields a
+    MigrationPolicy may leave to KubeVirt, with KubeVirt's defaults filled in
+    (pkg/virt-config/virt-config.go). KubeVirt starts every migration from these and applies
+    the matching migrations.kubevirt.io policy over them field by field (migration.go
+    handleTargetPodHandoff)."""
+
+    allow_auto_converge: bool = False
+    allow_post_copy: bool = False
+    allow_workload_disruption: bool | None = None  # None: follows allow_post_copy
+    completion_timeout_per_gib: int = 150
+    progress_timeout: int = 150  # KubeVirt's own; no MigrationPolicy can change it
+
+    @property
+    def workload_disruption(self) -> bool:
+        """virt-config.go GetMigrationConfiguration: unset follows allowPostCopy."""
+        if self.allow_workload_disruption is None:
+            return self.allow_post_copy
+        return self.allow_workload_disruption
+
+
+@dataclass(frozen=True)
+class AbortRecord:
+    """A migration virtshift aborted (by deleting it), kept on its VMI: KubeVirt removes the
+    VirtualMachineInstanceMigration once the abort is done, and the attempt must still count
+    (maxAttempts, backoff) and be reported."""
+
+    migration: str
+    namespace: str
+    vmi: str
+    reason: str  # e.g. ProgressTimeout
+    message: str
+    at: dt.datetime
+    policy: str | None = None  # the virtshift.io/policy label it carried
+    drain: str | None = None  # the virtshift.io/drain label it carried
+    drain_uid: str | None = None
+    attempt: int = 0
+
+    def as_migration(self) -> MigrationInfo:
+        """The failed attempt this record stands for once the migration object is gone."""
+        return MigrationInfo(
+            namespace=self.namespace, name=self.migration, vmi=self.vmi, phase="Failed",
+            drain=self.drain, policy=self.policy, attempt=self.attempt, ended=self.at,
+            failure=self.message, aborted=self.reason)

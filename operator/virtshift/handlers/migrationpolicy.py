@@ -5,6 +5,7 @@ owned objects)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -15,7 +16,9 @@ import kopf
 from pydantic import ValidationError
 
 from virtshift.api.migrationpolicy import MigrationPolicy, MigrationPolicyStatus
+from virtshift.api.units import parse_duration
 from virtshift.domain import policy as dpolicy
+from virtshift.domain import progress as dprogress
 from virtshift.handlers import runtime
 from virtshift.k8s.policies import PolicyStore
 from virtshift.k8s.rest import JSON
@@ -24,7 +27,9 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "migrationpolicies"
 COALESCE_SECONDS = 0.2  # after a wake-up, let a burst of watch events settle first
 STOP_POLL_SECONDS = 0.1
-WATCHED = ("vmi", "vmim", "policy", "kubevirt")  # kubevirt: its feature gates decide maxDowntimeMs
+# kubevirt: its feature gates decide maxDowntimeMs. NodeDrains (whose VM entries feed the
+# outcomes) are not watched: their status changes with every drain's pass; the resync reads them.
+WATCHED = ("vmi", "vmim", "policy", "kubevirt")
 
 
 class _Policies:
@@ -81,23 +86,26 @@ def state() -> _Policies:
         return _state
 
 
-def reconcile(name: str) -> None:
-    """gather -> render and decide (domain) -> apply -> status, for one policy."""
+def reconcile(name: str) -> dt.datetime | None:
+    """gather -> render and decide (domain) -> apply -> status, for one policy. Returns when
+    to look again at the latest (a migration's progressTimeout), if sooner than the resync."""
     st = state()
     rt, store = st.rt, st.store
     obj = store.policy(name)
     if obj is None or obj["metadata"].get("deletionTimestamp") \
             or obj["metadata"].get("uid") in st.deleting:
-        return
+        return None
     meta = obj["metadata"]
     generation = meta.get("generation", 1)
     now = rt.cluster.clock.now()
+    recheck = None
     try:
         model = MigrationPolicy.model_validate(obj)
     except ValidationError as exc:
         previous = _previous_status(obj)
         decision = dpolicy.invalid_spec(previous, generation, _short(exc), now)
     else:
+        recheck = _progress_timeout(obj, model, now)
         policies = rt.cluster.named_policies()
         # KubeVirt policies first, so a VMI never carries a label nothing selects yet.
         owned, conflicts = store.apply_rendered(name, dpolicy.render(
@@ -108,10 +116,32 @@ def reconcile(name: str) -> None:
             name=name, generation=generation, spec=model.spec,
             status=model.status or MigrationPolicyStatus(), now=now,
             matched=len(dpolicy.governed(name, policies, vmis)),
-            migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned))
+            migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned,
+            drain_vms=store.drain_vms(name, policies)))
     store.write_status(obj, decision.status.wire())
     for kind, reason, message in decision.events:
         rt.actions.event(_for_events(obj), kind, reason, message)
+    return recheck
+
+
+def _progress_timeout(obj: JSON, model: MigrationPolicy, now: dt.datetime) -> dt.datetime | None:
+    """progressTimeout: abort (delete) this policy's migrations whose transfer has stopped
+    making progress (domain.progress); returns when the next one would be due."""
+    st = state()
+    spec = model.spec
+    if not spec.progress_timeout:
+        return None
+    progress, observable = st.store.progress()
+    verdict = dprogress.check(st.store.migrations_of(obj["metadata"]["name"]), progress, now,
+                              parse_duration(spec.progress_timeout), observable)
+    for stall in verdict.abort:
+        m = stall.migration
+        if st.store.abort(stall, now):
+            log.info("MigrationPolicy %s: aborted %s/%s: %s", obj["metadata"]["name"],
+                     m.namespace, m.name, stall.message)
+            st.rt.actions.event(_for_events(obj), "Warning", dprogress.PROGRESS_TIMEOUT,
+                                f"aborted migration {m.namespace}/{m.name}: {stall.message}")
+    return verdict.recheck_at
 
 
 def _previous_status(obj: JSON) -> MigrationPolicyStatus:
@@ -141,13 +171,17 @@ def policy_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
     wake = st.wake_event(name)
     while not stopped:
         wake.clear()
+        wait = st.rt.settings.resync_seconds
         try:
             with st.lock(name):
-                reconcile(name)
+                recheck = reconcile(name)
+            if recheck is not None:  # a progressTimeout falls due before the resync
+                due = (recheck - st.rt.cluster.clock.now()).total_seconds()
+                wait = min(wait, max(0.0, due / st.rt.settings.time_scale))
         except Exception:
             log.exception("reconciling MigrationPolicy %s failed; retrying", name)
             stopped.wait(1.0)
-        _wait(stopped, wake, st.rt.settings.resync_seconds)
+        _wait(stopped, wake, wait)
         stopped.wait(COALESCE_SECONDS)
 
 

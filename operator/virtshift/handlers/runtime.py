@@ -12,10 +12,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from virtshift.domain.eta import Estimator
 from virtshift.k8s.actions import Actions
 from virtshift.k8s.cluster import Cluster, ClusterClock
-from virtshift.k8s.dirty_rates import DirtyRateSource
+from virtshift.k8s.kubevirt_metrics import MetricsSource
 from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
+METRICS_INTERVAL = 5.0  # cluster seconds between scrapes of the metrics source
 DRAIN_VMS = Gauge("virtshift_drain_vms", "VMs of a NodeDrain by state", ["drain", "state"])
 DRAIN_REMAINING = Gauge("virtshift_drain_remaining_seconds",
                         "Predicted seconds until a NodeDrain completes", ["drain"])
@@ -33,16 +34,21 @@ class Settings:
     time_scale: float = 1.0
     estimator: Estimator = field(default_factory=Estimator)
     resync_seconds: float = 2.0  # wall seconds between reconciles without any event
-    dirty_rate_source: str | None = None  # Prometheus text URL with KubeVirt's dirty rates
+    # Prometheus text URL with KubeVirt's virt-handler metrics (dirty rates, data remaining).
+    metrics_source: str | None = None
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         kube = KubeClient.from_kubeconfig(settings.kubeconfig)
-        rates = DirtyRateSource(settings.dirty_rate_source) if settings.dirty_rate_source \
-            else None
-        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator, rates)
+        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator)
+        if settings.metrics_source:
+            # virt-handler samples every 5 s (of cluster time): scrape as often, in wall time.
+            cluster = self.cluster
+            self.cluster.metrics = MetricsSource(
+                settings.metrics_source, interval=max(0.1, METRICS_INTERVAL / settings.time_scale),
+                now=lambda: cluster.clock.now())
         self.actions = Actions(self.cluster)
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)

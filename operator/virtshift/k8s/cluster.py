@@ -6,7 +6,7 @@ import dataclasses
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
@@ -20,10 +20,10 @@ from virtshift.domain.rules import (
     rules_from,
     selector_matches,
 )
-from virtshift.domain.views import MigrationInfo
+from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import rest, views
-from virtshift.k8s.dirty_rates import DirtyRateSource
 from virtshift.k8s.informer import Informer, key_of
+from virtshift.k8s.kubevirt_metrics import MetricsSource
 from virtshift.k8s.rest import JSON, KubeClient
 
 
@@ -48,9 +48,9 @@ class Cluster:
 
     def __init__(self, kube: KubeClient, clock: ClusterClock | None = None,
                  estimator: Estimator | None = None,
-                 dirty_rates: DirtyRateSource | None = None) -> None:
+                 metrics: MetricsSource | None = None) -> None:
         self.kube = kube
-        self.dirty_rates = dirty_rates
+        self.metrics = metrics  # KubeVirt's virt-handler metrics, when a source is given
         self.clock = clock or ClusterClock()
         self.estimator = estimator or Estimator()
         self.listeners: list[Callable[[str, JSON], None]] = []
@@ -77,8 +77,8 @@ class Cluster:
         return fire
 
     def start(self, timeout: float = 60) -> Cluster:
-        if self.dirty_rates:
-            self.dirty_rates.start()
+        if self.metrics:
+            self.metrics.start()
         for inf in self._all:
             inf.start()
         for inf in self._all:
@@ -86,8 +86,8 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        if self.dirty_rates:
-            self.dirty_rates.stop()
+        if self.metrics:
+            self.metrics.stop()
         for inf in self._all:
             inf.stop()
 
@@ -112,12 +112,16 @@ class Cluster:
     def kubevirt_applies_max_downtime(self) -> bool:
         return views.kubevirt_applies_max_downtime(self.kubevirt())
 
+    def kubevirt_migration_config(self) -> KubeVirtMigrationConfig:
+        return views.kubevirt_migration_config(self.kubevirt())
+
     def rules_for(self, vmi: JSON, policies: list[NamedPolicy], policy_ref: str | None,
-                  non_migratable: str | None, applies_max_downtime: bool = False) -> Rules:
+                  non_migratable: str | None, applies_max_downtime: bool = False,
+                  kubevirt: KubeVirtMigrationConfig | None = None) -> Rules:
         ns = self.namespaces.get(vmi["metadata"]["namespace"]) or {}
         policy = governing_policy(policies, vmi["metadata"].get("labels") or {},
                                   ns.get("metadata", {}).get("labels") or {}, policy_ref)
-        return rules_from(policy, non_migratable, applies_max_downtime)
+        return rules_from(policy, non_migratable, applies_max_downtime, kubevirt)
 
     def usage(self) -> dict[str, tuple[float, float]]:
         """What launcher pods request per node, as the scheduler counts it."""
@@ -166,11 +170,17 @@ class Cluster:
                 if selector_matches(model.spec.node_selector, n["metadata"].get("labels") or {})}
 
     def _dirty_rate(self, key: str) -> float | None:
-        return self.dirty_rates.get(key) if self.dirty_rates else None
+        return self.metrics.get(key) if self.metrics else None
 
-    def _migration(self, obj: JSON) -> MigrationInfo:
-        """A VMIM's view; a queued one has no source yet, so take its VMI's node."""
+    def _migration(self, obj: JSON,
+                   aborted: Mapping[tuple[str, str], AbortRecord] | None = None) -> MigrationInfo:
+        """A VMIM's view; a queued one has no source yet, so take its VMI's node. One virtshift
+        aborted says why (``aborted``: its records, by namespace and name)."""
         info = views.migration_info(obj)
+        record = (aborted or {}).get((info.namespace, info.name))
+        if record is not None:
+            info = dataclasses.replace(info, aborted=record.reason,
+                                       failure=record.message if info.final else info.failure)
         if info.source:
             return info
         source = (obj["metadata"].get("labels") or {}).get(views.SOURCE_LABEL)
@@ -193,7 +203,15 @@ class Cluster:
                 if (m["metadata"].get("labels") or {}).get(views.DRAIN_LABEL) == label_value(name)
                 and (m["metadata"].get("annotations") or {}).get(views.DRAIN_UID_ANNOTATION,
                                                                  uid) == uid]
+        # Attempts virtshift aborted (progressTimeout) and KubeVirt has since removed: they
+        # still count (maxAttempts, backoff); records are kept on the VMIs.
+        present = {(m["metadata"]["namespace"], m["metadata"]["name"]) for m in ours}
+        records = {(r.namespace, r.migration): r for v in self.vmis.values()
+                   for r in views.abort_records(v)
+                   if r.drain == label_value(name) and r.drain_uid in (uid, None)}
+        gone = [r.as_migration() for k, r in records.items() if k not in present]
         our_vmis = {f"{m['metadata']['namespace']}/{m['spec'].get('vmiName')}" for m in ours}
+        our_vmis |= {m.vmi_key for m in gone}
         vm_objs = {key_of(v): v for v in self.vms.values()}
         quick_keys = {k for k, v in vm_objs.items()
                       if views.QUICK_ANNOTATION in (v["metadata"].get("annotations") or {})}
@@ -204,7 +222,9 @@ class Cluster:
         selectors = self._launcher_selectors()
         policy_ref = spec.policy_ref.name if spec.policy_ref else None
         applies = self.kubevirt_applies_max_downtime()
-        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable, applies)
+        kubevirt = self.kubevirt_migration_config()
+        rules = {k: self.rules_for(v, policies, policy_ref, spec.non_migratable, applies,
+                                   kubevirt)
                  for k, v in vmi_objs.items()}
         return DrainSnapshot(
             name=name, generation=drain["metadata"].get("generation", 1), spec=spec,
@@ -213,7 +233,7 @@ class Cluster:
                   for k, v in vmi_objs.items()},
             vms={k: views.vm_info(vm_objs[k]) for k in set(vmi_objs) | quick_keys
                  if k in vm_objs},
-            migrations=[self._migration(m) for m in ours],
+            migrations=[self._migration(m, records) for m in ours] + gone,
             cluster_unfinished=[i for m in self.vmims.values()
                                 if not (i := self._migration(m)).final],
             limits=views.kubevirt_limits(self.kubevirt()), rules=rules,

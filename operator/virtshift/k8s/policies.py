@@ -8,12 +8,17 @@ and status are written only when they differ.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 from collections.abc import Callable
 
 from virtshift.domain import policy as dpolicy
+from virtshift.domain import progress as dprogress
 from virtshift.domain.naming import label_value
-from virtshift.domain.policy import Conflict, VMIPolicyView
+from virtshift.domain.policy import Conflict, DrainVM, VMIPolicyView
+from virtshift.domain.progress import Progress, Stalled
+from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s.cluster import Cluster
@@ -65,10 +70,86 @@ class PolicyStore:
                 pinned=key in pins, pinned_label=pins.get(key)))
         return out
 
+    def drain_vms(self, name: str, policies: list[NamedPolicy]) -> list[DrainVM]:
+        """The VM entries of every NodeDrain's status that ``name`` governs in that drain:
+        named by the drain's policyRef, else chosen by precedence from the VMI's labels (an
+        entry whose VMI is gone counts only under a policyRef)."""
+        out: list[DrainVM] = []
+        for drain in self.cluster.drains.values():
+            ref = ((drain.get("spec") or {}).get("policyRef") or {}).get("name")
+            if ref and ref != name:
+                continue
+            for e in (drain.get("status") or {}).get("vms") or []:
+                ns, vm = e.get("namespace"), e.get("name")
+                if not ns or not vm:
+                    continue
+                if not ref:
+                    vmi = self.cluster.vmis.get(f"{ns}/{vm}")
+                    if vmi is None:
+                        continue
+                    namespace = self.cluster.namespaces.get(ns) or {}
+                    chosen = governing_policy(
+                        policies, vmi["metadata"].get("labels") or {},
+                        (namespace.get("metadata") or {}).get("labels") or {})
+                    if chosen is None or chosen.name != name:
+                        continue
+                out.append(DrainVM(drain=drain["metadata"]["name"], namespace=ns, name=vm,
+                                   phase=e.get("phase", ""), mode=e.get("mode"),
+                                   reason=e.get("reason")))
+        return out
+
     def migrations_of(self, name: str) -> list[MigrationInfo]:
+        """The VMIMs labelled with the policy, and those virtshift aborted (progressTimeout)
+        that KubeVirt has removed since, from the records on their VMIs."""
         value = label_value(name)
-        return [views.migration_info(m) for m in self.cluster.vmims.values()
-                if (m["metadata"].get("labels") or {}).get(views.POLICY_LABEL) == value]
+        records = {(r.namespace, r.migration): r for v in self.cluster.vmis.values()
+                   for r in views.abort_records(v) if r.policy == value}
+        out = []
+        for obj in self.cluster.vmims.values():
+            if (obj["metadata"].get("labels") or {}).get(views.POLICY_LABEL) != value:
+                continue
+            info = views.migration_info(obj)
+            record = records.pop((info.namespace, info.name), None)
+            if record is not None:
+                info = dataclasses.replace(info, aborted=record.reason)
+            out.append(info)
+        return out + [r.as_migration() for r in records.values()]
+
+    # -- progressTimeout -----------------------------------------------------------------------
+
+    def progress(self) -> tuple[dict[str, Progress], bool]:
+        """What KubeVirt's data-remaining samples have shown per VMI, and whether they can be
+        read now (no metrics source: nothing, never)."""
+        source = self.cluster.metrics
+        if source is None:
+            return {}, False
+        return source.progress(), source.observable()
+
+    def abort(self, stall: Stalled, now: dt.datetime) -> bool:
+        """Record the abort on the VMI, then delete the VMIM (KubeVirt aborts it). False when
+        the VMIM is gone or is another object now."""
+        m = stall.migration
+        obj = self.cluster.vmims.get(f"{m.namespace}/{m.name}")
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return False
+        meta = obj["metadata"]
+        record = dprogress.record(stall, now, (meta.get("annotations") or {}).get(
+            views.DRAIN_UID_ANNOTATION))
+        vmi = self.cluster.vmis.get(m.vmi_key) or self.kube.get(rest.VMIS, m.vmi, m.namespace)
+        if vmi is None:
+            return False
+        kept = [r for r in views.abort_records(vmi) if r.migration != m.name
+                or r.namespace != m.namespace]
+        patched = self.kube.patch(rest.VMIS, m.vmi, {"metadata": {"annotations": {
+            views.ABORTED_ANNOTATION: views.abort_records_annotation([*kept, record])}}},
+            m.namespace)
+        self.cluster.vmis.put(patched)
+        try:
+            return self.kube.delete(rest.VMIMS, m.name, m.namespace, uid=meta.get("uid"))
+        except ApiError as exc:
+            if exc.conflict:  # the UID precondition failed: another object of that name now
+                return False
+            raise
 
     # -- KubeVirt MigrationPolicies ------------------------------------------------------------
 

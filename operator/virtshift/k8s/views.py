@@ -8,7 +8,9 @@ from typing import Any
 
 from virtshift.api.units import parse_quantity
 from virtshift.domain.views import (
+    AbortRecord,
     KubeVirtLimits,
+    KubeVirtMigrationConfig,
     MigrationInfo,
     NodeInfo,
     PodInfo,
@@ -26,6 +28,10 @@ MODE_LABEL = "virtshift.io/migration-mode"
 DRAIN_UID_ANNOTATION = "virtshift.io/node-drain-uid"
 DRAIN_NAME_ANNOTATION = "virtshift.io/node-drain"
 QUICK_ANNOTATION = "virtshift.io/quick-migration"
+# On a VMI: the migrations virtshift aborted (progressTimeout), newest last, at most
+# MAX_ABORT_RECORDS; they outlive the VirtualMachineInstanceMigrations KubeVirt removes.
+ABORTED_ANNOTATION = "virtshift.io/aborted-migrations"
+MAX_ABORT_RECORDS = 10
 DOWNTIME_ANNOTATION = "sim.virtshift.io/downtime-ms"
 
 
@@ -137,6 +143,37 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> Migratio
     )
 
 
+def abort_records(vmi: JSON) -> list[AbortRecord]:
+    """The migrations virtshift aborted, as recorded on the VMI (oldest first)."""
+    raw = ((vmi.get("metadata") or {}).get("annotations") or {}).get(ABORTED_ANNOTATION)
+    if not raw:
+        return []
+    try:
+        data = json.loads(raw)
+        return [AbortRecord(
+            migration=r["migration"], namespace=r["namespace"], vmi=r["vmi"],
+            reason=r["reason"], message=r.get("message", ""),
+            at=parse_time(r["at"]) or dt.datetime.min.replace(tzinfo=dt.UTC),
+            policy=r.get("policy"), drain=r.get("drain"), drain_uid=r.get("drainUid"),
+            attempt=int(r.get("attempt", 0))) for r in data]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return []  # not ours to repair; the next abort rewrites it
+
+
+def abort_records_annotation(records: list[AbortRecord]) -> str:
+    """The annotation value for these records: the newest MAX_ABORT_RECORDS."""
+    def wire(r: AbortRecord) -> JSON:
+        out: JSON = {"migration": r.migration, "namespace": r.namespace, "vmi": r.vmi,
+                     "reason": r.reason, "message": r.message,
+                     "at": r.at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "attempt": r.attempt}
+        for key, value in (("policy", r.policy), ("drain", r.drain), ("drainUid", r.drain_uid)):
+            if value is not None:
+                out[key] = value
+        return out
+    return json.dumps([wire(r) for r in records[-MAX_ABORT_RECORDS:]], sort_keys=True)
+
+
 def _unexplained_failure(status: JSON) -> str | None:
     """KubeVirt writes no failureReason for a migration that failed before its target was
     handed off (migration.go updateStatus): say what the VMIM itself shows."""
@@ -188,9 +225,26 @@ def pod_running(obj: JSON) -> bool:
         "phase") not in ("Succeeded", "Failed")
 
 
+def _kubevirt_migrations(kv: JSON | None) -> JSON:
+    return (((kv or {}).get("spec") or {}).get("configuration") or {}).get("migrations") or {}
+
+
+def kubevirt_migration_config(kv: JSON | None) -> KubeVirtMigrationConfig:
+    """The KubeVirt CR's migration settings a MigrationPolicy may leave to KubeVirt, with
+    KubeVirt's defaults (virt-config.go; allowWorkloadDisruption unset follows allowPostCopy)."""
+    migrations = _kubevirt_migrations(kv)
+    disruption = migrations.get("allowWorkloadDisruption")
+    return KubeVirtMigrationConfig(
+        allow_auto_converge=bool(migrations.get("allowAutoConverge", False)),
+        allow_post_copy=bool(migrations.get("allowPostCopy", False)),
+        allow_workload_disruption=None if disruption is None else bool(disruption),
+        completion_timeout_per_gib=int(migrations.get("completionTimeoutPerGiB", 150)),
+        progress_timeout=int(migrations.get("progressTimeout", 150)),
+    )
+
+
 def kubevirt_limits(kv: JSON | None) -> KubeVirtLimits:
-    migrations = (((kv or {}).get("spec") or {}).get("configuration") or {}).get(
-        "migrations") or {}
+    migrations = _kubevirt_migrations(kv)
     return KubeVirtLimits(
         per_cluster=int(migrations.get("parallelMigrationsPerCluster", 5)),
         outbound_per_node=int(migrations.get("parallelOutboundMigrationsPerNode", 2)),

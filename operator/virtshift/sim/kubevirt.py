@@ -237,21 +237,32 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
 
     # -- faults ------------------------------------------------------------------------------
 
+    def node_not_ready(self, node: str) -> None:
+        """The scenario's nodeNotReady fault, injected now (for tests that need it at a
+        particular moment of a migration rather than at a scenario time)."""
+        with self._lock:
+            self._node_not_ready(node)
+        self._wake.set()
+
+    def _node_not_ready(self, node: str) -> None:
+        """The node stops: transfers through it stall (handler), its status turns NotReady."""
+        self.not_ready.add(node)
+        spec = next(n for n in self.scenario.nodes if n.name == node)
+        self._submit(lambda s=spec: self.kube.patch(
+            rest.NODES, s.name, objects.node_status(s, self.clock.stamp(), ready=False),
+            subresource="status"))
+        # What the node lifecycle controller would add.
+        self._submit(lambda s=spec: self.kube.patch(rest.NODES, s.name, {"spec": {
+            "taints": [{"key": objects.NOT_READY_TAINT, "effect": "NoSchedule"}]}}))
+        log.info("fault: node %s is NotReady", node)
+
     def _apply_faults(self, now: float) -> None:
         for i, fault in enumerate(self.scenario.faults):
             if i in self.faults_done or fault.kind == "failTargetPod" or fault.at > now:
                 continue
             self.faults_done.add(i)
             if fault.kind == "nodeNotReady" and fault.node:
-                self.not_ready.add(fault.node)
-                spec = next(n for n in self.scenario.nodes if n.name == fault.node)
-                self._submit(lambda s=spec: self.kube.patch(
-                    rest.NODES, s.name, objects.node_status(s, self.clock.stamp(), ready=False),
-                    subresource="status"))
-                # What the node lifecycle controller would add.
-                self._submit(lambda s=spec: self.kube.patch(rest.NODES, s.name, {"spec": {
-                    "taints": [{"key": objects.NOT_READY_TAINT, "effect": "NoSchedule"}]}}))
-                log.info("fault: node %s is NotReady", fault.node)
+                self._node_not_ready(fault.node)
             elif fault.kind == "dirtyRateSpike" and fault.vm:
                 vm = self.vm_by_ref(fault.vm)
                 if vm and fault.dirty_rate is not None:

@@ -1,6 +1,12 @@
 """virt-handler's per-VMI metrics, as Prometheus text: what an operator can learn about a
-guest without asking the guest. Only the gauge virtshift uses is simulated:
-``kubevirt_vmi_dirty_rate_bytes_per_second{namespace, name, node}``."""
+guest without asking the guest. Only the gauges virtshift uses are simulated:
+
+* ``kubevirt_vmi_dirty_rate_bytes_per_second{namespace, name, node}``;
+* ``kubevirt_vmi_migration_data_remaining_bytes{namespace, name, node}`` while a VMI's migration
+  transfers (pkg/monitoring/metrics/virt-handler/migrationdomainstats: libvirt's job
+  DataRemaining, reported from the migration's start until ``migrationState.completed``; the
+  node is the VMI's, the source). KubeVirt samples it every 5 s and hands each sample out
+  once, with its timestamp; the simulator reports the value at the scrape, without one."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from prometheus_client.registry import Collector
 from virtshift.sim.kubevirt import KubeVirtSim
 
 DIRTY_RATE = "kubevirt_vmi_dirty_rate_bytes_per_second"
+DATA_REMAINING = "kubevirt_vmi_migration_data_remaining_bytes"
 
 
 class _DirtyRates(Collector):
@@ -27,6 +34,16 @@ class _DirtyRates(Collector):
             if vm.running:
                 family.add_metric([vm.spec.namespace, vm.spec.name, vm.node], vm.dirty_rate)
         yield family
+        remaining = GaugeMetricFamily(DATA_REMAINING, "The remaining guest OS data to be "
+                                      "migrated to the new VM.",
+                                      labels=["namespace", "name", "node"])
+        for f in list(self.sim.flights.values()):
+            if f.phase == "Running" and f.run is not None and f.vm is not None \
+                    and not f.run.done:
+                # libvirt's DataRemaining covers the disks a block migration still copies.
+                remaining.add_metric([f.vm.spec.namespace, f.vm.spec.name, f.source],
+                                     f.run.remaining + f.disk_bytes_left)
+        yield remaining
 
 
 class VirtHandlerMetrics:
