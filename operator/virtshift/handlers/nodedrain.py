@@ -26,6 +26,12 @@ GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "nodedrains"
 
 def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
     rt = runtime.get()
+    if not rt.cluster.synced():
+        # Never decide on a partial view: a node whose VMIs are not in the cache yet would
+        # look empty, and be reported Drained.
+        log.info("NodeDrain %s: waiting for caches (%s)", name,
+                 ", ".join(rt.cluster.unsynced()))
+        return
     drain = rt.drain(name)
     if drain is None or drain["metadata"].get("deletionTimestamp"):
         return
@@ -89,6 +95,8 @@ def drain_deleted(name: str, body: kopf.Body, **_: Any) -> None:
     """End maintenance: abort our unfinished migrations, restart what a quick migration
     stopped, uncordon what we cordoned. Waits (TemporaryError) until the aborts are done."""
     rt = runtime.get()
+    if not rt.cluster.synced():
+        raise kopf.TemporaryError("waiting for the caches to sync", delay=1)
     drain: JSON = rt.drain(name) or dict(body)
     with rt.cluster.admission:
         snapshot = rt.cluster.snapshot(drain)

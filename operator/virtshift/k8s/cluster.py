@@ -43,6 +43,11 @@ class ClusterClock:
         return self.epoch + dt.timedelta(seconds=(wall - self.epoch.timestamp()) * self.scale)
 
 
+class NotSynced(RuntimeError):
+    """A cache has not loaded its first full list: deciding now would see a cluster with
+    objects missing (a node with VMIs would look empty)."""
+
+
 class Cluster:
     """Caches of nodes, VMIs, VMs, VMIMs, policies and KubeVirt's settings."""
 
@@ -84,6 +89,13 @@ class Cluster:
         for inf in self._all:
             inf.wait_synced(timeout)
         return self
+
+    def synced(self) -> bool:
+        """Every cache holds its first full list."""
+        return all(inf.synced for inf in self._all)
+
+    def unsynced(self) -> list[str]:
+        return [inf.res.plural for inf in self._all if not inf.synced]
 
     def stop(self) -> None:
         if self.dirty_rates:
@@ -181,6 +193,9 @@ class Cluster:
 
     def snapshot(self, drain: JSON, blocked_pods: dict[str, str] | None = None,
                  pods: list[JSON] | None = None) -> DrainSnapshot:
+        """Raises NotSynced until every cache has loaded: no decision on a partial view."""
+        if not self.synced():
+            raise NotSynced("caches not synced yet: " + ", ".join(self.unsynced()))
         model = NodeDrain.model_validate(drain)
         spec = model.spec
         name = drain["metadata"]["name"]

@@ -1,0 +1,122 @@
+"""The NodeDrain's k8s layer without an API server: snapshots built from the caches, and the
+writes of a decision, against an in-memory stand-in for the client."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from virtshift.domain.drain import plan_drain
+from virtshift.k8s import rest
+from virtshift.k8s.cluster import Cluster, NotSynced
+from virtshift.k8s.rest import ApiError
+
+JSON = dict[str, Any]
+
+
+class FakeKube:
+    """Objects by (plural, namespace, name); records every call in order."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str | None, str], JSON] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.rv = 100
+
+    def _key(self, res: rest.Resource, name: str, namespace: str | None) -> tuple:
+        return res.plural, namespace if res.namespaced else None, name
+
+    def add(self, res: rest.Resource, obj: JSON) -> JSON:
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.objects[self._key(res, obj["metadata"]["name"],
+                               obj["metadata"].get("namespace"))] = obj
+        return obj
+
+    def get(self, res: rest.Resource, name: str, namespace: str | None = None) -> JSON | None:
+        self.calls.append(("get", res.plural, name))
+        obj = self.objects.get(self._key(res, name, namespace))
+        return copy.deepcopy(obj) if obj else None
+
+    def create(self, res: rest.Resource, body: JSON, namespace: str | None = None,
+               **_: Any) -> JSON:
+        self.calls.append(("create", res.plural, body["metadata"].get("name", "")))
+        key = self._key(res, body["metadata"]["name"], body["metadata"].get("namespace"))
+        if key in self.objects:
+            raise ApiError(409, json.dumps({"reason": "AlreadyExists", "message": "exists"}))
+        return self.add(res, body)
+
+    def patch(self, res: rest.Resource, name: str, patch: JSON, namespace: str | None = None,
+              **_: Any) -> JSON:
+        self.calls.append(("patch", res.plural, name))
+        obj = self.objects[self._key(res, name, namespace)]
+        for section in ("labels", "annotations"):
+            values = (patch.get("metadata") or {}).get(section) or {}
+            current = obj["metadata"].setdefault(section, {})
+            for k, v in values.items():
+                if v is None:
+                    current.pop(k, None)
+                else:
+                    current[k] = v
+        return self.add(res, obj)
+
+
+def node(name: str, **labels: str) -> JSON:
+    return {"metadata": {"name": name, "labels": {"kubevirt.io/schedulable": "true", **labels}},
+            "status": {"allocatable": {"cpu": "64", "memory": "512Gi"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def vmi(name: str, node_name: str, migratable: bool = True, **labels: str) -> JSON:
+    live = {"type": "LiveMigratable", "status": "True" if migratable else "False"}
+    if not migratable:
+        live |= {"reason": "HostDeviceNotLiveMigratable", "message": "has a GPU"}
+    return {"metadata": {"name": name, "namespace": "ns", "labels": labels},
+            "spec": {"domain": {"memory": {"guest": "2Gi"}}},
+            "status": {"phase": "Running", "nodeName": node_name, "conditions": [live]}}
+
+
+def policy(name: str, **spec: Any) -> JSON:
+    return {"metadata": {"name": name}, "spec": spec}
+
+
+def drain(name: str = "d", uid: str = "uid-1", **spec: Any) -> JSON:
+    return {"apiVersion": "virtshift.io/v1alpha1", "kind": "NodeDrain",
+            "metadata": {"name": name, "uid": uid, "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"nodeName": "n1", **spec}}
+
+
+def cluster(*objects: tuple[rest.Resource, JSON], synced: bool = True) -> Cluster:
+    kube = FakeKube()
+    c = Cluster(kube)  # type: ignore[arg-type]
+    caches = {rest.NODES: c.nodes, rest.VMIS: c.vmis, rest.VMS: c.vms, rest.VMIMS: c.vmims,
+              rest.POLICIES: c.policies, rest.NODE_DRAINS: c.drains,
+              rest.NAMESPACES: c.namespaces}
+    c.namespaces.put({"metadata": {"name": "ns", "resourceVersion": "1"}})
+    for res, obj in objects:
+        caches[res].put(kube.add(res, obj))
+    if synced:
+        for inf in c._all:
+            inf._synced.set()
+    return c
+
+
+def test_nothing_is_decided_before_the_caches_have_synced() -> None:
+    """Issue 9: with the VMI cache still loading, n1 looked empty and the drain Drained."""
+    c = cluster((rest.NODES, node("n1")), (rest.NODES, node("n2")),
+                (rest.VMIS, vmi("a", "n1")), synced=False)
+    for inf in c._all:
+        if inf is not c.vmis:
+            inf._synced.set()
+    c.vmis.forget("ns/a")  # not listed yet
+    with pytest.raises(NotSynced, match="virtualmachineinstances"):
+        c.snapshot(drain())
+    assert not c.synced() and c.unsynced() == ["virtualmachineinstances"]
+    c.vmis.put(vmi("a", "n1") | {"metadata": {"name": "a", "namespace": "ns",
+                                              "resourceVersion": "5"}})
+    c.vmis._synced.set()
+    assert plan_drain(c.snapshot(drain())).status.phase == "Draining"
