@@ -280,7 +280,10 @@ def test_finalize_aborts_ours_uncordons_ours_and_restarts_stopped_vms() -> None:
              migrations=[mig("a", 1, "Running"), mig("b", 1, "Succeeded")])
     d = finalize_drain(s)
     assert [m.name for m in d.cancel] == ["vs-d-a-1"]
-    assert d.uncordon == ["n1"] and d.start == ["ns/gpu"]
+    assert d.start == ["ns/gpu"]
+    assert d.uncordon == [] and d.hold  # only once the aborted migration has ended
+    s = dataclasses.replace(s, migrations=[mig("a", 1, "Failed"), mig("b", 1, "Succeeded")])
+    assert finalize_drain(s).uncordon == ["n1"]
 
 
 def test_condition_transition_time_moves_only_on_flip() -> None:
@@ -451,3 +454,50 @@ def test_vm_moved_onto_a_later_wave_node_moves_again_from_there() -> None:
     earlier = mig("a", 1, "Succeeded", source="n1", target="n2")
     d = plan_drain(snap([vmi("a", "n2")], spec=spec, status=status, migrations=[earlier]))
     assert created(d) == ["vs-d-a-2"]
+
+
+# -- issue 9: every promise kept, every failure path safe ---------------------------------------
+
+
+def test_finalize_uncordons_only_once_the_aborted_migrations_are_final() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    running = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running")])
+    d = finalize_drain(running)
+    assert [m.name for m in d.cancel] == ["vs-d-a-1"] and d.uncordon == [] and d.hold
+    aborting = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running",
+                                                             terminating=True)])
+    d = finalize_drain(aborting)
+    assert d.cancel == [] and d.uncordon == [] and d.hold
+    ended = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Failed", terminating=True)])
+    d = finalize_drain(ended)
+    assert d.uncordon == ["n1"] and not d.hold
+
+
+def test_finalize_never_leaves_the_node_cordoned_forever() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    stuck = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running", terminating=True)])
+    d = finalize_drain(stuck, waited=3600)
+    assert d.uncordon == ["n1"] and not d.hold
+    assert any(kind == "Warning" and reason == "AbortTimeout" for kind, reason, _ in d.events)
+
+
+def test_finalize_without_cancel_on_delete_uncordons_at_once() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    s = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running")],
+             spec={"nodeName": "n1", "cancelOnDelete": False})
+    d = finalize_drain(s)
+    assert d.cancel == [] and d.uncordon == ["n1"] and not d.hold
+
+
+def test_a_deleted_drain_reports_terminating() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    first = plan_drain(snap([vmi("a")], nodes=nodes))
+    d = finalize_drain(snap([vmi("a")], nodes=nodes, status=first.status,
+                            migrations=[mig("a", 1, "Running")]))
+    assert d.status.phase == "Terminating"
+    ready = next(c for c in d.status.conditions if c.type == "Ready")
+    reconciling = next(c for c in d.status.conditions if c.type == "Reconciling")
+    assert (ready.status, ready.reason) == ("False", "Terminating")
+    assert (reconciling.status, reconciling.reason) == ("True", "Terminating")
+    assert "abort" in reconciling.message
+    assert ("Normal", "Terminating") in {(k, r) for k, r, _m in d.events}

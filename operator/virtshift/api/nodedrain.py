@@ -103,7 +103,10 @@ class NodeDrainSpec(Model):
     )
     cancel_on_delete: bool = Field(
         True, description="When this NodeDrain is deleted, abort its unfinished migrations (by "
-        "deleting their VirtualMachineInstanceMigrations) before the node is uncordoned.",
+        "deleting their VirtualMachineInstanceMigrations); the nodes are uncordoned only once "
+        "every aborted migration has ended (or after 5 minutes, with a warning Event, should "
+        "KubeVirt never end one). Meanwhile the phase is Terminating and the NodeDrain stays, "
+        "as it does while an uncordon or a VM restart keeps failing.",
     )
 
 
@@ -162,7 +165,10 @@ class NodeDrainStatus(Model):
         "Cordoned and Drained.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    phase: DrainPhase | None = Field(None, description="A summary derived from the conditions.")
+    phase: DrainPhase | None = Field(
+        None, description="A summary derived from the conditions: Pending, Planned (dryRun), "
+        "Draining, Paused, Drained, Stalled, Conflict, or Terminating (deleted; aborting, "
+        "restarting and uncordoning before the NodeDrain goes).")
     progress: str | None = Field(None, description="VMs done out of all, e.g. 12/40.")
     counts: DrainCounts | None = Field(None, description="VMs by state.")
     vms: list[VMEntry] | None = Field(

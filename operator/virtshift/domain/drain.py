@@ -43,6 +43,10 @@ CORDONED_BY = "virtshift.io/cordoned-by"
 MAINTENANCE_COMPLETE = "virtshift.io/maintenance-complete"
 BANDWIDTH_ANNOTATION = "virtshift.io/migration-bandwidth"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# How long a deleted NodeDrain waits for the migrations it aborted to end before it uncordons
+# anyway (wall-clock seconds since the deletion handler first ran): KubeVirt ends an aborted
+# migration within seconds, so this only matters when KubeVirt itself is not working.
+ABORT_WAIT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Decision:
     start: list[str] = field(default_factory=list)  # VM keys
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    hold: str | None = None  # finalize_drain: why the finalizer must stay for now
 
     @property
     def changes_cluster(self) -> bool:
@@ -624,17 +629,50 @@ def _not_found(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
 # -- ending maintenance -------------------------------------------------------------------------
 
 
-def finalize_drain(s: DrainSnapshot) -> Decision:
+def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
-    migrations (if asked), restart VMs a quick migration had stopped, uncordon our nodes."""
+    migrations (cancelOnDelete), restart VMs a quick migration had stopped, and -- only once
+    every aborted migration has ended, so that nothing lands on or leaves a node that is
+    schedulable again mid-abort -- uncordon our nodes. ``waited``: wall-clock seconds since
+    the deletion began; after ABORT_WAIT_SECONDS the nodes are uncordoned anyway (a warning
+    says which migrations had not ended), so a KubeVirt that never ends an abort cannot keep
+    a node cordoned forever. ``hold`` says why the finalizer must stay for now; the status
+    says Terminating throughout."""
     # Everything touched here carries this drain's name, so a drain that turned Conflict
     # still undoes what it did before.
     decision = Decision(status=s.status)
+    unfinished = [m for m in s.migrations if not m.final]
     if s.spec.cancel_on_delete:
-        decision.cancel = [m for m in s.migrations if not m.final and not m.terminating]
-    for key, vm in s.vms.items():
+        decision.cancel = [m for m in unfinished if not m.terminating]
+    for key, vm in sorted(s.vms.items()):
         if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
             decision.start.append(key)  # safe while the old VMI is still shutting down
-    decision.uncordon = sorted(n.name for n in s.nodes.values()
-                               if n.annotations.get(CORDONED_BY) == s.name)
+    ours = sorted(n.name for n in s.nodes.values() if n.annotations.get(CORDONED_BY) == s.name)
+    aborting = s.spec.cancel_on_delete and bool(unfinished)
+    if aborting and waited < ABORT_WAIT_SECONDS:
+        decision.hold = (f"waiting for {len(unfinished)} aborted migrations to end"
+                         + (f" before uncordoning {', '.join(ours)}" if ours else ""))
+    else:
+        decision.uncordon = ours
+        if aborting:
+            names = ", ".join(f"{m.namespace}/{m.name}" for m in unfinished[:10])
+            decision.events.append(("Warning", "AbortTimeout", (
+                f"uncordoning {', '.join(ours) or 'nothing'} although {len(unfinished)} aborted "
+                f"migrations have not ended after {round(waited)}s: {names}")))
+    steps = [decision.hold or ""]
+    if decision.cancel:
+        steps.append(f"aborting {len(decision.cancel)} unfinished migrations")
+    if decision.start:
+        steps.append(f"starting {len(decision.start)} VMs a quick migration stopped")
+    if decision.uncordon:
+        steps.append(f"uncordoning {', '.join(decision.uncordon)}")
+    message = "; ".join(x for x in steps if x) or "ending maintenance"
+    now = stamp(s.now)
+    conds = list(s.status.conditions or [])
+    for type_, value in (("Ready", False), ("Reconciling", True), ("Stalled", False)):
+        conds = set_condition(conds, type_, value, "Terminating", message, s.generation, now)
+    decision.status = s.status.model_copy(update={"phase": DrainPhase.TERMINATING,
+                                                  "conditions": conds})
+    if s.status.phase != DrainPhase.TERMINATING:
+        decision.events.append(("Normal", "Terminating", message))
     return decision

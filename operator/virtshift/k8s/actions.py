@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from virtshift.domain.drain import CORDONED_BY, Decision, NewMigration, stamp
@@ -58,16 +59,25 @@ def _same(old: JSON, new: JSON) -> bool:
     return abs(before - after) <= max(30.0, 0.1 * max(before, after))
 
 
+@dataclass
+class Applied:
+    """What became of a decision: pods whose eviction was refused (with the reason), and the
+    steps that failed (each also reported as a Warning Event)."""
+
+    blocked: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+
 class Actions:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.kube = cluster.kube
 
-    def apply(self, drain: JSON, d: Decision) -> dict[str, str]:
-        """Do it all; returns pods whose eviction was refused, with the reason. One refused
-        write (a webhook, a conflict) is reported and does not hold up the others."""
+    def apply(self, drain: JSON, d: Decision) -> Applied:
+        """Do it all. One refused write (a webhook, a conflict) is reported and does not hold
+        up the others."""
         name = drain["metadata"]["name"]
-        blocked: dict[str, str] = {}
+        out = Applied()
         steps: list[tuple[str, Callable[[], object]]] = [
             *((f"cordon {n}", lambda n=n: self.cordon(n, name)) for n in d.cordon),
             *((f"create {m.namespace}/{m.name}", lambda m=m: self.create_migration(m, drain))
@@ -76,7 +86,7 @@ class Actions:
                lambda m=m: self.kube.delete(rest.VMIMS, m.name, m.namespace)) for m in d.cancel),
             *((f"stop {k}", lambda k=k, src=src: self.halt(k, src, name)) for k, src in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
-            *((f"evict {k}", lambda k=k: self._evict_into(k, blocked)) for k in d.evict),
+            *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
             *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
         ]
         for what, step in steps:
@@ -85,7 +95,8 @@ class Actions:
             except ApiError as exc:
                 log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
-        return blocked
+                out.failed.append(f"{what}: {exc}")
+        return out
 
     def _evict_into(self, key: str, blocked: dict[str, str]) -> None:
         reason = self.evict(key)
