@@ -276,6 +276,31 @@ def test_rolling_wave_never_exceeds_max_unavailable(env) -> None:
     assert drain["status"]["counts"]["failed"] == 0
 
 
+def test_a_drain_created_again_under_the_same_name_meets_no_leftover(env) -> None:
+    """Issue 9: the first incarnation leaves finished migrations behind; the second, with the
+    same name, must not stall on their names (409) nor take them for its own."""
+    kube = env["kube"]
+    first = kube.create(rest.NODE_DRAINS, drain_body(
+        "again", nodeName="node-10", targetNodeSelector={"kubernetes.io/hostname": "node-9"}))
+    wait_for(lambda: phase_of(kube, "again") == "Drained", timeout=120, what="first drained")
+    moved = {m["spec"]["vmiName"] for m in migrations_of(kube, "again")}
+    assert moved
+    kube.delete(rest.NODE_DRAINS, "again")
+    wait_for(lambda: get_drain(kube, "again") is None, timeout=60, what="first gone")
+    # The same VMs again, now from node-9 back to node-10: the same (drain, VM, attempt).
+    second = kube.create(rest.NODE_DRAINS, drain_body(
+        "again", nodeName="node-9", targetNodeSelector={"kubernetes.io/hostname": "node-10"}))
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    wait_for(lambda: phase_of(kube, "again") == "Drained", timeout=120,
+             what=lambda: f"second drained (status: {get_drain(kube, 'again').get('status')})")
+    assert not vmis_on(kube, "node-9")
+    mine = [m for m in migrations_of(kube, "again") if m["metadata"]["annotations"][
+        "virtshift.io/node-drain-uid"] == second["metadata"]["uid"]]
+    assert moved <= {m["spec"]["vmiName"] for m in mine}
+    kube.delete(rest.NODE_DRAINS, "again")
+    wait_for(lambda: get_drain(kube, "again") is None, timeout=60, what="second gone")
+
+
 VAP = rest.Resource("admissionregistration.k8s.io", "v1", "validatingadmissionpolicies",
                     namespaced=False)
 VAP_BINDING = rest.Resource("admissionregistration.k8s.io", "v1",

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from virtshift.domain.drain import plan_drain
-from virtshift.k8s import rest
+from virtshift.domain.drain import NewMigration, plan_drain
+from virtshift.k8s import rest, views
+from virtshift.k8s.actions import Actions, MigrationNameTaken
 from virtshift.k8s.cluster import Cluster, NotSynced
 from virtshift.k8s.rest import ApiError
 
@@ -120,3 +121,30 @@ def test_nothing_is_decided_before_the_caches_have_synced() -> None:
                                               "resourceVersion": "5"}})
     c.vmis._synced.set()
     assert plan_drain(c.snapshot(drain())).status.phase == "Draining"
+
+
+def _migration(uid: str = "uid-1") -> NewMigration:
+    return NewMigration(namespace="ns", name="vs-d-a-1-abcdef", vmi="a", attempt=1, source="n1",
+                        policy="p", selector={})
+
+
+def test_a_409_for_a_migration_that_is_not_this_drains_is_surfaced() -> None:
+    """Issue 9: a leftover of an earlier NodeDrain of the same name is not ours."""
+    c = cluster((rest.VMIS, vmi("a", "n1")))
+    kube: FakeKube = c.kube  # type: ignore[assignment]
+    leftover = {"metadata": {"name": "vs-d-a-1-abcdef", "namespace": "ns", "annotations": {
+        views.DRAIN_UID_ANNOTATION: "uid-0"}}, "spec": {"vmiName": "a"}}
+    kube.add(rest.VMIMS, leftover)
+    with pytest.raises(MigrationNameTaken, match="uid-0"):
+        Actions(c).create_migration(_migration(), drain())
+    assert c.vmims.get("ns/vs-d-a-1-abcdef") is None  # never taken for ours
+
+
+def test_a_409_for_our_own_migration_is_success() -> None:
+    c = cluster((rest.VMIS, vmi("a", "n1")))
+    kube: FakeKube = c.kube  # type: ignore[assignment]
+    ours = {"metadata": {"name": "vs-d-a-1-abcdef", "namespace": "ns", "annotations": {
+        views.DRAIN_UID_ANNOTATION: "uid-1"}}, "spec": {"vmiName": "a"}}
+    kube.add(rest.VMIMS, ours)
+    Actions(c).create_migration(_migration(), drain())
+    assert c.vmims.get("ns/vs-d-a-1-abcdef") is not None

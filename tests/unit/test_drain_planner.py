@@ -501,3 +501,11 @@ def test_a_deleted_drain_reports_terminating() -> None:
     assert (reconciling.status, reconciling.reason) == ("True", "Terminating")
     assert "abort" in reconciling.message
     assert ("Normal", "Terminating") in {(k, r) for k, r, _m in d.events}
+
+
+def test_migration_names_carry_the_drain_incarnation() -> None:
+    d = plan_drain(snap([vmi("a")], uid="5f0c3e1a-0000-4000-8000-000000000001"))
+    other = plan_drain(snap([vmi("a")], uid="5f0c3e1a-0000-4000-8000-000000000002"))
+    assert created(d)[0].startswith("vs-d-a-") and created(d) != created(other)
+    assert created(d) == created(plan_drain(snap([vmi("a")],
+                                            uid="5f0c3e1a-0000-4000-8000-000000000001")))

@@ -2,8 +2,8 @@
 
 Pure and level-triggered: everything it needs is in the snapshot (the cluster's VMIs, VMs,
 migrations and nodes, plus the drain's previous status for the wave's memory), and the same
-snapshot always gives the same decision. Migrations get deterministic names (drain, VM,
-attempt), so a decision replayed after a crash creates nothing twice.
+snapshot always gives the same decision. Migrations get deterministic names (drain incarnation,
+VM, attempt), so a decision replayed after a crash creates nothing twice.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class DrainSnapshot:
     blocked_pods: Mapping[str, str] = field(default_factory=dict)
     usage: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     estimator: Estimator = field(default_factory=Estimator)
+    uid: str = ""  # the NodeDrain's UID: part of its migrations' names
 
     def rules_for(self, key: str) -> Rules:
         return self.rules.get(key, Rules())
@@ -368,7 +369,7 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
             selector[HOSTNAME_LABEL] = target
             inbound[(rules.policy, target)] += 1
         ns, name = v.key.split("/", 1)
-        mig_name = migration_name(s.name, name, v.candidate_attempt)
+        mig_name = migration_name(s.name, name, v.candidate_attempt, s.uid)
         decision.create.append(NewMigration(
             namespace=ns, name=mig_name, vmi=name, attempt=v.candidate_attempt, source=source,
             policy=rules.policy, selector=selector, mode=v.entry.mode))

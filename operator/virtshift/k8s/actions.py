@@ -1,9 +1,12 @@
 """Carry out a drain's decision against the API server. Every write is idempotent: a 409 on
-create means an earlier run (or a restart) already made it, and is success."""
+creating a migration is success only when the existing VMIM is this NodeDrain's own (same UID
+annotation) -- an earlier pass, or the run before a restart, made it; anyone else's is an
+error, reported and never mistaken for ours."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +60,17 @@ def _same(old: JSON, new: JSON) -> bool:
     if before is None or after is None:
         return True
     return abs(before - after) <= max(30.0, 0.1 * max(before, after))
+
+
+class MigrationNameTaken(ApiError):
+    """A VMIM of that name exists and is not this NodeDrain's: never treated as ours."""
+
+    def __init__(self, namespace: str, name: str, owner: str | None) -> None:
+        super().__init__(409, json.dumps({
+            "reason": "AlreadyExists", "message": (
+                f"VirtualMachineInstanceMigration {namespace}/{name} already exists and "
+                + (f"belongs to NodeDrain UID {owner}" if owner else "was not made by virtshift")
+                + "; not creating this migration")}))
 
 
 @dataclass
@@ -143,12 +157,21 @@ class Actions:
 
     def create_migration(self, m: NewMigration, drain: JSON) -> None:
         self.label_vmi(m)
+        uid = drain["metadata"]["uid"]
         try:
             created = self.kube.create(rest.VMIMS, migration_body(m, drain))
         except ApiError as exc:
             if not exc.conflict:
                 raise
-            return  # made before a restart: the deterministic name guarantees it is this one
+            # Ours only if it carries this NodeDrain's UID (made before a restart); a
+            # leftover of another incarnation, or anyone else's, is surfaced, not assumed.
+            created = self.kube.get(rest.VMIMS, m.name, m.namespace)
+            if created is None:
+                raise  # deleted meanwhile: the next pass creates it
+            owner = (created["metadata"].get("annotations") or {}).get(
+                views.DRAIN_UID_ANNOTATION)
+            if owner != uid:
+                raise MigrationNameTaken(m.namespace, m.name, owner) from exc
         self.cluster.vmims.put(created)
 
     def halt(self, key: str, source: str, drain: str) -> None:

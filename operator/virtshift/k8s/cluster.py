@@ -238,4 +238,5 @@ class Cluster:
                        if views.pod_running(p) and (p.get("spec") or {}).get("nodeName")
                        in drain_nodes],
             blocked_pods=blocked_pods or {}, usage=self.usage(), estimator=self.estimator,
+            uid=uid or "",
         )
