@@ -148,3 +148,15 @@ def test_a_409_for_our_own_migration_is_success() -> None:
     kube.add(rest.VMIMS, ours)
     Actions(c).create_migration(_migration(), drain())
     assert c.vmims.get("ns/vs-d-a-1-abcdef") is not None
+
+
+def test_the_vmim_exists_before_the_vmi_is_labelled() -> None:
+    """Issue 9: labelled first, a MigrationPolicy reconcile in between saw a label no
+    migration pins yet and reverted it."""
+    c = cluster((rest.VMIS, vmi("a", "n1")))
+    kube: FakeKube = c.kube  # type: ignore[assignment]
+    Actions(c).create_migration(_migration(), drain())
+    writes = [(verb, plural) for verb, plural, _n in kube.calls if verb != "get"]
+    assert writes == [("create", "virtualmachineinstancemigrations"),
+                      ("patch", "virtualmachineinstances")]
+    assert c.vmis.get("ns/a")["metadata"]["labels"][views.POLICY_LABEL] == "p"

@@ -140,8 +140,14 @@ class Actions:
         self.cluster.nodes.put(patched)
 
     def label_vmi(self, m: NewMigration) -> None:
-        """Before the VMIM: the labels KubeVirt's MigrationPolicy matching will read (the
-        governing policy, and the ladder's mode), so KubeVirt applies the right settings."""
+        """The labels KubeVirt's MigrationPolicy matching will read (the governing policy, and
+        the ladder's mode), so KubeVirt applies the right settings.
+
+        Written just after the VMIM is created and in our cache: from then on the
+        MigrationPolicy reconcile pins the VMI's policy label to the VMIM's (k8s.policies
+        vmi_views), so it never reverts what we write here (written before, a reconcile in
+        between could). KubeVirt reads the labels only at the target pod's handoff, after the
+        target pod has been scheduled and started."""
         vmi = self.cluster.vmis.get(f"{m.namespace}/{m.vmi}") or {}
         labels = (vmi.get("metadata") or {}).get("labels") or {}
         wanted = {views.POLICY_LABEL: label_value(m.policy) if m.policy else None,
@@ -156,7 +162,6 @@ class Actions:
                 raise
 
     def create_migration(self, m: NewMigration, drain: JSON) -> None:
-        self.label_vmi(m)
         uid = drain["metadata"]["uid"]
         try:
             created = self.kube.create(rest.VMIMS, migration_body(m, drain))
@@ -173,6 +178,7 @@ class Actions:
             if owner != uid:
                 raise MigrationNameTaken(m.namespace, m.name, owner) from exc
         self.cluster.vmims.put(created)
+        self.label_vmi(m)
 
     def halt(self, key: str, source: str, drain: str) -> None:
         """Quick migration, step one: stop the VM, recording where it ran and when."""
