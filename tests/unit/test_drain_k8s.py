@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from virtshift.domain.drain import NewMigration, plan_drain
+from virtshift.domain.drain import ATTEMPTS_ANNOTATION, NewMigration, plan_drain
 from virtshift.k8s import rest, views
 from virtshift.k8s.actions import Actions, MigrationNameTaken
 from virtshift.k8s.cluster import Cluster, NotSynced
@@ -150,13 +150,23 @@ def test_a_409_for_our_own_migration_is_success() -> None:
     assert c.vmims.get("ns/vs-d-a-1-abcdef") is not None
 
 
-def test_the_vmim_exists_before_the_vmi_is_labelled() -> None:
+def test_the_vmim_exists_before_the_vmi_is_labelled_and_counted() -> None:
     """Issue 9: labelled first, a MigrationPolicy reconcile in between saw a label no
-    migration pins yet and reverted it."""
+    migration pins yet and reverted it. The attempt count goes on the VMI too."""
     c = cluster((rest.VMIS, vmi("a", "n1")))
     kube: FakeKube = c.kube  # type: ignore[assignment]
     Actions(c).create_migration(_migration(), drain())
     writes = [(verb, plural) for verb, plural, _n in kube.calls if verb != "get"]
     assert writes == [("create", "virtualmachineinstancemigrations"),
                       ("patch", "virtualmachineinstances")]
-    assert c.vmis.get("ns/a")["metadata"]["labels"][views.POLICY_LABEL] == "p"
+    meta = c.vmis.get("ns/a")["metadata"]
+    assert meta["labels"][views.POLICY_LABEL] == "p"
+    assert meta["annotations"][ATTEMPTS_ANNOTATION] == "uid-1=1"
+
+
+def test_recorded_attempts_reach_the_snapshot_for_this_incarnation_only() -> None:
+    counted = vmi("a", "n1")
+    counted["metadata"]["annotations"] = {ATTEMPTS_ANNOTATION: "uid-1=4"}
+    c = cluster((rest.NODES, node("n1")), (rest.NODES, node("n2")), (rest.VMIS, counted))
+    assert c.snapshot(drain()).attempts == {"ns/a": 4}
+    assert c.snapshot(drain(uid="uid-2")).attempts == {}

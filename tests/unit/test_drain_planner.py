@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from virtshift.api.nodedrain import NodeDrainSpec, NodeDrainStatus, NodeEntry
+from virtshift.api.nodedrain import NodeDrainSpec, NodeDrainStatus, NodeEntry, VMEntry
 from virtshift.api.units import GiB
 from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, plan_drain, stamp
 from virtshift.domain.rules import Rules
@@ -509,3 +509,37 @@ def test_migration_names_carry_the_drain_incarnation() -> None:
     assert created(d)[0].startswith("vs-d-a-") and created(d) != created(other)
     assert created(d) == created(plan_drain(snap([vmi("a")],
                                             uid="5f0c3e1a-0000-4000-8000-000000000001")))
+
+
+@pytest.mark.parametrize(("migs", "previous", "recorded"), [
+    # attempts 1 and 2 were garbage-collected by KubeVirt (it keeps the 5 newest)
+    ([3, 4, 5, 6, 7], None, 0),
+    # every attempt collected: the drain's own status still has the count
+    ([], 7, 0),
+    # ... or the VMI's annotation for this drain
+    ([], None, 7),
+])
+def test_max_attempts_is_a_hard_bound_past_kubevirts_garbage_collection(migs, previous,
+                                                                        recorded) -> None:
+    rules = Rules(max_attempts=7)
+    ended = NOW - dt.timedelta(hours=1)
+    status = NodeDrainStatus() if previous is None else NodeDrainStatus(vms=[VMEntry(
+        namespace="ns", name="a", phase="Waiting", reason="Backoff", attempts=previous)])
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules}, status=status,
+                        attempts={"ns/a": recorded} if recorded else {},
+                        migrations=[mig("a", i, "Failed", ended=ended, failure="boom")
+                                    for i in migs]))
+    e = entry(d, "a")
+    assert not d.create and (e.phase, e.attempts) == ("Failed", 7)
+
+
+def test_the_next_attempt_follows_the_recorded_count_with_backoff() -> None:
+    rules = Rules(max_attempts=9)
+    ended = NOW - dt.timedelta(seconds=10)
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules},
+                        migrations=[mig("a", i, "Failed", ended=ended) for i in range(3, 8)]))
+    assert entry(d, "a").reason == "Backoff"  # 7 failures: 600s, not the 5th failure's 480s
+    later = NOW + dt.timedelta(seconds=600)
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules}, now=later,
+                        migrations=[mig("a", i, "Failed", ended=ended) for i in range(3, 8)]))
+    assert created(d) == ["vs-d-a-8"] and entry(d, "a").attempts == 8

@@ -131,7 +131,10 @@ class VMEntry(Model):
         None, description="How it moved: LiveMigration, StorageMigration, SharedNothing, "
         "PostCopy or QuickMigration."
     )
-    attempts: int | None = Field(None, description="Migration attempts made.")
+    attempts: int | None = Field(
+        None, description="Migration attempts made by this NodeDrain (also recorded on the "
+        "VMI as virtshift.io/migration-attempts, so KubeVirt's garbage collection of finished "
+        "migrations cannot reset it).")
     migration: str | None = Field(None, description="The current VirtualMachineInstanceMigration.")
     downtime_ms: int | None = Field(None, description="Switch-over downtime, milliseconds.")
     candidates: list[str] | None = Field(

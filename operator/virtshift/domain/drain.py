@@ -43,6 +43,8 @@ CORDONED_BY = "virtshift.io/cordoned-by"
 MAINTENANCE_COMPLETE = "virtshift.io/maintenance-complete"
 BANDWIDTH_ANNOTATION = "virtshift.io/migration-bandwidth"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# On a VMI: "<NodeDrain UID>=<attempts>", the migration attempts that drain has made for it.
+ATTEMPTS_ANNOTATION = "virtshift.io/migration-attempts"
 # How long a deleted NodeDrain waits for the migrations it aborted to end before it uncordons
 # anyway (wall-clock seconds since the deletion handler first ran): KubeVirt ends an aborted
 # migration within seconds, so this only matters when KubeVirt itself is not working.
@@ -70,6 +72,9 @@ class DrainSnapshot:
     usage: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     estimator: Estimator = field(default_factory=Estimator)
     uid: str = ""  # the NodeDrain's UID: part of its migrations' names
+    # VMI key -> attempts this drain incarnation recorded on the VMI (its annotation), which
+    # outlives KubeVirt's garbage collection of finished migrations.
+    attempts: Mapping[str, int] = field(default_factory=dict)
 
     def rules_for(self, key: str) -> Rules:
         return self.rules.get(key, Rules())
@@ -104,6 +109,16 @@ class Decision:
     def changes_cluster(self) -> bool:
         return bool(self.cordon or self.uncordon or self.create or self.cancel or self.halt
                     or self.start or self.evict)
+
+
+def attempts_record(uid: str, attempts: int) -> str:
+    return f"{uid}={attempts}"
+
+
+def recorded_attempts(value: str | None, uid: str) -> int:
+    """The attempts ``value`` (ATTEMPTS_ANNOTATION) records for the drain with this UID."""
+    owner, _, count = (value or "").rpartition("=")
+    return int(count) if owner == uid and count.isdigit() else 0
 
 
 def stamp(t: dt.datetime) -> str:
@@ -188,6 +203,17 @@ def _node_bandwidth(s: DrainSnapshot, node: str | None) -> float | None:
     return parse_quantity(value) if value else None
 
 
+def _attempts_made(s: DrainSnapshot, key: str, migs: Sequence[MigrationInfo]) -> int:
+    """Attempts this drain has made for the VM: the highest of its migrations' attempt labels,
+    the count recorded on the VMI, and the count in the drain's own status. KubeVirt deletes
+    all but the 5 newest finished migrations of a VMI (garbage collection), so the migrations
+    alone would forget attempts and let maxAttempts be exceeded."""
+    ns, name = key.split("/", 1)
+    previous = next((e.attempts for e in s.status.vms or []
+                     if e.namespace == ns and e.name == name), None) or 0
+    return max([m.attempt for m in migs] + [s.attempts.get(key, 0), previous])
+
+
 def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Context,
               decision: Decision) -> _VM | None:
     vmi = s.vmis.get(key)
@@ -198,7 +224,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
     rules = s.rules_for(key)
     quick = vm.quick if vm and vm.quick and vm.quick.drain == s.name else None
     memory = vmi.memory if vmi else 0.0
-    base = {"namespace": ns, "name": name, "attempts": len(migs) or None}
+    made = _attempts_made(s, key, migs)
+    base = {"namespace": ns, "name": name, "attempts": made or None}
 
     def entry(phase: VMPhase, reason: str | None = None, message: str | None = None,
               **extra: object) -> VMEntry:
@@ -280,20 +307,25 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
     if finding:
         return _VM(key, entry(VMPhase.WAITING, finding[0], finding[1], source_node=vmi.node),
                    memory, seconds=predicted, blocked_by=finding[0])
-    failed = [m for m in migs if m.phase == "Failed"]
-    if last is not None and last.phase == "Failed":
-        if len(failed) >= rules.max_attempts:
+    last_success = max((m.attempt for m in migs if m.phase == "Succeeded"), default=0)
+    failures = made - last_success  # every attempt since the last success failed
+    if failures > 0:
+        known = last if last is not None and last.attempt == made else None
+        what = f"last: {known.failure}" if known else "the last one is no longer in the cluster"
+        if failures >= rules.max_attempts:
             return _VM(key, entry(VMPhase.FAILED, "MigrationFailed",
-                                  f"{len(failed)} attempts failed; last: {last.failure}",
-                                  source_node=vmi.node, migration=last.name), memory)
-        retry_at = (last.ended or last.created or s.now) + dt.timedelta(
-            seconds=rules.backoff(len(failed)))
-        if s.now < retry_at:
-            return _VM(key, entry(VMPhase.WAITING, "Backoff",
-                                  f"attempt {last.attempt} failed ({last.failure}); retrying at "
-                                  f"{stamp(retry_at)}", source_node=vmi.node,
-                                  migration=last.name), memory, seconds=predicted)
-    attempt = (last.attempt + 1) if last else 1
+                                  f"{failures} attempts failed; {what}",
+                                  source_node=vmi.node, migration=known.name if known else None),
+                       memory)
+        if known is not None:
+            retry_at = (known.ended or known.created or s.now) + dt.timedelta(
+                seconds=rules.backoff(failures))
+            if s.now < retry_at:
+                return _VM(key, entry(VMPhase.WAITING, "Backoff",
+                                      f"attempt {known.attempt} failed ({known.failure}); "
+                                      f"retrying at {stamp(retry_at)}", source_node=vmi.node,
+                                      migration=known.name), memory, seconds=predicted)
+    attempt = made + 1
     choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
                              _concurrency(s, rules))
     plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),

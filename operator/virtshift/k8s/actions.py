@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from virtshift.domain.drain import CORDONED_BY, Decision, NewMigration, stamp
+from virtshift.domain.drain import (
+    ATTEMPTS_ANNOTATION,
+    CORDONED_BY,
+    Decision,
+    NewMigration,
+    attempts_record,
+    stamp,
+)
 from virtshift.domain.naming import label_value
 from virtshift.k8s import rest, views
 from virtshift.k8s.cluster import Cluster
@@ -139,9 +146,10 @@ class Actions:
             "spec": {"unschedulable": None}})
         self.cluster.nodes.put(patched)
 
-    def label_vmi(self, m: NewMigration) -> None:
+    def mark_vmi(self, m: NewMigration, drain_uid: str) -> None:
         """The labels KubeVirt's MigrationPolicy matching will read (the governing policy, and
-        the ladder's mode), so KubeVirt applies the right settings.
+        the ladder's mode), so KubeVirt applies the right settings, and the attempt count,
+        which outlives KubeVirt's garbage collection of finished migrations.
 
         Written just after the VMIM is created and in our cache: from then on the
         MigrationPolicy reconcile pins the VMI's policy label to the VMIM's (k8s.policies
@@ -149,14 +157,17 @@ class Actions:
         between could). KubeVirt reads the labels only at the target pod's handoff, after the
         target pod has been scheduled and started."""
         vmi = self.cluster.vmis.get(f"{m.namespace}/{m.vmi}") or {}
-        labels = (vmi.get("metadata") or {}).get("labels") or {}
+        meta = vmi.get("metadata") or {}
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
         wanted = {views.POLICY_LABEL: label_value(m.policy) if m.policy else None,
                   views.MODE_LABEL: m.mode}
-        if all(labels.get(k) == v for k, v in wanted.items()):
+        record = attempts_record(drain_uid, m.attempt)
+        if all(labels.get(k) == v for k, v in wanted.items()) and \
+                annotations.get(ATTEMPTS_ANNOTATION) == record:
             return
         try:
-            self.cluster.vmis.put(self.kube.patch(rest.VMIS, m.vmi,
-                                                  {"metadata": {"labels": wanted}}, m.namespace))
+            self.cluster.vmis.put(self.kube.patch(rest.VMIS, m.vmi, {"metadata": {
+                "labels": wanted, "annotations": {ATTEMPTS_ANNOTATION: record}}}, m.namespace))
         except ApiError as exc:
             if not exc.not_found:
                 raise
@@ -178,7 +189,7 @@ class Actions:
             if owner != uid:
                 raise MigrationNameTaken(m.namespace, m.name, owner) from exc
         self.cluster.vmims.put(created)
-        self.label_vmi(m)
+        self.mark_vmi(m, uid)
 
     def halt(self, key: str, source: str, drain: str) -> None:
         """Quick migration, step one: stop the VM, recording where it ran and when."""

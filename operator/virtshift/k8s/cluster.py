@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
-from virtshift.domain.drain import DrainSnapshot
+from virtshift.domain.drain import ATTEMPTS_ANNOTATION, DrainSnapshot, recorded_attempts
 from virtshift.domain.eta import Estimator
 from virtshift.domain.naming import label_value
 from virtshift.domain.rules import (
@@ -239,4 +239,6 @@ class Cluster:
                        in drain_nodes],
             blocked_pods=blocked_pods or {}, usage=self.usage(), estimator=self.estimator,
             uid=uid or "",
+            attempts={k: n for k, v in vmi_objs.items() if (n := recorded_attempts(
+                (v["metadata"].get("annotations") or {}).get(ATTEMPTS_ANNOTATION), uid or ""))},
         )
