@@ -185,7 +185,8 @@ def test_retries_back_off_exponentially_up_to_max_attempts(ended_ago, failures, 
     ({"nodeName": "n1", "deadline": "1m"}, "DeadlineExceeded"),
 ])
 def test_paused_or_late_drains_start_nothing(spec, reason) -> None:
-    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)))
+    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)),
+                             nodes=[NodeEntry(name="n1", phase="Draining")])
     d = plan_drain(snap([vmi("a")], spec=spec, status=status))
     assert not d.create and entry(d, "a").reason == reason
 
@@ -543,3 +544,81 @@ def test_the_next_attempt_follows_the_recorded_count_with_backoff() -> None:
     d = plan_drain(snap([vmi("a")], rules={"ns/a": rules}, now=later,
                         migrations=[mig("a", i, "Failed", ended=ended) for i in range(3, 8)]))
     assert created(d) == ["vs-d-a-8"] and entry(d, "a").attempts == 8
+
+
+WAVE = {"nodeSelector": {"matchLabels": {"pool": "x"}}, "maxUnavailable": 1}
+
+
+def _wave_nodes(*names: str, pool: tuple[str, ...] = ("n1", "n2")) -> list[NodeInfo]:
+    return [node(n, labels={**SKYLAKE, **({"pool": "x"} if n in pool else {})}) for n in names]
+
+
+def test_a_wave_never_targets_a_node_it_will_drain_later() -> None:
+    d = plan_drain(snap([vmi("a", "n1")], nodes=_wave_nodes("n1", "n2", "n3"), spec=WAVE))
+    assert [n.phase for n in d.status.nodes] == ["Draining", "Waiting"]
+    assert entry(d, "a").candidates == ["n3"]
+    assert d.create[0].selector == {"kubernetes.io/hostname": "n3"}
+
+
+def test_a_wave_over_every_node_moves_vms_to_the_node_drained_last() -> None:
+    nodes = _wave_nodes("n1", "n2", "n3", pool=("n1", "n2", "n3"))
+    d = plan_drain(snap([vmi("a", "n1")], nodes=nodes, spec=WAVE))
+    assert d.create[0].selector == {"kubernetes.io/hostname": "n3"}
+    assert entry(d, "a").candidates == ["n3", "n2"]
+
+
+def test_the_last_node_of_a_wave_is_not_pinned() -> None:
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Released"),
+                                    NodeEntry(name="n2", phase="Draining")])
+    d = plan_drain(snap([vmi("b", "n2")], nodes=_wave_nodes("n1", "n2", "n3"), spec=WAVE,
+                        status=status))
+    assert d.create[0].selector == {}
+
+
+def test_a_paused_wave_is_frozen() -> None:
+    spec = {**WAVE, "paused": True, "releaseAfter": "1m"}
+    held = node("n1", labels={**SKYLAKE, "pool": "x"}, unschedulable=True,
+                annotations={CORDONED_BY: "d", "virtshift.io/maintenance-complete": "true"})
+    status = NodeDrainStatus(nodes=[
+        NodeEntry(name="n1", phase="Drained", since=stamp(NOW - dt.timedelta(hours=1))),
+        NodeEntry(name="n2", phase="Waiting")])
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[held, *_wave_nodes("n2", "n3")], spec=spec,
+                        status=status))
+    assert (d.cordon, d.uncordon, d.create) == ([], [], [])
+    assert [n.phase for n in d.status.nodes] == ["Drained", "Waiting"]
+    fresh = plan_drain(snap([vmi("a", "n1")], nodes=_wave_nodes("n1", "n2", "n3"), spec=spec))
+    assert fresh.cordon == [] and [n.phase for n in fresh.status.nodes] == ["Waiting", "Waiting"]
+    assert fresh.status.phase == "Paused"
+
+
+def test_maintenance_complete_annotation_releases_a_drained_node() -> None:
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Drained", since=stamp(NOW)),
+                                    NodeEntry(name="n2", phase="Waiting")])
+    cordoned = {"unschedulable": True, "annotations": {CORDONED_BY: "d"}}
+    held = node("n1", labels={**SKYLAKE, "pool": "x"}, **cordoned)
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[held, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.uncordon == [] and [n.phase for n in d.status.nodes] == ["Drained", "Waiting"]
+    done = node("n1", labels={**SKYLAKE, "pool": "x"}, unschedulable=True, annotations={
+        CORDONED_BY: "d", "virtshift.io/maintenance-complete": "true"})
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[done, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.uncordon == ["n1"]
+    assert d.status.nodes[0].phase == "Released"
+    # A node someone else cordoned is released from the wave but never uncordoned by us.
+    theirs = dataclasses.replace(done, annotations={"virtshift.io/maintenance-complete": "true"})
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[theirs, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.uncordon == [] and d.status.nodes[0].phase == "Released"
+
+
+def test_the_inbound_limit_tries_every_candidate() -> None:
+    rules = Rules(policy="p", max_inbound_per_node=1)
+    nodes = [node(f"n{i}") for i in range(1, 9)]
+    # n2..n6 (the five best candidates) each already receive one migration of policy p.
+    busy = [MigrationInfo(namespace="x", name=f"o{i}", vmi=f"o{i}", phase="Running", policy="p",
+                          source="elsewhere", target=f"n{i}") for i in range(2, 7)]
+    d = plan_drain(snap([vmi("a")], nodes=nodes, rules={"ns/a": rules}, others=busy,
+                        limits=KubeVirtLimits(50, 5)))
+    assert [m.selector["kubernetes.io/hostname"] for m in d.create] == ["n7"]
+    assert len(entry(d, "a").candidates) <= 5  # status shows the best five

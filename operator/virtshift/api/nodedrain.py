@@ -62,7 +62,10 @@ class NodeDrainSpec(Model):
     )
     node_selector: LabelSelector | None = Field(
         None, description="Nodes to drain in a rolling wave, maxUnavailable at a time, in name "
-        "order; each is cordoned only when its turn comes.",
+        "order; each is cordoned only when its turn comes. While the wave has nodes still to "
+        "drain, a VM never moves to one of them: each migration is pinned "
+        "(kubernetes.io/hostname) to a node outside the wave, or, when no such node has room, "
+        "to the one the wave drains last.",
     )
     max_unavailable: int = Field(
         1, ge=1, le=1000, description="With nodeSelector: how many nodes are drained (cordoned) "
@@ -86,8 +89,10 @@ class NodeDrainSpec(Model):
         "(DaemonSet and mirror pods are left alone; PodDisruptionBudgets are honoured).",
     )
     paused: bool = Field(
-        False, description="Start no new migrations; those in flight finish. The node stays "
-        "cordoned.",
+        False, description="Start nothing new: no migration, no quick-migration stop, no "
+        "eviction, and no node is cordoned, released or uncordoned (a wave stays where it "
+        "is; created paused, nothing is cordoned). Migrations in flight finish; nodes already "
+        "cordoned stay cordoned.",
     )
     deadline: PositiveDuration | None = Field(
         None, description="How long the drain may take from its start, e.g. 2h. When it passes, "
@@ -138,7 +143,8 @@ class VMEntry(Model):
     migration: str | None = Field(None, description="The current VirtualMachineInstanceMigration.")
     downtime_ms: int | None = Field(None, description="Switch-over downtime, milliseconds.")
     candidates: list[str] | None = Field(
-        None, max_length=5, description="Possible target nodes, best first (plan)."
+        None, max_length=5, description="Possible target nodes, best first (plan): the first "
+        "five; every one is tried."
     )
     predicted_seconds: float | None = Field(None, description="Predicted migration time (plan).")
     predicted_downtime_ms: int | None = Field(None, description="Predicted downtime (plan).")

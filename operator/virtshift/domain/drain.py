@@ -4,6 +4,16 @@ Pure and level-triggered: everything it needs is in the snapshot (the cluster's 
 migrations and nodes, plus the drain's previous status for the wave's memory), and the same
 snapshot always gives the same decision. Migrations get deterministic names (drain incarnation,
 VM, attempt), so a decision replayed after a crash creates nothing twice.
+
+NodeDrain fields it implements: ``nodeName``, ``nodeSelector`` + ``maxUnavailable`` +
+``releaseAfter`` (the wave; a node the wave drains later is never a migration target),
+``targetNodeSelector``, ``evictPods``, ``nonMigratable`` (through the rules), ``policyRef``
+(through the rules), ``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and
+``dryRun``, which are gated in one place, ``_may_start`` (and ``paused`` also freezes the
+wave: ``wave``, ``_advance_wave``). Every migration passes one admission (``_admit``):
+windows, the policy's and KubeVirt's limits, and a target node with room for it. Attempts
+are counted so that KubeVirt's garbage collection of finished migrations cannot reset them
+(``_attempts_made``).
 """
 
 from __future__ import annotations
@@ -135,7 +145,8 @@ def parse_stamp(text: str | None) -> dt.datetime | None:
 
 
 def wave(s: DrainSnapshot) -> list[NodeEntry]:
-    """The drain's nodes and their phases; at most maxUnavailable Draining or Drained at once."""
+    """The drain's nodes and their phases; at most maxUnavailable Draining or Drained at once.
+    ``paused`` freezes the wave: no Waiting node starts draining."""
     if s.spec.node_name:
         names = [s.spec.node_name] if s.spec.node_name in s.nodes else []
     else:
@@ -143,6 +154,8 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
                        if selector_matches(s.spec.node_selector, n.labels))
     previous = {e.name: e for e in s.status.nodes or []}
     entries = [previous.get(n) or NodeEntry(name=n, phase=NodePhase.WAITING) for n in names]
+    if s.spec.paused:
+        return entries
     if s.spec.node_name:
         return [e if e.phase != NodePhase.WAITING else
                 NodeEntry(name=e.name, phase=NodePhase.DRAINING, since=stamp(s.now))
@@ -159,12 +172,14 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
 
 def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[str, bool]
                   ) -> list[NodeEntry]:
-    """Draining -> Drained when empty; Drained -> Released after its maintenance (waves only)."""
+    """Draining -> Drained when empty; Drained -> Released after its maintenance (waves only,
+    and not while paused: a paused wave releases nothing)."""
     out = []
     for e in nodes:
         if e.phase == NodePhase.DRAINING and node_done.get(e.name):
             e = NodeEntry(name=e.name, phase=NodePhase.DRAINED, since=stamp(s.now))
-        elif e.phase == NodePhase.DRAINED and s.spec.node_selector is not None:
+        elif e.phase == NodePhase.DRAINED and s.spec.node_selector is not None \
+                and not s.spec.paused:
             node = s.nodes.get(e.name)
             held_since = parse_stamp(e.since) or s.now
             released = node is not None and node.annotations.get(MAINTENANCE_COMPLETE) == "true"
@@ -188,6 +203,30 @@ class _VM:
     candidate_attempt: int = 0  # > 0: may start this attempt now
     seconds: float = 0.0  # predicted time still needed
     blocked_by: str | None = None
+    targets: tuple[str, ...] = ()  # every node it can go to, best first
+    requests: tuple[float, float] = (0.0, 0.0)  # (CPU, memory) of its pod on the target
+
+    @property
+    def admissible(self) -> bool:
+        return bool(self.candidate_attempt)
+
+
+@dataclass(frozen=True)
+class _Places:
+    """Where VMs may go. ``strict`` excludes the nodes in maintenance and those the wave will
+    drain later; ``loose`` (only while the wave has nodes still to drain) excludes only the
+    former, for when nothing else has room: then the node the wave drains last is chosen."""
+
+    strict: preflight.Context
+    loose: preflight.Context | None
+    later: tuple[str, ...]  # Waiting nodes of the wave, in the order it drains them
+
+    def order(self, targets: list[str]) -> tuple[str, ...]:
+        """Nodes the wave never drains first (best first), then the later ones, last first."""
+        now = [n for n in targets if n not in self.later]
+        later = sorted((n for n in targets if n in self.later), key=self.later.index,
+                       reverse=True)
+        return tuple(now + later)
 
 
 def _deadline_passed(s: DrainSnapshot) -> bool:
@@ -214,7 +253,22 @@ def _attempts_made(s: DrainSnapshot, key: str, migs: Sequence[MigrationInfo]) ->
     return max([m.attempt for m in migs] + [s.attempts.get(key, 0), previous])
 
 
-def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Context,
+def _placement(vmi: VMIInfo, places: _Places
+               ) -> tuple[preflight.Finding | None, tuple[str, ...]]:
+    """(what blocks the move, the targets best first) of a live migration's target pod."""
+    check, candidates = preflight.preflight, preflight.target_candidates
+    finding = check(vmi, places.strict)
+    ctx = places.strict
+    if finding and finding[0] in (preflight.NO_COMPATIBLE_TARGET,
+                                  preflight.INSUFFICIENT_CAPACITY) and places.loose \
+            and check(vmi, places.loose) is None:
+        finding, ctx = None, places.loose
+    if finding:
+        return finding, ()
+    return None, places.order(candidates(vmi, ctx))
+
+
+def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
               decision: Decision) -> _VM | None:
     vmi = s.vmis.get(key)
     vm = s.vms.get(key)
@@ -285,25 +339,26 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
         return _VM(key, entry(VMPhase.WAITING, "MigrationInProgress",
                               f"another migration ({foreign.name}) of this VMI is in progress",
                               source_node=vmi.node), memory, seconds=predicted)
-    finding = preflight.preflight(vmi, ctx)
-    if finding and finding[0] not in (preflight.NO_COMPATIBLE_TARGET,
-                                      preflight.INSUFFICIENT_CAPACITY):
+    requests = preflight.requests(vmi)
+    live = preflight.live_migratable(vmi, places.strict)
+    if live:
         action = rules.non_migratable
         if action == "Skip":
-            return _VM(key, entry(VMPhase.SKIPPED, finding[0], finding[1],
-                                  source_node=vmi.node), memory)
+            return _VM(key, entry(VMPhase.SKIPPED, live[0], live[1], source_node=vmi.node),
+                       memory)
         if action == "Restart":
             vm_ok = vm is not None
             if vm_ok and _may_start(s):
                 decision.halt.append((key, vmi.node or ""))
             return _VM(key, entry(VMPhase.MIGRATING if vm_ok and _may_start(s) else
-                                  VMPhase.PENDING, finding[0],
-                                  f"{finding[1]}; will restart it on another node"
-                                  if vm_ok else f"{finding[1]}; no VirtualMachine to restart",
+                                  VMPhase.PENDING, live[0],
+                                  f"{live[1]}; will restart it on another node"
+                                  if vm_ok else f"{live[1]}; no VirtualMachine to restart",
                                   source_node=vmi.node, mode="QuickMigration"), memory,
                        seconds=s.estimator.target_startup)
-        return _VM(key, entry(VMPhase.FAILED, finding[0], finding[1], source_node=vmi.node),
+        return _VM(key, entry(VMPhase.FAILED, live[0], live[1], source_node=vmi.node),
                    memory)
+    finding, targets = _placement(vmi, places)
     if finding:
         return _VM(key, entry(VMPhase.WAITING, finding[0], finding[1], source_node=vmi.node),
                    memory, seconds=predicted, blocked_by=finding[0])
@@ -330,7 +385,7 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
                              _concurrency(s, rules))
     plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),
             "predicted_downtime_ms": round(choice.predicted.downtime * 1000),
-            "candidates": preflight.target_candidates(vmi, ctx) or None}
+            "candidates": list(targets[:MAX_CANDIDATES]) or None}
     if choice.action == "QuickMigration":
         if vm is not None and _may_start(s):
             decision.halt.append((key, vmi.node or ""))
@@ -347,7 +402,11 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
                    seconds=predicted, blocked_by=choice.reason)
     return _VM(key, entry(VMPhase.PENDING, "Queued", choice.message or
                           "waiting for a migration slot", mode=choice.mode, **plan),
-               memory, candidate_attempt=attempt, seconds=predicted)
+               memory, candidate_attempt=attempt, seconds=predicted, targets=targets,
+               requests=requests)
+
+
+MAX_CANDIDATES = 5  # shown in status (all of them are tried)
 
 
 def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
@@ -361,16 +420,42 @@ def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
 
 
 def _may_start(s: DrainSnapshot) -> bool:
+    """The one gate of dryRun, paused and deadline: nothing new starts (no migration, no
+    eviction) unless it is open."""
     return not (s.spec.dry_run or s.spec.paused or _deadline_passed(s))
 
 
-def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
-    """Create migrations for the queued VMs, longest first, within every limit."""
+class _Room:
+    """What target pods already admitted in this pass will take, so that one pass never
+    sends more to a node than it can hold."""
+
+    def __init__(self, s: DrainSnapshot) -> None:
+        self.nodes = s.nodes
+        self.used = dict(s.usage)
+
+    def fits(self, node: str, requests: tuple[float, float]) -> bool:
+        info = self.nodes.get(node)
+        cpu, memory = self.used.get(node, (0.0, 0.0))
+        return info is not None and cpu + requests[0] <= info.cpu and \
+            memory + requests[1] <= info.memory
+
+    def take(self, node: str, requests: tuple[float, float]) -> None:
+        cpu, memory = self.used.get(node, (0.0, 0.0))
+        self.used[node] = (cpu + requests[0], memory + requests[1])
+
+
+def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> None:
+    """Create migrations for the queued VMs, longest first, within every limit (KubeVirt's
+    per-cluster and per-node ones, the policy's maxParallelMigrations and outbound limits, its
+    windows), each with a target node that has room for it (every candidate is tried).
+    ``pin``: the wave has nodes still to drain, so each migration's target is pinned
+    (kubernetes.io/hostname) to a node outside it, as addedNodeSelector cannot exclude
+    nodes."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
                   else "DeadlineExceeded")
         for v in vms:
-            if v.candidate_attempt and reason != "DryRun":
+            if v.admissible and reason != "DryRun":
                 v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING,
                                                      "reason": reason})
         return
@@ -379,7 +464,8 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
     per_node = Counter(m.source for m in unfinished if m.source)
     per_policy = Counter(m_policy for m in unfinished if (m_policy := _policy_of(s, m)))
     inbound = Counter((_policy_of(s, m), m.target) for m in unfinished if m.target)
-    for v in sorted((v for v in vms if v.candidate_attempt), key=lambda v: -v.seconds):
+    room = _Room(s)
+    for v in sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
         closed = _window_closed(rules, s.now)
@@ -390,14 +476,23 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
         if total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
                 rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
             continue
+        limit = rules.max_inbound_per_node
+        target = next((n for n in v.targets if room.fits(n, v.requests) and (
+            not limit or inbound[(rules.policy, n)] < limit)), None)
+        if target is None:
+            v.entry = v.entry.model_copy(update={"message": "waiting for room on a target "
+                                                 "node" + (" within maxParallelInboundPerNode"
+                                                           if rules.max_inbound_per_node
+                                                           else "")})
+            continue
+        room.take(target, v.requests)
+        total += 1
+        per_node[source] += 1
+        per_policy[rules.policy] += 1
         selector = dict(s.spec.target_node_selector or {})
-        target = None
-        if rules.max_inbound_per_node:
-            # KubeVirt picks targets itself; to bound arrivals per node we pin the target.
-            target = next((n for n in v.entry.candidates or []
-                           if inbound[(rules.policy, n)] < rules.max_inbound_per_node), None)
-            if target is None:
-                continue
+        if rules.max_inbound_per_node or pin:
+            # KubeVirt picks targets itself; to bound arrivals per node, or to keep the VM off
+            # the nodes the wave drains later, we pin the target.
             selector[HOSTNAME_LABEL] = target
             inbound[(rules.policy, target)] += 1
         ns, name = v.key.split("/", 1)
@@ -408,9 +503,6 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
-        total += 1
-        per_node[source] += 1
-        per_policy[rules.policy] += 1
 
 
 def _window_closed(rules: Rules, now: dt.datetime) -> tuple[str, str] | None:
@@ -450,21 +542,30 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     draining = {e.name for e in nodes if e.phase == NodePhase.DRAINING}
     waiting = {e.name for e in nodes if e.phase == NodePhase.WAITING}
 
-    if not s.spec.dry_run:
+    frozen = s.spec.dry_run or s.spec.paused  # a paused wave cordons and releases nothing
+    if not frozen:
         for n in sorted(draining):
             node = s.nodes.get(n)
             if node and not node.unschedulable:
                 decision.cordon.append(n)
-    ctx = preflight.Context(
-        nodes=s.nodes, usage=s.usage, target_selector=dict(s.spec.target_node_selector or {}),
-        excluded=frozenset(active | set(decision.cordon)))
+    # Never a target: the nodes in maintenance and, while the wave goes on, the nodes it will
+    # drain later (unless nothing else has room: then the one it drains last).
+    later = tuple(e.name for e in nodes if e.phase == NodePhase.WAITING)
+    in_maintenance = active | set(decision.cordon)
+    target_selector = dict(s.spec.target_node_selector or {})
+    places = _Places(
+        strict=preflight.Context(nodes=s.nodes, usage=s.usage, target_selector=target_selector,
+                                 excluded=frozenset(in_maintenance | set(later))),
+        loose=preflight.Context(nodes=s.nodes, usage=s.usage, target_selector=target_selector,
+                                excluded=frozenset(in_maintenance)) if later else None,
+        later=later)
     concurrency = max(1, min(s.limits.outbound_per_node, s.limits.per_cluster))
 
     scope = {k for k, v in s.vmis.items() if v.node in draining}
     scope |= {m.vmi_key for m in s.migrations}
     scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
-    vms = [v for k in sorted(scope) if (v := _evaluate(s, k, draining, ctx, decision))]
-    _admit(s, vms, decision)
+    vms = [v for k in sorted(scope) if (v := _evaluate(s, k, draining, places, decision))]
+    _admit(s, vms, decision, pin=bool(later))
 
     # Pods other than virt-launchers (evictPods).
     ordinary = [p for p in s.pods if p.node in draining and p.kind == "ordinary"]
@@ -485,7 +586,8 @@ def plan_drain(s: DrainSnapshot) -> Decision:
         nodes = _advance_wave(s, nodes, node_done)
     for e in nodes:
         node = s.nodes.get(e.name)
-        if e.phase == NodePhase.RELEASED and node and node.annotations.get(CORDONED_BY) == s.name:
+        if e.phase == NodePhase.RELEASED and node and not frozen and \
+                node.annotations.get(CORDONED_BY) == s.name:
             decision.uncordon.append(e.name)
 
     # Waiting nodes' VMs are the wave's pending work.
@@ -555,8 +657,11 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
         put("Stalled", False, "Planned", "dryRun")
         phase = DrainPhase.PLANNED
     else:
-        put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
-            "nodes in maintenance are unschedulable" if cordoned else "cordoning")
+        if all(e.phase == NodePhase.WAITING for e in nodes):  # paused before it began
+            put("Cordoned", False, "Waiting", "no node of this drain is in maintenance yet")
+        else:
+            put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
+                "nodes in maintenance are unschedulable" if cordoned else "cordoning")
         put("Drained", drained, "Drained" if drained else "Draining",
             ("every VM has left" + (f" ({counts.skipped} skipped)" if counts.skipped else ""))
             if drained else progress + (
@@ -569,7 +674,7 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
             stalled_reason = ("DeadlineExceeded", f"not drained within {s.spec.deadline}; no "
                               "new migrations start")
         elif blocked and counts.migrating == 0 and not any(
-                v.candidate_attempt for v in vms) and counts.pending:
+                v.admissible for v in vms) and counts.pending:
             reason = sorted(blocked)[0]
             names = [f"{e.namespace}/{e.name}" for e in entries if e.reason == reason]
             stalled_reason = (reason, f"{reason}: " + ", ".join(names[:10]))

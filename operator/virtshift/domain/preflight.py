@@ -65,7 +65,7 @@ def cpu_compatible(vmi: VMIInfo, ctx: Context) -> Finding | None:
 
 
 def capacity(vmi: VMIInfo, ctx: Context) -> Finding | None:
-    cpu, memory = _requests(vmi)
+    cpu, memory = requests(vmi)
     target = choose_target(ctx.candidates(), vmi.node or "", cpu, memory, dict(ctx.usage),
                            _selector(vmi, ctx))
     if target:
@@ -89,14 +89,16 @@ def preflight(vmi: VMIInfo, ctx: Context) -> Finding | None:
     return None
 
 
-def target_candidates(vmi: VMIInfo, ctx: Context, limit: int | None = 5) -> list[str]:
-    cpu, memory = _requests(vmi)
+def target_candidates(vmi: VMIInfo, ctx: Context, limit: int | None = None) -> list[str]:
+    """Every node the target pod fits on, best first (``limit``: only the first few)."""
+    cpu, memory = requests(vmi)
     ranked = rank_targets(ctx.candidates(), vmi.node or "", cpu, memory, dict(ctx.usage),
                           _selector(vmi, ctx))
     return ranked if limit is None else ranked[:limit]
 
 
-def _requests(vmi: VMIInfo) -> tuple[float, float]:
+def requests(vmi: VMIInfo) -> tuple[float, float]:
+    """(CPU cores, memory bytes) the VMI's launcher pod requests."""
     return launcher_requests(vmi.cpu, vmi.memory_request or vmi.memory)
 
 
