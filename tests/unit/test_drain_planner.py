@@ -622,3 +622,72 @@ def test_the_inbound_limit_tries_every_candidate() -> None:
                         limits=KubeVirtLimits(50, 5)))
     assert [m.selector["kubernetes.io/hostname"] for m in d.create] == ["n7"]
     assert len(entry(d, "a").candidates) <= 5  # status shows the best five
+
+
+def _gpu(name: str, node_name: str = "n1") -> VMIInfo:
+    return vmi(name, node_name, migratable=False,
+               not_migratable_reason="HostDeviceNotLiveMigratable", not_migratable_message="GPU")
+
+
+def _restart_snap(count: int, rules: Rules, **kw: Any) -> DrainSnapshot:
+    gpus = [_gpu(f"g{i}") for i in range(count)]
+    return snap(gpus, vms={g.key: VMInfo("ns", g.name) for g in gpus},
+                rules={g.key: rules for g in gpus}, **kw)
+
+
+RESTART = Rules(policy="p", non_migratable="Restart", max_parallel=1)
+CLOSED = (_window("0 22 * * *", "6h"),)  # 22:00-04:00; now is 12:00
+
+
+@pytest.mark.parametrize(("case", "rules", "extra", "stops"), [
+    ("maxParallelMigrations 1", RESTART, {"limits": KubeVirtLimits(50, 50)}, 1),
+    ("outbound limit of KubeVirt", dataclasses.replace(RESTART, max_parallel=None), {}, 2),
+    ("closed window", dataclasses.replace(RESTART, windows=CLOSED), {}, 0),
+    ("paused", RESTART, {"spec": {"nodeName": "n1", "paused": True}}, 0),
+    ("dryRun", RESTART, {"spec": {"nodeName": "n1", "dryRun": True}}, 0),
+    ("deadline passed", RESTART, {"spec": {"nodeName": "n1", "deadline": "1m"}, "status":
+                                  NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(hours=1)))},
+     0),
+    ("no other node", RESTART, {"nodes": [node("n1")]}, 0),
+    ("no node with room", RESTART, {"usage": {"n2": (64.0, 512.0 * GiB),
+                                              "n3": (64.0, 512.0 * GiB)}}, 0),
+])
+def test_quick_migration_stops_pass_the_same_admission_as_migrations(case, rules, extra,
+                                                                     stops) -> None:
+    """Issue 9: ten Restart VMs, one slot: one stop. A stop is never made outside a window,
+    paused, in a dry run, after the deadline, or when no node could run the VM again."""
+    d = plan_drain(_restart_snap(10, rules, **extra))
+    assert len(d.halt) == stops, case
+    assert d.status.counts.migrating == stops
+
+
+def test_ladder_quick_migration_counts_against_the_policy_limit() -> None:
+    rules = Rules(policy="p", max_downtime=0.3, on_downtime_exceeded=("QuickMigration",),
+                  max_parallel=1)
+    hot = [vmi(f"hot{i}", **HOT) for i in range(4)]
+    d = plan_drain(snap(hot, rules={v.key: rules for v in hot},
+                        vms={v.key: VMInfo("ns", v.name) for v in hot},
+                        limits=KubeVirtLimits(50, 50)))
+    assert len(d.halt) == 1
+    assert sorted(e.phase for e in d.status.vms) == ["Migrating", "Pending", "Pending", "Pending"]
+
+
+def test_an_unfinished_quick_migration_holds_its_slot() -> None:
+    # Stopped and started again: its new VMI is not running yet.
+    stopped = VMInfo("ns", "g0", run_strategy="Always",
+                     quick=QuickMigrationRecord("d", "n1", NOW, started=True, policy="p"))
+    s = _restart_snap(3, RESTART, limits=KubeVirtLimits(50, 50))
+    d = plan_drain(dataclasses.replace(s, vmis={k: v for k, v in s.vmis.items() if k != "ns/g0"},
+                                       vms={**s.vms, "ns/g0": stopped}))
+    assert d.halt == [] and entry(d, "g0").phase == "Migrating"
+
+
+def test_a_named_model_restart_needs_a_node_offering_the_model() -> None:
+    rome = dataclasses.replace(_gpu("g"), cpu_model="EPYC-Rome")
+    rules = Rules(non_migratable="Restart")
+    s = snap([rome], vms={"ns/g": VMInfo("ns", "g")}, rules={"ns/g": rules})
+    assert plan_drain(s).halt == []
+    nodes = [node("n1"), node("n2", labels={**SKYLAKE, "cpu-model.node.kubevirt.io/EPYC-Rome":
+                                            "true"})]
+    assert [h[0] for h in plan_drain(dataclasses.replace(s, nodes={
+        n.name: n for n in nodes})).halt] == ["ns/g"]

@@ -10,10 +10,10 @@ NodeDrain fields it implements: ``nodeName``, ``nodeSelector`` + ``maxUnavailabl
 ``targetNodeSelector``, ``evictPods``, ``nonMigratable`` (through the rules), ``policyRef``
 (through the rules), ``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and
 ``dryRun``, which are gated in one place, ``_may_start`` (and ``paused`` also freezes the
-wave: ``wave``, ``_advance_wave``). Every migration passes one admission (``_admit``):
-windows, the policy's and KubeVirt's limits, and a target node with room for it. Attempts
-are counted so that KubeVirt's garbage collection of finished migrations cannot reset them
-(``_attempts_made``).
+wave: ``wave``, ``_advance_wave``). Every move -- a live migration or a quick migration's stop
+-- passes the same admission (``_admit``): windows, the policy's and KubeVirt's limits, and a
+target node with room for it. Attempts are counted so that KubeVirt's garbage collection of
+finished migrations cannot reset them (``_attempts_made``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from virtshift.api.nodedrain import (
     MAX_VM_ENTRIES,
@@ -102,6 +103,14 @@ class NewMigration:
     mode: str | None = None  # AutoConverge or PostCopy: the VMI is labelled for that policy
 
 
+class Stop(NamedTuple):
+    """A quick migration's first step: stop the VM (it starts again on another node)."""
+
+    key: str  # the VM's namespace/name
+    source: str
+    policy: str | None = None
+
+
 @dataclass
 class Decision:
     status: NodeDrainStatus
@@ -109,7 +118,7 @@ class Decision:
     uncordon: list[str] = field(default_factory=list)
     create: list[NewMigration] = field(default_factory=list)
     cancel: list[MigrationInfo] = field(default_factory=list)
-    halt: list[tuple[str, str]] = field(default_factory=list)  # (VM key, source node)
+    halt: list[Stop] = field(default_factory=list)
     start: list[str] = field(default_factory=list)  # VM keys
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
@@ -203,12 +212,13 @@ class _VM:
     candidate_attempt: int = 0  # > 0: may start this attempt now
     seconds: float = 0.0  # predicted time still needed
     blocked_by: str | None = None
+    stop: bool = False  # a quick migration that may stop the VM now (admission decides)
     targets: tuple[str, ...] = ()  # every node it can go to, best first
     requests: tuple[float, float] = (0.0, 0.0)  # (CPU, memory) of its pod on the target
 
     @property
     def admissible(self) -> bool:
-        return bool(self.candidate_attempt)
+        return bool(self.candidate_attempt or self.stop)
 
 
 @dataclass(frozen=True)
@@ -253,10 +263,12 @@ def _attempts_made(s: DrainSnapshot, key: str, migs: Sequence[MigrationInfo]) ->
     return max([m.attempt for m in migs] + [s.attempts.get(key, 0), previous])
 
 
-def _placement(vmi: VMIInfo, places: _Places
+def _placement(vmi: VMIInfo, places: _Places, restart: bool = False
                ) -> tuple[preflight.Finding | None, tuple[str, ...]]:
-    """(what blocks the move, the targets best first) of a live migration's target pod."""
-    check, candidates = preflight.preflight, preflight.target_candidates
+    """(what blocks the move, the targets best first): a live migration's target pod, or
+    (``restart``) the launcher pod of the VM started again."""
+    check = preflight.restart_finding if restart else preflight.preflight
+    candidates = preflight.restart_candidates if restart else preflight.target_candidates
     finding = check(vmi, places.strict)
     ctx = places.strict
     if finding and finding[0] in (preflight.NO_COMPATIBLE_TARGET,
@@ -346,16 +358,13 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         if action == "Skip":
             return _VM(key, entry(VMPhase.SKIPPED, live[0], live[1], source_node=vmi.node),
                        memory)
+        if action == "Restart" and vm is None:
+            return _VM(key, entry(VMPhase.FAILED, live[0], f"{live[1]}; no VirtualMachine to "
+                                  "restart", source_node=vmi.node), memory)
         if action == "Restart":
-            vm_ok = vm is not None
-            if vm_ok and _may_start(s):
-                decision.halt.append((key, vmi.node or ""))
-            return _VM(key, entry(VMPhase.MIGRATING if vm_ok and _may_start(s) else
-                                  VMPhase.PENDING, live[0],
-                                  f"{live[1]}; will restart it on another node"
-                                  if vm_ok else f"{live[1]}; no VirtualMachine to restart",
-                                  source_node=vmi.node, mode="QuickMigration"), memory,
-                       seconds=s.estimator.target_startup)
+            return _quick(s, vmi, places, memory, requests, entry(
+                VMPhase.PENDING, live[0], f"{live[1]}; will restart it on another node",
+                source_node=vmi.node, mode="QuickMigration"))
         return _VM(key, entry(VMPhase.FAILED, live[0], live[1], source_node=vmi.node),
                    memory)
     finding, targets = _placement(vmi, places)
@@ -387,14 +396,11 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
             "predicted_downtime_ms": round(choice.predicted.downtime * 1000),
             "candidates": list(targets[:MAX_CANDIDATES]) or None}
     if choice.action == "QuickMigration":
-        if vm is not None and _may_start(s):
-            decision.halt.append((key, vmi.node or ""))
-            return _VM(key, entry(VMPhase.MIGRATING, choice.reason, choice.message,
-                                  mode="QuickMigration", **plan), memory,
-                       seconds=s.estimator.target_startup)
-        return _VM(key, entry(VMPhase.PENDING, choice.reason, choice.message,
-                              mode="QuickMigration", **plan), memory,
-                   seconds=s.estimator.target_startup)
+        if vm is None:
+            return _VM(key, entry(VMPhase.FAILED, choice.reason, f"{choice.message}; no "
+                                  "VirtualMachine to restart", **plan), memory)
+        return _quick(s, vmi, places, memory, requests, entry(
+            VMPhase.PENDING, choice.reason, choice.message, mode="QuickMigration", **plan))
     if choice.action == "Fail":
         return _VM(key, entry(VMPhase.FAILED, choice.reason, choice.message, **plan), memory)
     if choice.action == "Abort":
@@ -409,6 +415,20 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
 MAX_CANDIDATES = 5  # shown in status (all of them are tried)
 
 
+def _quick(s: DrainSnapshot, vmi: VMIInfo, places: _Places, memory: float,
+           requests: tuple[float, float], pending: VMEntry) -> _VM:
+    """A quick migration waiting for admission -- or, when no node could start the VM again,
+    waiting for one: a VM is never stopped without somewhere to restart it."""
+    finding, targets = _placement(vmi, places, restart=True)
+    if finding:
+        return _VM(vmi.key, pending.model_copy(update={
+            "phase": VMPhase.WAITING, "reason": finding[0],
+            "message": f"quick migration held: {finding[1]}"}), memory,
+            seconds=s.estimator.target_startup, blocked_by=finding[0])
+    return _VM(vmi.key, pending, memory, seconds=s.estimator.target_startup, stop=True,
+               targets=targets, requests=requests)
+
+
 def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
     """Migrations that will share the source node's bandwidth: the tightest outbound limit."""
     cap = s.limits.outbound_per_node
@@ -420,9 +440,28 @@ def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
 
 
 def _may_start(s: DrainSnapshot) -> bool:
-    """The one gate of dryRun, paused and deadline: nothing new starts (no migration, no
-    eviction) unless it is open."""
+    """The one gate of dryRun, paused and deadline: nothing new starts (no migration, no stop,
+    no eviction) unless it is open."""
     return not (s.spec.dry_run or s.spec.paused or _deadline_passed(s))
+
+
+def _quick_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
+    """(source node, policy) of every quick migration, of any drain, that has stopped its VM
+    and not yet seen it run again: each holds a slot as an unfinished migration does."""
+    out = []
+    for key, vm in s.vms.items():
+        q = vm.quick
+        if q is None:
+            continue
+        if q.started and vm.run_strategy == "Halted":
+            continue  # we started it again; someone stopped it since
+        vmi = s.vmis.get(key)
+        if vmi is not None and vmi.phase == "Running" and (
+                vmi.node != q.source or (vmi.running_since or q.stopped_at) > q.stopped_at):
+            continue
+        out.append((q.source, q.policy or (s.rules_for(key).policy if q.drain == s.name
+                                           else None)))
+    return out
 
 
 class _Room:
@@ -445,12 +484,12 @@ class _Room:
 
 
 def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> None:
-    """Create migrations for the queued VMs, longest first, within every limit (KubeVirt's
-    per-cluster and per-node ones, the policy's maxParallelMigrations and outbound limits, its
-    windows), each with a target node that has room for it (every candidate is tried).
-    ``pin``: the wave has nodes still to drain, so each migration's target is pinned
-    (kubernetes.io/hostname) to a node outside it, as addedNodeSelector cannot exclude
-    nodes."""
+    """Start the queued moves, longest first, within every limit: a live migration gets its
+    VMIM, a quick migration stops its VM. Both count against the same limits (KubeVirt's
+    per-cluster and per-node ones, the policy's maxParallelMigrations and outbound limits),
+    wait for the policy's windows, and need a target node with room. ``pin``: the wave has
+    nodes still to drain, so each migration's target is pinned (kubernetes.io/hostname) to a
+    node outside it, as addedNodeSelector cannot exclude nodes."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
                   else "DeadlineExceeded")
@@ -460,9 +499,12 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
                                                      "reason": reason})
         return
     unfinished = [m for m in s.cluster_unfinished if m.unfinished]
-    total = len(unfinished)
+    stops = _quick_in_flight(s)
+    total = len(unfinished) + len(stops)
     per_node = Counter(m.source for m in unfinished if m.source)
+    per_node.update(source for source, _policy in stops)
     per_policy = Counter(m_policy for m in unfinished if (m_policy := _policy_of(s, m)))
+    per_policy.update(policy for _source, policy in stops if policy)
     inbound = Counter((_policy_of(s, m), m.target) for m in unfinished if m.target)
     room = _Room(s)
     for v in sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds):
@@ -476,19 +518,23 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
         if total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
                 rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
             continue
-        limit = rules.max_inbound_per_node
+        limit = None if v.stop else rules.max_inbound_per_node  # a restart is no arrival
         target = next((n for n in v.targets if room.fits(n, v.requests) and (
             not limit or inbound[(rules.policy, n)] < limit)), None)
         if target is None:
             v.entry = v.entry.model_copy(update={"message": "waiting for room on a target "
                                                  "node" + (" within maxParallelInboundPerNode"
                                                            if rules.max_inbound_per_node
-                                                           else "")})
+                                                           and not v.stop else "")})
             continue
         room.take(target, v.requests)
         total += 1
         per_node[source] += 1
         per_policy[rules.policy] += 1
+        if v.stop:
+            decision.halt.append(Stop(v.key, source, rules.policy))
+            v.entry = v.entry.model_copy(update={"phase": VMPhase.MIGRATING})
+            continue
         selector = dict(s.spec.target_node_selector or {})
         if rules.max_inbound_per_node or pin:
             # KubeVirt picks targets itself; to bound arrivals per node, or to keep the VM off

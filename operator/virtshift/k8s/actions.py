@@ -17,6 +17,7 @@ from virtshift.domain.drain import (
     CORDONED_BY,
     Decision,
     NewMigration,
+    Stop,
     attempts_record,
     stamp,
 )
@@ -105,7 +106,7 @@ class Actions:
               for m in d.create),
             *((f"cancel {m.namespace}/{m.name}",
                lambda m=m: self.kube.delete(rest.VMIMS, m.name, m.namespace)) for m in d.cancel),
-            *((f"stop {k}", lambda k=k, src=src: self.halt(k, src, name)) for k, src in d.halt),
+            *((f"stop {s.key}", lambda s=s: self.halt(s, name)) for s in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
             *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
@@ -191,10 +192,12 @@ class Actions:
         self.cluster.vmims.put(created)
         self.mark_vmi(m, uid)
 
-    def halt(self, key: str, source: str, drain: str) -> None:
-        """Quick migration, step one: stop the VM, recording where it ran and when."""
-        ns, name = key.split("/", 1)
-        record = views.quick_record(drain, source, stamp(self.cluster.clock.now()))
+    def halt(self, stop: Stop, drain: str) -> None:
+        """Quick migration, step one: stop the VM, recording where it ran, when, and the
+        policy whose limits it counts against until it runs again."""
+        ns, name = stop.key.split("/", 1)
+        record = views.quick_record(drain, stop.source, stamp(self.cluster.clock.now()),
+                                    policy=stop.policy)
         patched = self.kube.patch(rest.VMS, name, {
             "metadata": {"annotations": {views.QUICK_ANNOTATION: record}},
             # KubeVirt refuses spec.running together with runStrategy.
@@ -214,7 +217,8 @@ class Actions:
             info = views.vm_info(vm).quick
             assert info is not None
             patch["metadata"] = {"annotations": {views.QUICK_ANNOTATION: views.quick_record(
-                info.drain, info.source, stamp(info.stopped_at), started=True)}}
+                info.drain, info.source, stamp(info.stopped_at), started=True,
+                policy=info.policy)}}
         self.cluster.vms.put(self.kube.patch(rest.VMS, name, patch, ns))
 
     def evict(self, key: str) -> str | None:
