@@ -170,3 +170,26 @@ def test_recorded_attempts_reach_the_snapshot_for_this_incarnation_only() -> Non
     c = cluster((rest.NODES, node("n1")), (rest.NODES, node("n2")), (rest.VMIS, counted))
     assert c.snapshot(drain()).attempts == {"ns/a": 4}
     assert c.snapshot(drain(uid="uid-2")).attempts == {}
+
+
+def test_policy_ref_overrides_the_policies_own_selection() -> None:
+    matching = policy("matching", priority=100, vmSelector={"matchLabels": {"app": "db"}})
+    referenced = policy("referenced", vmSelector={"matchLabels": {"app": "none"}})
+    c = cluster((rest.NODES, node("n1")), (rest.NODES, node("n2")),
+                (rest.VMIS, vmi("a", "n1", app="db")), (rest.POLICIES, matching),
+                (rest.POLICIES, referenced))
+    assert c.snapshot(drain()).rules_for("ns/a").policy == "matching"
+    s = c.snapshot(drain(policyRef={"name": "referenced"}))
+    assert s.rules_for("ns/a").policy == "referenced"
+    assert [m.policy for m in plan_drain(s).create] == ["referenced"]
+
+
+def test_the_drains_non_migratable_overrides_the_policys() -> None:
+    failing = policy("strict", nonMigratable="Fail")
+    c = cluster((rest.NODES, node("n1")), (rest.NODES, node("n2")),
+                (rest.VMIS, vmi("gpu", "n1", migratable=False)), (rest.POLICIES, failing))
+    assert plan_drain(c.snapshot(drain())).status.vms[0].phase == "Failed"
+    s = c.snapshot(drain(nonMigratable="Skip"))
+    assert s.rules_for("ns/gpu").non_migratable == "Skip"
+    d = plan_drain(s)
+    assert (d.status.vms[0].phase, d.status.phase) == ("Skipped", "Drained")
