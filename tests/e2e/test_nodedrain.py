@@ -174,6 +174,8 @@ def test_dry_run_eta_is_within_a_quarter_of_the_real_makespan() -> None:
 
 
 def test_deleting_mid_drain_aborts_and_uncordons(env) -> None:
+    """cancelOnDelete: the aborts first, the uncordon only once every aborted migration has
+    ended; the drain says Terminating meanwhile (issue 9)."""
     kube = env["kube"]
     kube.create(rest.NODE_DRAINS, drain_body("drain-node-2", nodeName="node-2"))
     wait_for(lambda: any(m.get("status", {}).get("phase") in ("Scheduling", "Scheduled",
@@ -184,7 +186,20 @@ def test_deleting_mid_drain_aborts_and_uncordons(env) -> None:
     in_flight = {m["spec"]["vmiName"]: m["metadata"]["uid"]
                  for m in migrations_of(kube, "drain-node-2")
                  if m.get("status", {}).get("phase") not in FINAL_PHASES}
-    wait_for(lambda: get_drain(kube, "drain-node-2") is None, timeout=60, what="drain gone")
+    phases, early = set(), []
+    deadline = time.monotonic() + 60
+    while (drain := get_drain(kube, "drain-node-2")) is not None:
+        assert time.monotonic() < deadline, "drain not gone in 60s"
+        phases.add((drain.get("status") or {}).get("phase"))
+        # The node first, the migrations second: schedulable while one has not ended is wrong.
+        schedulable = not kube.get(rest.NODES, "node-2")["spec"].get("unschedulable")
+        unfinished = [m["metadata"]["name"] for m in migrations_of(kube, "drain-node-2")
+                      if m.get("status", {}).get("phase") not in FINAL_PHASES]
+        if schedulable and unfinished:
+            early.append(unfinished)
+        time.sleep(0.02)
+    assert not early, f"uncordoned while aborted migrations had not ended: {early[:3]}"
+    assert "Terminating" in phases, phases
     node = kube.get(rest.NODES, "node-2")
     assert not node["spec"].get("unschedulable")
     assert "virtshift.io/cordoned-by" not in (node["metadata"].get("annotations") or {})
@@ -259,6 +274,134 @@ def test_rolling_wave_never_exceeds_max_unavailable(env) -> None:
     assert {n for s in cordoned_by_us for n in s} == set(wave)  # each had its turn
     assert [n["phase"] for n in drain["status"]["nodes"]] == ["Released"] * 3
     assert drain["status"]["counts"]["failed"] == 0
+    # Issue 9: never to a node the wave drains later (a released one is fine), so each VM
+    # moved once.
+    done = [m for m in migrations_of(kube, "wave") if m["status"]["phase"] == "Succeeded"]
+    moves = Counter(m["spec"]["vmiName"] for m in done)
+    assert moves and max(moves.values()) == 1, moves
+    early = [(m["spec"]["vmiName"], source, target) for m in done
+             if (target := m["status"]["migrationState"]["targetNode"]) in wave[wave.index(
+                 source := m["metadata"]["labels"]["virtshift.io/source-node"]) + 1:]]
+    assert not early, early
+
+
+def test_a_drain_created_again_under_the_same_name_meets_no_leftover(env) -> None:
+    """Issue 9: the first incarnation leaves finished migrations behind; the second, with the
+    same name, must not stall on their names (409) nor take them for its own."""
+    kube = env["kube"]
+    first = kube.create(rest.NODE_DRAINS, drain_body(
+        "again", nodeName="node-10", targetNodeSelector={"kubernetes.io/hostname": "node-9"}))
+    wait_for(lambda: phase_of(kube, "again") == "Drained", timeout=120, what="first drained")
+    moved = {m["spec"]["vmiName"] for m in migrations_of(kube, "again")}
+    assert moved
+    kube.delete(rest.NODE_DRAINS, "again")
+    wait_for(lambda: get_drain(kube, "again") is None, timeout=60, what="first gone")
+    # The same VMs again, now from node-9 back to node-10: the same (drain, VM, attempt).
+    second = kube.create(rest.NODE_DRAINS, drain_body(
+        "again", nodeName="node-9", targetNodeSelector={"kubernetes.io/hostname": "node-10"}))
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    wait_for(lambda: phase_of(kube, "again") == "Drained", timeout=120,
+             what=lambda: f"second drained (status: {get_drain(kube, 'again').get('status')})")
+    assert not vmis_on(kube, "node-9")
+    mine = [m for m in migrations_of(kube, "again") if m["metadata"]["annotations"][
+        "virtshift.io/node-drain-uid"] == second["metadata"]["uid"]]
+    assert moved <= {m["spec"]["vmiName"] for m in mine}
+    kube.delete(rest.NODE_DRAINS, "again")
+    wait_for(lambda: get_drain(kube, "again") is None, timeout=60, what="second gone")
+
+
+def test_maintenance_complete_releases_a_wave_node_and_no_vm_lands_on_a_later_one(env) -> None:
+    """A wave without releaseAfter: each node is held until it is annotated
+    virtshift.io/maintenance-complete=true; VMs never move onto the node still to come, even
+    when it is the emptiest (node-9, emptied by the test before)."""
+    kube = env["kube"]
+    wave = ["node-10", "node-9"]  # the wave's order: by name
+    for n in wave:
+        kube.patch(rest.NODES, n, {"metadata": {"labels": {"pool": "mc"}}})
+    leaving = {v["metadata"]["name"] for v in vmis_on(kube, "node-10")}
+    assert leaving
+    kube.create(rest.NODE_DRAINS, drain_body(
+        "mc", nodeSelector={"matchLabels": {"pool": "mc"}}, maxUnavailable=1))
+
+    def node_phases() -> list[str]:
+        return [n["phase"] for n in ((get_drain(kube, "mc") or {}).get("status") or {}).get(
+            "nodes") or []]
+
+    wait_for(lambda: node_phases() == ["Drained", "Waiting"], timeout=120, what="node-10 held")
+    time.sleep(1)  # held: nothing moves on without the annotation
+    assert node_phases() == ["Drained", "Waiting"]
+    assert kube.get(rest.NODES, "node-10")["spec"]["unschedulable"] is True
+    assert not kube.get(rest.NODES, "node-9")["spec"].get("unschedulable")
+    assert not {v["metadata"]["name"] for v in vmis_on(kube, "node-9")} & leaving
+    kube.patch(rest.NODES, "node-10", {"metadata": {"annotations": {
+        "virtshift.io/maintenance-complete": "true"}}})
+    wait_for(lambda: node_phases() == ["Released", "Drained"], timeout=120,
+             what="node-10 released, node-9 drained")
+    assert not kube.get(rest.NODES, "node-10")["spec"].get("unschedulable")
+    assert kube.get(rest.NODES, "node-9")["spec"]["unschedulable"] is True
+    kube.patch(rest.NODES, "node-9", {"metadata": {"annotations": {
+        "virtshift.io/maintenance-complete": "true"}}})
+    wait_for(lambda: phase_of(kube, "mc") == "Drained" and node_phases() == ["Released"] * 2,
+             timeout=60, what="wave complete")
+    assert not kube.get(rest.NODES, "node-9")["spec"].get("unschedulable")
+
+
+VAP = rest.Resource("admissionregistration.k8s.io", "v1", "validatingadmissionpolicies",
+                    namespaced=False)
+VAP_BINDING = rest.Resource("admissionregistration.k8s.io", "v1",
+                            "validatingadmissionpolicybindings", namespaced=False)
+
+
+def test_a_failed_uncordon_keeps_the_drain_until_it_succeeds(env) -> None:
+    """Issue 9: deleting a NodeDrain whose uncordon is refused keeps its finalizer, retries,
+    and says so in an Event; the node is uncordoned once the API server lets it."""
+    kube = env["kube"]
+    for name in ("fenced", "fence-probe"):
+        kube.create(rest.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": name}, "spec": {"unschedulable": name == "fence-probe"}})
+    kube.create(rest.NODE_DRAINS, drain_body("fenced", nodeName="fenced"))
+    wait_for(lambda: phase_of(kube, "fenced") == "Drained", what="fenced drained")
+    kube.create(VAP, {"apiVersion": "admissionregistration.k8s.io/v1",
+                      "kind": "ValidatingAdmissionPolicy", "metadata": {"name": "stay-cordoned"},
+                      "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [{
+                          "apiGroups": [""], "apiVersions": ["v1"], "operations": ["UPDATE"],
+                          "resources": ["nodes"]}]},
+                          "validations": [{"expression": (
+                              "!(object.metadata.name in ['fenced', 'fence-probe']) || "
+                              "(has(object.spec.unschedulable) && object.spec.unschedulable)"),
+                              "message": "this node stays cordoned (test)"}]}})
+    kube.create(VAP_BINDING, {"apiVersion": "admissionregistration.k8s.io/v1",
+                              "kind": "ValidatingAdmissionPolicyBinding",
+                              "metadata": {"name": "stay-cordoned"},
+                              "spec": {"policyName": "stay-cordoned",
+                                       "validationActions": ["Deny"]}})
+
+    def refused() -> bool:
+        try:
+            kube.patch(rest.NODES, "fence-probe", {"spec": {"unschedulable": None}})
+        except rest.ApiError:
+            return True
+        kube.patch(rest.NODES, "fence-probe", {"spec": {"unschedulable": True}})
+        return False
+
+    wait_for(refused, timeout=30, what="the admission policy in force")
+    try:
+        kube.delete(rest.NODE_DRAINS, "fenced")
+        events = lambda: [e for e in kube.items(rest.EVENTS, "default")  # noqa: E731
+                          if e["involvedObject"].get("name") == "fenced"
+                          and e["reason"] == "CleanupFailed"]
+        wait_for(events, timeout=30, what="a CleanupFailed event")
+        assert "uncordon fenced" in events()[0]["message"]
+        drain = get_drain(kube, "fenced")
+        assert drain is not None and drain["status"]["phase"] == "Terminating"
+        assert kube.get(rest.NODES, "fenced")["spec"]["unschedulable"] is True
+    finally:
+        kube.delete(VAP_BINDING, "stay-cordoned")
+        kube.delete(VAP, "stay-cordoned")
+    wait_for(lambda: get_drain(kube, "fenced") is None, timeout=60, what="drain gone at last")
+    node = kube.get(rest.NODES, "fenced")
+    assert not node["spec"].get("unschedulable")
+    assert "virtshift.io/cordoned-by" not in (node["metadata"].get("annotations") or {})
 
 
 def test_second_drain_for_a_node_reports_conflict_and_touches_nothing(env) -> None:

@@ -27,7 +27,7 @@ kubevirt: {parallelMigrationsPerCluster: 5, parallelOutboundMigrationsPerNode: 3
 network: {nodeBandwidth: 10Gi, targetPodStartup: 10s}
 storageClasses: [{name: ceph-rbd, accessMode: ReadWriteMany}]
 nodes:
-  - generate: {count: 6, prefix: node-, cpuModel: Skylake-Server,
+  - generate: {count: 7, prefix: node-, cpuModel: Skylake-Server,
                allocatable: {cpu: "256", memory: 1Ti}}
   - generate: {count: 2, prefix: rome-, cpuModel: EPYC-Rome,
                allocatable: {cpu: "256", memory: 1Ti}}
@@ -58,6 +58,8 @@ vms:
   # Never converges at the 1Gi/s its policy allows: only KubeVirt's post-copy can move it.
   - {name: hot, namespace: hot-inherit, node: cl-1, memory: 1Gi, dirtyRate: 20Gi}
   - {name: slow, namespace: stall, node: il-1, memory: 1Gi}
+  # Matched by one policy, drained under another named by the drain's policyRef.
+  - generate: {count: 4, prefix: ref-, namespace: refns, nodes: [node-7], memory: 1Gi}
 """
 LADDERS = {"hot-abort": ["Abort"], "hot-postcopy": ["PostCopy", "Abort"],
            "hot-quick": ["QuickMigration"]}
@@ -75,7 +77,7 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     kube = fresh_cluster.kube
     for ns in ("gold", "bulk", "night", "cpu", "restart", "skip", "hot-inherit", "stall",
-               *LADDERS):
+               "refns", *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url).start()
@@ -92,6 +94,59 @@ def outcomes_of(kube, name: str) -> dict[str, int]:
 
 def _unfinished(sample: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in sample if m.get("status", {}).get("phase") not in FINAL_PHASES]
+
+
+def test_policy_ref_governs_the_drains_vms_and_kubevirt_applies_it(env) -> None:
+    """The drain's policyRef overrides the policies' own matching, all the way to KubeVirt:
+    the VMIs carry its label through their migrations (the policy that matches them must not
+    revert it) and KubeVirt's handoff picks the MigrationPolicy rendered from it. First in
+    this module, while node-7 holds only these VMs."""
+    kube = env["kube"]
+    kube.create(rest.POLICIES, policy(
+        "rival", priority=50, namespaceSelector={"matchLabels": {"tier": "refns"}}))
+    kube.create(rest.POLICIES, policy("ref", vmSelector={"matchLabels": {"selects": "nothing"}},
+                                      bandwidthPerMigration="2Gi"))
+    wait_for(lambda: kube.get(rest.KUBEVIRT_POLICIES, "virtshift-ref"), what="ref rendered")
+    wait_for(lambda: all((v["metadata"].get("labels") or {}).get("virtshift.io/policy")
+                         == "rival" for v in kube.items(rest.VMIS, "refns")),
+             what="rival labels")
+    reverted: list[str] = []
+    labelled: set[str] = set()  # migrations whose VMI has carried the ref label
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            flying = {m["spec"]["vmiName"]: m["metadata"]["name"]
+                      for m in _unfinished(kube.items(rest.VMIMS, "refns"))
+                      if m["metadata"]["labels"].get("virtshift.io/drain") == "ref-node-7"}
+            for v in kube.items(rest.VMIS, "refns"):
+                label = (v["metadata"].get("labels") or {}).get("virtshift.io/policy")
+                mig = flying.get(v["metadata"]["name"])
+                if mig and label == "ref":
+                    labelled.add(mig)
+                elif mig in labelled:  # labelled for its migration, then changed mid-flight
+                    reverted.append(f"{mig}: {label}")
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body(
+            "ref-node-7", nodeName="node-7", policyRef={"name": "ref"},
+            targetNodeSelector={"kubernetes.io/hostname": "node-6"}))
+        wait_for(lambda: phase_of(kube, "ref-node-7") == "Drained", timeout=120,
+                 what=lambda: f"node-7 drained ({get_drain(kube, 'ref-node-7').get('status')})")
+    finally:
+        stop.set()
+        sampler.join()
+    ours = [m for m in kube.items(rest.VMIMS, "refns")
+            if m["metadata"]["labels"].get("virtshift.io/drain") == "ref-node-7"]
+    assert len(ours) == 4 and all(m["metadata"]["labels"]["virtshift.io/policy"] == "ref"
+                                  for m in ours)
+    # KubeVirt (1.9) records the MigrationPolicy it matched at handoff.
+    assert {m["status"]["migrationState"].get("migrationPolicyName") for m in ours} == {
+        "virtshift-ref"}
+    assert not reverted, reverted[:5]
 
 
 def test_two_policies_two_drains_every_limit_holds(env) -> None:

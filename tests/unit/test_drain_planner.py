@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from virtshift.api.nodedrain import NodeDrainSpec, NodeDrainStatus, NodeEntry
+from virtshift.api.nodedrain import NodeDrainSpec, NodeDrainStatus, NodeEntry, VMEntry
 from virtshift.api.units import GiB
 from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, plan_drain, stamp
 from virtshift.domain.rules import Rules
@@ -204,7 +204,8 @@ def test_retries_back_off_exponentially_up_to_max_attempts(ended_ago, failures, 
     ({"nodeName": "n1", "deadline": "1m"}, "DeadlineExceeded"),
 ])
 def test_paused_or_late_drains_start_nothing(spec, reason) -> None:
-    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)))
+    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)),
+                             nodes=[NodeEntry(name="n1", phase="Draining")])
     d = plan_drain(snap([vmi("a")], spec=spec, status=status))
     assert not d.create and entry(d, "a").reason == reason
 
@@ -299,7 +300,10 @@ def test_finalize_aborts_ours_uncordons_ours_and_restarts_stopped_vms() -> None:
              migrations=[mig("a", 1, "Running"), mig("b", 1, "Succeeded")])
     d = finalize_drain(s)
     assert [m.name for m in d.cancel] == ["vs-d-a-1"]
-    assert d.uncordon == ["n1"] and d.start == ["ns/gpu"]
+    assert d.start == ["ns/gpu"]
+    assert d.uncordon == [] and d.hold  # only once the aborted migration has ended
+    s = dataclasses.replace(s, migrations=[mig("a", 1, "Failed"), mig("b", 1, "Succeeded")])
+    assert finalize_drain(s).uncordon == ["n1"]
 
 
 def test_condition_transition_time_moves_only_on_flip() -> None:
@@ -563,3 +567,237 @@ def test_ladder_variants_work_whatever_kubevirt_says(kubevirt) -> None:
         rules = _policy_rules(kubevirt, maxDowntime="300ms", onDowntimeExceeded=ladder)
         d = plan_drain(snap([vmi("hot", **HOT)], rules={"ns/hot": rules}))
         assert [m.mode for m in d.create] == [mode], (ladder, entry(d, "hot"))
+# -- issue 9: every promise kept, every failure path safe ---------------------------------------
+
+
+def test_finalize_uncordons_only_once_the_aborted_migrations_are_final() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    running = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running")])
+    d = finalize_drain(running)
+    assert [m.name for m in d.cancel] == ["vs-d-a-1"] and d.uncordon == [] and d.hold
+    aborting = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running",
+                                                             terminating=True)])
+    d = finalize_drain(aborting)
+    assert d.cancel == [] and d.uncordon == [] and d.hold
+    ended = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Failed", terminating=True)])
+    d = finalize_drain(ended)
+    assert d.uncordon == ["n1"] and not d.hold
+
+
+def test_finalize_never_leaves_the_node_cordoned_forever() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    stuck = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running", terminating=True)])
+    d = finalize_drain(stuck, waited=3600)
+    assert d.uncordon == ["n1"] and not d.hold
+    assert any(kind == "Warning" and reason == "AbortTimeout" for kind, reason, _ in d.events)
+
+
+def test_finalize_without_cancel_on_delete_uncordons_at_once() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    s = snap([vmi("a")], nodes=nodes, migrations=[mig("a", 1, "Running")],
+             spec={"nodeName": "n1", "cancelOnDelete": False})
+    d = finalize_drain(s)
+    assert d.cancel == [] and d.uncordon == ["n1"] and not d.hold
+
+
+def test_a_deleted_drain_reports_terminating() -> None:
+    nodes = [node("n1", unschedulable=True, annotations={CORDONED_BY: "d"}), node("n2")]
+    first = plan_drain(snap([vmi("a")], nodes=nodes))
+    d = finalize_drain(snap([vmi("a")], nodes=nodes, status=first.status,
+                            migrations=[mig("a", 1, "Running")]))
+    assert d.status.phase == "Terminating"
+    ready = next(c for c in d.status.conditions if c.type == "Ready")
+    reconciling = next(c for c in d.status.conditions if c.type == "Reconciling")
+    assert (ready.status, ready.reason) == ("False", "Terminating")
+    assert (reconciling.status, reconciling.reason) == ("True", "Terminating")
+    assert "abort" in reconciling.message
+    assert ("Normal", "Terminating") in {(k, r) for k, r, _m in d.events}
+
+
+def test_migration_names_carry_the_drain_incarnation() -> None:
+    d = plan_drain(snap([vmi("a")], uid="5f0c3e1a-0000-4000-8000-000000000001"))
+    other = plan_drain(snap([vmi("a")], uid="5f0c3e1a-0000-4000-8000-000000000002"))
+    assert created(d)[0].startswith("vs-d-a-") and created(d) != created(other)
+    assert created(d) == created(plan_drain(snap([vmi("a")],
+                                            uid="5f0c3e1a-0000-4000-8000-000000000001")))
+
+
+@pytest.mark.parametrize(("migs", "previous", "recorded"), [
+    # attempts 1 and 2 were garbage-collected by KubeVirt (it keeps the 5 newest)
+    ([3, 4, 5, 6, 7], None, 0),
+    # every attempt collected: the drain's own status still has the count
+    ([], 7, 0),
+    # ... or the VMI's annotation for this drain
+    ([], None, 7),
+])
+def test_max_attempts_is_a_hard_bound_past_kubevirts_garbage_collection(migs, previous,
+                                                                        recorded) -> None:
+    rules = Rules(max_attempts=7)
+    ended = NOW - dt.timedelta(hours=1)
+    status = NodeDrainStatus() if previous is None else NodeDrainStatus(vms=[VMEntry(
+        namespace="ns", name="a", phase="Waiting", reason="Backoff", attempts=previous)])
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules}, status=status,
+                        attempts={"ns/a": recorded} if recorded else {},
+                        migrations=[mig("a", i, "Failed", ended=ended, failure="boom")
+                                    for i in migs]))
+    e = entry(d, "a")
+    assert not d.create and (e.phase, e.attempts) == ("Failed", 7)
+
+
+def test_the_next_attempt_follows_the_recorded_count_with_backoff() -> None:
+    rules = Rules(max_attempts=9)
+    ended = NOW - dt.timedelta(seconds=10)
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules},
+                        migrations=[mig("a", i, "Failed", ended=ended) for i in range(3, 8)]))
+    assert entry(d, "a").reason == "Backoff"  # 7 failures: 600s, not the 5th failure's 480s
+    later = NOW + dt.timedelta(seconds=600)
+    d = plan_drain(snap([vmi("a")], rules={"ns/a": rules}, now=later,
+                        migrations=[mig("a", i, "Failed", ended=ended) for i in range(3, 8)]))
+    assert created(d) == ["vs-d-a-8"] and entry(d, "a").attempts == 8
+
+
+WAVE = {"nodeSelector": {"matchLabels": {"pool": "x"}}, "maxUnavailable": 1}
+
+
+def _wave_nodes(*names: str, pool: tuple[str, ...] = ("n1", "n2")) -> list[NodeInfo]:
+    return [node(n, labels={**SKYLAKE, **({"pool": "x"} if n in pool else {})}) for n in names]
+
+
+def test_a_wave_never_targets_a_node_it_will_drain_later() -> None:
+    d = plan_drain(snap([vmi("a", "n1")], nodes=_wave_nodes("n1", "n2", "n3"), spec=WAVE))
+    assert [n.phase for n in d.status.nodes] == ["Draining", "Waiting"]
+    assert entry(d, "a").candidates == ["n3"]
+    assert d.create[0].selector == {"kubernetes.io/hostname": "n3"}
+
+
+def test_a_wave_over_every_node_moves_vms_to_the_node_drained_last() -> None:
+    nodes = _wave_nodes("n1", "n2", "n3", pool=("n1", "n2", "n3"))
+    d = plan_drain(snap([vmi("a", "n1")], nodes=nodes, spec=WAVE))
+    assert d.create[0].selector == {"kubernetes.io/hostname": "n3"}
+    assert entry(d, "a").candidates == ["n3", "n2"]
+
+
+def test_the_last_node_of_a_wave_is_not_pinned() -> None:
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Released"),
+                                    NodeEntry(name="n2", phase="Draining")])
+    d = plan_drain(snap([vmi("b", "n2")], nodes=_wave_nodes("n1", "n2", "n3"), spec=WAVE,
+                        status=status))
+    assert d.create[0].selector == {}
+
+
+def test_a_paused_wave_is_frozen() -> None:
+    spec = {**WAVE, "paused": True, "releaseAfter": "1m"}
+    held = node("n1", labels={**SKYLAKE, "pool": "x"}, unschedulable=True,
+                annotations={CORDONED_BY: "d", "virtshift.io/maintenance-complete": "true"})
+    status = NodeDrainStatus(nodes=[
+        NodeEntry(name="n1", phase="Drained", since=stamp(NOW - dt.timedelta(hours=1))),
+        NodeEntry(name="n2", phase="Waiting")])
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[held, *_wave_nodes("n2", "n3")], spec=spec,
+                        status=status))
+    assert (d.cordon, d.uncordon, d.create) == ([], [], [])
+    assert [n.phase for n in d.status.nodes] == ["Drained", "Waiting"]
+    fresh = plan_drain(snap([vmi("a", "n1")], nodes=_wave_nodes("n1", "n2", "n3"), spec=spec))
+    assert fresh.cordon == [] and [n.phase for n in fresh.status.nodes] == ["Waiting", "Waiting"]
+    assert fresh.status.phase == "Paused"
+
+
+def test_maintenance_complete_annotation_releases_a_drained_node() -> None:
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Drained", since=stamp(NOW)),
+                                    NodeEntry(name="n2", phase="Waiting")])
+    cordoned = {"unschedulable": True, "annotations": {CORDONED_BY: "d"}}
+    held = node("n1", labels={**SKYLAKE, "pool": "x"}, **cordoned)
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[held, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.uncordon == [] and [n.phase for n in d.status.nodes] == ["Drained", "Waiting"]
+    done = node("n1", labels={**SKYLAKE, "pool": "x"}, unschedulable=True, annotations={
+        CORDONED_BY: "d", "virtshift.io/maintenance-complete": "true"})
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[done, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.uncordon == ["n1"]
+    assert d.status.nodes[0].phase == "Released"
+    # A node someone else cordoned is released from the wave but never uncordoned by us.
+    theirs = dataclasses.replace(done, annotations={"virtshift.io/maintenance-complete": "true"})
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[theirs, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.uncordon == [] and d.status.nodes[0].phase == "Released"
+
+
+def test_the_inbound_limit_tries_every_candidate() -> None:
+    rules = Rules(policy="p", max_inbound_per_node=1)
+    nodes = [node(f"n{i}") for i in range(1, 9)]
+    # n2..n6 (the five best candidates) each already receive one migration of policy p.
+    busy = [MigrationInfo(namespace="x", name=f"o{i}", vmi=f"o{i}", phase="Running", policy="p",
+                          source="elsewhere", target=f"n{i}") for i in range(2, 7)]
+    d = plan_drain(snap([vmi("a")], nodes=nodes, rules={"ns/a": rules}, others=busy,
+                        limits=KubeVirtLimits(50, 5)))
+    assert [m.selector["kubernetes.io/hostname"] for m in d.create] == ["n7"]
+    assert len(entry(d, "a").candidates) <= 5  # status shows the best five
+
+
+def _gpu(name: str, node_name: str = "n1") -> VMIInfo:
+    return vmi(name, node_name, migratable=False,
+               not_migratable_reason="HostDeviceNotLiveMigratable", not_migratable_message="GPU")
+
+
+def _restart_snap(count: int, rules: Rules, **kw: Any) -> DrainSnapshot:
+    gpus = [_gpu(f"g{i}") for i in range(count)]
+    return snap(gpus, vms={g.key: VMInfo("ns", g.name) for g in gpus},
+                rules={g.key: rules for g in gpus}, **kw)
+
+
+RESTART = Rules(policy="p", non_migratable="Restart", max_parallel=1)
+CLOSED = (_window("0 22 * * *", "6h"),)  # 22:00-04:00; now is 12:00
+
+
+@pytest.mark.parametrize(("case", "rules", "extra", "stops"), [
+    ("maxParallelMigrations 1", RESTART, {"limits": KubeVirtLimits(50, 50)}, 1),
+    ("outbound limit of KubeVirt", dataclasses.replace(RESTART, max_parallel=None), {}, 2),
+    ("closed window", dataclasses.replace(RESTART, windows=CLOSED), {}, 0),
+    ("paused", RESTART, {"spec": {"nodeName": "n1", "paused": True}}, 0),
+    ("dryRun", RESTART, {"spec": {"nodeName": "n1", "dryRun": True}}, 0),
+    ("deadline passed", RESTART, {"spec": {"nodeName": "n1", "deadline": "1m"}, "status":
+                                  NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(hours=1)))},
+     0),
+    ("no other node", RESTART, {"nodes": [node("n1")]}, 0),
+    ("no node with room", RESTART, {"usage": {"n2": (64.0, 512.0 * GiB),
+                                              "n3": (64.0, 512.0 * GiB)}}, 0),
+])
+def test_quick_migration_stops_pass_the_same_admission_as_migrations(case, rules, extra,
+                                                                     stops) -> None:
+    """Issue 9: ten Restart VMs, one slot: one stop. A stop is never made outside a window,
+    paused, in a dry run, after the deadline, or when no node could run the VM again."""
+    d = plan_drain(_restart_snap(10, rules, **extra))
+    assert len(d.halt) == stops, case
+    assert d.status.counts.migrating == stops
+
+
+def test_ladder_quick_migration_counts_against_the_policy_limit() -> None:
+    rules = Rules(policy="p", max_downtime=0.3, on_downtime_exceeded=("QuickMigration",),
+                  max_parallel=1)
+    hot = [vmi(f"hot{i}", **HOT) for i in range(4)]
+    d = plan_drain(snap(hot, rules={v.key: rules for v in hot},
+                        vms={v.key: VMInfo("ns", v.name) for v in hot},
+                        limits=KubeVirtLimits(50, 50)))
+    assert len(d.halt) == 1
+    assert sorted(e.phase for e in d.status.vms) == ["Migrating", "Pending", "Pending", "Pending"]
+
+
+def test_an_unfinished_quick_migration_holds_its_slot() -> None:
+    # Stopped and started again: its new VMI is not running yet.
+    stopped = VMInfo("ns", "g0", run_strategy="Always",
+                     quick=QuickMigrationRecord("d", "n1", NOW, started=True, policy="p"))
+    s = _restart_snap(3, RESTART, limits=KubeVirtLimits(50, 50))
+    d = plan_drain(dataclasses.replace(s, vmis={k: v for k, v in s.vmis.items() if k != "ns/g0"},
+                                       vms={**s.vms, "ns/g0": stopped}))
+    assert d.halt == [] and entry(d, "g0").phase == "Migrating"
+
+
+def test_a_named_model_restart_needs_a_node_offering_the_model() -> None:
+    rome = dataclasses.replace(_gpu("g"), cpu_model="EPYC-Rome")
+    rules = Rules(non_migratable="Restart")
+    s = snap([rome], vms={"ns/g": VMInfo("ns", "g")}, rules={"ns/g": rules})
+    assert plan_drain(s).halt == []
+    nodes = [node("n1"), node("n2", labels={**SKYLAKE, "cpu-model.node.kubevirt.io/EPYC-Rome":
+                                            "true"})]
+    assert [h[0] for h in plan_drain(dataclasses.replace(s, nodes={
+        n.name: n for n in nodes})).halt] == ["ns/g"]

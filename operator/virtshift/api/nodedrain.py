@@ -62,7 +62,10 @@ class NodeDrainSpec(Model):
     )
     node_selector: LabelSelector | None = Field(
         None, description="Nodes to drain in a rolling wave, maxUnavailable at a time, in name "
-        "order; each is cordoned only when its turn comes.",
+        "order; each is cordoned only when its turn comes. While the wave has nodes still to "
+        "drain, a VM never moves to one of them: each migration is pinned "
+        "(kubernetes.io/hostname) to a node outside the wave, or, when no such node has room, "
+        "to the one the wave drains last.",
     )
     max_unavailable: int = Field(
         1, ge=1, le=1000, description="With nodeSelector: how many nodes are drained (cordoned) "
@@ -86,8 +89,10 @@ class NodeDrainSpec(Model):
         "(DaemonSet and mirror pods are left alone; PodDisruptionBudgets are honoured).",
     )
     paused: bool = Field(
-        False, description="Start no new migrations; those in flight finish. The node stays "
-        "cordoned.",
+        False, description="Start nothing new: no migration, no quick-migration stop, no "
+        "eviction, and no node is cordoned, released or uncordoned (a wave stays where it "
+        "is; created paused, nothing is cordoned). Migrations in flight finish; nodes already "
+        "cordoned stay cordoned.",
     )
     deadline: PositiveDuration | None = Field(
         None, description="How long the drain may take from its start, e.g. 2h. When it passes, "
@@ -103,7 +108,10 @@ class NodeDrainSpec(Model):
     )
     cancel_on_delete: bool = Field(
         True, description="When this NodeDrain is deleted, abort its unfinished migrations (by "
-        "deleting their VirtualMachineInstanceMigrations) before the node is uncordoned.",
+        "deleting their VirtualMachineInstanceMigrations); the nodes are uncordoned only once "
+        "every aborted migration has ended (or after 5 minutes, with a warning Event, should "
+        "KubeVirt never end one). Meanwhile the phase is Terminating and the NodeDrain stays, "
+        "as it does while an uncordon or a VM restart keeps failing.",
     )
 
 
@@ -128,11 +136,15 @@ class VMEntry(Model):
         None, description="How it moved: LiveMigration, StorageMigration, SharedNothing, "
         "PostCopy or QuickMigration."
     )
-    attempts: int | None = Field(None, description="Migration attempts made.")
+    attempts: int | None = Field(
+        None, description="Migration attempts made by this NodeDrain (also recorded on the "
+        "VMI as virtshift.io/migration-attempts, so KubeVirt's garbage collection of finished "
+        "migrations cannot reset it).")
     migration: str | None = Field(None, description="The current VirtualMachineInstanceMigration.")
     downtime_ms: int | None = Field(None, description="Switch-over downtime, milliseconds.")
     candidates: list[str] | None = Field(
-        None, max_length=5, description="Possible target nodes, best first (plan)."
+        None, max_length=5, description="Possible target nodes, best first (plan): the first "
+        "five; every one is tried."
     )
     predicted_seconds: float | None = Field(None, description="Predicted migration time (plan).")
     predicted_downtime_ms: int | None = Field(None, description="Predicted downtime (plan).")
@@ -162,7 +174,10 @@ class NodeDrainStatus(Model):
         "Cordoned and Drained.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    phase: DrainPhase | None = Field(None, description="A summary derived from the conditions.")
+    phase: DrainPhase | None = Field(
+        None, description="A summary derived from the conditions: Pending, Planned (dryRun), "
+        "Draining, Paused, Drained, Stalled, Conflict, or Terminating (deleted; aborting, "
+        "restarting and uncordoning before the NodeDrain goes).")
     progress: str | None = Field(None, description="VMs done out of all, e.g. 12/40.")
     counts: DrainCounts | None = Field(None, description="VMs by state.")
     vms: list[VMEntry] | None = Field(

@@ -2,8 +2,18 @@
 
 Pure and level-triggered: everything it needs is in the snapshot (the cluster's VMIs, VMs,
 migrations and nodes, plus the drain's previous status for the wave's memory), and the same
-snapshot always gives the same decision. Migrations get deterministic names (drain, VM,
-attempt), so a decision replayed after a crash creates nothing twice.
+snapshot always gives the same decision. Migrations get deterministic names (drain incarnation,
+VM, attempt), so a decision replayed after a crash creates nothing twice.
+
+NodeDrain fields it implements: ``nodeName``, ``nodeSelector`` + ``maxUnavailable`` +
+``releaseAfter`` (the wave; a node the wave drains later is never a migration target),
+``targetNodeSelector``, ``evictPods``, ``nonMigratable`` (through the rules), ``policyRef``
+(through the rules), ``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and
+``dryRun``, which are gated in one place, ``_may_start`` (and ``paused`` also freezes the
+wave: ``wave``, ``_advance_wave``). Every move -- a live migration or a quick migration's stop
+-- passes the same admission (``_admit``): windows, the policy's and KubeVirt's limits, and a
+target node with room for it. Attempts are counted so that KubeVirt's garbage collection of
+finished migrations cannot reset them (``_attempts_made``).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from virtshift.api.nodedrain import (
     MAX_VM_ENTRIES,
@@ -43,6 +54,12 @@ CORDONED_BY = "virtshift.io/cordoned-by"
 MAINTENANCE_COMPLETE = "virtshift.io/maintenance-complete"
 BANDWIDTH_ANNOTATION = "virtshift.io/migration-bandwidth"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# On a VMI: "<NodeDrain UID>=<attempts>", the migration attempts that drain has made for it.
+ATTEMPTS_ANNOTATION = "virtshift.io/migration-attempts"
+# How long a deleted NodeDrain waits for the migrations it aborted to end before it uncordons
+# anyway (wall-clock seconds since the deletion handler first ran): KubeVirt ends an aborted
+# migration within seconds, so this only matters when KubeVirt itself is not working.
+ABORT_WAIT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,10 @@ class DrainSnapshot:
     blocked_pods: Mapping[str, str] = field(default_factory=dict)
     usage: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     estimator: Estimator = field(default_factory=Estimator)
+    uid: str = ""  # the NodeDrain's UID: part of its migrations' names
+    # VMI key -> attempts this drain incarnation recorded on the VMI (its annotation), which
+    # outlives KubeVirt's garbage collection of finished migrations.
+    attempts: Mapping[str, int] = field(default_factory=dict)
 
     def rules_for(self, key: str) -> Rules:
         return self.rules.get(key, Rules())
@@ -82,6 +103,14 @@ class NewMigration:
     mode: str | None = None  # AutoConverge or PostCopy: the VMI is labelled for that policy
 
 
+class Stop(NamedTuple):
+    """A quick migration's first step: stop the VM (it starts again on another node)."""
+
+    key: str  # the VM's namespace/name
+    source: str
+    policy: str | None = None
+
+
 @dataclass
 class Decision:
     status: NodeDrainStatus
@@ -89,15 +118,26 @@ class Decision:
     uncordon: list[str] = field(default_factory=list)
     create: list[NewMigration] = field(default_factory=list)
     cancel: list[MigrationInfo] = field(default_factory=list)
-    halt: list[tuple[str, str]] = field(default_factory=list)  # (VM key, source node)
+    halt: list[Stop] = field(default_factory=list)
     start: list[str] = field(default_factory=list)  # VM keys
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    hold: str | None = None  # finalize_drain: why the finalizer must stay for now
 
     @property
     def changes_cluster(self) -> bool:
         return bool(self.cordon or self.uncordon or self.create or self.cancel or self.halt
                     or self.start or self.evict)
+
+
+def attempts_record(uid: str, attempts: int) -> str:
+    return f"{uid}={attempts}"
+
+
+def recorded_attempts(value: str | None, uid: str) -> int:
+    """The attempts ``value`` (ATTEMPTS_ANNOTATION) records for the drain with this UID."""
+    owner, _, count = (value or "").rpartition("=")
+    return int(count) if owner == uid and count.isdigit() else 0
 
 
 def stamp(t: dt.datetime) -> str:
@@ -114,7 +154,8 @@ def parse_stamp(text: str | None) -> dt.datetime | None:
 
 
 def wave(s: DrainSnapshot) -> list[NodeEntry]:
-    """The drain's nodes and their phases; at most maxUnavailable Draining or Drained at once."""
+    """The drain's nodes and their phases; at most maxUnavailable Draining or Drained at once.
+    ``paused`` freezes the wave: no Waiting node starts draining."""
     if s.spec.node_name:
         names = [s.spec.node_name] if s.spec.node_name in s.nodes else []
     else:
@@ -122,6 +163,8 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
                        if selector_matches(s.spec.node_selector, n.labels))
     previous = {e.name: e for e in s.status.nodes or []}
     entries = [previous.get(n) or NodeEntry(name=n, phase=NodePhase.WAITING) for n in names]
+    if s.spec.paused:
+        return entries
     if s.spec.node_name:
         return [e if e.phase != NodePhase.WAITING else
                 NodeEntry(name=e.name, phase=NodePhase.DRAINING, since=stamp(s.now))
@@ -138,12 +181,14 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
 
 def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[str, bool]
                   ) -> list[NodeEntry]:
-    """Draining -> Drained when empty; Drained -> Released after its maintenance (waves only)."""
+    """Draining -> Drained when empty; Drained -> Released after its maintenance (waves only,
+    and not while paused: a paused wave releases nothing)."""
     out = []
     for e in nodes:
         if e.phase == NodePhase.DRAINING and node_done.get(e.name):
             e = NodeEntry(name=e.name, phase=NodePhase.DRAINED, since=stamp(s.now))
-        elif e.phase == NodePhase.DRAINED and s.spec.node_selector is not None:
+        elif e.phase == NodePhase.DRAINED and s.spec.node_selector is not None \
+                and not s.spec.paused:
             node = s.nodes.get(e.name)
             held_since = parse_stamp(e.since) or s.now
             released = node is not None and node.annotations.get(MAINTENANCE_COMPLETE) == "true"
@@ -167,6 +212,31 @@ class _VM:
     candidate_attempt: int = 0  # > 0: may start this attempt now
     seconds: float = 0.0  # predicted time still needed
     blocked_by: str | None = None
+    stop: bool = False  # a quick migration that may stop the VM now (admission decides)
+    targets: tuple[str, ...] = ()  # every node it can go to, best first
+    requests: tuple[float, float] = (0.0, 0.0)  # (CPU, memory) of its pod on the target
+
+    @property
+    def admissible(self) -> bool:
+        return bool(self.candidate_attempt or self.stop)
+
+
+@dataclass(frozen=True)
+class _Places:
+    """Where VMs may go. ``strict`` excludes the nodes in maintenance and those the wave will
+    drain later; ``loose`` (only while the wave has nodes still to drain) excludes only the
+    former, for when nothing else has room: then the node the wave drains last is chosen."""
+
+    strict: preflight.Context
+    loose: preflight.Context | None
+    later: tuple[str, ...]  # Waiting nodes of the wave, in the order it drains them
+
+    def order(self, targets: list[str]) -> tuple[str, ...]:
+        """Nodes the wave never drains first (best first), then the later ones, last first."""
+        now = [n for n in targets if n not in self.later]
+        later = sorted((n for n in targets if n in self.later), key=self.later.index,
+                       reverse=True)
+        return tuple(now + later)
 
 
 def _deadline_passed(s: DrainSnapshot) -> bool:
@@ -182,7 +252,35 @@ def _node_bandwidth(s: DrainSnapshot, node: str | None) -> float | None:
     return parse_quantity(value) if value else None
 
 
-def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Context,
+def _attempts_made(s: DrainSnapshot, key: str, migs: Sequence[MigrationInfo]) -> int:
+    """Attempts this drain has made for the VM: the highest of its migrations' attempt labels,
+    the count recorded on the VMI, and the count in the drain's own status. KubeVirt deletes
+    all but the 5 newest finished migrations of a VMI (garbage collection), so the migrations
+    alone would forget attempts and let maxAttempts be exceeded."""
+    ns, name = key.split("/", 1)
+    previous = next((e.attempts for e in s.status.vms or []
+                     if e.namespace == ns and e.name == name), None) or 0
+    return max([m.attempt for m in migs] + [s.attempts.get(key, 0), previous])
+
+
+def _placement(vmi: VMIInfo, places: _Places, restart: bool = False
+               ) -> tuple[preflight.Finding | None, tuple[str, ...]]:
+    """(what blocks the move, the targets best first): a live migration's target pod, or
+    (``restart``) the launcher pod of the VM started again."""
+    check = preflight.restart_finding if restart else preflight.preflight
+    candidates = preflight.restart_candidates if restart else preflight.target_candidates
+    finding = check(vmi, places.strict)
+    ctx = places.strict
+    if finding and finding[0] in (preflight.NO_COMPATIBLE_TARGET,
+                                  preflight.INSUFFICIENT_CAPACITY) and places.loose \
+            and check(vmi, places.loose) is None:
+        finding, ctx = None, places.loose
+    if finding:
+        return finding, ()
+    return None, places.order(candidates(vmi, ctx))
+
+
+def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
               decision: Decision) -> _VM | None:
     vmi = s.vmis.get(key)
     vm = s.vms.get(key)
@@ -192,7 +290,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
     rules = s.rules_for(key)
     quick = vm.quick if vm and vm.quick and vm.quick.drain == s.name else None
     memory = vmi.memory if vmi else 0.0
-    base = {"namespace": ns, "name": name, "attempts": len(migs) or None}
+    made = _attempts_made(s, key, migs)
+    base = {"namespace": ns, "name": name, "attempts": made or None}
 
     def entry(phase: VMPhase, reason: str | None = None, message: str | None = None,
               **extra: object) -> VMEntry:
@@ -252,56 +351,56 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
         return _VM(key, entry(VMPhase.WAITING, "MigrationInProgress",
                               f"another migration ({foreign.name}) of this VMI is in progress",
                               source_node=vmi.node), memory, seconds=predicted)
-    finding = preflight.preflight(vmi, ctx)
-    if finding and finding[0] not in (preflight.NO_COMPATIBLE_TARGET,
-                                      preflight.INSUFFICIENT_CAPACITY):
+    requests = preflight.requests(vmi)
+    live = preflight.live_migratable(vmi, places.strict)
+    if live:
         action = rules.non_migratable
         if action == "Skip":
-            return _VM(key, entry(VMPhase.SKIPPED, finding[0], finding[1],
-                                  source_node=vmi.node), memory)
+            return _VM(key, entry(VMPhase.SKIPPED, live[0], live[1], source_node=vmi.node),
+                       memory)
+        if action == "Restart" and vm is None:
+            return _VM(key, entry(VMPhase.FAILED, live[0], f"{live[1]}; no VirtualMachine to "
+                                  "restart", source_node=vmi.node), memory)
         if action == "Restart":
-            vm_ok = vm is not None
-            if vm_ok and _may_start(s):
-                decision.halt.append((key, vmi.node or ""))
-            return _VM(key, entry(VMPhase.MIGRATING if vm_ok and _may_start(s) else
-                                  VMPhase.PENDING, finding[0],
-                                  f"{finding[1]}; will restart it on another node"
-                                  if vm_ok else f"{finding[1]}; no VirtualMachine to restart",
-                                  source_node=vmi.node, mode="QuickMigration"), memory,
-                       seconds=s.estimator.target_startup)
-        return _VM(key, entry(VMPhase.FAILED, finding[0], finding[1], source_node=vmi.node),
+            return _quick(s, vmi, places, memory, requests, entry(
+                VMPhase.PENDING, live[0], f"{live[1]}; will restart it on another node",
+                source_node=vmi.node, mode="QuickMigration"))
+        return _VM(key, entry(VMPhase.FAILED, live[0], live[1], source_node=vmi.node),
                    memory)
+    finding, targets = _placement(vmi, places)
     if finding:
         return _VM(key, entry(VMPhase.WAITING, finding[0], finding[1], source_node=vmi.node),
                    memory, seconds=predicted, blocked_by=finding[0])
-    failed = [m for m in migs if m.phase == "Failed"]
-    if last is not None and last.phase == "Failed":
-        if len(failed) >= rules.max_attempts:
+    last_success = max((m.attempt for m in migs if m.phase == "Succeeded"), default=0)
+    failures = made - last_success  # every attempt since the last success failed
+    if failures > 0:
+        known = last if last is not None and last.attempt == made else None
+        what = f"last: {known.failure}" if known else "the last one is no longer in the cluster"
+        if failures >= rules.max_attempts:
             return _VM(key, entry(VMPhase.FAILED, "MigrationFailed",
-                                  f"{len(failed)} attempts failed; last: {last.failure}",
-                                  source_node=vmi.node, migration=last.name), memory)
-        retry_at = (last.ended or last.created or s.now) + dt.timedelta(
-            seconds=rules.backoff(len(failed)))
-        if s.now < retry_at:
-            return _VM(key, entry(VMPhase.WAITING, "Backoff",
-                                  f"attempt {last.attempt} failed ({last.failure}); retrying at "
-                                  f"{stamp(retry_at)}", source_node=vmi.node,
-                                  migration=last.name), memory, seconds=predicted)
-    attempt = (last.attempt + 1) if last else 1
+                                  f"{failures} attempts failed; {what}",
+                                  source_node=vmi.node, migration=known.name if known else None),
+                       memory)
+        if known is not None:
+            retry_at = (known.ended or known.created or s.now) + dt.timedelta(
+                seconds=rules.backoff(failures))
+            if s.now < retry_at:
+                return _VM(key, entry(VMPhase.WAITING, "Backoff",
+                                      f"attempt {known.attempt} failed ({known.failure}); "
+                                      f"retrying at {stamp(retry_at)}", source_node=vmi.node,
+                                      migration=known.name), memory, seconds=predicted)
+    attempt = made + 1
     choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
                              _concurrency(s, rules))
     plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),
             "predicted_downtime_ms": round(choice.predicted.downtime * 1000),
-            "candidates": preflight.target_candidates(vmi, ctx) or None}
+            "candidates": list(targets[:MAX_CANDIDATES]) or None}
     if choice.action == "QuickMigration":
-        if vm is not None and _may_start(s):
-            decision.halt.append((key, vmi.node or ""))
-            return _VM(key, entry(VMPhase.MIGRATING, choice.reason, choice.message,
-                                  mode="QuickMigration", **plan), memory,
-                       seconds=s.estimator.target_startup)
-        return _VM(key, entry(VMPhase.PENDING, choice.reason, choice.message,
-                              mode="QuickMigration", **plan), memory,
-                   seconds=s.estimator.target_startup)
+        if vm is None:
+            return _VM(key, entry(VMPhase.FAILED, choice.reason, f"{choice.message}; no "
+                                  "VirtualMachine to restart", **plan), memory)
+        return _quick(s, vmi, places, memory, requests, entry(
+            VMPhase.PENDING, choice.reason, choice.message, mode="QuickMigration", **plan))
     if choice.action == "Fail":
         return _VM(key, entry(VMPhase.FAILED, choice.reason, choice.message, **plan), memory)
     if choice.action == "Abort":
@@ -309,7 +408,25 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], ctx: preflight.Conte
                    seconds=predicted, blocked_by=choice.reason)
     return _VM(key, entry(VMPhase.PENDING, "Queued", choice.message or
                           "waiting for a migration slot", mode=choice.mode, **plan),
-               memory, candidate_attempt=attempt, seconds=predicted)
+               memory, candidate_attempt=attempt, seconds=predicted, targets=targets,
+               requests=requests)
+
+
+MAX_CANDIDATES = 5  # shown in status (all of them are tried)
+
+
+def _quick(s: DrainSnapshot, vmi: VMIInfo, places: _Places, memory: float,
+           requests: tuple[float, float], pending: VMEntry) -> _VM:
+    """A quick migration waiting for admission -- or, when no node could start the VM again,
+    waiting for one: a VM is never stopped without somewhere to restart it."""
+    finding, targets = _placement(vmi, places, restart=True)
+    if finding:
+        return _VM(vmi.key, pending.model_copy(update={
+            "phase": VMPhase.WAITING, "reason": finding[0],
+            "message": f"quick migration held: {finding[1]}"}), memory,
+            seconds=s.estimator.target_startup, blocked_by=finding[0])
+    return _VM(vmi.key, pending, memory, seconds=s.estimator.target_startup, stop=True,
+               targets=targets, requests=requests)
 
 
 def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
@@ -323,25 +440,74 @@ def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
 
 
 def _may_start(s: DrainSnapshot) -> bool:
+    """The one gate of dryRun, paused and deadline: nothing new starts (no migration, no stop,
+    no eviction) unless it is open."""
     return not (s.spec.dry_run or s.spec.paused or _deadline_passed(s))
 
 
-def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
-    """Create migrations for the queued VMs, longest first, within every limit."""
+def _quick_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
+    """(source node, policy) of every quick migration, of any drain, that has stopped its VM
+    and not yet seen it run again: each holds a slot as an unfinished migration does."""
+    out = []
+    for key, vm in s.vms.items():
+        q = vm.quick
+        if q is None:
+            continue
+        if q.started and vm.run_strategy == "Halted":
+            continue  # we started it again; someone stopped it since
+        vmi = s.vmis.get(key)
+        if vmi is not None and vmi.phase == "Running" and (
+                vmi.node != q.source or (vmi.running_since or q.stopped_at) > q.stopped_at):
+            continue
+        out.append((q.source, q.policy or (s.rules_for(key).policy if q.drain == s.name
+                                           else None)))
+    return out
+
+
+class _Room:
+    """What target pods already admitted in this pass will take, so that one pass never
+    sends more to a node than it can hold."""
+
+    def __init__(self, s: DrainSnapshot) -> None:
+        self.nodes = s.nodes
+        self.used = dict(s.usage)
+
+    def fits(self, node: str, requests: tuple[float, float]) -> bool:
+        info = self.nodes.get(node)
+        cpu, memory = self.used.get(node, (0.0, 0.0))
+        return info is not None and cpu + requests[0] <= info.cpu and \
+            memory + requests[1] <= info.memory
+
+    def take(self, node: str, requests: tuple[float, float]) -> None:
+        cpu, memory = self.used.get(node, (0.0, 0.0))
+        self.used[node] = (cpu + requests[0], memory + requests[1])
+
+
+def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> None:
+    """Start the queued moves, longest first, within every limit: a live migration gets its
+    VMIM, a quick migration stops its VM. Both count against the same limits (KubeVirt's
+    per-cluster and per-node ones, the policy's maxParallelMigrations and outbound limits),
+    wait for the policy's windows, and need a target node with room. ``pin``: the wave has
+    nodes still to drain, so each migration's target is pinned (kubernetes.io/hostname) to a
+    node outside it, as addedNodeSelector cannot exclude nodes."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
                   else "DeadlineExceeded")
         for v in vms:
-            if v.candidate_attempt and reason != "DryRun":
+            if v.admissible and reason != "DryRun":
                 v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING,
                                                      "reason": reason})
         return
     unfinished = [m for m in s.cluster_unfinished if m.unfinished]
-    total = len(unfinished)
+    stops = _quick_in_flight(s)
+    total = len(unfinished) + len(stops)
     per_node = Counter(m.source for m in unfinished if m.source)
+    per_node.update(source for source, _policy in stops)
     per_policy = Counter(m_policy for m in unfinished if (m_policy := _policy_of(s, m)))
+    per_policy.update(policy for _source, policy in stops if policy)
     inbound = Counter((_policy_of(s, m), m.target) for m in unfinished if m.target)
-    for v in sorted((v for v in vms if v.candidate_attempt), key=lambda v: -v.seconds):
+    room = _Room(s)
+    for v in sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
         closed = _window_closed(rules, s.now)
@@ -352,27 +518,37 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
         if total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
                 rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
             continue
+        limit = None if v.stop else rules.max_inbound_per_node  # a restart is no arrival
+        target = next((n for n in v.targets if room.fits(n, v.requests) and (
+            not limit or inbound[(rules.policy, n)] < limit)), None)
+        if target is None:
+            v.entry = v.entry.model_copy(update={"message": "waiting for room on a target "
+                                                 "node" + (" within maxParallelInboundPerNode"
+                                                           if rules.max_inbound_per_node
+                                                           and not v.stop else "")})
+            continue
+        room.take(target, v.requests)
+        total += 1
+        per_node[source] += 1
+        per_policy[rules.policy] += 1
+        if v.stop:
+            decision.halt.append(Stop(v.key, source, rules.policy))
+            v.entry = v.entry.model_copy(update={"phase": VMPhase.MIGRATING})
+            continue
         selector = dict(s.spec.target_node_selector or {})
-        target = None
-        if rules.max_inbound_per_node:
-            # KubeVirt picks targets itself; to bound arrivals per node we pin the target.
-            target = next((n for n in v.entry.candidates or []
-                           if inbound[(rules.policy, n)] < rules.max_inbound_per_node), None)
-            if target is None:
-                continue
+        if rules.max_inbound_per_node or pin:
+            # KubeVirt picks targets itself; to bound arrivals per node, or to keep the VM off
+            # the nodes the wave drains later, we pin the target.
             selector[HOSTNAME_LABEL] = target
             inbound[(rules.policy, target)] += 1
         ns, name = v.key.split("/", 1)
-        mig_name = migration_name(s.name, name, v.candidate_attempt)
+        mig_name = migration_name(s.name, name, v.candidate_attempt, s.uid)
         decision.create.append(NewMigration(
             namespace=ns, name=mig_name, vmi=name, attempt=v.candidate_attempt, source=source,
             policy=rules.policy, selector=selector, mode=v.entry.mode))
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
-        total += 1
-        per_node[source] += 1
-        per_policy[rules.policy] += 1
 
 
 def _window_closed(rules: Rules, now: dt.datetime) -> tuple[str, str] | None:
@@ -412,14 +588,23 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     draining = {e.name for e in nodes if e.phase == NodePhase.DRAINING}
     waiting = {e.name for e in nodes if e.phase == NodePhase.WAITING}
 
-    if not s.spec.dry_run:
+    frozen = s.spec.dry_run or s.spec.paused  # a paused wave cordons and releases nothing
+    if not frozen:
         for n in sorted(draining):
             node = s.nodes.get(n)
             if node and not node.unschedulable:
                 decision.cordon.append(n)
-    ctx = preflight.Context(
-        nodes=s.nodes, usage=s.usage, target_selector=dict(s.spec.target_node_selector or {}),
-        excluded=frozenset(active | set(decision.cordon)))
+    # Never a target: the nodes in maintenance and, while the wave goes on, the nodes it will
+    # drain later (unless nothing else has room: then the one it drains last).
+    later = tuple(e.name for e in nodes if e.phase == NodePhase.WAITING)
+    in_maintenance = active | set(decision.cordon)
+    target_selector = dict(s.spec.target_node_selector or {})
+    places = _Places(
+        strict=preflight.Context(nodes=s.nodes, usage=s.usage, target_selector=target_selector,
+                                 excluded=frozenset(in_maintenance | set(later))),
+        loose=preflight.Context(nodes=s.nodes, usage=s.usage, target_selector=target_selector,
+                                excluded=frozenset(in_maintenance)) if later else None,
+        later=later)
     concurrency = max(1, min(s.limits.outbound_per_node, s.limits.per_cluster))
 
     scope = {k for k, v in s.vmis.items() if v.node in draining}
@@ -431,8 +616,8 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     kept = {k for k in skipped_before if k in s.vmis and s.vmis[k].node in active}
     scope |= kept
     vms = [v for k in sorted(scope)
-           if (v := _evaluate(s, k, active if k in kept else draining, ctx, decision))]
-    _admit(s, vms, decision)
+           if (v := _evaluate(s, k, active if k in kept else draining, places, decision))]
+    _admit(s, vms, decision, pin=bool(later))
 
     # Pods other than virt-launchers (evictPods).
     ordinary = [p for p in s.pods if p.node in draining and p.kind == "ordinary"]
@@ -453,7 +638,8 @@ def plan_drain(s: DrainSnapshot) -> Decision:
         nodes = _advance_wave(s, nodes, node_done)
     for e in nodes:
         node = s.nodes.get(e.name)
-        if e.phase == NodePhase.RELEASED and node and node.annotations.get(CORDONED_BY) == s.name:
+        if e.phase == NodePhase.RELEASED and node and not frozen and \
+                node.annotations.get(CORDONED_BY) == s.name:
             decision.uncordon.append(e.name)
 
     # Waiting nodes' VMs are the wave's pending work.
@@ -523,8 +709,11 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
         put("Stalled", False, "Planned", "dryRun")
         phase = DrainPhase.PLANNED
     else:
-        put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
-            "nodes in maintenance are unschedulable" if cordoned else "cordoning")
+        if all(e.phase == NodePhase.WAITING for e in nodes):  # paused before it began
+            put("Cordoned", False, "Waiting", "no node of this drain is in maintenance yet")
+        else:
+            put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
+                "nodes in maintenance are unschedulable" if cordoned else "cordoning")
         put("Drained", drained, "Drained" if drained else "Draining",
             ("every VM has left" + (f" ({counts.skipped} skipped)" if counts.skipped else ""))
             if drained else progress + (
@@ -537,7 +726,7 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
             stalled_reason = ("DeadlineExceeded", f"not drained within {s.spec.deadline}; no "
                               "new migrations start")
         elif blocked and counts.migrating == 0 and not any(
-                v.candidate_attempt for v in vms) and counts.pending:
+                v.admissible for v in vms) and counts.pending:
             reason = sorted(blocked)[0]
             names = [f"{e.namespace}/{e.name}" for e in entries if e.reason == reason]
             stalled_reason = (reason, f"{reason}: " + ", ".join(names[:10]))
@@ -630,17 +819,50 @@ def _not_found(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
 # -- ending maintenance -------------------------------------------------------------------------
 
 
-def finalize_drain(s: DrainSnapshot) -> Decision:
+def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
-    migrations (if asked), restart VMs a quick migration had stopped, uncordon our nodes."""
+    migrations (cancelOnDelete), restart VMs a quick migration had stopped, and -- only once
+    every aborted migration has ended, so that nothing lands on or leaves a node that is
+    schedulable again mid-abort -- uncordon our nodes. ``waited``: wall-clock seconds since
+    the deletion began; after ABORT_WAIT_SECONDS the nodes are uncordoned anyway (a warning
+    says which migrations had not ended), so a KubeVirt that never ends an abort cannot keep
+    a node cordoned forever. ``hold`` says why the finalizer must stay for now; the status
+    says Terminating throughout."""
     # Everything touched here carries this drain's name, so a drain that turned Conflict
     # still undoes what it did before.
     decision = Decision(status=s.status)
+    unfinished = [m for m in s.migrations if not m.final]
     if s.spec.cancel_on_delete:
-        decision.cancel = [m for m in s.migrations if not m.final and not m.terminating]
-    for key, vm in s.vms.items():
+        decision.cancel = [m for m in unfinished if not m.terminating]
+    for key, vm in sorted(s.vms.items()):
         if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
             decision.start.append(key)  # safe while the old VMI is still shutting down
-    decision.uncordon = sorted(n.name for n in s.nodes.values()
-                               if n.annotations.get(CORDONED_BY) == s.name)
+    ours = sorted(n.name for n in s.nodes.values() if n.annotations.get(CORDONED_BY) == s.name)
+    aborting = s.spec.cancel_on_delete and bool(unfinished)
+    if aborting and waited < ABORT_WAIT_SECONDS:
+        decision.hold = (f"waiting for {len(unfinished)} aborted migrations to end"
+                         + (f" before uncordoning {', '.join(ours)}" if ours else ""))
+    else:
+        decision.uncordon = ours
+        if aborting:
+            names = ", ".join(f"{m.namespace}/{m.name}" for m in unfinished[:10])
+            decision.events.append(("Warning", "AbortTimeout", (
+                f"uncordoning {', '.join(ours) or 'nothing'} although {len(unfinished)} aborted "
+                f"migrations have not ended after {round(waited)}s: {names}")))
+    steps = [decision.hold or ""]
+    if decision.cancel:
+        steps.append(f"aborting {len(decision.cancel)} unfinished migrations")
+    if decision.start:
+        steps.append(f"starting {len(decision.start)} VMs a quick migration stopped")
+    if decision.uncordon:
+        steps.append(f"uncordoning {', '.join(decision.uncordon)}")
+    message = "; ".join(x for x in steps if x) or "ending maintenance"
+    now = stamp(s.now)
+    conds = list(s.status.conditions or [])
+    for type_, value in (("Ready", False), ("Reconciling", True), ("Stalled", False)):
+        conds = set_condition(conds, type_, value, "Terminating", message, s.generation, now)
+    decision.status = s.status.model_copy(update={"phase": DrainPhase.TERMINATING,
+                                                  "conditions": conds})
+    if s.status.phase != DrainPhase.TERMINATING:
+        decision.events.append(("Normal", "Terminating", message))
     return decision

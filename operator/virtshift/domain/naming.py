@@ -1,5 +1,8 @@
 """Deterministic names and label values for what virtshift creates: a restart never
-duplicates a migration, because the same (drain, VM, attempt) always gives the same name."""
+duplicates a migration, because the same (drain incarnation, VM, attempt) always gives the same
+name. The incarnation is a short hash of the NodeDrain's UID, so a NodeDrain deleted and created
+again under the same name never meets the migrations its predecessor left behind (KubeVirt
+keeps up to five finished ones per VMI)."""
 
 from __future__ import annotations
 
@@ -16,8 +19,15 @@ def _short(text: str, limit: int) -> str:
     return f"{text[: limit - 11].rstrip('-.')}-{digest}"
 
 
-def migration_name(drain: str, vm: str, attempt: int) -> str:
-    return _short(f"vs-{drain}-{vm}-{attempt}", MAX_NAME)
+def incarnation(uid: str) -> str:
+    """Six hex digits that tell NodeDrains of the same name apart."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:6]
+
+
+def migration_name(drain: str, vm: str, attempt: int, uid: str = "") -> str:
+    """``vs-<drain>-<vm>-<attempt>-<incarnation>`` (without a UID: no incarnation)."""
+    suffix = f"-{incarnation(uid)}" if uid else ""
+    return _short(f"vs-{drain}-{vm}-{attempt}{suffix}", MAX_NAME)
 
 
 def label_value(text: str) -> str:

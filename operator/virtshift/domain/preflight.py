@@ -2,6 +2,14 @@
 
 Each returns ``(reason, message)`` or None; the reason becomes the VM's (and, when it blocks the
 whole drain, the condition's) reason verbatim.
+
+Two placements are checked: a live migration's target pod (``preflight``,
+``target_candidates``: the node selector KubeVirt renders for it, domain.placement), and, for a
+quick migration (nonMigratable ``Restart``, the downtime ladder's ``QuickMigration``), the
+fresh launcher pod the VM gets when it starts again (``restart_finding``,
+``restart_candidates``): only ``launch_selector`` and the VMI's own node selector, since a
+new VMI starts from its VM's template (a host-model VM needs no CPU-model label then; a named
+model needs ``cpu-model.node.kubevirt.io/<model>``).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from virtshift.domain.placement import (
     choose_target,
     cpu_requirements,
     fits_selector,
+    launch_selector,
     launcher_requests,
     migration_selector,
     rank_targets,
@@ -65,7 +74,7 @@ def cpu_compatible(vmi: VMIInfo, ctx: Context) -> Finding | None:
 
 
 def capacity(vmi: VMIInfo, ctx: Context) -> Finding | None:
-    cpu, memory = _requests(vmi)
+    cpu, memory = requests(vmi)
     target = choose_target(ctx.candidates(), vmi.node or "", cpu, memory, dict(ctx.usage),
                            _selector(vmi, ctx))
     if target:
@@ -89,14 +98,44 @@ def preflight(vmi: VMIInfo, ctx: Context) -> Finding | None:
     return None
 
 
-def target_candidates(vmi: VMIInfo, ctx: Context, limit: int | None = 5) -> list[str]:
-    cpu, memory = _requests(vmi)
+def target_candidates(vmi: VMIInfo, ctx: Context, limit: int | None = None) -> list[str]:
+    """Every node the target pod fits on, best first (``limit``: only the first few)."""
+    cpu, memory = requests(vmi)
     ranked = rank_targets(ctx.candidates(), vmi.node or "", cpu, memory, dict(ctx.usage),
                           _selector(vmi, ctx))
     return ranked if limit is None else ranked[:limit]
 
 
-def _requests(vmi: VMIInfo) -> tuple[float, float]:
+def restart_selector(vmi: VMIInfo) -> dict[str, str]:
+    """The node selector of the launcher pod a stopped VM gets when it starts again."""
+    return {**vmi.node_selector, **launch_selector(vmi.cpu_model)}
+
+
+def restart_candidates(vmi: VMIInfo, ctx: Context) -> list[str]:
+    """Nodes (not the excluded ones) where the VM, stopped, could start again, best first."""
+    cpu, memory = requests(vmi)
+    return rank_targets(ctx.candidates(), "", cpu, memory, dict(ctx.usage),
+                        restart_selector(vmi))
+
+
+def restart_finding(vmi: VMIInfo, ctx: Context) -> Finding | None:
+    """Why the VM, once stopped, could not start on any other node (None: it could)."""
+    if restart_candidates(vmi, ctx):
+        return None
+    selector = restart_selector(vmi)
+    nodes = [n for n in ctx.candidates() if n.ready and n.schedulable]
+    if not any(fits_selector(n, selector) for n in nodes):
+        return NO_COMPATIBLE_TARGET, (
+            "no other ready, schedulable node could start it again (node selector "
+            + ", ".join(f"{k}={v}" for k, v in sorted(selector.items())) + ")")
+    cpu, memory = requests(vmi)
+    return INSUFFICIENT_CAPACITY, (
+        f"no other node has {cpu:g} CPU and {format_bytes(memory)} free to start it again"
+    )
+
+
+def requests(vmi: VMIInfo) -> tuple[float, float]:
+    """(CPU cores, memory bytes) the VMI's launcher pod requests."""
     return launcher_requests(vmi.cpu, vmi.memory_request or vmi.memory)
 
 

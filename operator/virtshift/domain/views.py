@@ -61,6 +61,7 @@ class QuickMigrationRecord:
     source: str
     stopped_at: dt.datetime
     started: bool = False  # runStrategy set back to run
+    policy: str | None = None  # the policy whose limits the stop counted against
 
 
 @dataclass(frozen=True)

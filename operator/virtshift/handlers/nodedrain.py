@@ -3,6 +3,7 @@ and a deletion handler that ends maintenance."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ import kopf
 from virtshift.api.nodedrain import NodeDrain, NodePhase
 from virtshift.domain.drain import finalize_drain, plan_drain
 from virtshift.handlers import runtime
+from virtshift.handlers import runtime as runtime_module
 from virtshift.handlers.runtime import (
     DOWNTIME,
     DRAIN_REMAINING,
@@ -26,6 +28,12 @@ GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "nodedrains"
 
 def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
     rt = runtime.get()
+    if not rt.cluster.synced():
+        # Never decide on a partial view: a node whose VMIs are not in the cache yet would
+        # look empty, and be reported Drained.
+        log.info("NodeDrain %s: waiting for caches (%s)", name,
+                 ", ".join(rt.cluster.unsynced()))
+        return
     drain = rt.drain(name)
     if drain is None or drain["metadata"].get("deletionTimestamp"):
         return
@@ -43,7 +51,7 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
             return
         snapshot = rt.cluster.snapshot(drain, rt.blocked_pods[name], pods)
         decision = plan_drain(snapshot)
-        rt.blocked_pods[name] = rt.actions.apply(drain, decision)
+        rt.blocked_pods[name] = rt.actions.apply(drain, decision).blocked
     stored = rt.actions.write_status(drain, decision.status.wire())
     if stored:
         rt.remember(stored)
@@ -84,20 +92,41 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
         wake.wait(rt.settings.resync_seconds)
 
 
+RETRY_SECONDS = 5.0  # between attempts to end maintenance after a write failed
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def drain_deleted(name: str, body: kopf.Body, **_: Any) -> None:
+def drain_deleted(name: str, body: kopf.Body, runtime: dt.timedelta | None = None,
+                  **_: Any) -> None:
     """End maintenance: abort our unfinished migrations, restart what a quick migration
-    stopped, uncordon what we cordoned. Waits (TemporaryError) until the aborts are done."""
-    rt = runtime.get()
+    stopped, and uncordon what we cordoned once the aborts have ended; the status says
+    Terminating meanwhile. The finalizer stays (kopf.TemporaryError) until all of it is done:
+    while an abort is still under way, and after any failed write (an uncordon, a VM start),
+    which an Event reports before the next try.
+
+    ``runtime``: kopf's time since this handler first ran (kept across operator restarts)."""
+    rt = runtime_module.get()  # (the module: ``runtime`` is kopf's argument here)
+    if not rt.cluster.synced():
+        raise kopf.TemporaryError("waiting for the caches to sync", delay=1)
     drain: JSON = rt.drain(name) or dict(body)
+    waited = runtime.total_seconds() if runtime else 0.0
     with rt.cluster.admission:
         snapshot = rt.cluster.snapshot(drain)
-        decision = finalize_drain(snapshot)
-        rt.actions.apply(drain, decision)
-    unfinished = [m for m in snapshot.migrations if not m.final]
+        decision = finalize_drain(snapshot, waited)
+        applied = rt.actions.apply(drain, decision)
+    stored = rt.actions.write_status(drain, decision.status.wire())
+    if stored:
+        rt.remember(stored)
+    for kind, reason, message in decision.events:
+        rt.actions.event(drain, kind, reason, message)
     if decision.cancel:
         rt.actions.event(drain, "Normal", "Cancelled",
                          f"aborting {len(decision.cancel)} unfinished migrations")
-    if unfinished and snapshot.spec.cancel_on_delete:
-        raise kopf.TemporaryError(f"waiting for {len(unfinished)} migrations to abort", delay=1)
+    if applied.failed:
+        message = (f"maintenance not ended yet, retrying in {RETRY_SECONDS:g}s; failed: "
+                   + "; ".join(applied.failed[:5]))
+        rt.actions.event(drain, "Warning", "CleanupFailed", message)
+        raise kopf.TemporaryError(message, delay=RETRY_SECONDS)
+    if decision.hold:
+        raise kopf.TemporaryError(decision.hold, delay=1)
     rt.forget(name)

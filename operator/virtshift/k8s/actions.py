@@ -1,14 +1,26 @@
 """Carry out a drain's decision against the API server. Every write is idempotent: a 409 on
-create means an earlier run (or a restart) already made it, and is success."""
+creating a migration is success only when the existing VMIM is this NodeDrain's own (same UID
+annotation) -- an earlier pass, or the run before a restart, made it; anyone else's is an
+error, reported and never mistaken for ours."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from virtshift.domain.drain import CORDONED_BY, Decision, NewMigration, stamp
+from virtshift.domain.drain import (
+    ATTEMPTS_ANNOTATION,
+    CORDONED_BY,
+    Decision,
+    NewMigration,
+    Stop,
+    attempts_record,
+    stamp,
+)
 from virtshift.domain.naming import label_value
 from virtshift.k8s import rest, views
 from virtshift.k8s.cluster import Cluster
@@ -58,25 +70,45 @@ def _same(old: JSON, new: JSON) -> bool:
     return abs(before - after) <= max(30.0, 0.1 * max(before, after))
 
 
+class MigrationNameTaken(ApiError):
+    """A VMIM of that name exists and is not this NodeDrain's: never treated as ours."""
+
+    def __init__(self, namespace: str, name: str, owner: str | None) -> None:
+        super().__init__(409, json.dumps({
+            "reason": "AlreadyExists", "message": (
+                f"VirtualMachineInstanceMigration {namespace}/{name} already exists and "
+                + (f"belongs to NodeDrain UID {owner}" if owner else "was not made by virtshift")
+                + "; not creating this migration")}))
+
+
+@dataclass
+class Applied:
+    """What became of a decision: pods whose eviction was refused (with the reason), and the
+    steps that failed (each also reported as a Warning Event)."""
+
+    blocked: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+
 class Actions:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.kube = cluster.kube
 
-    def apply(self, drain: JSON, d: Decision) -> dict[str, str]:
-        """Do it all; returns pods whose eviction was refused, with the reason. One refused
-        write (a webhook, a conflict) is reported and does not hold up the others."""
+    def apply(self, drain: JSON, d: Decision) -> Applied:
+        """Do it all. One refused write (a webhook, a conflict) is reported and does not hold
+        up the others."""
         name = drain["metadata"]["name"]
-        blocked: dict[str, str] = {}
+        out = Applied()
         steps: list[tuple[str, Callable[[], object]]] = [
             *((f"cordon {n}", lambda n=n: self.cordon(n, name)) for n in d.cordon),
             *((f"create {m.namespace}/{m.name}", lambda m=m: self.create_migration(m, drain))
               for m in d.create),
             *((f"cancel {m.namespace}/{m.name}",
                lambda m=m: self.kube.delete(rest.VMIMS, m.name, m.namespace)) for m in d.cancel),
-            *((f"stop {k}", lambda k=k, src=src: self.halt(k, src, name)) for k, src in d.halt),
+            *((f"stop {s.key}", lambda s=s: self.halt(s, name)) for s in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
-            *((f"evict {k}", lambda k=k: self._evict_into(k, blocked)) for k in d.evict),
+            *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
             *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
         ]
         for what, step in steps:
@@ -85,7 +117,8 @@ class Actions:
             except ApiError as exc:
                 log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
-        return blocked
+                out.failed.append(f"{what}: {exc}")
+        return out
 
     def _evict_into(self, key: str, blocked: dict[str, str]) -> None:
         reason = self.evict(key)
@@ -114,36 +147,57 @@ class Actions:
             "spec": {"unschedulable": None}})
         self.cluster.nodes.put(patched)
 
-    def label_vmi(self, m: NewMigration) -> None:
-        """Before the VMIM: the labels KubeVirt's MigrationPolicy matching will read (the
-        governing policy, and the ladder's mode), so KubeVirt applies the right settings."""
+    def mark_vmi(self, m: NewMigration, drain_uid: str) -> None:
+        """The labels KubeVirt's MigrationPolicy matching will read (the governing policy, and
+        the ladder's mode), so KubeVirt applies the right settings, and the attempt count,
+        which outlives KubeVirt's garbage collection of finished migrations.
+
+        Written just after the VMIM is created and in our cache: from then on the
+        MigrationPolicy reconcile pins the VMI's policy label to the VMIM's (k8s.policies
+        vmi_views), so it never reverts what we write here (written before, a reconcile in
+        between could). KubeVirt reads the labels only at the target pod's handoff, after the
+        target pod has been scheduled and started."""
         vmi = self.cluster.vmis.get(f"{m.namespace}/{m.vmi}") or {}
-        labels = (vmi.get("metadata") or {}).get("labels") or {}
+        meta = vmi.get("metadata") or {}
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
         wanted = {views.POLICY_LABEL: label_value(m.policy) if m.policy else None,
                   views.MODE_LABEL: m.mode}
-        if all(labels.get(k) == v for k, v in wanted.items()):
+        record = attempts_record(drain_uid, m.attempt)
+        if all(labels.get(k) == v for k, v in wanted.items()) and \
+                annotations.get(ATTEMPTS_ANNOTATION) == record:
             return
         try:
-            self.cluster.vmis.put(self.kube.patch(rest.VMIS, m.vmi,
-                                                  {"metadata": {"labels": wanted}}, m.namespace))
+            self.cluster.vmis.put(self.kube.patch(rest.VMIS, m.vmi, {"metadata": {
+                "labels": wanted, "annotations": {ATTEMPTS_ANNOTATION: record}}}, m.namespace))
         except ApiError as exc:
             if not exc.not_found:
                 raise
 
     def create_migration(self, m: NewMigration, drain: JSON) -> None:
-        self.label_vmi(m)
+        uid = drain["metadata"]["uid"]
         try:
             created = self.kube.create(rest.VMIMS, migration_body(m, drain))
         except ApiError as exc:
             if not exc.conflict:
                 raise
-            return  # made before a restart: the deterministic name guarantees it is this one
+            # Ours only if it carries this NodeDrain's UID (made before a restart); a
+            # leftover of another incarnation, or anyone else's, is surfaced, not assumed.
+            created = self.kube.get(rest.VMIMS, m.name, m.namespace)
+            if created is None:
+                raise  # deleted meanwhile: the next pass creates it
+            owner = (created["metadata"].get("annotations") or {}).get(
+                views.DRAIN_UID_ANNOTATION)
+            if owner != uid:
+                raise MigrationNameTaken(m.namespace, m.name, owner) from exc
         self.cluster.vmims.put(created)
+        self.mark_vmi(m, uid)
 
-    def halt(self, key: str, source: str, drain: str) -> None:
-        """Quick migration, step one: stop the VM, recording where it ran and when."""
-        ns, name = key.split("/", 1)
-        record = views.quick_record(drain, source, stamp(self.cluster.clock.now()))
+    def halt(self, stop: Stop, drain: str) -> None:
+        """Quick migration, step one: stop the VM, recording where it ran, when, and the
+        policy whose limits it counts against until it runs again."""
+        ns, name = stop.key.split("/", 1)
+        record = views.quick_record(drain, stop.source, stamp(self.cluster.clock.now()),
+                                    policy=stop.policy)
         patched = self.kube.patch(rest.VMS, name, {
             "metadata": {"annotations": {views.QUICK_ANNOTATION: record}},
             # KubeVirt refuses spec.running together with runStrategy.
@@ -163,7 +217,8 @@ class Actions:
             info = views.vm_info(vm).quick
             assert info is not None
             patch["metadata"] = {"annotations": {views.QUICK_ANNOTATION: views.quick_record(
-                info.drain, info.source, stamp(info.stopped_at), started=True)}}
+                info.drain, info.source, stamp(info.stopped_at), started=True,
+                policy=info.policy)}}
         self.cluster.vms.put(self.kube.patch(rest.VMS, name, patch, ns))
 
     def evict(self, key: str) -> str | None:

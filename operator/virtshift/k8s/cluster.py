@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
-from virtshift.domain.drain import DrainSnapshot
+from virtshift.domain.drain import ATTEMPTS_ANNOTATION, DrainSnapshot, recorded_attempts
 from virtshift.domain.eta import Estimator
 from virtshift.domain.naming import label_value
 from virtshift.domain.rules import (
@@ -41,6 +41,11 @@ class ClusterClock:
         if self.scale == 1.0 or self.epoch is None:
             return dt.datetime.fromtimestamp(wall, dt.UTC)
         return self.epoch + dt.timedelta(seconds=(wall - self.epoch.timestamp()) * self.scale)
+
+
+class NotSynced(RuntimeError):
+    """A cache has not loaded its first full list: deciding now would see a cluster with
+    objects missing (a node with VMIs would look empty)."""
 
 
 class Cluster:
@@ -84,6 +89,13 @@ class Cluster:
         for inf in self._all:
             inf.wait_synced(timeout)
         return self
+
+    def synced(self) -> bool:
+        """Every cache holds its first full list."""
+        return all(inf.synced for inf in self._all)
+
+    def unsynced(self) -> list[str]:
+        return [inf.res.plural for inf in self._all if not inf.synced]
 
     def stop(self) -> None:
         if self.metrics:
@@ -191,6 +203,9 @@ class Cluster:
 
     def snapshot(self, drain: JSON, blocked_pods: dict[str, str] | None = None,
                  pods: list[JSON] | None = None) -> DrainSnapshot:
+        """Raises NotSynced until every cache has loaded: no decision on a partial view."""
+        if not self.synced():
+            raise NotSynced("caches not synced yet: " + ", ".join(self.unsynced()))
         model = NodeDrain.model_validate(drain)
         spec = model.spec
         name = drain["metadata"]["name"]
@@ -243,4 +258,7 @@ class Cluster:
                        if views.pod_running(p) and (p.get("spec") or {}).get("nodeName")
                        in drain_nodes],
             blocked_pods=blocked_pods or {}, usage=self.usage(), estimator=self.estimator,
+            uid=uid or "",
+            attempts={k: n for k, v in vmi_objs.items() if (n := recorded_attempts(
+                (v["metadata"].get("annotations") or {}).get(ATTEMPTS_ANNOTATION), uid or ""))},
         )

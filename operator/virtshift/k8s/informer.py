@@ -44,6 +44,11 @@ class Informer:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def synced(self) -> bool:
+        """The first full list has been loaded (the cache holds every object)."""
+        return self._synced.is_set()
+
     def wait_synced(self, timeout: float = 30) -> None:
         if not self._synced.wait(timeout):
             raise TimeoutError(f"{self.res.plural} cache not synced after {timeout}s")

@@ -52,13 +52,16 @@ class PolicyStore:
         return self.cluster.policies.get(name)
 
     def vmi_views(self) -> list[VMIPolicyView]:
+        # VMIs first, migrations second: a drain creates its VMIM before it labels the VMI
+        # (k8s.actions), so any label read here that a drain wrote comes with its pin.
+        vmis = self.cluster.vmis.values()
         pins: dict[str, str | None] = {}
         for obj in self.cluster.vmims.values():
             info = views.migration_info(obj)
             if info.drain and info.unfinished:  # virtshift's own, in flight
                 pins[info.vmi_key] = info.policy
         out = []
-        for vmi in self.cluster.vmis.values():
+        for vmi in vmis:
             meta = vmi["metadata"]
             if meta.get("deletionTimestamp"):
                 continue

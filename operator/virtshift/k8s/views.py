@@ -105,15 +105,20 @@ def vm_info(obj: JSON) -> VMInfo:
         record = QuickMigrationRecord(drain=data["drain"], source=data["source"],
                                       stopped_at=parse_time(data["stoppedAt"]) or dt.datetime.now(
                                           dt.UTC),
-                                      started=bool(data.get("started")))
+                                      started=bool(data.get("started")),
+                                      policy=data.get("policy"))
     return VMInfo(namespace=meta["namespace"], name=meta["name"],
                   run_strategy=(obj.get("spec") or {}).get("runStrategy", "Always"),
                   quick=record)
 
 
-def quick_record(drain: str, source: str, stopped_at: str, started: bool = False) -> str:
-    return json.dumps({"drain": drain, "source": source, "stoppedAt": stopped_at,
-                       "started": started}, sort_keys=True)
+def quick_record(drain: str, source: str, stopped_at: str, started: bool = False,
+                 policy: str | None = None) -> str:
+    """``policy``: whose limits the stop counts against until the VM runs again."""
+    record = {"drain": drain, "source": source, "stoppedAt": stopped_at, "started": started}
+    if policy:
+        record["policy"] = policy
+    return json.dumps(record, sort_keys=True)
 
 
 def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> MigrationInfo:
