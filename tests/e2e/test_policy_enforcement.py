@@ -390,9 +390,14 @@ def test_progress_timeout_aborts_a_stalled_transfer_and_the_drain_retries(env) -
     assert "progressTimeout" not in kube.get(rest.KUBEVIRT_POLICIES, "virtshift-stall")["spec"]
     kube.patch(rest.NODES, "il-3", {"spec": {"unschedulable": True}})  # attempt 1: to il-2
     kube.create(rest.NODE_DRAINS, drain_body("stall-il-1", nodeName="il-1"))
-    first = wait_for(lambda: (m := kube.get(rest.VMIMS, "vs-stall-il-1-slow-1", "stall"))
-                     and m.get("status", {}).get("phase") == "Running" and m,
-                     what="attempt 1 transferring")
+    def attempt(n: int) -> dict[str, Any] | None:
+        return next((m for m in kube.items(
+            rest.VMIMS, "stall", label_selector=f"virtshift.io/drain=stall-il-1,"
+            f"virtshift.io/attempt={n}")), None)
+
+    first = wait_for(lambda: (m := attempt(1)) and m.get("status", {}).get("phase")
+                     == "Running" and m, what="attempt 1 transferring")
+    first_name = first["metadata"]["name"]
     state = kube.get(rest.VMIS, "slow", "stall")["status"]["migrationState"]
     assert (state["migrationUid"], state["targetNode"]) == (first["metadata"]["uid"], "il-2")
     stalled_at = _sim_now(env)
@@ -406,7 +411,7 @@ def test_progress_timeout_aborts_a_stalled_transfer_and_the_drain_retries(env) -
 
     [record] = wait_for(records, timeout=60, what="the abort recorded on the VMI")
     assert (record["migration"], record["reason"], record["attempt"], record["policy"],
-            record["drain"]) == ("vs-stall-il-1-slow-1", "ProgressTimeout", 1, "stall",
+            record["drain"]) == (first_name, "ProgressTimeout", 1, "stall",
                                  "stall-il-1")
     assert "progressTimeout 30s" in record["message"]
     waited = (parse_time(record["at"]) - stalled_at).total_seconds()
@@ -414,15 +419,15 @@ def test_progress_timeout_aborts_a_stalled_transfer_and_the_drain_retries(env) -
     events = wait_for(lambda: [e for e in kube.items(
         rest.EVENTS, "default", field_selector="involvedObject.name=stall")
         if e["reason"] == "ProgressTimeout"], what="event")
-    assert events[0]["type"] == "Warning" and "vs-stall-il-1-slow-1" in events[0]["message"]
+    assert events[0]["type"] == "Warning" and first_name in events[0]["message"]
 
     drain = wait_for(lambda: phase_of(kube, "stall-il-1") in ("Drained", "Stalled")
                      and get_drain(kube, "stall-il-1"), timeout=120, what="drained")
     [vm] = drain["status"]["vms"]
     assert (drain["status"]["phase"], vm["phase"], vm["attempts"], vm["targetNode"]) == (
         "Drained", "Succeeded", 2, "il-3"), vm
-    assert kube.get(rest.VMIMS, "vs-stall-il-1-slow-1", "stall") is None  # KubeVirt removed it
-    second = kube.get(rest.VMIMS, "vs-stall-il-1-slow-2", "stall")
+    assert kube.get(rest.VMIMS, first_name, "stall") is None  # KubeVirt removed it
+    second = attempt(2)
     assert second["status"]["phase"] == "Succeeded"
     started = next(parse_time(t["phaseTransitionTimestamp"])
                    for t in second["status"]["phaseTransitionTimestamps"]
