@@ -1,5 +1,5 @@
 """The API client under a failing API server: retries, backoff, Retry-After, never a write done
-twice. Faults come from a real proxy in front of the real API server
+twice, and Events aggregated. Faults come from a real proxy in front of the real API server
 (``fault_proxy``); retries and their timing are read from the proxy's own log.
 """
 
@@ -17,12 +17,16 @@ from typing import Any
 
 import pytest
 import urllib3
+import yaml
 from fault_proxy import FaultProxy
-from operator_harness import wait_for
+from operator_harness import OperatorProcess, drain_body, phase_of, wait_for
 
 from virtshift.k8s import rest
+from virtshift.k8s.events import EventRecorder
 from virtshift.k8s.informer import Informer
 from virtshift.k8s.rest import ApiError, KubeClient, RetryPolicy
+from virtshift.sim import runner
+from virtshift.sim.scenario import load_scenario
 
 CONFIGMAPS = rest.Resource("", "v1", "configmaps")
 FAST = RetryPolicy(attempts=6, base=0.2, factor=2.0, cap=5.0, budget=10.0)
@@ -253,3 +257,123 @@ def test_an_informer_waits_for_retry_after_before_watching_again(cluster, proxy,
     assert [e.status for e in watches[:3]] == [429, 429, 200]
     for refused, following in itertools.pairwise(watches[:3]):
         assert following.arrived - refused.answered >= 1.0 - SLACK
+
+
+# -- Events ---------------------------------------------------------------------------------------
+
+
+def drain_like(unique: str) -> dict[str, Any]:
+    return {"apiVersion": "virtshift.io/v1alpha1", "kind": "NodeDrain",
+            "metadata": {"name": f"ev-{unique}", "uid": f"uid-{unique}"}}
+
+
+def events_for(cluster: Any, name: str) -> list[dict[str, Any]]:
+    return cluster.kube.items(rest.EVENTS, "default",
+                              field_selector=f"involvedObject.name={name}")
+
+
+def test_repeated_events_are_counted_on_one_event(cluster, unique) -> None:
+    obj = drain_like(unique)
+    recorder = EventRecorder(cluster.kube, min_interval=0)
+    for pause in (1.05, 0, 0):  # Event timestamps have whole seconds
+        recorder.record(obj, "Warning", "WriteFailed", "cordon n1: 500 InternalError")
+        time.sleep(pause)
+    recorder.record(obj, "Warning", "WriteFailed", "cordon n2: 500 InternalError")
+    found = {e["message"]: e for e in events_for(cluster, obj["metadata"]["name"])}
+    assert set(found) == {"cordon n1: 500 InternalError", "cordon n2: 500 InternalError"}
+    one = found["cordon n1: 500 InternalError"]
+    assert one["count"] == 3 and one["lastTimestamp"] > one["firstTimestamp"]
+    assert found["cordon n2: 500 InternalError"]["count"] == 1
+    assert one["involvedObject"]["uid"] == f"uid-{unique}"
+
+
+def test_events_after_a_quiet_window_are_new_events(cluster, unique) -> None:
+    obj = drain_like(unique)
+    recorder = EventRecorder(cluster.kube, window=0.3, min_interval=0)
+    recorder.record(obj, "Normal", "Draining", "started")
+    recorder.record(obj, "Normal", "Draining", "started")
+    time.sleep(0.5)
+    recorder.record(obj, "Normal", "Draining", "started")
+    assert sorted(e["count"] for e in events_for(cluster, obj["metadata"]["name"])) == [1, 2]
+
+
+def test_repeats_within_the_write_interval_are_held_then_written(cluster, unique) -> None:
+    obj = drain_like(unique)
+    recorder = EventRecorder(cluster.kube, min_interval=1.0)
+    for _ in range(5):
+        recorder.record(obj, "Warning", "WriteFailed", "same")
+    [event] = events_for(cluster, obj["metadata"]["name"])
+    assert event["count"] == 1  # the four repeats are held
+    time.sleep(1.1)
+    recorder.record(obj, "Normal", "Other", "another event writes what was held")
+    counts = {e["reason"]: e["count"] for e in events_for(cluster, obj["metadata"]["name"])}
+    assert counts == {"WriteFailed": 5, "Other": 1}
+
+
+def test_an_event_create_repeated_by_the_client_makes_one_event(cluster, proxy, unique) -> None:
+    obj = drain_like(unique)
+    proxy.add("POST", "/namespaces/default/events", "drop-after")
+    EventRecorder(via(proxy, cluster), min_interval=0).record(obj, "Normal", "R", "once")
+    assert [(e.method, e.status) for e in proxy.requests()] == [
+        ("POST", None), ("POST", 409), ("PATCH", 200)]
+    [event] = events_for(cluster, obj["metadata"]["name"])
+    assert event["count"] == 1
+
+
+# -- the operator through the proxy ---------------------------------------------------------------
+
+SCENARIO = """
+seed: 3
+timeScale: 10
+nodes:
+  - generate: {count: 2, prefix: node-, allocatable: {cpu: "64", memory: 256Gi}}
+vms:
+  - {name: vm-1, namespace: apps, node: node-1, memory: 1Gi}
+"""
+
+
+@pytest.fixture(scope="module")
+def proxied_operator(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    scenario = load_scenario(SCENARIO)
+    sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
+    proxy = FaultProxy(fresh_cluster.kube.server, ca_file(fresh_cluster)).start()
+    workdir = tmp_path_factory.mktemp("proxied")
+    config = yaml.safe_load(fresh_cluster.kubeconfig.read_text())
+    config["clusters"][0]["cluster"] = {"server": proxy.url}
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    op = OperatorProcess(kubeconfig, workdir, scenario.time_scale).start()
+    try:
+        yield {"kube": fresh_cluster.kube, "proxy": proxy, "op": op}
+    finally:
+        op.stop()
+        proxy.stop()
+        sim.stop()
+
+
+def test_a_step_failing_on_every_pass_makes_one_event_with_a_count(proxied_operator) -> None:
+    kube, proxy = proxied_operator["kube"], proxied_operator["proxy"]
+    failing = proxy.add("POST", "/virtualmachineinstancemigrations", "status", 500,
+                        times=10**6)
+    kube.create(rest.NODE_DRAINS, drain_body("flaky", nodeName="node-1"))
+
+    def write_failed() -> list[dict[str, Any]]:
+        return [e for e in kube.items(rest.EVENTS, "default",
+                                      field_selector="involvedObject.name=flaky")
+                if e["reason"] == "WriteFailed"]
+
+    wait_for(lambda: failing.used >= 12, timeout=60, what="two passes of failed creates")
+    events = wait_for(lambda: (w := write_failed()) and w[0]["count"] >= 2 and w,
+                      timeout=30, what="a counted WriteFailed event")
+    assert len(events) == 1, events
+    assert events[0]["message"].startswith("create apps/")
+    assert "500 InternalError" in events[0]["message"]
+    # Each pass retried the create (six tries, backing off) before reporting it.
+    creates = proxy.requests("POST", "/virtualmachineinstancemigrations")
+    first_pass = creates[:6]
+    assert all(b.arrived - a.answered >= 0.1 * 2 ** n - SLACK
+               for n, (a, b) in enumerate(itertools.pairwise(first_pass)))
+    failing.times = 0  # the API server recovers
+    wait_for(lambda: phase_of(kube, "flaky") == "Drained", timeout=60, what="drained")
+    assert len(write_failed()) == 1
+    assert "Traceback" not in proxied_operator["op"].logs()
