@@ -87,13 +87,20 @@ def _run(args: argparse.Namespace) -> int:
     from virtshift.api.units import parse_duration, parse_quantity
     from virtshift.domain.eta import Estimator
     from virtshift.handlers import operator, runtime  # noqa: F401 - registers the handlers
+    from virtshift.k8s.downtime import from_flags
 
+    try:
+        downtime_source = from_flags(args.downtime_source, args.downtime_metric,
+                                     args.downtime_metric_label)
+    except ValueError as exc:
+        print(f"virtshift run: {exc}", file=sys.stderr)
+        return 2
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     runtime.configure(runtime.Settings(
         kubeconfig=args.kubeconfig, time_scale=args.time_scale,
-        dirty_rate_source=args.dirty_rate_source,
+        dirty_rate_source=args.dirty_rate_source, downtime_source=downtime_source,
         estimator=Estimator(target_startup=parse_duration(args.target_startup),
                             node_bandwidth=parse_quantity(args.node_bandwidth)),
     ))
@@ -140,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dirty-rate-source", default=None,
                      help="URL of Prometheus text with kubevirt_vmi_dirty_rate_bytes_per_second "
                      "(virt-handler /metrics or a Prometheus federate URL)")
+    run.add_argument("--downtime-source", default=None,
+                     help="where observed switch-over downtimes come from (KubeVirt publishes "
+                     "none): annotation=<key> (whole milliseconds in an annotation of the "
+                     "VirtualMachineInstanceMigration) or prometheus=<url> (with "
+                     "--downtime-metric). Default: none; only predictions are reported")
+    run.add_argument("--downtime-metric", default=None,
+                     help="with prometheus=<url>: a gauge of downtime in seconds, labelled "
+                     "namespace and the migration's name")
+    run.add_argument("--downtime-metric-label", default="migration",
+                     help="the label of --downtime-metric naming the migration")
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
     run.set_defaults(func=_run)

@@ -207,12 +207,17 @@ class OutcomeCounters(Model):
     skipped: int = Field(0, description="VMs left in place by the policy.")
     quick_migrated: int = Field(0, description="VMs moved by stop, move, start.")
     aborted: int = Field(0, description="Migrations not started or aborted for downtime.")
-    downtime_breaches: int = Field(0, description="Migrations whose downtime exceeded "
-                                   "maxDowntime.")
+    downtime_breaches: int = Field(0, description="Migrations whose observed downtime "
+                                   "exceeded maxDowntime (see downtime.source; predictions "
+                                   "are never counted).")
 
 
 class DowntimeSummary(Model):
-    samples: int = Field(0, description="Migrations measured.")
+    samples: int = Field(0, description="Migrations whose downtime was observed. KubeVirt "
+                         "publishes no per-migration downtime: without an observation source "
+                         "(virtshift run --downtime-source) this stays 0.")
+    source: str | None = Field(None, description="Where the observations come from, e.g. "
+                               "annotation:<key> or prometheus:<metric>.")
     p50_ms: int | None = Field(None, description="Median switch-over downtime, milliseconds.")
     p99_ms: int | None = Field(None, description="99th percentile downtime, milliseconds.")
     max_ms: int | None = Field(None, description="Longest downtime, milliseconds.")
@@ -234,7 +239,9 @@ class MigrationPolicyStatus(Model):
     )
     in_flight: int | None = Field(None, description="Migrations under this policy in flight.")
     outcomes: OutcomeCounters | None = Field(None, description="What happened so far.")
-    downtime: DowntimeSummary | None = Field(None, description="Observed switch-over downtime.")
+    downtime: DowntimeSummary | None = Field(
+        None, description="Observed (measured, never predicted) switch-over downtime of this "
+        "policy's succeeded migrations.")
     window_open: bool | None = Field(None, description="Whether new migrations may start now.")
     next_window: str | None = Field(
         None, description="When the next window opens (RFC 3339).",

@@ -13,6 +13,7 @@ from virtshift.domain.eta import Estimator
 from virtshift.k8s.actions import Actions
 from virtshift.k8s.cluster import Cluster, ClusterClock
 from virtshift.k8s.dirty_rates import DirtyRateSource
+from virtshift.k8s.downtime import DowntimeSource
 from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
@@ -23,7 +24,9 @@ MIGRATIONS_CREATED = Counter("virtshift_migrations_created_total",
                              "VirtualMachineInstanceMigrations created", ["drain"])
 OUTCOMES = Counter("virtshift_migration_outcomes_total", "Finished VM moves by outcome",
                    ["outcome"])
-DOWNTIME = Histogram("virtshift_migration_downtime_seconds", "Switch-over downtime of moves",
+DOWNTIME = Histogram("virtshift_migration_downtime_seconds",
+                     "Observed (never predicted) downtime of moves, by where it was observed "
+                     "(--downtime-source, or restartTimestamps for quick migrations)", ["source"],
                      buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 
 
@@ -34,6 +37,7 @@ class Settings:
     estimator: Estimator = field(default_factory=Estimator)
     resync_seconds: float = 2.0  # wall seconds between reconciles without any event
     dirty_rate_source: str | None = None  # Prometheus text URL with KubeVirt's dirty rates
+    downtime_source: DowntimeSource | None = None  # observed downtimes; None: none observed
 
 
 class Runtime:
@@ -42,7 +46,8 @@ class Runtime:
         kube = KubeClient.from_kubeconfig(settings.kubeconfig)
         rates = DirtyRateSource(settings.dirty_rate_source) if settings.dirty_rate_source \
             else None
-        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator, rates)
+        self.cluster = Cluster(kube, ClusterClock(settings.time_scale), settings.estimator, rates,
+                               settings.downtime_source)
         self.actions = Actions(self.cluster)
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)

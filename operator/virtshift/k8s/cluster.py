@@ -23,6 +23,7 @@ from virtshift.domain.rules import (
 from virtshift.domain.views import MigrationInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s.dirty_rates import DirtyRateSource
+from virtshift.k8s.downtime import DowntimeSource
 from virtshift.k8s.informer import Informer, key_of
 from virtshift.k8s.rest import JSON, KubeClient
 
@@ -48,9 +49,11 @@ class Cluster:
 
     def __init__(self, kube: KubeClient, clock: ClusterClock | None = None,
                  estimator: Estimator | None = None,
-                 dirty_rates: DirtyRateSource | None = None) -> None:
+                 dirty_rates: DirtyRateSource | None = None,
+                 downtime: DowntimeSource | None = None) -> None:
         self.kube = kube
         self.dirty_rates = dirty_rates
+        self.downtime = downtime  # observed downtimes; None: nothing is observed
         self.clock = clock or ClusterClock()
         self.estimator = estimator or Estimator()
         self.listeners: list[Callable[[str, JSON], None]] = []
@@ -79,6 +82,8 @@ class Cluster:
     def start(self, timeout: float = 60) -> Cluster:
         if self.dirty_rates:
             self.dirty_rates.start()
+        if self.downtime:
+            self.downtime.start()
         for inf in self._all:
             inf.start()
         for inf in self._all:
@@ -88,6 +93,8 @@ class Cluster:
     def stop(self) -> None:
         if self.dirty_rates:
             self.dirty_rates.stop()
+        if self.downtime:
+            self.downtime.stop()
         for inf in self._all:
             inf.stop()
 
@@ -168,9 +175,16 @@ class Cluster:
     def _dirty_rate(self, key: str) -> float | None:
         return self.dirty_rates.get(key) if self.dirty_rates else None
 
+    def migration_info(self, obj: JSON) -> MigrationInfo:
+        """A VMIM's view with its downtime, when the observation source has one."""
+        observed = None
+        if self.downtime and (obj.get("status") or {}).get("phase") == "Succeeded":
+            observed = self.downtime.observe(obj)
+        return views.migration_info(obj, downtime=observed)
+
     def _migration(self, obj: JSON) -> MigrationInfo:
         """A VMIM's view; a queued one has no source yet, so take its VMI's node."""
-        info = views.migration_info(obj)
+        info = self.migration_info(obj)
         if info.source:
             return info
         source = (obj["metadata"].get("labels") or {}).get(views.SOURCE_LABEL)

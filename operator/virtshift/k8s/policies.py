@@ -67,7 +67,7 @@ class PolicyStore:
 
     def migrations_of(self, name: str) -> list[MigrationInfo]:
         value = label_value(name)
-        return [views.migration_info(m) for m in self.cluster.vmims.values()
+        return [self.cluster.migration_info(m) for m in self.cluster.vmims.values()
                 if (m["metadata"].get("labels") or {}).get(views.POLICY_LABEL) == value]
 
     # -- KubeVirt MigrationPolicies ------------------------------------------------------------
