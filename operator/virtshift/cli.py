@@ -87,13 +87,20 @@ def _run(args: argparse.Namespace) -> int:
     from virtshift.api.units import parse_duration, parse_quantity
     from virtshift.domain.eta import Estimator
     from virtshift.handlers import operator, runtime  # noqa: F401 - registers the handlers
+    from virtshift.k8s.downtime import from_flags
 
+    try:
+        downtime_source = from_flags(args.downtime_source, args.downtime_metric,
+                                     args.downtime_metric_label)
+    except ValueError as exc:
+        print(f"virtshift run: {exc}", file=sys.stderr)
+        return 2
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     runtime.configure(runtime.Settings(
         kubeconfig=args.kubeconfig, time_scale=args.time_scale,
-        metrics_source=args.metrics_source,
+        metrics_source=args.metrics_source, downtime_source=downtime_source,
         estimator=Estimator(target_startup=parse_duration(args.target_startup),
                             node_bandwidth=parse_quantity(args.node_bandwidth)),
     ))
@@ -144,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "kubevirt_vmi_dirty_rate_bytes_per_second for predictions, "
                      "kubevirt_vmi_migration_data_remaining_bytes for a MigrationPolicy's "
                      "progressTimeout; without it neither is used")
+    run.add_argument("--downtime-source", default=None,
+                     help="where observed switch-over downtimes come from (KubeVirt publishes "
+                     "none): annotation=<key> (whole milliseconds in an annotation of the "
+                     "VirtualMachineInstanceMigration) or prometheus=<url> (with "
+                     "--downtime-metric). Default: none; only predictions are reported")
+    run.add_argument("--downtime-metric", default=None,
+                     help="with prometheus=<url>: a gauge of downtime in seconds, labelled "
+                     "namespace and the migration's name")
+    run.add_argument("--downtime-metric-label", default="migration",
+                     help="the label of --downtime-metric naming the migration")
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
     run.set_defaults(func=_run)

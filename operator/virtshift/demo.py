@@ -45,8 +45,9 @@ def summary(kube: KubeClient, drain: dict[str, Any]) -> list[str]:
         if end:
             ends.append(end)
     for vm in status.get("vms") or []:
-        if vm.get("downtimeMs") is not None:
-            downtimes.append((vm["downtimeMs"], f"{vm['namespace']}/{vm['name']}"))
+        if vm.get("observedDowntimeMs") is not None:
+            downtimes.append((vm["observedDowntimeMs"], f"{vm['namespace']}/{vm['name']}",
+                              vm.get("downtimeSource")))
     counts = status.get("counts") or {}
     lines = [
         f"NodeDrain {name}: {status.get('phase')}",
@@ -59,7 +60,8 @@ def summary(kube: KubeClient, drain: dict[str, Any]) -> list[str]:
                      "simulated cluster time")
     if downtimes:
         worst = max(downtimes)
-        lines.append(f"  longest downtime: {worst[0]} ms ({worst[1]})")
+        lines.append(f"  longest downtime: {worst[0]} ms ({worst[1]}; observed by "
+                     f"{worst[2]})")
     failed = [vm for vm in status.get("vms") or [] if vm["phase"] == "Failed"]
     lines.append(f"  failures:         {len(failed)}")
     lines += [f"    {vm['namespace']}/{vm['name']}: {vm.get('reason')}: {vm.get('message')}"
@@ -88,7 +90,9 @@ def run_demo(directory: str, scenario_path: str | None, node: str) -> int:
         operator = subprocess.Popen(
             [sys.executable, "-m", "virtshift", "run", "--standalone", "--metrics-port", "0",
              "--kubeconfig", str(cp.kubeconfig), "--time-scale", str(scenario.time_scale),
-             "--metrics-source", sim.metrics.url],
+             "--metrics-source", sim.metrics.url,
+             # The simulator's own measurement; real KubeVirt publishes no such downtime.
+             "--downtime-source", runner.DOWNTIME_SOURCE],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         print(f"operator started (log: {workdir / 'operator.log'})", flush=True)
         name = f"demo-{node}"

@@ -16,9 +16,14 @@ from virtshift.k8s import rest
 
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_dir: Path, time_scale: float,
-                 dirty_rate_source: str | None = None) -> None:
+                 dirty_rate_source: str | None = None,
+                 downtime_source: str | None = None) -> None:
+        """``downtime_source``: ``virtshift run --downtime-source`` (e.g. the simulator's,
+        ``runner.DOWNTIME_SOURCE``); without it nothing is observed."""
         self.kubeconfig = kubeconfig
         self.extra = ["--metrics-source", dirty_rate_source] if dirty_rate_source else []
+        if downtime_source:
+            self.extra += ["--downtime-source", downtime_source]
         self.log_dir = log_dir
         self.time_scale = time_scale
         self.proc: subprocess.Popen[bytes] | None = None

@@ -50,3 +50,17 @@ def test_kubevirt_migrationpolicies_stay_reachable_by_full_name(cluster) -> None
     assert "migrations.kubevirt.io" in theirs
     for short in ("vsmp", "nd"):
         assert cluster.kubectl("get", short).returncode == 0
+
+
+def test_explain_says_which_downtimes_are_predicted_and_which_observed(cluster) -> None:
+    def explain(path: str) -> str:
+        return " ".join(cluster.kubectl("explain", path).stdout.split())
+
+    assert "A prediction, never a measurement" in explain(
+        "nodedrains.status.vms.predictedDowntimeMs")
+    observed = explain("nodedrains.status.vms.observedDowntimeMs")
+    assert "Measured switch-over downtime" in observed and "--downtime-source" in observed
+    assert "restartTimestamps" in explain("nodedrains.status.vms.downtimeSource")
+    assert "never predicted" in explain("migrationpolicies.virtshift.io.status.downtime")
+    assert "--downtime-source" in explain(
+        "migrationpolicies.virtshift.io.status.downtime.samples")

@@ -45,7 +45,7 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(SCENARIO)
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
-                         scenario.time_scale).start()
+                         scenario.time_scale, downtime_source=runner.DOWNTIME_SOURCE).start()
     try:
         yield {"kube": fresh_cluster.kube, "op": op}
     finally:
@@ -159,6 +159,7 @@ def test_kubevirt_picks_the_rendered_policy_and_status_counts_it(kube) -> None:
                       timeout=TIMEOUT, what="outcomes counted")
     assert status["inFlight"] == 0 and status["downtime"]["samples"] == 2
     assert 0 < status["downtime"]["p50Ms"] <= status["downtime"]["maxMs"]
+    assert status["downtime"]["source"] == "annotation:sim.virtshift.io/downtime-ms"
     assert status["outcomes"]["downtimeBreaches"] == sum(
         int(kube.get(rest.VMIMS, m, "prod")["metadata"]["annotations"][
             "sim.virtshift.io/downtime-ms"]) > 300 for m in ("move-db-1", "move-db-2"))

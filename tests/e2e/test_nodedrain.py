@@ -20,6 +20,7 @@ from virtshift.api.kubevirt import FINAL_PHASES
 from virtshift.k8s import rest
 from virtshift.k8s.views import DRAIN_LABEL, parse_time
 from virtshift.sim import runner
+from virtshift.sim.objects import DOWNTIME_ANNOTATION
 from virtshift.sim.scenario import load_scenario
 
 MEDIUM = Path(__file__).resolve().parents[2] / "examples" / "scenarios" / "medium.yaml"
@@ -35,7 +36,8 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(MEDIUM).model_copy(update={"time_scale": TIME_SCALE})
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
-                         scenario.time_scale, sim.metrics.url).start()
+                         scenario.time_scale, sim.metrics.url,
+                         downtime_source=runner.DOWNTIME_SOURCE).start()
     try:
         yield {"kube": fresh_cluster.kube, "sim": sim, "op": op, "scenario": scenario,
                "cluster": fresh_cluster}
@@ -162,6 +164,23 @@ def test_drain_moves_every_migratable_vm_within_every_limit(env) -> None:
     assert all(m["metadata"]["labels"]["kubevirt.io/vmi-name"] == m["spec"]["vmiName"]
                for m in ours)
     RESULTS["makespan"] = makespan_seconds(ours)
+
+    # Downtimes: each move's prediction, and what the configured source (the simulator's
+    # annotation) observed, saying so; the two are different fields.
+    def observed() -> dict[tuple[str, str], int] | None:
+        vms = [v for v in get_drain(kube, "drain-node-1")["status"]["vms"]
+               if v["phase"] == "Succeeded"]
+        if not all("observedDowntimeMs" in v for v in vms):
+            return None  # an observation may come a pass after its migration succeeded
+        assert all(v["downtimeSource"] == f"annotation:{DOWNTIME_ANNOTATION}" for v in vms)
+        assert all(v["predictedDowntimeMs"] >= 0 for v in vms)
+        return {(v["namespace"], v["name"]): v["observedDowntimeMs"] for v in vms}
+
+    seen = wait_for(observed, timeout=30, what="observed downtimes")
+    assert seen == {(m["metadata"]["namespace"], m["spec"]["vmiName"]):
+                    int(m["metadata"]["annotations"][DOWNTIME_ANNOTATION])
+                    for m in migrations_of(kube, "drain-node-1")
+                    if m["status"]["phase"] == "Succeeded"}
 
 
 def test_dry_run_eta_is_within_a_quarter_of_the_real_makespan() -> None:
@@ -466,6 +485,34 @@ def test_evict_pods_honours_pod_disruption_budgets(env) -> None:
     wait_for(lambda: phase_of(kube, "drain-node-8") == "Drained", timeout=60, what="drained")
     assert kube.get(rest.PODS, "guarded", "apps") is None
     assert kube.get(rest.PODS, "agent", "apps") is not None  # DaemonSet pods stay
+
+
+def test_without_a_downtime_source_no_downtime_is_reported_as_observed(env) -> None:
+    """KubeVirt publishes no per-migration downtime: an operator run without
+    --downtime-source reports predictions only, even where the simulator annotated one."""
+    kube, op = env["kube"], env["op"]
+    op.stop()
+    op.extra = [a for a in op.extra if a not in ("--downtime-source", runner.DOWNTIME_SOURCE)]
+    op.start()
+    moving = vmis_on(kube, "node-9")
+    assert moving
+    kube.create(rest.NODE_DRAINS, drain_body("unobserved-node-9", nodeName="node-9"))
+    drain = wait_for(lambda: phase_of(kube, "unobserved-node-9") in ("Drained", "Stalled")
+                     and get_drain(kube, "unobserved-node-9"), timeout=180, what="drained")
+    time.sleep(1.5)  # a few more passes: still nothing observed
+    drain = get_drain(kube, "unobserved-node-9")
+    moved = [v for v in drain["status"]["vms"] if v["phase"] == "Succeeded"]
+    assert moved
+    assert all("observedDowntimeMs" not in v and "downtimeSource" not in v for v in moved)
+    assert all(v["predictedDowntimeMs"] >= 0 for v in moved if v.get("mode") !=
+               "QuickMigration")
+    ours = [m for m in migrations_of(kube, "unobserved-node-9")
+            if m["status"]["phase"] == "Succeeded"]
+    assert ours and all(DOWNTIME_ANNOTATION in m["metadata"]["annotations"] for m in ours)
+    events = kube.items(rest.EVENTS, "default",
+                        field_selector="involvedObject.name=unobserved-node-9")
+    assert not [e for e in events if e["reason"] == "DowntimeExceeded"
+                or "observed downtime" in e["message"]]
 
 
 def test_operator_logged_no_tracebacks(env) -> None:

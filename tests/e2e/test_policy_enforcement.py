@@ -80,7 +80,8 @@ def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
                "refns", *LADDERS):
         kube.patch(rest.NAMESPACES, ns, {"metadata": {"labels": {"tier": ns}}})
     op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
-                         scenario.time_scale, sim.metrics.url).start()
+                         scenario.time_scale, sim.metrics.url,
+                         downtime_source=runner.DOWNTIME_SOURCE).start()
     try:
         yield {"kube": kube, "sim": sim, "op": op, "scenario": scenario}
     finally:
@@ -282,10 +283,21 @@ def test_downtime_ladder_abort_post_copy_and_quick_migration(env) -> None:
     assert vms["hot-postcopy"]["phase"] == "Succeeded"
     state = kube.get(rest.VMIS, "hot", "hot-postcopy")["status"]["migrationState"]
     assert state["mode"] == "PostCopy" and state["completed"] is True
+    # Predicted before it started (post-copy's pause), observed by the configured source.
+    post_copy = wait_for(lambda: (v := next(
+        e for e in get_drain(kube, "hot-node-4")["status"]["vms"]
+        if e["namespace"] == "hot-postcopy")).get("observedDowntimeMs") is not None and v,
+        timeout=30, what="post-copy downtime observed")
+    [vmim] = kube.items(rest.VMIMS, "hot-postcopy")
+    assert post_copy["observedDowntimeMs"] == int(
+        vmim["metadata"]["annotations"]["sim.virtshift.io/downtime-ms"]) <= 300
+    assert post_copy["downtimeSource"] == "annotation:sim.virtshift.io/downtime-ms"
+    assert 0 < post_copy["predictedDowntimeMs"] <= 300
 
     assert (vms["hot-quick"]["phase"], vms["hot-quick"]["mode"]) == ("Succeeded",
                                                                      "QuickMigration")
-    assert vms["hot-quick"]["downtimeMs"] > 0
+    assert vms["hot-quick"]["observedDowntimeMs"] > 0
+    assert vms["hot-quick"]["downtimeSource"] == "restartTimestamps"
     assert kube.items(rest.VMIMS, "hot-quick") == []  # a restart, not a live migration
     assert kube.get(rest.VMIS, "hot", "hot-quick")["status"]["nodeName"] != "node-4"
 
@@ -367,7 +379,8 @@ def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None
     assert outcomes_of(kube, "restart").get("skipped") == 0
     assert outcomes_of(kube, "skip").get("quickMigrated") == 0
     # Stop, then start on another node: the target pod start-up (10s) at least.
-    assert gpu["downtimeMs"] >= 10_000
+    assert gpu["observedDowntimeMs"] >= 10_000
+    assert gpu["downtimeSource"] == "restartTimestamps"
     vmi = kube.get(rest.VMIS, "gpu", "restart")
     assert vmi["status"]["nodeName"] not in (None, "node-5")
     vm = kube.get(rest.VMS, "gpu", "restart")

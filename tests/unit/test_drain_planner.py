@@ -13,6 +13,7 @@ from virtshift.api.units import GiB
 from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, plan_drain, stamp
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import (
+    DowntimeObservation,
     KubeVirtLimits,
     KubeVirtMigrationConfig,
     MigrationInfo,
@@ -98,12 +99,82 @@ def test_an_in_flight_migration_on_the_node_counts_against_outbound() -> None:
     assert entry(d, "a").phase == "Migrating" and entry(d, "a").reason == "Running"
 
 
-def test_moved_vm_is_succeeded_with_its_downtime() -> None:
+def observed(ms: int, source: str = "annotation:example.com/downtime-ms"
+             ) -> DowntimeObservation:
+    return DowntimeObservation(ms, source)
+
+
+def test_moved_vm_is_succeeded_with_its_observed_downtime_and_its_source() -> None:
     d = plan_drain(snap([vmi("a", node_name="n2")],
-                        migrations=[mig("a", 1, "Succeeded", target="n2", downtime_ms=42)]))
+                        migrations=[mig("a", 1, "Succeeded", target="n2",
+                                        downtime=observed(42))]))
     e = entry(d, "a")
-    assert (e.phase, e.target_node, e.downtime_ms) == ("Succeeded", "n2", 42)
+    assert (e.phase, e.target_node, e.observed_downtime_ms, e.downtime_source) == (
+        "Succeeded", "n2", 42, "annotation:example.com/downtime-ms")
     assert d.status.phase == "Drained" and d.status.completion_time == stamp(NOW)
+    assert d.downtimes == [observed(42)]
+    assert ("Normal", "Migrated", "ns/a moved to n2 (observed downtime 42 ms, "
+            "annotation:example.com/downtime-ms)") in d.events
+
+
+def test_without_an_observation_a_prediction_is_never_reported_as_observed() -> None:
+    """Predicted 900 ms against a 300 ms maxDowntime (the ladder allowed it), nothing observed:
+    the VM moved, its prediction is kept as one, and no breach is reported."""
+    before = NodeDrainStatus(vms=[VMEntry(namespace="ns", name="a", phase="Migrating",
+                                          predicted_downtime_ms=900)])
+    d = plan_drain(snap([vmi("a", node_name="n2")], status=before,
+                        rules={"ns/a": Rules(max_downtime=0.3)},
+                        migrations=[mig("a", 1, "Succeeded", target="n2")]))
+    e = entry(d, "a")
+    assert (e.phase, e.reason, e.predicted_downtime_ms) == ("Succeeded", "Migrated", 900)
+    assert e.observed_downtime_ms is None and e.downtime_source is None
+    assert "DowntimeExceeded" not in {r for _k, r, _m in d.events}
+    assert ("Normal", "Migrated", "ns/a moved to n2") in d.events
+    assert d.downtimes == []
+    wire = d.status.wire()["vms"][0]
+    assert "observedDowntimeMs" not in wire and wire["predictedDowntimeMs"] == 900
+
+
+def test_the_prediction_is_kept_while_migrating_and_after() -> None:
+    first = plan_drain(snap([vmi("a")]))
+    predicted = entry(first, "a").predicted_downtime_ms
+    assert predicted is not None and entry(first, "a").phase == "Migrating"
+    running = plan_drain(snap([vmi("a")], status=first.status,
+                              migrations=[mig("a", 1, "Running")]))
+    assert entry(running, "a").predicted_downtime_ms == predicted
+    done = plan_drain(snap([vmi("a", node_name="n2")], status=running.status,
+                           migrations=[mig("a", 1, "Succeeded", target="n2",
+                                           downtime=observed(7))]))
+    e = entry(done, "a")
+    assert (e.predicted_downtime_ms, e.observed_downtime_ms) == (predicted, 7)
+
+
+def test_the_prediction_survives_a_vmi_that_moved_before_its_migration_says_so() -> None:
+    """Separate watches: the VMI's new node may arrive before the VMIM's Succeeded."""
+    before = NodeDrainStatus(vms=[VMEntry(namespace="ns", name="a", phase="Migrating",
+                                          predicted_downtime_ms=30)])
+    d = plan_drain(snap([vmi("a", node_name="n2")], status=before,
+                        migrations=[mig("a", 1, "Running")]))
+    assert (entry(d, "a").reason, entry(d, "a").predicted_downtime_ms) == ("LeftNode", 30)
+
+
+def test_an_observation_that_comes_a_pass_later_is_reported_once() -> None:
+    """The migration succeeds first; its measured downtime arrives afterwards."""
+    rules = {"ns/a": Rules(max_downtime=0.1)}
+    moved = [vmi("a", node_name="n2")]
+    first = plan_drain(snap(moved, rules=rules,
+                            migrations=[mig("a", 1, "Succeeded", target="n2")]))
+    assert entry(first, "a").reason == "Migrated" and first.downtimes == []
+    later = plan_drain(snap(moved, rules=rules, status=first.status,
+                            migrations=[mig("a", 1, "Succeeded", target="n2",
+                                            downtime=observed(250))]))
+    assert entry(later, "a").reason == "DowntimeExceeded"
+    assert later.downtimes == [observed(250)]
+    assert [r for _k, r, _m in later.events] == ["DowntimeExceeded"]
+    again = plan_drain(snap(moved, rules=rules, status=later.status,
+                            migrations=[mig("a", 1, "Succeeded", target="n2",
+                                            downtime=observed(250))]))
+    assert again.downtimes == [] and again.events == []
 
 
 def test_never_drained_while_a_launcher_pod_of_a_vm_to_move_runs_there() -> None:
@@ -172,7 +243,9 @@ def test_quick_migration_done_reports_downtime() -> None:
     vm = VMInfo("ns", "gpu", quick=QuickMigrationRecord("d", "n1", stopped, started=True))
     d = plan_drain(snap([moved], vms={"ns/gpu": vm}))
     e = entry(d, "gpu")
-    assert (e.phase, e.mode, e.downtime_ms) == ("Succeeded", "QuickMigration", 15000)
+    assert (e.phase, e.mode, e.observed_downtime_ms, e.downtime_source) == (
+        "Succeeded", "QuickMigration", 15000, "restartTimestamps")
+    assert d.downtimes == [DowntimeObservation(15000, "restartTimestamps")]
 
 
 def test_quick_migration_starts_the_vm_once_its_vmi_is_gone() -> None:
@@ -434,9 +507,12 @@ def test_policy_parallel_limit_counts_migrations_of_that_policy() -> None:
 
 def test_downtime_breach_is_flagged_on_the_vm_and_as_an_event() -> None:
     d = plan_drain(snap([vmi("a", node_name="n2")], rules={"ns/a": Rules(max_downtime=0.1)},
-                        migrations=[mig("a", 1, "Succeeded", target="n2", downtime_ms=250)]))
+                        migrations=[mig("a", 1, "Succeeded", target="n2",
+                                        downtime=observed(250))]))
     e = entry(d, "a")
     assert (e.phase, e.reason) == ("Succeeded", "DowntimeExceeded")
+    assert "observed downtime 250 ms (annotation:example.com/downtime-ms) exceeded " \
+        "maxDowntime 100 ms" in e.message
     assert ("Warning", "DowntimeExceeded") in {(k, r) for k, r, _m in d.events}
 
 

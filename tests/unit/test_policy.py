@@ -14,7 +14,7 @@ from virtshift.api.migrationpolicy import MigrationPolicySpec, MigrationPolicySt
 from virtshift.domain import policy as p
 from virtshift.domain.naming import kubevirt_policy_name, label_value
 from virtshift.domain.rules import NamedPolicy, governing_policy, rules_from
-from virtshift.domain.views import KubeVirtMigrationConfig, MigrationInfo
+from virtshift.domain.views import DowntimeObservation, KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import views
 
 NOW = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
@@ -271,8 +271,9 @@ def test_governed_counts_namespace_selection() -> None:
 
 def mig(name: str, phase: str, downtime: int | None = None, attempt: int = 1,
         drain: str | None = "d", terminating: bool = False) -> MigrationInfo:
+    observed = DowntimeObservation(downtime, "annotation:test") if downtime is not None else None
     return MigrationInfo(namespace="ns", name=name, vmi=name, phase=phase, drain=drain,
-                         policy="gold", attempt=attempt, downtime_ms=downtime,
+                         policy="gold", attempt=attempt, downtime=observed,
                          terminating=terminating)
 
 
@@ -315,6 +316,14 @@ def test_outcome_counters(fields, migrations, expected) -> None:
             summary.samples) == expected
 
 
+def test_downtime_summary_says_where_its_observations_come_from() -> None:
+    _counters, summary = p.outcomes(spec(), [mig("a", "Succeeded", 120),
+                                             mig("b", "Succeeded")])
+    assert (summary.samples, summary.max_ms, summary.source) == (1, 120, "annotation:test")
+    _counters, none = p.outcomes(spec(maxDowntime="1ms"), [mig("a", "Succeeded")])
+    assert (none.samples, none.source, _counters.downtime_breaches) == (0, None, 0)
+
+
 def snapshot(**kw: Any) -> p.PolicySnapshot:
     defaults: dict[str, Any] = {
         "name": "gold", "generation": 3, "spec": spec(), "status": MigrationPolicyStatus(),
@@ -330,7 +339,8 @@ def test_status_ready_and_counts() -> None:
     assert s["observedGeneration"] == 3 and s["matchedVMs"] == 4
     assert s["kubevirtPolicy"] == "virtshift-gold" and s["inFlight"] == 2
     assert s["outcomes"]["succeeded"] == 1
-    assert s["downtime"] == {"samples": 1, "p50Ms": 90, "p99Ms": 90, "maxMs": 90}
+    assert s["downtime"] == {"samples": 1, "p50Ms": 90, "p99Ms": 90, "maxMs": 90,
+                             "source": "annotation:test"}
     assert s["windowOpen"] is True and "nextWindow" not in s
     [ready] = s["conditions"]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "True", "Rendered")

@@ -251,12 +251,17 @@ class OutcomeCounters(Model):
                          "onDowntimeExceeded ended in Abort (over the NodeDrains that exist), "
                          "plus migrations virtshift aborted for progressTimeout (recorded on "
                          "their VMIs, the last 10 per VMI).")
-    downtime_breaches: int = Field(0, description="Migrations whose downtime exceeded "
-                                   "maxDowntime.")
+    downtime_breaches: int = Field(0, description="Migrations whose observed downtime "
+                                   "exceeded maxDowntime (see downtime.source; predictions "
+                                   "are never counted).")
 
 
 class DowntimeSummary(Model):
-    samples: int = Field(0, description="Migrations measured.")
+    samples: int = Field(0, description="Migrations whose downtime was observed. KubeVirt "
+                         "publishes no per-migration downtime: without an observation source "
+                         "(virtshift run --downtime-source) this stays 0.")
+    source: str | None = Field(None, description="Where the observations come from, e.g. "
+                               "annotation:<key> or prometheus:<metric>.")
     p50_ms: int | None = Field(None, description="Median switch-over downtime, milliseconds.")
     p99_ms: int | None = Field(None, description="99th percentile downtime, milliseconds.")
     max_ms: int | None = Field(None, description="Longest downtime, milliseconds.")
@@ -281,7 +286,9 @@ class MigrationPolicyStatus(Model):
         None, description="What happened, counted from the objects that exist now: the "
         "migrations labelled with this policy and the NodeDrains' VM entries (each counter "
         "says which).")
-    downtime: DowntimeSummary | None = Field(None, description="Observed switch-over downtime.")
+    downtime: DowntimeSummary | None = Field(
+        None, description="Observed (measured, never predicted) switch-over downtime of this "
+        "policy's succeeded migrations.")
     window_open: bool | None = Field(None, description="Whether new migrations may start now.")
     next_window: str | None = Field(
         None, description="When the next window opens (RFC 3339).",

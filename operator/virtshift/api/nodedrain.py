@@ -141,13 +141,28 @@ class VMEntry(Model):
         "VMI as virtshift.io/migration-attempts, so KubeVirt's garbage collection of finished "
         "migrations cannot reset it).")
     migration: str | None = Field(None, description="The current VirtualMachineInstanceMigration.")
-    downtime_ms: int | None = Field(None, description="Switch-over downtime, milliseconds.")
     candidates: list[str] | None = Field(
         None, max_length=5, description="Possible target nodes, best first (plan): the first "
         "five; every one is tried."
     )
     predicted_seconds: float | None = Field(None, description="Predicted migration time (plan).")
-    predicted_downtime_ms: int | None = Field(None, description="Predicted downtime (plan).")
+    predicted_downtime_ms: int | None = Field(
+        None, description="Predicted switch-over downtime in milliseconds: virtshift's pre-copy "
+        "model of the pause, made before the migration starts (for the step of "
+        "onDowntimeExceeded it chose) and kept once it runs. A prediction, never a "
+        "measurement; maxDowntime is held against it before migrating.",
+    )
+    observed_downtime_ms: int | None = Field(
+        None, description="Measured switch-over downtime in milliseconds, from downtimeSource. "
+        "KubeVirt publishes no per-migration downtime, so a live migration has one only when "
+        "the operator runs with a downtime source (virtshift run --downtime-source); absent "
+        "otherwise. DowntimeExceeded is reported only from this field.",
+    )
+    downtime_source: str | None = Field(
+        None, description="Where observedDowntimeMs came from: annotation:<key> (an annotation "
+        "of the VirtualMachineInstanceMigration), prometheus:<metric>, or restartTimestamps (a "
+        "quick migration: from the VM's stop to its new VMI's Running transition).",
+    )
 
 
 class NodePhase(StrEnum):

@@ -42,6 +42,7 @@ from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
 from virtshift.domain.rules import Rules, selector_matches
 from virtshift.domain.views import (
+    DowntimeObservation,
     KubeVirtLimits,
     MigrationInfo,
     NodeInfo,
@@ -60,6 +61,9 @@ ATTEMPTS_ANNOTATION = "virtshift.io/migration-attempts"
 # anyway (wall-clock seconds since the deletion handler first ran): KubeVirt ends an aborted
 # migration within seconds, so this only matters when KubeVirt itself is not working.
 ABORT_WAIT_SECONDS = 300.0
+# downtimeSource of a quick migration: the VM's stop (virtshift's record) to its new VMI's
+# Running transition (KubeVirt's timestamp).
+RESTART_TIMESTAMPS = "restartTimestamps"
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class Decision:
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     hold: str | None = None  # finalize_drain: why the finalizer must stay for now
+    # Downtimes observed in this pass (each once, for the metrics): never predictions.
+    downtimes: list[DowntimeObservation] = field(default_factory=list)
 
     @property
     def changes_cluster(self) -> bool:
@@ -292,6 +298,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
     memory = vmi.memory if vmi else 0.0
     made = _attempts_made(s, key, migs)
     base = {"namespace": ns, "name": name, "attempts": made or None}
+    # The prediction made before the migration started, kept beside what is observed.
+    carried = {"predicted_downtime_ms": _predicted_before(s, ns, name)}
 
     def entry(phase: VMPhase, reason: str | None = None, message: str | None = None,
               **extra: object) -> VMEntry:
@@ -305,7 +313,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
             return _VM(key, entry(VMPhase.SUCCEEDED, "QuickMigrated",
                                   f"restarted on {vmi.node}", source_node=quick.source,
                                   target_node=vmi.node, mode="QuickMigration",
-                                  downtime_ms=paused_ms), memory)
+                                  observed_downtime_ms=paused_ms,
+                                  downtime_source=RESTART_TIMESTAMPS), memory)
         if vmi is None and not quick.started:
             decision.start.append(key)
         return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
@@ -318,33 +327,38 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         done = next((m for m in migs if m.phase == "Succeeded"), None)
         if done is None and not migs:
             return None  # on a node of the wave that is not being drained (yet)
-        paused = done.downtime_ms if done else None
-        breach = paused is not None and rules.max_downtime is not None and \
-            paused > rules.max_downtime * 1000
+        # maxDowntime breaches only from an observation: a prediction is acted on before
+        # migrating (downtime.choose), never reported as what happened.
+        observed = done.downtime if done else None
+        breach = observed is not None and rules.max_downtime is not None and \
+            observed.ms > rules.max_downtime * 1000
         return _VM(key, entry(
-            VMPhase.SUCCEEDED, "DowntimeExceeded" if breach else
+            VMPhase.SUCCEEDED, downtime.DOWNTIME_EXCEEDED if breach else
             "Migrated" if done else "LeftNode",
-            f"now on {vmi.node}" + (f"; downtime {paused} ms exceeded maxDowntime "
-                                    f"{rules.max_downtime * 1000:.0f} ms" if breach else ""),
+            f"now on {vmi.node}" + (f"; observed downtime {observed.ms} ms ({observed.source}) "
+                                    f"exceeded maxDowntime {rules.max_downtime * 1000:.0f} ms"
+                                    if breach and observed and rules.max_downtime else ""),
             source_node=(done.source if done else None),
             target_node=vmi.node, mode=(done.mode and ("PostCopy" if done.mode == "PostCopy"
                                                        else "LiveMigration")) if done else None,
             migration=done.name if done else None,
-            downtime_ms=done.downtime_ms if done else None), memory)
+            observed_downtime_ms=observed.ms if observed else None,
+            downtime_source=observed.source if observed else None,
+            **carried), memory)
     predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node),
                                     _concurrency(s, rules))
     if last is not None and not last.final:
         elapsed = (s.now - (last.created or s.now)).total_seconds()
         return _VM(key, entry(VMPhase.MIGRATING, last.phase or "Pending",
                               f"migration {last.name} is {last.phase or 'Pending'}",
-                              source_node=vmi.node, migration=last.name), memory,
+                              source_node=vmi.node, migration=last.name, **carried), memory,
                    seconds=max(predicted - elapsed, 0.0))
     if last is not None and last.phase == "Succeeded" and vmi.node == last.source:
         # The VMI's new node has not reached our cache yet (separate watches): never migrate
         # a VM again that has just moved.
         return _VM(key, entry(VMPhase.MIGRATING, "Completing", f"migration {last.name} "
                               "succeeded; waiting for the VMI to report its new node",
-                              source_node=vmi.node, migration=last.name), memory)
+                              source_node=vmi.node, migration=last.name, **carried), memory)
     foreign = next((m for m in s.cluster_unfinished
                     if m.vmi_key == key and m.drain != s.name), None)
     if foreign is not None:
@@ -427,6 +441,12 @@ def _quick(s: DrainSnapshot, vmi: VMIInfo, places: _Places, memory: float,
             seconds=s.estimator.target_startup, blocked_by=finding[0])
     return _VM(vmi.key, pending, memory, seconds=s.estimator.target_startup, stop=True,
                targets=targets, requests=requests)
+
+
+def _predicted_before(s: DrainSnapshot, ns: str, name: str) -> int | None:
+    """The predicted downtime the previous status showed for this VM."""
+    return next((e.predicted_downtime_ms for e in s.status.vms or []
+                 if e.namespace == ns and e.name == name), None)
 
 
 def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
@@ -749,7 +769,23 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
     st.phase = phase
     decision.status = st
     decision.events.extend(_events(s, previous, st))
+    decision.downtimes.extend(_observations(previous, st))
     return decision
+
+
+def _newly_observed(prev: VMEntry | None, e: VMEntry) -> bool:
+    """A downtime observation this VM's entry did not have before (it may come a pass or two
+    after the migration succeeded)."""
+    return e.observed_downtime_ms is not None and e.phase == VMPhase.SUCCEEDED and (
+        prev is None or prev.observed_downtime_ms is None or prev.phase != e.phase)
+
+
+def _observations(old: NodeDrainStatus, new: NodeDrainStatus) -> list[DowntimeObservation]:
+    before = {(e.namespace, e.name): e for e in old.vms or []}
+    return [DowntimeObservation(e.observed_downtime_ms, e.downtime_source or "")
+            for e in new.vms or []
+            if e.observed_downtime_ms is not None
+            and _newly_observed(before.get((e.namespace, e.name)), e)]
 
 
 def _events(s: DrainSnapshot, old: NodeDrainStatus, new: NodeDrainStatus
@@ -763,15 +799,16 @@ def _events(s: DrainSnapshot, old: NodeDrainStatus, new: NodeDrainStatus
     before = {(e.namespace, e.name): e for e in old.vms or []}
     for e in new.vms or []:
         prev = before.get((e.namespace, e.name))
+        if e.reason == downtime.DOWNTIME_EXCEEDED and _newly_observed(prev, e):
+            events.append(("Warning", downtime.DOWNTIME_EXCEEDED, f"{e.namespace}/{e.name}: "
+                           f"{e.message}"))
         if prev is not None and prev.phase == e.phase:
             continue
         if e.phase == VMPhase.SUCCEEDED:
             events.append(("Normal", "Migrated", f"{e.namespace}/{e.name} moved to "
-                           f"{e.target_node}" + (f" (downtime {e.downtime_ms} ms)"
-                                                 if e.downtime_ms is not None else "")))
-            if e.reason == "DowntimeExceeded":
-                events.append(("Warning", "DowntimeExceeded", f"{e.namespace}/{e.name}: "
-                               f"{e.message}"))
+                           f"{e.target_node}" + (f" (observed downtime {e.observed_downtime_ms}"
+                                                 f" ms, {e.downtime_source})"
+                                                 if e.observed_downtime_ms is not None else "")))
         elif e.phase == VMPhase.FAILED:
             events.append(("Warning", "MigrationFailed", f"{e.namespace}/{e.name}: {e.reason}: "
                            f"{e.message}"))

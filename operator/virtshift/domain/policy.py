@@ -317,7 +317,8 @@ def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo],
     succeeded = [m for m in migrations if m.phase == "Succeeded"]
     failed = [m for m in migrations if m.phase == "Failed"
               and (m.drain is None or m.attempt == 0 or m.attempt >= spec.max_attempts)]
-    downtimes = sorted(m.downtime_ms for m in succeeded if m.downtime_ms is not None)
+    observed = [m.downtime for m in succeeded if m.downtime is not None]  # never predictions
+    downtimes = sorted(o.ms for o in observed)
     breaches = sum(1 for d in downtimes if limit is not None and d > limit)
     skipped = sum(1 for v in drain_vms if v.phase == "Skipped" and v.reason != VMI_GONE)
     quick = sum(1 for v in drain_vms if v.phase == "Succeeded" and v.mode == "QuickMigration")
@@ -329,7 +330,8 @@ def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo],
                                downtime_breaches=breaches)
     summary = DowntimeSummary(samples=len(downtimes), p50_ms=nearest_rank(downtimes, 50),
                               p99_ms=nearest_rank(downtimes, 99),
-                              max_ms=downtimes[-1] if downtimes else None)
+                              max_ms=downtimes[-1] if downtimes else None,
+                              source=", ".join(sorted({o.source for o in observed})) or None)
     return counters, summary
 
 

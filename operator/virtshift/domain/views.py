@@ -77,6 +77,16 @@ class VMInfo:
 
 
 @dataclass(frozen=True)
+class DowntimeObservation:
+    """A switch-over downtime that was measured, and by what: never a prediction (those are
+    ``physics.Prediction``). ``source`` names it as the status shows it, e.g.
+    ``annotation:<key>``, ``prometheus:<metric>`` or ``restartTimestamps``."""
+
+    ms: int
+    source: str
+
+
+@dataclass(frozen=True)
 class MigrationInfo:
     """A VirtualMachineInstanceMigration; ``drain``/``attempt`` are set on virtshift's own."""
 
@@ -94,7 +104,7 @@ class MigrationInfo:
     target: str | None = None
     failure: str | None = None
     mode: str | None = None
-    downtime_ms: int | None = None
+    downtime: DowntimeObservation | None = None  # only from a configured observation source
     terminating: bool = False
     aborted: str | None = None  # why virtshift aborted it (e.g. ProgressTimeout), if it did
 

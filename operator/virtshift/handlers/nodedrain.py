@@ -57,7 +57,9 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
         rt.remember(stored)
     for kind, reason, message in decision.events:
         rt.actions.event(drain, kind, reason, message)
-        _count(reason, message)
+        _count(reason)
+    for observed in decision.downtimes:
+        DOWNTIME.labels(observed.source).observe(observed.ms / 1000)
     MIGRATIONS_CREATED.labels(name).inc(len(decision.create))
     counts = decision.status.counts
     if counts:
@@ -66,11 +68,9 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
     DRAIN_REMAINING.labels(name).set(decision.status.planned_seconds or 0)
 
 
-def _count(reason: str, message: str) -> None:
+def _count(reason: str) -> None:
     if reason == "Migrated":
         OUTCOMES.labels("succeeded").inc()
-        if "downtime " in message:
-            DOWNTIME.observe(int(message.rsplit("downtime ", 1)[1].split()[0]) / 1000)
     elif reason == "MigrationFailed":
         OUTCOMES.labels("failed").inc()
     elif reason == "DowntimeExceeded":

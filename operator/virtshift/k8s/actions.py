@@ -5,7 +5,6 @@ error, reported and never mistaken for ours."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from virtshift.domain.drain import (
 from virtshift.domain.naming import label_value
 from virtshift.k8s import rest, views
 from virtshift.k8s.cluster import Cluster
+from virtshift.k8s.events import EventRecorder
 from virtshift.k8s.rest import JSON, ApiError
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class Actions:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.kube = cluster.kube
+        self.events = EventRecorder(cluster.kube)
 
     def apply(self, drain: JSON, d: Decision) -> Applied:
         """Do it all. One refused write (a webhook, a conflict) is reported and does not hold
@@ -255,19 +256,6 @@ class Actions:
                                subresource="status")
 
     def event(self, drain: JSON, kind: str, reason: str, message: str) -> None:
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        meta = drain["metadata"]
-        try:
-            self.kube.create(rest.EVENTS, {
-                "apiVersion": "v1", "kind": "Event",
-                "metadata": {"generateName": f"{meta['name']}.", "namespace": "default"},
-                "involvedObject": {"apiVersion": drain.get("apiVersion", "virtshift.io/v1alpha1"),
-                                   "kind": drain.get("kind", "NodeDrain"), "name": meta["name"],
-                                   "uid": meta["uid"]},
-                "reason": reason, "message": message[:1024], "type": kind,
-                "source": {"component": "virtshift"}, "firstTimestamp": now,
-                "lastTimestamp": now, "count": 1, "reportingComponent": "virtshift",
-                "reportingInstance": "virtshift",
-            }, namespace="default")
-        except ApiError as exc:  # events are best-effort
-            log.debug("event not recorded: %s", exc)
+        """Best effort; a repeat of the same event is counted on the Event already written
+        (``k8s.events``), so a step failing on every pass does not make an Event per pass."""
+        self.events.record(drain, kind, reason, message)

@@ -22,6 +22,7 @@ from virtshift.domain.rules import (
 )
 from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import rest, views
+from virtshift.k8s.downtime import DowntimeSource
 from virtshift.k8s.informer import Informer, key_of
 from virtshift.k8s.kubevirt_metrics import MetricsSource
 from virtshift.k8s.rest import JSON, KubeClient
@@ -53,9 +54,11 @@ class Cluster:
 
     def __init__(self, kube: KubeClient, clock: ClusterClock | None = None,
                  estimator: Estimator | None = None,
-                 metrics: MetricsSource | None = None) -> None:
+                 metrics: MetricsSource | None = None,
+                 downtime: DowntimeSource | None = None) -> None:
         self.kube = kube
         self.metrics = metrics  # KubeVirt's virt-handler metrics, when a source is given
+        self.downtime = downtime  # observed downtimes; None: nothing is observed
         self.clock = clock or ClusterClock()
         self.estimator = estimator or Estimator()
         self.listeners: list[Callable[[str, JSON], None]] = []
@@ -84,6 +87,8 @@ class Cluster:
     def start(self, timeout: float = 60) -> Cluster:
         if self.metrics:
             self.metrics.start()
+        if self.downtime:
+            self.downtime.start()
         for inf in self._all:
             inf.start()
         for inf in self._all:
@@ -100,6 +105,8 @@ class Cluster:
     def stop(self) -> None:
         if self.metrics:
             self.metrics.stop()
+        if self.downtime:
+            self.downtime.stop()
         for inf in self._all:
             inf.stop()
 
@@ -184,11 +191,18 @@ class Cluster:
     def _dirty_rate(self, key: str) -> float | None:
         return self.metrics.get(key) if self.metrics else None
 
+    def migration_info(self, obj: JSON) -> MigrationInfo:
+        """A VMIM's view with its downtime, when the observation source has one."""
+        observed = None
+        if self.downtime and (obj.get("status") or {}).get("phase") == "Succeeded":
+            observed = self.downtime.observe(obj)
+        return views.migration_info(obj, downtime=observed)
+
     def _migration(self, obj: JSON,
                    aborted: Mapping[tuple[str, str], AbortRecord] | None = None) -> MigrationInfo:
         """A VMIM's view; a queued one has no source yet, so take its VMI's node. One virtshift
         aborted says why (``aborted``: its records, by namespace and name)."""
-        info = views.migration_info(obj)
+        info = self.migration_info(obj)
         record = (aborted or {}).get((info.namespace, info.name))
         if record is not None:
             info = dataclasses.replace(info, aborted=record.reason,

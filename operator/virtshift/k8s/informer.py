@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
-import time
 from collections.abc import Callable
 
-from virtshift.k8s.rest import JSON, ApiError, KubeClient, Resource
+from virtshift.k8s.rest import JSON, ApiError, KubeClient, Resource, RetryPolicy
 
 log = logging.getLogger(__name__)
+# Between a failed list or watch and the next try: 0.5 s doubling to 30 s (with jitter), or
+# what a Retry-After asked; back to 0.5 s once a watch delivers again.
+RELIST = RetryPolicy(base=0.5, cap=30.0)
 
 
 def key_of(obj: JSON) -> str:
@@ -32,6 +35,8 @@ class Informer:
         self._synced = threading.Event()
         self._started = False
         self._stop = threading.Event()
+        self._failures = 0
+        self._rng = random.Random()
         self._thread = threading.Thread(target=self._run, name=f"informer-{res.plural}",
                                         daemon=True)
 
@@ -72,6 +77,14 @@ class Informer:
         with self._lock:
             self._objects.pop(key, None)
 
+    def _backoff(self, retry_after: float | None = None) -> None:
+        """Wait before the next list or watch: longer after each failure in a row."""
+        self._failures += 1
+        delay = RELIST.backoff(min(self._failures, 16), self._rng)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        self._stop.wait(delay)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -82,6 +95,7 @@ class Informer:
                 while not self._stop.is_set():
                     for kind, obj in self.kube.watch(self.res, rv,
                                                      label_selector=self.label_selector):
+                        self._failures = 0  # the watch delivers
                         if kind == "BOOKMARK":
                             rv = obj["metadata"]["resourceVersion"]
                             continue
@@ -100,14 +114,14 @@ class Informer:
                         if self._stop.is_set():
                             return
             except ApiError as exc:
-                if not exc.gone:
+                if not exc.gone:  # 410: our resourceVersion is too old; relist at once
                     log.warning("watch of %s failed: %s", self.res.plural, exc)
-                    time.sleep(0.5)
+                    self._backoff(exc.retry_after)
             except Exception as exc:  # connection dropped: relist
                 if self._stop.is_set():
                     return
                 log.debug("watch of %s restarting: %s", self.res.plural, exc)
-                time.sleep(0.5)
+                self._backoff()
 
 
 def _rv(obj: JSON) -> int:

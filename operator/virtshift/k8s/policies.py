@@ -111,7 +111,7 @@ class PolicyStore:
         for obj in self.cluster.vmims.values():
             if (obj["metadata"].get("labels") or {}).get(views.POLICY_LABEL) != value:
                 continue
-            info = views.migration_info(obj)
+            info = self.cluster.migration_info(obj)
             record = records.pop((info.namespace, info.name), None)
             if record is not None:
                 info = dataclasses.replace(info, aborted=record.reason)

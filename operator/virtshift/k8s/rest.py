@@ -4,15 +4,30 @@ It takes its connection settings (server, CA, token or client certificate) from 
 ``kubernetes`` package's kubeconfig / in-cluster loaders, and talks over one thread-safe
 urllib3 pool. Dicts keep us close to the wire format that our pydantic models and KubeVirt's
 schemas describe, with no generated model classes in between.
+
+Transient failures are retried (``RetryPolicy``): a connection that could not be opened, 429
+(the API server's priority and fairness, or max-in-flight), 500, 502, 503 and 504, with
+exponential backoff and jitter, waiting at least what a ``Retry-After`` says, and never longer
+in all than the policy's budget. A request the server may already have carried out (the
+connection broke after it was sent, or a 5xx other than 503) is retried only when repeating it
+cannot do anything twice: reads, PUT, DELETE, merge and apply patches, and creates of a fixed
+name (a repeat answers 409 AlreadyExists, which callers take as "it exists"). A create with
+``generateName`` or a JSON patch is sent again only when the server cannot have seen it. An
+eviction's 429 is its answer (a PodDisruptionBudget, or KubeVirt migrating the VM instead), not
+back-pressure, and is returned at once.
 """
 
 from __future__ import annotations
 
 import copy
+import email.utils
 import json
+import logging
 import os
+import random
 import ssl
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -20,6 +35,8 @@ from urllib.parse import quote, urlencode
 import urllib3
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
+
+log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 MERGE = "application/merge-patch+json"
@@ -29,15 +46,20 @@ APPLY = "application/apply-patch+yaml"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: str) -> None:
+    def __init__(self, status: int, body: str, retry_after: float | None = None) -> None:
         self.status = status
         self.body = body
+        details: Any = {}
         try:
             parsed = json.loads(body)
             self.reason = parsed.get("reason", "")
             self.message = parsed.get("message", body)
-        except ValueError:
+            details = parsed.get("details") or {}
+        except (ValueError, AttributeError):
             self.reason, self.message = "", body
+        if retry_after is None and isinstance(details, dict) and details.get("retryAfterSeconds"):
+            retry_after = float(details["retryAfterSeconds"])
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it said
         super().__init__(f"{status} {self.reason}: {self.message}")
 
     @property
@@ -51,6 +73,61 @@ class ApiError(Exception):
     @property
     def gone(self) -> bool:
         return self.status == 410
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header in seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Answers that say the request was not carried out: safe to repeat whatever it was.
+NOT_PROCESSED_STATUSES = frozenset({429})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a request is retried: at most ``attempts`` tries, waiting ``base`` x ``factor``^n
+    (at most ``cap``) with jitter (a uniform draw from half to all of it) between them, or at
+    least a ``Retry-After``; and no more than ``budget`` seconds from the first try to the
+    start of the last. A wait that would end past the budget is not begun: the last error is
+    raised at once."""
+
+    attempts: int = 6
+    base: float = 0.2
+    factor: float = 2.0
+    cap: float = 5.0
+    budget: float = 10.0
+
+    def backoff(self, retry: int, rng: random.Random) -> float:
+        """The wait before retry number ``retry`` (1 for the first), with jitter."""
+        full = min(self.cap, self.base * self.factor ** (retry - 1))
+        return full * rng.uniform(0.5, 1.0)
+
+
+def _repeatable(method: str, body: Any, content_type: str, name_in_path: bool) -> bool:
+    """Whether sending this request twice does no more than sending it once."""
+    if method in ("GET", "HEAD", "PUT", "DELETE"):
+        return True
+    if method == "PATCH":
+        return content_type in (MERGE, APPLY, STRATEGIC)
+    if method == "POST":
+        if name_in_path:  # a subresource of a named object (an eviction)
+            return True
+        meta = (body.get("metadata") or {}) if isinstance(body, Mapping) else {}
+        return bool(meta.get("name")) and not meta.get("generateName")
+    return False
 
 
 @dataclass(frozen=True)
@@ -112,8 +189,11 @@ def load_configuration(kubeconfig: str | None = None) -> kclient.Configuration:
 
 
 class KubeClient:
-    def __init__(self, cfg: kclient.Configuration, pool_size: int = 32) -> None:
+    def __init__(self, cfg: kclient.Configuration, pool_size: int = 32,
+                 retry: RetryPolicy | None = None) -> None:
         self.cfg = cfg
+        self.retry = retry or RetryPolicy()
+        self._rng = random.Random()
         self.server = cfg.host.rstrip("/")
         if cfg.verify_ssl:
             ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
@@ -136,7 +216,7 @@ class KubeClient:
         cfg.api_key, cfg.api_key_prefix = {}, {}
         cfg.refresh_api_key_hook = None
         cfg.cert_file = cfg.key_file = None  # a client certificate would authenticate first
-        client = KubeClient(cfg, pool_size)
+        client = KubeClient(cfg, pool_size, self.retry)
         client._token = token if callable(token) else (lambda: token)
         return client
 
@@ -154,17 +234,52 @@ class KubeClient:
         return headers
 
     def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                content_type: str = "application/json", timeout: float = 30) -> JSON:
+                content_type: str = "application/json", timeout: float = 30,
+                retry: RetryPolicy | None = None, answers: frozenset[int] = frozenset()
+                ) -> JSON:
+        """One API call, retried as the module docstring says. ``answers``: statuses that are
+        this call's answer rather than a transient failure (never retried)."""
         url = self.server + path + (("?" + urlencode(params)) if params else "")
         data = None if body is None else (body if isinstance(body, str) else json.dumps(body))
-        resp = self.http.request(
-            method, url, body=data, headers=self._headers(content_type if data else None),
-            timeout=urllib3.Timeout(connect=5, read=timeout), retries=False,
-        )
-        text = resp.data.decode()
-        if resp.status >= 400:
-            raise ApiError(resp.status, text)
-        return json.loads(text) if text else {}
+        policy = retry or self.retry
+        repeatable = _repeatable(method, body, content_type, name_in_path=_names_object(path))
+        started = time.monotonic()
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                resp = self.http.request(
+                    method, url, body=data,
+                    headers=self._headers(content_type if data else None),
+                    timeout=urllib3.Timeout(connect=5, read=timeout), retries=False,
+                )
+            except urllib3.exceptions.ConnectTimeoutError as exc:  # never reached the server
+                failure: Exception = exc
+                wait = None
+            except (urllib3.exceptions.ProtocolError,
+                    urllib3.exceptions.ReadTimeoutError) as exc:  # may have been carried out
+                if not repeatable:
+                    raise
+                failure, wait = exc, None
+            else:
+                text = resp.data.decode()
+                if resp.status < 400:
+                    return json.loads(text) if text else {}
+                error = ApiError(resp.status, text,
+                                 parse_retry_after(resp.headers.get("Retry-After")))
+                if resp.status not in RETRY_STATUSES or resp.status in answers or (
+                        not repeatable and resp.status not in NOT_PROCESSED_STATUSES):
+                    raise error
+                failure, wait = error, error.retry_after
+            if attempt == policy.attempts:
+                raise failure
+            delay = policy.backoff(attempt, self._rng)
+            if wait is not None:  # at least what the server asked, plus a little jitter
+                delay = wait + self._rng.uniform(0, min(1.0, 0.1 * wait + 0.05))
+            if time.monotonic() + delay - started > policy.budget:
+                raise failure
+            log.info("%s %s failed (%s); retry %d of %d in %.2fs", method, path,
+                     _describe(failure), attempt, policy.attempts - 1, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     # -- verbs ------------------------------------------------------------------------------
 
@@ -202,7 +317,10 @@ class KubeClient:
                dry_run: bool = False) -> JSON:
         ns = namespace or body.get("metadata", {}).get("namespace")
         params = {"dryRun": "All"} if dry_run else None
-        return self.request("POST", res.path(ns, name, subresource), body, params=params)
+        # An eviction's 429 is its answer: a disruption budget, or KubeVirt migrating the VM.
+        answers = frozenset({429}) if subresource == "eviction" else frozenset()
+        return self.request("POST", res.path(ns, name, subresource), body, params=params,
+                            answers=answers)
 
     def create_or_get(self, res: Resource, body: JSON, namespace: str | None = None) -> JSON:
         """Create; on 409 (already exists, e.g. after a restart) return the existing object."""
@@ -263,7 +381,8 @@ class KubeClient:
                                  retries=False)
         try:
             if resp.status >= 400:
-                raise ApiError(resp.status, resp.data.decode())
+                raise ApiError(resp.status, resp.data.decode(),
+                               parse_retry_after(resp.headers.get("Retry-After")))
             buf = b""
             for chunk in resp.stream(65536):
                 buf += chunk
@@ -274,3 +393,18 @@ class KubeClient:
                         yield event["type"], event["object"]
         finally:
             resp.release_conn()
+
+
+def _names_object(path: str) -> bool:
+    """A path of a named object's subresource, e.g. .../pods/NAME/eviction."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]  # past /api/v1 or /apis/g/v
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    return len(rest) >= 3  # plural, name, subresource
+
+
+def _describe(failure: Exception) -> str:
+    if isinstance(failure, ApiError):
+        return f"{failure.status} {failure.reason}".strip()
+    return type(failure).__name__

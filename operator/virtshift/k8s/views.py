@@ -9,6 +9,7 @@ from typing import Any
 from virtshift.api.units import parse_quantity
 from virtshift.domain.views import (
     AbortRecord,
+    DowntimeObservation,
     KubeVirtLimits,
     KubeVirtMigrationConfig,
     MigrationInfo,
@@ -32,7 +33,6 @@ QUICK_ANNOTATION = "virtshift.io/quick-migration"
 # MAX_ABORT_RECORDS; they outlive the VirtualMachineInstanceMigrations KubeVirt removes.
 ABORTED_ANNOTATION = "virtshift.io/aborted-migrations"
 MAX_ABORT_RECORDS = 10
-DOWNTIME_ANNOTATION = "sim.virtshift.io/downtime-ms"
 
 
 def parse_time(text: str | None) -> dt.datetime | None:
@@ -121,13 +121,15 @@ def quick_record(drain: str, source: str, stopped_at: str, started: bool = False
     return json.dumps(record, sort_keys=True)
 
 
-def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> MigrationInfo:
+def migration_info(obj: JSON, ended_seen: dt.datetime | None = None,
+                   downtime: DowntimeObservation | None = None) -> MigrationInfo:
+    """``downtime``: what the configured observation source (``k8s.downtime``) measured;
+    KubeVirt's own VMIM carries none."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     labels = meta.get("labels") or {}
     state = status.get("migrationState") or {}
     transitions = {t["phase"]: t["phaseTransitionTimestamp"]
                    for t in status.get("phaseTransitionTimestamps") or []}
-    downtime = (meta.get("annotations") or {}).get(DOWNTIME_ANNOTATION)
     phase = status.get("phase") or ""
     ended = parse_time(transitions.get(phase)) if phase in ("Succeeded", "Failed") else None
     return MigrationInfo(
@@ -143,7 +145,7 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None) -> Migratio
             "kubernetes.io/hostname"),
         failure=state.get("failureReason") or _unexplained_failure(status),
         mode=state.get("mode"),
-        downtime_ms=int(downtime) if downtime and downtime.isdigit() else None,
+        downtime=downtime,
         terminating=bool(meta.get("deletionTimestamp")),
     )
 

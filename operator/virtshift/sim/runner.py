@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virtshift.k8s.rest import KubeClient
+from virtshift.sim import objects
 from virtshift.sim.clock import SimClock
 from virtshift.sim.identity import Identities, ensure_identities
 from virtshift.sim.kubevirt import KubeVirtSim
@@ -25,6 +26,11 @@ from virtshift.sim.metrics import VirtHandlerMetrics
 from virtshift.sim.populate import World, ensure_kubevirt, populate
 from virtshift.sim.scenario import Scenario, load_scenario
 from virtshift.sim.webhook import AdmissionWebhooks
+
+# For ``virtshift run --downtime-source``: the simulator measures each migration's switch-over
+# downtime and writes it on the VMIM, as real KubeVirt does not. The demo and the tests
+# configure it explicitly; the operator has no default source.
+DOWNTIME_SOURCE = f"annotation={objects.DOWNTIME_ANNOTATION}"
 
 
 @dataclass
