@@ -364,7 +364,8 @@ def test_a_step_failing_on_every_pass_makes_one_event_with_a_count(proxied_opera
 
     wait_for(lambda: failing.used >= 12, timeout=60, what="two passes of failed creates")
     events = wait_for(lambda: (w := write_failed()) and w[0]["count"] >= 2 and w,
-                      timeout=30, what="a counted WriteFailed event")
+                      timeout=30, what=lambda: "a counted WriteFailed event: " + str(
+                          [(e["count"], e["message"][:90]) for e in write_failed()]))
     assert len(events) == 1, events
     assert events[0]["message"].startswith("create apps/")
     assert "500 InternalError" in events[0]["message"]

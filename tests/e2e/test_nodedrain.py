@@ -363,6 +363,8 @@ def test_maintenance_complete_releases_a_wave_node_and_no_vm_lands_on_a_later_on
     wait_for(lambda: phase_of(kube, "mc") == "Drained" and node_phases() == ["Released"] * 2,
              timeout=60, what="wave complete")
     assert not kube.get(rest.NODES, "node-9")["spec"].get("unschedulable")
+    kube.delete(rest.NODE_DRAINS, "mc")  # maintenance over: the nodes are free for others
+    wait_for(lambda: get_drain(kube, "mc") is None, timeout=60, what="mc gone")
 
 
 VAP = rest.Resource("admissionregistration.k8s.io", "v1", "validatingadmissionpolicies",
@@ -494,11 +496,14 @@ def test_without_a_downtime_source_no_downtime_is_reported_as_observed(env) -> N
     op.stop()
     op.extra = [a for a in op.extra if a not in ("--downtime-source", runner.DOWNTIME_SOURCE)]
     op.start()
-    moving = vmis_on(kube, "node-9")
-    assert moving
-    kube.create(rest.NODE_DRAINS, drain_body("unobserved-node-9", nodeName="node-9"))
+    node = max((f"node-{i}" for i in range(2, 11)
+                if not kube.get(rest.NODES, f"node-{i}")["spec"].get("unschedulable")),
+               key=lambda n: len(vmis_on(kube, n)))
+    assert vmis_on(kube, node)
+    kube.create(rest.NODE_DRAINS, drain_body("unobserved-node-9", nodeName=node))
     drain = wait_for(lambda: phase_of(kube, "unobserved-node-9") in ("Drained", "Stalled")
-                     and get_drain(kube, "unobserved-node-9"), timeout=180, what="drained")
+                     and get_drain(kube, "unobserved-node-9"), timeout=180,
+                     what=lambda: f"drained: {get_drain(kube, 'unobserved-node-9')}")
     time.sleep(1.5)  # a few more passes: still nothing observed
     drain = get_drain(kube, "unobserved-node-9")
     moved = [v for v in drain["status"]["vms"] if v["phase"] == "Succeeded"]

@@ -46,6 +46,11 @@ def mig(vm: str, attempt: int, phase: str, **kw: Any) -> MigrationInfo:
                          drain="d", attempt=attempt, source=kw.pop("source", "n1"), **kw)
 
 
+def cordoned() -> list[NodeInfo]:
+    """n1 as the pass after the drain cordoned it."""
+    return [node("n1", unschedulable=True), node("n2"), node("n3")]
+
+
 def snap(vmis: list[VMIInfo], **kw: Any) -> DrainSnapshot:
     spec = kw.pop("spec", {"nodeName": "n1"})
     nodes = kw.pop("nodes", [node("n1"), node("n2"), node("n3")])
@@ -105,7 +110,7 @@ def observed(ms: int, source: str = "annotation:example.com/downtime-ms"
 
 
 def test_moved_vm_is_succeeded_with_its_observed_downtime_and_its_source() -> None:
-    d = plan_drain(snap([vmi("a", node_name="n2")],
+    d = plan_drain(snap([vmi("a", node_name="n2")], nodes=cordoned(),
                         migrations=[mig("a", 1, "Succeeded", target="n2",
                                         downtime=observed(42))]))
     e = entry(d, "a")
@@ -181,20 +186,29 @@ def test_never_drained_while_a_launcher_pod_of_a_vm_to_move_runs_there() -> None
     """Issue 8: VMIs that say nothing (their status lost) must not make a node look empty;
     a source pod that lingers after its VM moved keeps the node Draining too."""
     lost = PodInfo("ns", "virt-launcher-x-abcde", "n1", "launcher", vmi="ns/x")
-    d = plan_drain(snap([], launchers=[lost]))
+    d = plan_drain(snap([], launchers=[lost], nodes=cordoned()))
     assert d.status.phase == "Draining" and d.status.counts.total == 0
     drained = next(c for c in d.status.conditions if c.type == "Drained")
     assert drained.status == "False" and "ns/virt-launcher-x-abcde" in drained.message
     moved = snap([vmi("a", node_name="n2")], migrations=[mig("a", 1, "Succeeded", target="n2")],
-                 launchers=[PodInfo("ns", "virt-launcher-a-old", "n1", "launcher", vmi="ns/a")])
+                 launchers=[PodInfo("ns", "virt-launcher-a-old", "n1", "launcher", vmi="ns/a")],
+                 nodes=cordoned())
     assert plan_drain(moved).status.phase == "Draining"
     assert plan_drain(dataclasses.replace(moved, launchers=())).status.phase == "Drained"
+
+
+def test_an_empty_node_is_drained_only_once_it_is_cordoned() -> None:
+    """A cordon the API server refused leaves the node open to new VMs: not drained."""
+    d = plan_drain(snap([]))
+    assert d.cordon == ["n1"] and d.status.phase == "Draining"
+    assert plan_drain(snap([], nodes=cordoned())).status.phase == "Drained"
 
 
 def test_a_skipped_vms_launcher_pod_does_not_hold_the_drain() -> None:
     pod = PodInfo("ns", "virt-launcher-gpu", "n1", "launcher", vmi="ns/gpu")
     d = plan_drain(snap([vmi("gpu", migratable=False, not_migratable_reason="HostDevice")],
-                        rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod]))
+                        rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod],
+                        nodes=cordoned()))
     assert entry(d, "gpu").phase == "Skipped" and d.status.phase == "Drained"
 
 
@@ -204,7 +218,8 @@ def test_a_skipped_vm_stays_reported_once_its_node_is_drained() -> None:
     outcomes.skipped counts these entries)."""
     gpu = vmi("gpu", migratable=False, not_migratable_reason="HostDevice")
     pod = PodInfo("ns", "virt-launcher-gpu", "n1", "launcher", vmi="ns/gpu")
-    s = snap([gpu], rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod])
+    s = snap([gpu], rules={"ns/gpu": Rules(non_migratable="Skip")}, launchers=[pod],
+             nodes=cordoned())
     first = plan_drain(s)
     assert first.status.phase == "Drained" and first.status.nodes[0].phase == "Drained"
     later = plan_drain(dataclasses.replace(s, status=first.status,
@@ -701,9 +716,7 @@ def test_migration_names_carry_the_drain_incarnation() -> None:
 @pytest.mark.parametrize(("migs", "previous", "recorded"), [
     # attempts 1 and 2 were garbage-collected by KubeVirt (it keeps the 5 newest)
     ([3, 4, 5, 6, 7], None, 0),
-    # every attempt collected: the drain's own status still has the count
-    ([], 7, 0),
-    # ... or the VMI's annotation for this drain
+    # every attempt collected: the VMI's annotation for this drain has the count
     ([], None, 7),
 ])
 def test_max_attempts_is_a_hard_bound_past_kubevirts_garbage_collection(migs, previous,
@@ -718,6 +731,14 @@ def test_max_attempts_is_a_hard_bound_past_kubevirts_garbage_collection(migs, pr
                                     for i in migs]))
     e = entry(d, "a")
     assert not d.create and (e.phase, e.attempts) == ("Failed", 7)
+
+
+def test_a_create_the_api_server_refused_is_no_attempt() -> None:
+    """The status says Created (attempt 1) before the create goes through; refused, it must
+    not count, or every failing pass would burn an attempt (vs-d-a-1, -2, -3...)."""
+    status = NodeDrainStatus(vms=[VMEntry(namespace="ns", name="a", phase="Migrating",
+                                          reason="Created", attempts=1)])
+    assert created(plan_drain(snap([vmi("a")], status=status)))[0].startswith("vs-d-a-1")
 
 
 def test_the_next_attempt_follows_the_recorded_count_with_backoff() -> None:

@@ -259,14 +259,13 @@ def _node_bandwidth(s: DrainSnapshot, node: str | None) -> float | None:
 
 
 def _attempts_made(s: DrainSnapshot, key: str, migs: Sequence[MigrationInfo]) -> int:
-    """Attempts this drain has made for the VM: the highest of its migrations' attempt labels,
-    the count recorded on the VMI, and the count in the drain's own status. KubeVirt deletes
-    all but the 5 newest finished migrations of a VMI (garbage collection), so the migrations
-    alone would forget attempts and let maxAttempts be exceeded."""
-    ns, name = key.split("/", 1)
-    previous = next((e.attempts for e in s.status.vms or []
-                     if e.namespace == ns and e.name == name), None) or 0
-    return max([m.attempt for m in migs] + [s.attempts.get(key, 0), previous])
+    """Attempts this drain has made for the VM: the highest of its migrations' attempt labels
+    and the count recorded on the VMI once a migration was created. KubeVirt deletes all but
+    the 5 newest finished migrations of a VMI (garbage collection), so the migrations alone
+    would forget attempts and let maxAttempts be exceeded. The drain's own status is no
+    evidence: it says "Created" before the create has gone through, and a create the API
+    server refused is no attempt."""
+    return max([m.attempt for m in migs] + [s.attempts.get(key, 0)])
 
 
 def _placement(vmi: VMIInfo, places: _Places, restart: bool = False
@@ -652,8 +651,9 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     # say: a launcher pod is where a VM runs (a source pod lingers until its VM has left).
     skipped = {v.key for v in vms if v.entry.phase == VMPhase.SKIPPED}
     launchers_on = Counter(p.node for p in s.launchers if p.vmi not in skipped)
+    # ... and only once it is cordoned: an empty node that takes new VMs is not drained.
     node_done = {n: unfinished_on[n] == 0 and pods_on[n] == 0 and launchers_on[n] == 0
-                 for n in draining}
+                 and n in s.nodes and s.nodes[n].unschedulable for n in draining}
     if not s.spec.dry_run:
         nodes = _advance_wave(s, nodes, node_done)
     for e in nodes:

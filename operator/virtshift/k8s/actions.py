@@ -112,10 +112,14 @@ class Actions:
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
             *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
         ]
+        cordoned = True
         for what, step in steps:
+            if not cordoned and what.startswith(("create ", "stop ", "evict ")):
+                continue  # nothing leaves a node that has not been cordoned: next pass
             try:
                 step()
             except ApiError as exc:
+                cordoned = cordoned and not what.startswith("cordon ")
                 log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
                 out.failed.append(f"{what}: {exc}")
