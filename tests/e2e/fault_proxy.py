@@ -34,12 +34,12 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
 
 
-@dataclass
-
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client dropping its connection (as the faults make them do) is expected."""
 
+
+@dataclass
 class Rule:
     method: str
     path: str  # regex, searched in the path with its query

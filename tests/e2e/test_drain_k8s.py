@@ -165,6 +165,8 @@ def test_the_drains_non_migratable_overrides_the_policys(env) -> None:
     key = f"{env['ns']}/gpu"
     assert c.snapshot(drain(env)).rules_for(key).policy == strict
     assert plan_drain(c.snapshot(drain(env))).status.vms[0].phase == "Failed"
+    env["kube"].patch(rest.NODES, env["n1"], {"spec": {"unschedulable": True}})  # as cordoned
+    wait_for(lambda: (c.nodes.get(env["n1"])["spec"] or {}).get("unschedulable"), timeout=10)
     s = c.snapshot(drain(env, nonMigratable="Skip"))
     assert s.rules_for(key).non_migratable == "Skip"
     d = plan_drain(s)
