@@ -18,6 +18,7 @@ from virtshift.api.common import (
     cel,
     validations,
 )
+from virtshift.api.storage import StorageStatus
 
 SELECTION_PRECEDENCE = (
     "When several policies match one VM, the one with the highest priority wins; on a tie, the "
@@ -88,16 +89,61 @@ class Window(Model):
     )
 
 
+class SourceClaims(StrEnum):
+    KEEP = "Keep"
+    DELETE = "Delete"
+
+
+class AccessMode(StrEnum):
+    RWO = "ReadWriteOnce"
+    RWX = "ReadWriteMany"
+    RWOP = "ReadWriteOncePod"
+
+
+class VolumeMode(StrEnum):
+    FILESYSTEM = "Filesystem"
+    BLOCK = "Block"
+
+
 class StorageMigration(Model):
     target_storage_class: ResourceName = Field(
-        description="The StorageClass new volumes are created in when disks are moved (live "
-        "storage migration)."
+        description="The StorageClass the destination PersistentVolumeClaims are created in. "
+        "Shared-nothing moves during a NodeDrain use it too; without this policy they keep "
+        "each disk's own class (bound on the target node)."
     )
     mode: StorageMode = Field(
         StorageMode.ON_DRAIN,
         description="OnDrain moves disks only when a VM must leave a node whose disks are "
-        "node-local (shared-nothing migration); Always moves the disks of every matching VM, "
-        "e.g. to retire a storage array.",
+        "node-local (shared-nothing migration, during a NodeDrain); Always also moves the disks "
+        "of every running VM this policy governs that are in another class, with no NodeDrain "
+        "(e.g. to retire a storage array). Each move is KubeVirt's volume migration: "
+        "destination claims named <claim>-vs-<hash>, labelled virtshift.io/source-claim, the "
+        "VM's volumes repointed with updateVolumesStrategy: Migration.",
+    )
+    access_mode: AccessMode | None = Field(
+        None, description="Access mode of the destination claims; unset: the source claim's."
+    )
+    volume_mode: VolumeMode | None = Field(
+        None, description="Volume mode of the destination claims; unset: the source claim's."
+    )
+    source_claims: SourceClaims = Field(
+        SourceClaims.KEEP, description="What happens to a source claim once its VM runs on the "
+        "destination: Keep leaves it (delete it yourself once satisfied), Delete deletes it. "
+        "A cancelled or failed move always keeps it: the VM is put back on it.",
+    )
+    max_parallel_copies: int | None = Field(
+        None, ge=1, le=1000, description="Volume migrations into targetStorageClass at once, "
+        "cluster-wide (all policies' moves into that class count), on top of the policy's "
+        "other limits."
+    )
+    max_parallel_copies_per_source_class: int | None = Field(
+        None, ge=1, le=1000, description="Volume migrations reading from one source "
+        "StorageClass (a storage pool) at once, cluster-wide.",
+    )
+    copy_bandwidth: PositiveQuantity | None = Field(
+        None, description="Aggregate copy bandwidth into targetStorageClass, per second; with "
+        "bandwidthPerMigration (which KubeVirt applies to each migration, disks included) it "
+        "bounds the parallel copies to copyBandwidth / bandwidthPerMigration.",
     )
 
 
@@ -290,6 +336,9 @@ class MigrationPolicyStatus(Model):
         None, description="Observed (measured, never predicted) switch-over downtime of this "
         "policy's succeeded migrations.")
     window_open: bool | None = Field(None, description="Whether new migrations may start now.")
+    storage: StorageStatus | None = Field(
+        None, description="Live storage migration (spec.storage mode Always): the VMs whose "
+        "disks move, per volume.")
     next_window: str | None = Field(
         None, description="When the next window opens (RFC 3339).",
         json_schema_extra={"format": "date-time"},

@@ -17,6 +17,7 @@ from virtshift.api.common import (
     validations,
 )
 from virtshift.api.migrationpolicy import NON_MIGRATABLE_DOC, NonMigratableAction
+from virtshift.api.storage import VolumeEntry
 
 MAX_VM_ENTRIES = 100
 
@@ -163,6 +164,9 @@ class VMEntry(Model):
         "of the VirtualMachineInstanceMigration), prometheus:<metric>, or restartTimestamps (a "
         "quick migration: from the VM's stop to its new VMI's Running transition).",
     )
+    volumes: list[VolumeEntry] | None = Field(
+        None, max_length=32, description="Shared-nothing migration: the disks that move with "
+        "the VM (node-local disks copied to claims on the target), per volume.")
 
 
 class NodePhase(StrEnum):

@@ -18,6 +18,7 @@ finished migrations cannot reset them (``_attempts_made``).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,7 @@ from virtshift.api.nodedrain import (
     VMPhase,
 )
 from virtshift.api.units import parse_duration, parse_quantity
-from virtshift.domain import downtime, preflight, windows
+from virtshift.domain import downtime, preflight, storage, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
@@ -90,6 +91,17 @@ class DrainSnapshot:
     # VMI key -> attempts this drain incarnation recorded on the VMI (its annotation), which
     # outlives KubeVirt's garbage collection of finished migrations.
     attempts: Mapping[str, int] = field(default_factory=dict)
+    # Shared-nothing migration (domain.storage): every VM's volumes by VM key, the claims and
+    # classes, and whether KubeVirt migrates a VM whose volumes changed.
+    storage: Mapping[str, storage.VMStorage] = field(default_factory=dict)
+    claims: Mapping[str, storage.ClaimInfo] = field(default_factory=dict)
+    classes: Mapping[str, storage.ClassInfo] = field(default_factory=dict)
+    updates_migrate: bool = True
+
+    @property
+    def owner(self) -> str:
+        """What this drain's destination claims say made them."""
+        return storage.moved_by("drain", self.name)
 
     def rules_for(self, key: str) -> Rules:
         return self.rules.get(key, Rules())
@@ -127,13 +139,20 @@ class Decision:
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     hold: str | None = None  # finalize_drain: why the finalizer must stay for now
+    # Shared-nothing migration: destination claims, VM volume updates (moves, and reverts of
+    # moves that failed or were cancelled), and claims to delete.
+    claims: list[storage.NewClaim] = field(default_factory=list)
+    volumes: list[storage.VolumeUpdate] = field(default_factory=list)
+    revert: list[storage.VolumeUpdate] = field(default_factory=list)
+    delete_claims: list[str] = field(default_factory=list)
     # Downtimes observed in this pass (each once, for the metrics): never predictions.
     downtimes: list[DowntimeObservation] = field(default_factory=list)
 
     @property
     def changes_cluster(self) -> bool:
         return bool(self.cordon or self.uncordon or self.create or self.cancel or self.halt
-                    or self.start or self.evict)
+                    or self.start or self.evict or self.claims or self.volumes or self.revert
+                    or self.delete_claims)
 
 
 def attempts_record(uid: str, attempts: int) -> str:
@@ -221,10 +240,12 @@ class _VM:
     stop: bool = False  # a quick migration that may stop the VM now (admission decides)
     targets: tuple[str, ...] = ()  # every node it can go to, best first
     requests: tuple[float, float] = (0.0, 0.0)  # (CPU, memory) of its pod on the target
+    move: storage.Move | None = None  # shared-nothing: its disks' destinations, to create
+    reserved: bool = False  # its slot was taken when its disks' move began
 
     @property
     def admissible(self) -> bool:
-        return bool(self.candidate_attempt or self.stop)
+        return bool(self.candidate_attempt or self.stop or self.move)
 
 
 @dataclass(frozen=True)
@@ -296,7 +317,11 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
     quick = vm.quick if vm and vm.quick and vm.quick.drain == s.name else None
     memory = vmi.memory if vmi else 0.0
     made = _attempts_made(s, key, migs)
-    base = {"namespace": ns, "name": name, "attempts": made or None}
+    st = s.storage.get(key)
+    under_way = storage.owned_moving(st, s.claims, s.owner) if st else {}
+    vols = [e for e in storage.volume_entries(st, s.claims) if (c := s.claims.get(
+        f"{ns}/{e.destination_claim}")) and c.moved_by == s.owner] if st else []
+    base = {"namespace": ns, "name": name, "attempts": made or None, "volumes": vols or None}
     # The prediction made before the migration started, kept beside what is observed.
     carried = {"predicted_downtime_ms": _predicted_before(s, ns, name)}
 
@@ -324,11 +349,16 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         return _VM(key, entry(VMPhase.SKIPPED, "VMIGone", "the VMI no longer exists"), 0.0)
     if vmi.node not in active:
         done = next((m for m in migs if m.phase == "Succeeded"), None)
-        if done is None and not migs:
+        if done is None and not migs and not vols:
             return None  # on a node of the wave that is not being drained (yet)
         # maxDowntime breaches only from an observation: a prediction is acted on before
         # migrating (downtime.choose), never reported as what happened.
         observed = done.downtime if done else None
+        if st is not None and vols and rules.storage and \
+                rules.storage.source_claims == "Delete":
+            decision.delete_claims += storage.sources_to_delete(
+                st, s.claims, {e.name: (e.source_claim, e.destination_claim) for e in vols
+                               if e.phase == "Completed"})
         breach = observed is not None and rules.max_downtime is not None and \
             observed.ms > rules.max_downtime * 1000
         return _VM(key, entry(
@@ -338,8 +368,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
                                     f"exceeded maxDowntime {rules.max_downtime * 1000:.0f} ms"
                                     if breach and observed and rules.max_downtime else ""),
             source_node=(done.source if done else None),
-            target_node=vmi.node, mode=(done.mode and ("PostCopy" if done.mode == "PostCopy"
-                                                       else "LiveMigration")) if done else None,
+            target_node=vmi.node, mode="SharedNothing" if vols else (done.mode and (
+                "PostCopy" if done.mode == "PostCopy" else "LiveMigration")) if done else None,
             migration=done.name if done else None,
             observed_downtime_ms=observed.ms if observed else None,
             downtime_source=observed.source if observed else None,
@@ -360,12 +390,34 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
                               source_node=vmi.node, migration=last.name, **carried), memory)
     foreign = next((m for m in s.cluster_unfinished
                     if m.vmi_key == key and m.drain != s.name), None)
+    if foreign is not None and under_way:
+        return _VM(key, entry(VMPhase.MIGRATING, "Copying", f"KubeVirt's migration "
+                              f"{foreign.name} moves it with its disks", source_node=vmi.node,
+                              migration=foreign.name, mode="SharedNothing", **carried), memory,
+                   seconds=predicted)
     if foreign is not None:
         return _VM(key, entry(VMPhase.WAITING, "MigrationInProgress",
                               f"another migration ({foreign.name}) of this VMI is in progress",
                               source_node=vmi.node), memory, seconds=predicted)
+    if under_way and st is not None:
+        problem = storage.stuck(st)
+        if problem:
+            decision.revert.append(_back(st, under_way))
+            return _VM(key, entry(VMPhase.FAILED, problem[0], f"{problem[1]}; moving it back "
+                                  "to its source volumes", source_node=vmi.node,
+                                  mode="SharedNothing"), memory)
+        if not st.migrating_volumes or not vmi.migratable:
+            return _VM(key, entry(VMPhase.MIGRATING, "UpdatingVolumes", "waiting for KubeVirt "
+                                  "to start the volume migration", source_node=vmi.node,
+                                  mode="SharedNothing"), memory, seconds=predicted)
     requests = preflight.requests(vmi)
     live = preflight.live_migratable(vmi, places.strict)
+    if live and live[0] == DISKS_NOT_LIVE_MIGRATABLE and st is not None and not under_way:
+        planned, refused = _shared_nothing(s, vmi, st, rules, places, predicted, requests,
+                                           entry(VMPhase.PENDING, source_node=vmi.node))
+        if planned is not None:
+            return planned
+        live = refused or live
     if live:
         action = rules.non_migratable
         if action == "Skip":
@@ -390,6 +442,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         known = last if last is not None and last.attempt == made else None
         what = f"last: {known.failure}" if known else "the last one is no longer in the cluster"
         if failures >= rules.max_attempts:
+            if under_way and st is not None:
+                decision.revert.append(_back(st, under_way))
             return _VM(key, entry(VMPhase.FAILED, "MigrationFailed",
                                   f"{failures} attempts failed; {what}",
                                   source_node=vmi.node, migration=known.name if known else None),
@@ -420,9 +474,56 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         return _VM(key, entry(VMPhase.WAITING, choice.reason, choice.message, **plan), memory,
                    seconds=predicted, blocked_by=choice.reason)
     return _VM(key, entry(VMPhase.PENDING, "Queued", choice.message or
-                          "waiting for a migration slot", mode=choice.mode, **plan),
+                          "waiting for a migration slot",
+                          mode="SharedNothing" if under_way else choice.mode, **plan),
                memory, candidate_attempt=attempt, seconds=predicted, targets=targets,
-               requests=requests)
+               requests=requests, reserved=bool(under_way))
+
+
+DISKS_NOT_LIVE_MIGRATABLE = "DisksNotLiveMigratable"
+
+
+def _back(st: storage.VMStorage, under_way: Mapping[str, tuple[str, str]]
+          ) -> storage.VolumeUpdate:
+    return storage.VolumeUpdate(st.namespace, st.name,
+                                {n: src for n, (src, _dst) in under_way.items()})
+
+
+def _shared_nothing(s: DrainSnapshot, vmi: VMIInfo, st: storage.VMStorage, rules: Rules,
+                    places: _Places, predicted: float, requests: tuple[float, float],
+                    pending: VMEntry) -> tuple[_VM | None, preflight.Finding | None]:
+    """A VM on disks that cannot follow it (not ReadWriteMany: node-local ones) moves with
+    them: copies of its unshared claims in the policy's storage.targetStorageClass (else each
+    claim's own class, bound on the target node), then a live migration. (None, refusal) when
+    KubeVirt would refuse it; nothing is touched then."""
+    wanted = [v for v in st.volumes if (c := s.claims.get(
+        f"{st.namespace}/{v.running_claim or v.claim}")) and not storage.shared(c)]
+    if not wanted:
+        return None, None
+    refused = storage.refusal(st, wanted, s.updates_migrate)
+    if refused:
+        return None, refused
+    target_class = rules.storage.target_storage_class if rules.storage else None
+    sources = {c.storage_class or "" for v in wanted
+               if (c := s.claims.get(f"{st.namespace}/{v.running_claim or v.claim}"))}
+    rates = {cls: storage.copy_bandwidth(s.classes, cls, rules.storage,
+                                         rules.bandwidth_per_migration, 1)
+             for cls in ({target_class} if target_class else sources)}
+    move = storage.plan_move(st, wanted, s.claims, target_class, rules.storage, s.owner, rates)
+    copy = sum(e.predicted_seconds or 0.0 for e in move.entries)
+    entry = pending.model_copy(update={"volumes": list(move.entries), "mode": "SharedNothing"})
+    finding, targets = _placement(dataclasses.replace(vmi, migratable=True), places)
+    if finding:
+        return _VM(vmi.key, entry.model_copy(update={
+            "phase": VMPhase.WAITING, "reason": finding[0], "message": finding[1]}),
+            vmi.memory, seconds=predicted + copy, blocked_by=finding[0]), None
+    return _VM(vmi.key, entry.model_copy(update={
+        "reason": "Queued", "message": "will move with its disks ("
+        + ", ".join(f"{e.source_claim} to {e.destination_claim}" for e in move.entries)
+        + "); waiting for a migration slot", "predicted_seconds": round(predicted + copy, 1),
+        "candidates": list(targets[:MAX_CANDIDATES]) or None}),
+        vmi.memory, seconds=predicted + copy, targets=targets, requests=requests,
+        move=move), None
 
 
 MAX_CANDIDATES = 5  # shown in status (all of them are tried)
@@ -518,7 +619,8 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
                                                      "reason": reason})
         return
     unfinished = [m for m in s.cluster_unfinished if m.unfinished]
-    stops = _quick_in_flight(s)
+    stops = _quick_in_flight(s) + _storage_in_flight(s)
+    into, out_of = storage.in_flight(list(s.storage.values()), s.claims)
     total = len(unfinished) + len(stops)
     per_node = Counter(m.source for m in unfinished if m.source)
     per_node.update(source for source, _policy in stops)
@@ -534,8 +636,14 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
             v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING, "reason": closed[0],
                                                  "message": closed[1]})
             continue
-        if total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
-                rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel):
+        # A VM whose disks' move began holds its slot since (_storage_in_flight).
+        if not v.reserved and (
+                total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
+                    rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel)):
+            continue
+        if v.move and _copies_full(rules, v.move, into, out_of):
+            v.entry = v.entry.model_copy(update={"message": "waiting for a copy slot "
+                                                 "(storage.maxParallelCopies)"})
             continue
         limit = None if v.stop else rules.max_inbound_per_node  # a restart is no arrival
         target = next((n for n in v.targets if room.fits(n, v.requests) and (
@@ -547,9 +655,21 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
                                                            and not v.stop else "")})
             continue
         room.take(target, v.requests)
-        total += 1
-        per_node[source] += 1
-        per_policy[rules.policy] += 1
+        if not v.reserved:
+            total += 1
+            per_node[source] += 1
+            per_policy[rules.policy] += 1
+        if v.move:
+            # Shared-nothing, step one: the destination claims and the VM pointed at them;
+            # the migration follows once KubeVirt has the VMI migrating its volumes.
+            decision.claims.extend(v.move.claims)
+            decision.volumes.append(v.move.update)
+            into.update(v.move.target_classes)
+            out_of.update(v.move.source_classes)
+            v.entry = v.entry.model_copy(update={
+                "phase": VMPhase.MIGRATING, "reason": "PreparingVolumes",
+                "message": f"creating {len(v.move.claims)} destination claims"})
+            continue
         if v.stop:
             decision.halt.append(Stop(v.key, source, rules.policy))
             v.entry = v.entry.model_copy(update={"phase": VMPhase.MIGRATING})
@@ -568,6 +688,33 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
+
+
+def _copies_full(rules: Rules, move: storage.Move, into: Counter[str],
+                 out_of: Counter[str]) -> bool:
+    """The policy's storage.maxParallelCopies (into a class) or per source class is reached."""
+    spec = rules.storage
+    if spec is None:
+        return False
+    if spec.max_parallel_copies and any(into[c] >= spec.max_parallel_copies
+                                        for c in move.target_classes):
+        return True
+    per_source = spec.max_parallel_copies_per_source_class
+    return bool(per_source and any(out_of[c] >= per_source for c in move.source_classes))
+
+
+def _storage_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
+    """(source node, policy) of every VM, of any drain or policy, whose volumes' move began
+    and whose migration has not been created yet: each holds a slot meanwhile."""
+    busy = {m.vmi_key for m in s.cluster_unfinished if m.unfinished}
+    out = []
+    for key, st in s.storage.items():
+        if key in busy or not storage.moving(st, s.claims):
+            continue
+        vmi = s.vmis.get(key)
+        out.append((vmi.node or "" if vmi else "",
+                    s.rules_for(key).policy if key in s.rules else None))
+    return out
 
 
 def _window_closed(rules: Rules, now: dt.datetime) -> tuple[str, str] | None:
@@ -629,6 +776,8 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     scope = {k for k, v in s.vmis.items() if v.node in draining}
     scope |= {m.vmi_key for m in s.migrations}
     scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
+    scope |= {f"{c.namespace}/{c.vm}" for c in s.claims.values()
+              if c.moved_by == s.owner and c.vm and f"{c.namespace}/{c.vm}" in s.vmis}
     # A VM skipped on a node that has drained since is still on it: keep reporting it.
     skipped_before = {f"{e.namespace}/{e.name}" for e in s.status.vms or []
                       if e.phase == VMPhase.SKIPPED}
@@ -875,10 +1024,17 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
         if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
             decision.start.append(key)  # safe while the old VMI is still shutting down
     ours = sorted(n.name for n in s.nodes.values() if n.annotations.get(CORDONED_BY) == s.name)
+    # Disks whose move has not finished go back to their sources (whatever cancelOnDelete
+    # says: no VM is left pointing at a half-copied claim), and destinations nobody uses go.
+    everyone = list(s.storage.values())
+    undo = storage.cancel_moves(s.owner, everyone, s.claims)
+    decision.revert, decision.delete_claims = undo.update, undo.delete
+    held = storage.pending_cancel(s.owner, everyone, s.claims)
     aborting = s.spec.cancel_on_delete and bool(unfinished)
-    if aborting and waited < ABORT_WAIT_SECONDS:
+    if (aborting or held or undo.delete) and waited < ABORT_WAIT_SECONDS:
         decision.hold = (f"waiting for {len(unfinished)} aborted migrations to end"
-                         + (f" before uncordoning {', '.join(ours)}" if ours else ""))
+                         if aborting else f"moving {held} volumes back to their sources")
+        decision.hold += f" before uncordoning {', '.join(ours)}" if ours else ""
     else:
         decision.uncordon = ours
         if aborting:
@@ -887,6 +1043,8 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
                 f"uncordoning {', '.join(ours) or 'nothing'} although {len(unfinished)} aborted "
                 f"migrations have not ended after {round(waited)}s: {names}")))
     steps = [decision.hold or ""]
+    if decision.revert:
+        steps.append(f"putting {len(decision.revert)} VMs back on their source volumes")
     if decision.cancel:
         steps.append(f"aborting {len(decision.cancel)} unfinished migrations")
     if decision.start:

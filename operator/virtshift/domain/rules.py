@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from virtshift.api.common import LabelSelector
-from virtshift.api.migrationpolicy import MigrationPolicySpec, Window
+from virtshift.api.migrationpolicy import MigrationPolicySpec, StorageMigration, Window
 from virtshift.api.units import parse_duration, parse_quantity
 from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME
 from virtshift.domain.views import KubeVirtMigrationConfig
@@ -110,6 +110,7 @@ class Rules:
     # with the MigrationStallDetection gate. Otherwise maxDowntime is virtshift's own limit,
     # held by prediction (the ladder), while QEMU switches over at its default 300 ms.
     kubevirt_applies_max_downtime: bool = False
+    storage: StorageMigration | None = None  # the policy's spec.storage
 
     @property
     def switchover_downtime(self) -> float:
@@ -169,6 +170,7 @@ def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None =
             max_inbound_per_node=s.max_parallel_inbound_per_node,
             windows=tuple(s.windows or ()),
             progress_timeout=parse_duration(s.progress_timeout) if s.progress_timeout else None,
+            storage=s.storage,
             **inherited,
         )
     if non_migratable_override:

@@ -16,10 +16,12 @@ import kopf
 from pydantic import ValidationError
 
 from virtshift.api.migrationpolicy import MigrationPolicy, MigrationPolicyStatus
-from virtshift.api.units import parse_duration
+from virtshift.api.units import parse_duration, parse_quantity
 from virtshift.domain import policy as dpolicy
 from virtshift.domain import progress as dprogress
+from virtshift.domain import storage as dstorage
 from virtshift.handlers import runtime
+from virtshift.k8s import storage as kstorage
 from virtshift.k8s.policies import PolicyStore
 from virtshift.k8s.rest import JSON
 
@@ -29,7 +31,7 @@ COALESCE_SECONDS = 0.2  # after a wake-up, let a burst of watch events settle fi
 STOP_POLL_SECONDS = 0.1
 # kubevirt: its feature gates decide maxDowntimeMs. NodeDrains (whose VM entries feed the
 # outcomes) are not watched: their status changes with every drain's pass; the resync reads them.
-WATCHED = ("vmi", "vmim", "policy", "kubevirt")
+WATCHED = ("vmi", "vmim", "policy", "kubevirt", "pvc")
 
 
 class _Policies:
@@ -118,10 +120,63 @@ def reconcile(name: str) -> dt.datetime | None:
             matched=len(dpolicy.governed(name, policies, vmis)),
             migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned,
             drain_vms=store.drain_vms(name, policies)))
+        if model.spec.storage is not None:
+            governed = set(dpolicy.governed(name, policies, vmis))
+            moves = _storage_moves(name, model, now, governed,
+                                   window_open=decision.status.window_open is not False)
+            decision.status = decision.status.model_copy(update={"storage": moves.status})
+            decision.events.extend(moves.events)
     store.write_status(obj, decision.status.wire())
     for kind, reason, message in decision.events:
         rt.actions.event(_for_events(obj), kind, reason, message)
     return recheck
+
+
+def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str],
+                   window_open: bool) -> dstorage.StorageDecision:
+    """spec.storage: move the governed VMs' disks (mode Always), delete what leaks."""
+    st = state()
+    cluster = st.rt.cluster
+    spec = model.spec
+    assert spec.storage is not None
+    seen = cluster.storage_views()
+    claims, everyone = seen["claims"], seen["storage"]
+    failed, ended = kstorage.copy_history(cluster, everyone, claims)
+    decision = dstorage.plan_policy_storage(dstorage.PolicyStorageSnapshot(
+        policy=name, spec=spec.storage, now=now,
+        governed={k: v for k, v in everyone.items() if k in governed and v.running},
+        everyone=list(everyone.values()), claims=claims, classes=seen["classes"],
+        updates_migrate=seen["updates_migrate"], may_start=window_open,
+        max_parallel=spec.max_parallel_migrations,
+        bandwidth_per_migration=parse_quantity(spec.bandwidth_per_migration)
+        if spec.bandwidth_per_migration else None,
+        max_attempts=spec.max_attempts, failed_attempts=failed, ended=ended))
+    problems: list[str] = []
+    kstorage.apply(cluster, decision.create, decision.update, decision.delete, problems)
+    decision.events.extend(("Warning", "WriteFailed", p) for p in problems[:5])
+    for c in decision.create:
+        log.info("MigrationPolicy %s: %s/%s -> %s (%s)", name, c.namespace, c.source, c.name,
+                 c.storage_class)
+    return decision
+
+
+def _cancel_storage(name: str, obj: JSON) -> str | None:
+    """What is still to undo of this policy's storage moves (None: nothing)."""
+    cluster = state().rt.cluster
+    seen = cluster.storage_views()
+    claims, everyone = seen["claims"], list(seen["storage"].values())
+    undo = dstorage.cancel_policy_storage(name, everyone, claims)
+    problems: list[str] = []
+    kstorage.apply(cluster, [], undo.update, undo.delete, problems)
+    for vm in undo.update:
+        state().rt.actions.event(_for_events(obj), "Normal", "StorageMoveCancelled",
+            f"{vm.namespace}/{vm.vm}: back on its source volumes")
+    waiting = dstorage.cancel_pending(name, everyone, claims)
+    if not (undo.update or undo.delete or waiting or problems):
+        return None
+    return (f"cancelling storage moves: {len(undo.update)} VMs reverted, {len(undo.delete)} "
+            f"destination claims deleted, {waiting} still in use"
+            + (f"; failed: {'; '.join(problems[:3])}" if problems else ""))
 
 
 def _progress_timeout(obj: JSON, model: MigrationPolicy, now: dt.datetime) -> dt.datetime | None:
@@ -194,15 +249,22 @@ def _wait(stopped: kopf.DaemonStopped, wake: threading.Event, seconds: float) ->
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def policy_deleted(name: str, uid: str, **_: Any) -> None:
-    """Delete the KubeVirt MigrationPolicies rendered from this policy and take its label off
-    the VMIs (each gets the label of the policy that governs it now, if any)."""
+def policy_deleted(name: str, uid: str, body: kopf.Body, **_: Any) -> None:
+    """Put every unfinished storage move of this policy back on its source volumes and delete
+    its unused destination claims, delete the KubeVirt MigrationPolicies rendered from this
+    policy and take its label off the VMIs (each gets the label of the policy that governs it
+    now, if any)."""
     st = state()
     with st.guard:
         st.deleting.add(uid)
     with st.lock(name):
+        left = _cancel_storage(name, dict(body))
         st.store.delete_rendered(name)
         others = [p for p in st.rt.cluster.named_policies() if p.name != name]
         st.store.relabel(dpolicy.label_changes(name, others, st.store.vmi_views()))
+    if left:
+        # The finalizer stays until every unfinished storage move is back on its source
+        # volumes and its destination claims are gone: nothing half-copied is left behind.
+        raise kopf.TemporaryError(left, delay=1)
     st.forget(name)
     st.wake_all()  # the policies that govern those VMIs now

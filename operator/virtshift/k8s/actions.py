@@ -22,6 +22,7 @@ from virtshift.domain.drain import (
 )
 from virtshift.domain.naming import label_value
 from virtshift.k8s import rest, views
+from virtshift.k8s import storage as kstorage
 from virtshift.k8s.cluster import Cluster
 from virtshift.k8s.events import EventRecorder
 from virtshift.k8s.rest import JSON, ApiError
@@ -103,6 +104,12 @@ class Actions:
         out = Applied()
         steps: list[tuple[str, Callable[[], object]]] = [
             *((f"cordon {n}", lambda n=n: self.cordon(n, name)) for n in d.cordon),
+            *((f"claim {c.namespace}/{c.name}", lambda c=c: kstorage.create_claim(
+                self.cluster, c)) for c in d.claims),
+            *((f"volumes {u.namespace}/{u.vm}", lambda u=u: kstorage.update_volumes(
+                self.cluster, u)) for u in d.volumes),
+            *((f"revert {u.namespace}/{u.vm}", lambda u=u: kstorage.update_volumes(
+                self.cluster, u)) for u in d.revert),
             *((f"create {m.namespace}/{m.name}", lambda m=m: self.create_migration(m, drain))
               for m in d.create),
             *((f"cancel {m.namespace}/{m.name}",
@@ -110,16 +117,26 @@ class Actions:
             *((f"stop {s.key}", lambda s=s: self.halt(s, name)) for s in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
+            *((f"delete claim {k}", lambda k=k: kstorage.delete_claim(self.cluster, k))
+              for k in d.delete_claims),
             *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
         ]
         cordoned = True
+        no_claim: set[str] = set()  # VMs whose destination claim could not be made
         for what, step in steps:
-            if not cordoned and what.startswith(("create ", "stop ", "evict ")):
+            if not cordoned and what.startswith(("create ", "stop ", "evict ", "claim ",
+                                                 "volumes ")):
                 continue  # nothing leaves a node that has not been cordoned: next pass
+            if what.startswith("volumes ") and what.split(" ", 1)[1] in no_claim:
+                continue  # never point a VM at a claim that does not exist
             try:
                 step()
             except ApiError as exc:
                 cordoned = cordoned and not what.startswith("cordon ")
+                if what.startswith("claim "):
+                    ns = what.split(" ", 1)[1].split("/", 1)[0]
+                    no_claim |= {f"{ns}/{c.vm}" for c in d.claims
+                                 if f"claim {c.namespace}/{c.name}" == what}
                 log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
                 out.failed.append(f"{what}: {exc}")

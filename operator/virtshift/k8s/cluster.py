@@ -7,6 +7,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
@@ -20,6 +21,8 @@ from virtshift.domain.rules import (
     rules_from,
     selector_matches,
 )
+from virtshift.domain.storage import MOVED_BY_LABEL, VM_LABEL, live_migrate_updates
+from virtshift.domain.storage import moved_by as storage_owner
 from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s.downtime import DowntimeSource
@@ -74,8 +77,13 @@ class Cluster:
         self.policies = Informer(kube, rest.POLICIES, on_event=self._notify("policy"))
         self.namespaces = Informer(kube, rest.NAMESPACES)
         self.drains = Informer(kube, rest.NODE_DRAINS)
+        # Storage moves (k8s.storage): claims, the volumes behind them, their classes.
+        self.pvcs = Informer(kube, rest.PVCS, on_event=self._notify("pvc"))
+        self.pvs = Informer(kube, rest.PVS)
+        self.storage_classes = Informer(kube, rest.STORAGE_CLASSES)
         self._all = [self.nodes, self.vmis, self.vms, self.vmims, self.launchers,
-                     self.kubevirts, self.policies, self.namespaces, self.drains]
+                     self.kubevirts, self.policies, self.namespaces, self.drains,
+                     self.pvcs, self.pvs, self.storage_classes]
         self.admission = threading.Lock()  # one drain at a time decides what to start
 
     def _notify(self, kind: str) -> Callable[[str, JSON], None]:
@@ -241,6 +249,11 @@ class Cluster:
         gone = [r.as_migration() for k, r in records.items() if k not in present]
         our_vmis = {f"{m['metadata']['namespace']}/{m['spec'].get('vmiName')}" for m in ours}
         our_vmis |= {m.vmi_key for m in gone}
+        # VMs whose disks this drain moved (shared-nothing): reported to the end, however
+        # they left (KubeVirt's workload updater may have made their migration).
+        owner = storage_owner("drain", name)
+        our_vmis |= {f"{c['metadata']['namespace']}/{a.get(VM_LABEL)}" for c in self.pvcs.values()
+                     if (a := c["metadata"].get("annotations") or {}).get(MOVED_BY_LABEL) == owner}
         vm_objs = {key_of(v): v for v in self.vms.values()}
         quick_keys = {k for k, v in vm_objs.items()
                       if views.QUICK_ANNOTATION in (v["metadata"].get("annotations") or {})}
@@ -275,4 +288,21 @@ class Cluster:
             uid=uid or "",
             attempts={k: n for k, v in vmi_objs.items() if (n := recorded_attempts(
                 (v["metadata"].get("annotations") or {}).get(ATTEMPTS_ANNOTATION), uid or ""))},
+            **self.storage_views(),
         )
+
+    def storage_views(self) -> dict[str, Any]:
+        """The snapshot's storage fields (domain.storage): every VM's volumes, the claims
+        (with the node a local volume is pinned to), the classes, and whether KubeVirt
+        migrates a VM whose volumes changed."""
+        pvs = {p["metadata"]["name"]: p for p in self.pvs.values()}
+        return {
+            "storage": {key_of(vm): views.vm_storage(vm, self.vmis.get(key_of(vm)))
+                        for vm in self.vms.values()},
+            "claims": {key_of(c): views.claim_info(c, pvs.get((c.get("spec") or {}).get(
+                "volumeName", ""))) for c in self.pvcs.values()},
+            "classes": {c["metadata"]["name"]: views.class_info(c)
+                        for c in self.storage_classes.values()},
+            "updates_migrate": live_migrate_updates(views.workload_update_methods(
+                self.kubevirt())),
+        }

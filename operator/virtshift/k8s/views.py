@@ -7,6 +7,19 @@ import json
 from typing import Any
 
 from virtshift.api.units import parse_quantity
+from virtshift.domain.naming import label_value
+from virtshift.domain.storage import (
+    COPY_BANDWIDTH_ANNOTATION,
+    MOVED_BY_LABEL,
+    NODE_LOCAL_ANNOTATION,
+    SOURCE_CLAIM_LABEL,
+    VM_LABEL,
+    ClaimInfo,
+    ClassInfo,
+    NewClaim,
+)
+from virtshift.domain.storage import VMStorage as StorageView
+from virtshift.domain.storage import VolumeInfo as StorageVolume
 from virtshift.domain.views import (
     AbortRecord,
     DowntimeObservation,
@@ -278,3 +291,144 @@ def kubevirt_applies_max_downtime(kv: JSON | None) -> bool:
     except ValueError:
         return True
     return (major, minor) >= (1, 9)
+
+
+# -- storage (domain.storage) ---------------------------------------------------------------
+
+
+def _claim_of(volume: JSON) -> tuple[str | None, bool]:
+    """(claim name, whether it is a DataVolume) of a VM/VMI volume."""
+    if volume.get("persistentVolumeClaim"):
+        return volume["persistentVolumeClaim"].get("claimName"), False
+    if volume.get("dataVolume"):
+        return volume["dataVolume"].get("name"), True
+    return None, False
+
+
+def _volume_refusal(volume: JSON, disks: dict[str, JSON], filesystems: set[str],
+                    hotplugged: set[str]) -> str | None:
+    """Why KubeVirt would not migrate this volume (volume-migration.go
+    ValidateVolumesUpdateMigration, and what is no claim at all)."""
+    name = volume.get("name", "")
+    claim, _ = _claim_of(volume)
+    if claim is None:
+        return "not a PersistentVolumeClaim or DataVolume"
+    disk = disks.get(name) or {}
+    if disk.get("shareable"):
+        return "a shareable disk cannot be migrated"
+    if "lun" in disk:
+        return "a LUN disk cannot be migrated"
+    if name in filesystems:
+        return "a filesystem (virtiofs) volume cannot be migrated"
+    if name in hotplugged:
+        return "a hotplugged volume cannot be migrated"
+    return None
+
+
+def vm_storage(vm: JSON, vmi: JSON | None) -> StorageView:
+    """A VM's volumes as its template has them and as its VMI runs them: a volume the VMI is
+    migrating (status.migratedVolumes) still runs on its source claim."""
+    meta = vm["metadata"]
+    template = ((vm.get("spec") or {}).get("template") or {}).get("spec") or {}
+    vmi = vmi or {}
+    vmi_spec, vmi_status = vmi.get("spec") or {}, vmi.get("status") or {}
+    in_spec = {v.get("name"): _claim_of(v)[0] for v in vmi_spec.get("volumes") or []}
+    running = dict(in_spec)
+    migrating = {m.get("volumeName"): (m.get("sourcePVCInfo") or {}).get("claimName")
+                 for m in vmi_status.get("migratedVolumes") or []}
+    running.update({k: v for k, v in migrating.items() if v})
+    devices = (template.get("domain") or {}).get("devices") or {}
+    disks = {d.get("name"): d for d in devices.get("disks") or []}
+    filesystems = {f.get("name") for f in devices.get("filesystems") or []}
+    hotplugged = {s.get("name") for s in vmi_status.get("volumeStatus") or []
+                  if s.get("hotplugVolume") is not None}
+    volumes = []
+    for v in template.get("volumes") or []:
+        claim, dv = _claim_of(v)
+        volumes.append(StorageVolume(
+            name=v.get("name", ""), claim=claim,
+            running_claim=running.get(v.get("name")) if vmi else None, data_volume=dv,
+            vmi_claim=in_spec.get(v.get("name")) if vmi else None,
+            refused=_volume_refusal(v, disks, filesystems, hotplugged)))
+    vmi_conditions = {c.get("type"): c for c in vmi_status.get("conditions") or []}
+    vm_conditions = {c.get("type"): c for c in (vm.get("status") or {}).get("conditions") or []}
+    change = vmi_conditions.get("VolumesChange")
+    storage = vmi_conditions.get("StorageLiveMigratable")
+    restart = vm_conditions.get("RestartRequired")
+    recovery = vm_conditions.get("ManualRecoveryRequired")
+    return StorageView(
+        namespace=meta["namespace"], name=meta["name"], volumes=tuple(volumes),
+        running=bool(vmi) and vmi_status.get("phase") == "Running",
+        migrating_volumes=bool(vmi_status.get("migratedVolumes")),
+        volumes_change=None if change is None else change.get("status") == "True",
+        volumes_change_message=(change or {}).get("message"),
+        storage_migratable=storage is None or storage.get("status") == "True",
+        storage_message=(storage or {}).get("message"),
+        restart_required=(restart or {}).get("message") if restart and restart.get(
+            "status") == "True" else None,
+        manual_recovery=((recovery or {}).get("reason") or "ManualRecoveryRequired")
+        if recovery and recovery.get("status") == "True" else None,
+    )
+
+
+def _pinned_node(pv: JSON | None) -> str | None:
+    """The node a PV's required nodeAffinity pins it to (local volumes), if one."""
+    terms = ((((pv or {}).get("spec") or {}).get("nodeAffinity") or {}).get("required")
+             or {}).get("nodeSelectorTerms") or []
+    for term in terms:
+        for expr in term.get("matchExpressions") or []:
+            if expr.get("key") == "kubernetes.io/hostname" and expr.get("operator") == "In" \
+                    and len(expr.get("values") or []) == 1:
+                return expr["values"][0]
+    return None
+
+
+def claim_info(pvc: JSON, pv: JSON | None) -> ClaimInfo:
+    meta, spec, status = pvc["metadata"], pvc.get("spec") or {}, pvc.get("status") or {}
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    request = ((spec.get("resources") or {}).get("requests") or {}).get("storage")
+    return ClaimInfo(
+        namespace=meta["namespace"], name=meta["name"],
+        storage_class=spec.get("storageClassName"),
+        size=parse_quantity(request) if request else 0.0,
+        access_modes=tuple(spec.get("accessModes") or ("ReadWriteOnce",)),
+        volume_mode=spec.get("volumeMode") or "Filesystem",
+        phase=status.get("phase") or "Pending", node=_pinned_node(pv),
+        source_claim=annotations.get(SOURCE_CLAIM_LABEL) or labels.get(SOURCE_CLAIM_LABEL),
+        moved_by=annotations.get(MOVED_BY_LABEL) or labels.get(MOVED_BY_LABEL),
+        vm=annotations.get(VM_LABEL) or labels.get(VM_LABEL),
+        uid=meta.get("uid", ""), created=parse_time(meta.get("creationTimestamp")),
+        terminating=bool(meta.get("deletionTimestamp")))
+
+
+def class_info(sc: JSON) -> ClassInfo:
+    annotations = sc["metadata"].get("annotations") or {}
+    bandwidth = annotations.get(COPY_BANDWIDTH_ANNOTATION)
+    return ClassInfo(name=sc["metadata"]["name"],
+                     node_local=annotations.get(NODE_LOCAL_ANNOTATION) == "true",
+                     copy_bandwidth=parse_quantity(bandwidth) if bandwidth else None)
+
+
+def destination_claim(c: NewClaim) -> JSON:
+    """A destination claim: at least the source's size, labelled with its source and owner."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
+        "name": c.name, "namespace": c.namespace,
+        "labels": {SOURCE_CLAIM_LABEL: label_value(c.source), MOVED_BY_LABEL: label_value(
+            c.moved_by), VM_LABEL: label_value(c.vm),
+            "app.kubernetes.io/managed-by": "virtshift"},
+        # Label values stop at 63 characters; the full names are kept here.
+        "annotations": {SOURCE_CLAIM_LABEL: c.source, MOVED_BY_LABEL: c.moved_by,
+                        VM_LABEL: c.vm}},
+        "spec": {"accessModes": list(c.access_modes), "volumeMode": c.volume_mode,
+                 "storageClassName": c.storage_class,
+                 "resources": {"requests": {"storage": quantity_text(c.size)}}}}
+
+
+def quantity_text(value: float) -> str:
+    """Bytes as a quantity, exactly (rounded up to whole bytes: never smaller)."""
+    return str(int(-(-value // 1)))
+
+
+def workload_update_methods(kv: JSON | None) -> list[str]:
+    return list((((kv or {}).get("spec") or {}).get("workloadUpdateStrategy") or {}).get(
+        "workloadUpdateMethods") or [])

@@ -1,0 +1,560 @@
+"""Storage moves on KubeVirt's volume migration: live storage migration (a VM's disks to
+another StorageClass, the VM stays up) and shared-nothing migration (a VM on node-local disks
+leaves its node with them).
+
+A move is: create destination claims (``<claim>-vs-<hash>``, labelled with their source), point
+the VM's volumes at them with ``updateVolumesStrategy: Migration``, and let a migration copy the
+disks (KubeVirt's VM controller puts the VMI in VolumesChange with ``migratedVolumes``). Its
+state is read back from the cluster only: the VM points at a destination the VMI does not run on
+yet (copying), both point at it (done), or neither (idle, or reverted). Cancelling points the VM
+back at its sources, which KubeVirt takes as a cancellation (``VolumeMigrationCancel``); a
+destination nobody points at any more is deleted, so none leaks.
+
+Pure: the k8s layer builds these views and carries out the decisions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from virtshift.api.migrationpolicy import SourceClaims, StorageMigration, StorageMode
+from virtshift.api.storage import (
+    MAX_STORAGE_ENTRIES,
+    StorageCounts,
+    StorageStatus,
+    StorageVMEntry,
+    StorageVMPhase,
+    VolumeEntry,
+    VolumePhase,
+)
+from virtshift.api.units import parse_quantity
+
+SOURCE_CLAIM_LABEL = "virtshift.io/source-claim"
+MOVED_BY_LABEL = "virtshift.io/moved-by"  # drain.<name> or policy.<name>
+VM_LABEL = "virtshift.io/vm"
+# On a StorageClass, set by the cluster's admin: its volumes are pinned to one node (besides
+# what a PV's nodeAffinity says), and its sustained copy bandwidth (for predictions).
+NODE_LOCAL_ANNOTATION = "virtshift.io/node-local"
+COPY_BANDWIDTH_ANNOTATION = "virtshift.io/copy-bandwidth"
+_SUFFIX = re.compile(r"-vs-[0-9a-f]{6}$")
+DEFAULT_COPY_BANDWIDTH = 1024.0**3  # bytes/s, when neither the class nor the policy says
+
+WORKLOAD_UPDATE_MISSING = "WorkloadUpdateMethodsMissing"
+VOLUME_NOT_MIGRATABLE = "VolumeNotMigratable"
+STORAGE_NOT_LIVE_MIGRATABLE = "StorageNotLiveMigratable"
+MANUAL_RECOVERY = "ManualRecoveryRequired"
+VOLUME_UPDATE_REFUSED = "VolumeUpdateRefused"
+
+
+@dataclass(frozen=True)
+class ClaimInfo:
+    namespace: str
+    name: str
+    storage_class: str | None = None
+    size: float = 0.0  # requested bytes
+    access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+    volume_mode: str = "Filesystem"
+    phase: str = "Bound"
+    node: str | None = None  # the node its volume is pinned to (PV nodeAffinity)
+    source_claim: str | None = None  # a destination of ours: the claim it copies
+    moved_by: str | None = None
+    vm: str | None = None  # a destination of ours: the VM it was made for
+    uid: str = ""
+    created: dt.datetime | None = None
+    terminating: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str
+    node_local: bool = False
+    copy_bandwidth: float | None = None
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    claim: str | None  # what the VM's template points at (a PVC or a DataVolume's claim)
+    running_claim: str | None  # what the VMI runs on (its source while migrating volumes)
+    data_volume: bool = False
+    vmi_claim: str | None = None  # what the VMI's spec names (the destination while migrating)
+    refused: str | None = None  # why KubeVirt would not migrate this volume
+
+
+@dataclass(frozen=True)
+class VMStorage:
+    namespace: str
+    name: str
+    volumes: tuple[VolumeInfo, ...] = ()
+    running: bool = True  # a VMI runs
+    migrating_volumes: bool = False  # the VMI's status.migratedVolumes is set
+    volumes_change: bool | None = None  # the VMI's VolumesChange condition
+    volumes_change_message: str | None = None
+    storage_migratable: bool = True  # the VMI's StorageLiveMigratable condition
+    storage_message: str | None = None
+    restart_required: str | None = None  # the VM's RestartRequired condition message
+    manual_recovery: str | None = None  # the VM's ManualRecoveryRequired condition
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class NewClaim:
+    namespace: str
+    name: str
+    storage_class: str
+    size: float
+    access_modes: tuple[str, ...]
+    volume_mode: str
+    source: str
+    vm: str
+    moved_by: str
+
+
+@dataclass(frozen=True)
+class VolumeUpdate:
+    """Point the VM's volumes at these claims (volume name -> claim), with
+    updateVolumesStrategy: Migration."""
+
+    namespace: str
+    vm: str
+    claims: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Move:
+    """One VM's storage move: what to create and how to repoint the VM."""
+
+    claims: tuple[NewClaim, ...]
+    update: VolumeUpdate
+    entries: tuple[VolumeEntry, ...]
+    target_classes: frozenset[str]
+    source_classes: frozenset[str]
+
+
+def destination_name(source: ClaimInfo, target_class: str) -> str:
+    """``<claim>-vs-<hash>``: deterministic (a repeated pass or a restart makes the same
+    claim), and unique to this source claim (its UID) and class, so a claim moved again, or
+    one of the same name after a delete, never meets an earlier destination."""
+    stem = _SUFFIX.sub("", source.name)[:240].rstrip("-.")
+    digest = hashlib.sha256(f"{source.namespace}/{source.name}/{source.uid}/{target_class}"
+                            .encode()).hexdigest()[:6]
+    return f"{stem}-vs-{digest}"
+
+
+def moved_by(kind: str, name: str) -> str:
+    return f"{kind}.{name}"
+
+
+def node_local(claim: ClaimInfo, classes: Mapping[str, ClassInfo]) -> bool:
+    cls = classes.get(claim.storage_class or "")
+    return claim.node is not None or bool(cls and cls.node_local)
+
+
+def _claim(vm: VMStorage, claims: Mapping[str, ClaimInfo], name: str | None) -> ClaimInfo | None:
+    return claims.get(f"{vm.namespace}/{name}") if name else None
+
+
+def moving(vm: VMStorage, claims: Mapping[str, ClaimInfo]) -> dict[str, tuple[str, str]]:
+    """volume -> (source, destination) of the moves under way: the VM points at a destination
+    of ours that the VMI does not run on yet."""
+    out = {}
+    for v in vm.volumes:
+        c = _claim(vm, claims, v.claim)
+        if c is not None and c.source_claim and v.claim != v.running_claim:
+            out[v.name] = (v.running_claim or c.source_claim, c.name)
+    return out
+
+
+def moved(vm: VMStorage, claims: Mapping[str, ClaimInfo]) -> dict[str, tuple[str, str]]:
+    """volume -> (source, destination) of finished moves: VM and VMI both on our destination."""
+    out = {}
+    for v in vm.volumes:
+        c = _claim(vm, claims, v.claim)
+        if c is not None and c.source_claim and v.claim == v.running_claim:
+            out[v.name] = (c.source_claim, c.name)
+    return out
+
+
+def revert(vm: VMStorage, claims: Mapping[str, ClaimInfo]) -> VolumeUpdate | None:
+    """Point the VM back at the claims its VMI came from (KubeVirt cancels the volume
+    migration: VolumeMigrationCancel), or None when nothing is under way."""
+    under_way = moving(vm, claims)
+    if not under_way:
+        return None
+    return VolumeUpdate(vm.namespace, vm.name,
+                        {name: source for name, (source, _dst) in under_way.items()})
+
+
+def shared(claim: ClaimInfo) -> bool:
+    """KubeVirt live-migrates a claim's disk in place only with ReadWriteMany
+    (storagetypes.HasSharedAccessMode); any other must be copied."""
+    return "ReadWriteMany" in claim.access_modes
+
+
+def owned_moving(vm: VMStorage, claims: Mapping[str, ClaimInfo], owner: str
+                 ) -> dict[str, tuple[str, str]]:
+    """The moves under way whose destinations ``owner`` made."""
+    return {n: p for n, p in moving(vm, claims).items()
+            if (c := claims.get(f"{vm.namespace}/{p[1]}")) and c.moved_by == owner}
+
+
+def unused_destinations(owner: str, vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo],
+                        keep: frozenset[str] = frozenset()) -> list[str]:
+    """Claim keys of ``owner``'s destinations that no VM's template or VMI points at (a
+    cancelled or failed move, or a create whose VM patch never went through): deleted, so no
+    destination leaks. ``keep``: claims about to be used in this pass."""
+    used = {f"{vm.namespace}/{c}" for vm in vms for v in vm.volumes
+            for c in (v.claim, v.running_claim, v.vmi_claim) if c}
+    return sorted(k for k, c in claims.items()
+                  if c.moved_by == owner and c.source_claim and not c.terminating
+                  and k not in used and k not in keep)
+
+
+def live_migrate_updates(methods: Sequence[str]) -> bool:
+    """Whether KubeVirt migrates a VMI whose volumes changed: only with LiveMigrate among the
+    KubeVirt CR's workloadUpdateStrategy.workloadUpdateMethods (workload-updater.go); with
+    Evict alone it would shut the VM down instead."""
+    return "LiveMigrate" in methods
+
+
+def refusal(vm: VMStorage, volumes: Sequence[VolumeInfo], updates_migrate: bool
+            ) -> tuple[str, str] | None:
+    """(reason, message) when KubeVirt would refuse moving these volumes of this VM: checked
+    before anything is created or changed."""
+    if not updates_migrate:
+        return (WORKLOAD_UPDATE_MISSING, "KubeVirt's workloadUpdateStrategy."
+                "workloadUpdateMethods lacks LiveMigrate: a volume update would not be "
+                "migrated (with Evict, the VM would be shut down)")
+    if not vm.storage_migratable:
+        return (STORAGE_NOT_LIVE_MIGRATABLE, vm.storage_message or
+                "the VMI's StorageLiveMigratable condition is False")
+    for v in volumes:
+        if v.refused:
+            return VOLUME_NOT_MIGRATABLE, f"volume {v.name}: {v.refused}"
+    return None
+
+
+def copy_bandwidth(classes: Mapping[str, ClassInfo], target: str,
+                   spec: StorageMigration | None, per_migration: float | None,
+                   parallel: int) -> float:
+    """Predicted bandwidth of one copy into ``target``."""
+    cls = classes.get(target)
+    total = (parse_quantity(spec.copy_bandwidth) if spec and spec.copy_bandwidth else None) or \
+        (cls.copy_bandwidth if cls else None) or DEFAULT_COPY_BANDWIDTH
+    share = total / max(parallel, 1)
+    return min(share, per_migration) if per_migration else share
+
+
+def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str, ClaimInfo],
+              target_class: str | None, spec: StorageMigration | None, owner: str,
+              bandwidth: Mapping[str, float]) -> Move:
+    """Destination claims for ``volumes`` (in ``target_class``, or each in its own class) and
+    the VM update that points at them. ``bandwidth``: predicted bytes/s per target class."""
+    new, update, entries = [], {}, []
+    targets, sources = set(), set()
+    for v in volumes:
+        src = _claim(vm, claims, v.running_claim or v.claim)
+        if src is None:
+            continue
+        cls = target_class or src.storage_class or ""
+        name = destination_name(src, cls)
+        new.append(NewClaim(
+            namespace=vm.namespace, name=name, storage_class=cls, size=src.size,
+            access_modes=(str(spec.access_mode),) if spec and spec.access_mode
+            else src.access_modes,
+            volume_mode=str(spec.volume_mode) if spec and spec.volume_mode else src.volume_mode,
+            source=src.name, vm=vm.name, moved_by=owner))
+        update[v.name] = name
+        targets.add(cls)
+        sources.add(src.storage_class or "")
+        rate = bandwidth.get(cls) or DEFAULT_COPY_BANDWIDTH
+        entries.append(VolumeEntry(name=v.name, source_claim=src.name, destination_claim=name,
+                                   storage_class=cls, size_bytes=int(src.size),
+                                   phase=VolumePhase.PENDING,
+                                   predicted_seconds=round(src.size / rate, 1)))
+    return Move(tuple(new), VolumeUpdate(vm.namespace, vm.name, update), tuple(entries),
+                frozenset(targets), frozenset(sources))
+
+
+def volume_entries(vm: VMStorage, claims: Mapping[str, ClaimInfo],
+                   ended: dt.datetime | None = None) -> list[VolumeEntry]:
+    """What the cluster shows of this VM's moves: copying and completed volumes."""
+    out = []
+    for phase, pairs in ((VolumePhase.COPYING, moving(vm, claims)),
+                         (VolumePhase.COMPLETED, moved(vm, claims))):
+        for name, (source, dest) in sorted(pairs.items()):
+            d = claims.get(f"{vm.namespace}/{dest}")
+            src = claims.get(f"{vm.namespace}/{source}")
+            start = d.created if d else None
+            # Only a finished copy has a duration: a growing one would rewrite status each pass.
+            until = ended if phase == VolumePhase.COMPLETED else None
+            out.append(VolumeEntry(
+                name=name, source_claim=source, destination_claim=dest,
+                storage_class=d.storage_class if d else None,
+                size_bytes=int(src.size if src else d.size if d else 0) or None, phase=phase,
+                start_time=_stamp(start) if start else None,
+                duration_seconds=round(max((until - start).total_seconds(), 0.0), 1)
+                if start and until else None))
+    return out
+
+
+def _stamp(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def in_flight(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
+              ) -> tuple[Counter[str], Counter[str]]:
+    """Copies under way cluster-wide, by target class and by source class (one per VM and
+    class), for every owner: the class limits are shared."""
+    into, out_of = Counter[str](), Counter[str]()
+    for vm in vms:
+        targets, sources = set(), set()
+        for source, dest in moving(vm, claims).values():
+            d, s = claims.get(f"{vm.namespace}/{dest}"), claims.get(f"{vm.namespace}/{source}")
+            targets.add(d.storage_class if d else "")
+            sources.add(s.storage_class if s else "")
+        into.update(targets)
+        out_of.update(sources)
+    return into, out_of
+
+
+# -- a MigrationPolicy with storage.mode Always -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyStorageSnapshot:
+    policy: str
+    spec: StorageMigration
+    now: dt.datetime
+    governed: Mapping[str, VMStorage]  # running VMs this policy governs, by key
+    everyone: Sequence[VMStorage]  # every VM (cluster-wide class limits, leaks)
+    claims: Mapping[str, ClaimInfo]
+    classes: Mapping[str, ClassInfo]
+    updates_migrate: bool  # KubeVirt's workloadUpdateMethods has LiveMigrate
+    may_start: bool = True  # windows open
+    max_parallel: int | None = None  # the policy's maxParallelMigrations
+    bandwidth_per_migration: float | None = None
+    max_attempts: int = 3
+    failed_attempts: Mapping[str, int] = field(default_factory=dict)  # failed copies per VM
+    ended: Mapping[str, dt.datetime] = field(default_factory=dict)  # last copy's end per VM
+
+
+@dataclass
+class StorageDecision:
+    create: list[NewClaim] = field(default_factory=list)
+    update: list[VolumeUpdate] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # claim keys
+    status: StorageStatus = field(default_factory=StorageStatus)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def changes_cluster(self) -> bool:
+        return bool(self.create or self.update or self.delete)
+
+
+def parallel_limit(spec: StorageMigration, max_parallel: int | None,
+                   per_migration: float | None) -> int | None:
+    """The tightest of maxParallelCopies, copyBandwidth / bandwidthPerMigration and the
+    policy's maxParallelMigrations (None: unbounded here; KubeVirt's own limits still hold)."""
+    caps = [c for c in (spec.max_parallel_copies, max_parallel) if c]
+    if spec.copy_bandwidth and per_migration:
+        caps.append(max(1, int(parse_quantity(spec.copy_bandwidth) // per_migration)))
+    return min(caps) if caps else None
+
+
+def _wanted(s: PolicyStorageSnapshot, vm: VMStorage) -> list[VolumeInfo]:
+    """The volumes of this VM not in the target class yet."""
+    out = []
+    for v in vm.volumes:
+        c = _claim(vm, s.claims, v.running_claim or v.claim)
+        if c is None:
+            continue
+        if c.storage_class != s.spec.target_storage_class:
+            out.append(v)
+    return out
+
+
+def plan_policy_storage(s: PolicyStorageSnapshot) -> StorageDecision:
+    """storage.mode Always: move every governed VM's disks to the target class, within the
+    limits; revert what fails for good; delete what leaks; report per VM and volume."""
+    d = StorageDecision()
+    owner = moved_by("policy", s.policy)
+    if s.spec.mode != StorageMode.ALWAYS:
+        d.delete = unused_destinations(owner, s.everyone, s.claims)
+        return d
+    into, out_of = in_flight(s.everyone, s.claims)
+    mine = sum(1 for vm in s.governed.values() if moving(vm, s.claims))
+    limit = parallel_limit(s.spec, s.max_parallel, s.bandwidth_per_migration)
+    target = s.spec.target_storage_class
+    rate = copy_bandwidth(s.classes, target, s.spec, s.bandwidth_per_migration, limit or 1)
+    entries: list[StorageVMEntry] = []
+    keep: set[str] = set()
+    bytes_moved = 0
+    pending: list[tuple[VMStorage, list[VolumeInfo]]] = []
+    for key in sorted(s.governed):
+        vm = s.governed[key]
+        under_way, done = moving(vm, s.claims), moved(vm, s.claims)
+        vols = volume_entries(vm, s.claims, s.ended.get(key))
+        if under_way:
+            problem = stuck(vm, s.failed_attempts.get(key, 0), s.max_attempts)
+            if problem:
+                back = revert(vm, s.claims)
+                if back:
+                    d.update.append(back)
+                d.events.append(("Warning", problem[0], f"{key}: {problem[1]}; moving it back "
+                                 "to its source volumes"))
+                entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
+                                              phase=StorageVMPhase.FAILED, reason=problem[0],
+                                              message=problem[1], volumes=vols or None))
+                continue
+            entries.append(StorageVMEntry(
+                namespace=vm.namespace, name=vm.name, phase=StorageVMPhase.COPYING,
+                reason="Copying", message="KubeVirt copies "
+                + ", ".join(f"{src} to {dst}" for src, dst in under_way.values()),
+                volumes=vols or None))
+            continue
+        if vm.manual_recovery:
+            entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
+                                          phase=StorageVMPhase.FAILED, reason=MANUAL_RECOVERY,
+                                          message=vm.manual_recovery, volumes=vols or None))
+            continue
+        wanted = _wanted(s, vm)
+        if not wanted:
+            if done:
+                bytes_moved += sum(e.size_bytes or 0 for e in vols)
+                if s.spec.source_claims == SourceClaims.DELETE:
+                    d.delete += sources_to_delete(vm, s.claims, done)
+                entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
+                                              phase=StorageVMPhase.SUCCEEDED, reason="Moved",
+                                              message=f"runs on {target}", volumes=vols))
+            continue
+        no = refusal(vm, wanted, s.updates_migrate)
+        if no:
+            entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
+                                          phase=StorageVMPhase.REFUSED, reason=no[0],
+                                          message=no[1]))
+            continue
+        pending.append((vm, wanted))
+    for vm, wanted in pending:
+        move = plan_move(vm, wanted, s.claims, target, s.spec, owner, {target: rate})
+        why = None
+        if not s.may_start:
+            why = "OutsideWindow", "the policy's windows are closed"
+        elif limit is not None and mine >= limit:
+            why = "Queued", f"{mine} copies of this policy under way (limit {limit})"
+        elif s.spec.max_parallel_copies and into[target] >= s.spec.max_parallel_copies:
+            why = "Queued", f"{into[target]} copies into {target} under way"
+        elif s.spec.max_parallel_copies_per_source_class and any(
+                out_of[c] >= s.spec.max_parallel_copies_per_source_class
+                for c in move.source_classes):
+            why = "Queued", "the source class's parallel copies are all in use"
+        if why:
+            entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
+                                          phase=StorageVMPhase.PENDING, reason=why[0],
+                                          message=why[1], volumes=list(move.entries)))
+            continue
+        mine += 1
+        into.update(move.target_classes)
+        out_of.update(move.source_classes)
+        d.create.extend(move.claims)
+        d.update.append(move.update)
+        keep |= {f"{c.namespace}/{c.name}" for c in move.claims}
+        entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
+                                      phase=StorageVMPhase.COPYING, reason="Started",
+                                      message=f"moving {len(move.claims)} volumes to {target}",
+                                      volumes=list(move.entries)))
+    d.delete += unused_destinations(owner, s.everyone, s.claims, frozenset(keep))
+    d.status = storage_status(entries, bytes_moved)
+    return d
+
+
+def stuck(vm: VMStorage, failures: int = 0, max_attempts: int = 0) -> tuple[str, str] | None:
+    """Why a move under way must be reverted: KubeVirt refused the update, or the copy
+    failed maxAttempts times."""
+    if vm.volumes_change is False and vm.volumes_change_message:
+        return VOLUME_UPDATE_REFUSED, vm.volumes_change_message
+    if vm.restart_required:
+        return VOLUME_UPDATE_REFUSED, vm.restart_required
+    if vm.manual_recovery:
+        return MANUAL_RECOVERY, vm.manual_recovery
+    if max_attempts and failures >= max_attempts:
+        return "CopyFailed", f"{failures} volume migrations failed"
+    return None
+
+
+def sources_to_delete(vm: VMStorage, claims: Mapping[str, ClaimInfo],
+                       done: Mapping[str, tuple[str, str]]) -> list[str]:
+    running = {v.running_claim for v in vm.volumes} | {v.claim for v in vm.volumes}
+    out = []
+    for source, _dest in done.values():
+        c = claims.get(f"{vm.namespace}/{source}")
+        if c is not None and not c.terminating and source not in running:
+            out.append(c.key)
+    return out
+
+
+_ORDER = {StorageVMPhase.FAILED: 0, StorageVMPhase.COPYING: 1, StorageVMPhase.REFUSED: 2,
+          StorageVMPhase.PENDING: 3, StorageVMPhase.SUCCEEDED: 4}
+
+
+def storage_status(entries: Sequence[StorageVMEntry], bytes_moved: int) -> StorageStatus:
+    phases = Counter(e.phase for e in entries)
+    return StorageStatus(
+        counts=StorageCounts(pending=phases[StorageVMPhase.PENDING],
+                             copying=phases[StorageVMPhase.COPYING],
+                             succeeded=phases[StorageVMPhase.SUCCEEDED],
+                             failed=phases[StorageVMPhase.FAILED],
+                             refused=phases[StorageVMPhase.REFUSED]),
+        bytes_moved=bytes_moved or None,
+        vms=sorted(entries, key=lambda e: (_ORDER[e.phase], e.namespace, e.name))[
+            :MAX_STORAGE_ENTRIES] or None)
+
+
+def cancel_policy_storage(policy: str, everyone: Sequence[VMStorage],
+                          claims: Mapping[str, ClaimInfo]) -> StorageDecision:
+    """The policy is going: every move of its still under way goes back to its source
+    volumes, and its destinations nobody uses are deleted. Done when nothing is left."""
+    return cancel_moves(moved_by("policy", policy), everyone, claims)
+
+
+def cancel_moves(owner: str, everyone: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
+                 ) -> StorageDecision:
+    """Every move of ``owner`` still under way goes back to its source volumes; its
+    destinations nobody uses are deleted."""
+    d = StorageDecision()
+    for vm in everyone:
+        under_way = owned_moving(vm, claims, owner)
+        if under_way:
+            d.update.append(VolumeUpdate(vm.namespace, vm.name,
+                                         {n: src for n, (src, _d) in under_way.items()}))
+    d.delete = unused_destinations(owner, everyone, claims)
+    return d
+
+
+def cancel_pending(policy: str, everyone: Sequence[VMStorage],
+                   claims: Mapping[str, ClaimInfo]) -> int:
+    """Destinations of this policy a VM or VMI still points at without having finished: the
+    policy's deletion waits for them to be released."""
+    return pending_cancel(moved_by("policy", policy), everyone, claims)
+
+
+def pending_cancel(owner: str, everyone: Sequence[VMStorage],
+                   claims: Mapping[str, ClaimInfo]) -> int:
+    """Destinations of ``owner`` a VM or VMI still points at without having finished."""
+    return sum(1 for vm in everyone for _n, (_s, dst) in moving(vm, claims).items()
+               if (c := claims.get(f"{vm.namespace}/{dst}")) and c.moved_by == owner) + \
+        sum(1 for vm in everyone for v in vm.volumes
+            for held in {v.running_claim, v.vmi_claim} - {v.claim}
+            if held and (c := claims.get(f"{vm.namespace}/{held}")) and c.moved_by == owner)
