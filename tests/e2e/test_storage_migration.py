@@ -8,10 +8,14 @@ point at, the claims that exist, and the CRs' status."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from operator_harness import OperatorProcess, drain_body, phase_of, wait_for
 
 from virtshift.api.units import parse_quantity
@@ -31,6 +35,7 @@ storageClasses:
   - {name: local-lvm, nodeLocal: true, copyBandwidth: 1Gi}
   - {name: legacy-array, accessMode: ReadWriteMany, copyBandwidth: 2Gi}
   - {name: ceph-rbd, accessMode: ReadWriteMany, copyBandwidth: 2Gi}
+  - {name: slow-nfs, accessMode: ReadWriteMany, copyBandwidth: 100Mi}
 nodes:
   - generate: {count: 4, prefix: node-, allocatable: {cpu: "64", memory: 256Gi}}
 vms:
@@ -54,6 +59,7 @@ vms:
       diskSize: 20Gi
 """
 TIMEOUT = 120
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policy-storage.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +154,139 @@ def test_a_drain_moves_vms_on_node_local_disks_with_their_disks(env) -> None:
         vms["local-1"])
     assert {c["metadata"]["name"] for c in kube.items(rest.PVCS, namespace="apps")} == set(
         pvcs)
+
+
+def running_claims(vmi: dict[str, Any]) -> dict[str, str]:
+    """What the VMI's domain runs on: a volume it is migrating still runs on its source."""
+    out = claims_of_vmi(vmi)
+    for m in vmi["status"].get("migratedVolumes") or []:
+        out[m["volumeName"]] = m["sourcePVCInfo"]["claimName"]
+    return out
+
+
+class CopySampler:
+    """Samples, while storage moves run, how many VMs point at claims their VMIs do not run on
+    yet (copies under way), from the cluster's VMs and VMIs."""
+
+    def __init__(self, kube: rest.KubeClient, namespace: str) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.peak = 0
+        self.first: float | None = None  # wall time the first copy was seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CopySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def copying(self) -> int:
+        vmis = {v["metadata"]["name"]: v for v in self.kube.items(rest.VMIS,
+                                                                  namespace=self.namespace)}
+        return sum(1 for vm in self.kube.items(rest.VMS, namespace=self.namespace)
+                   if (vmi := vmis.get(vm["metadata"]["name"])) is not None
+                   and claims_of_vm(vm) != running_claims(vmi))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            n = self.copying()
+            if n and self.first is None:
+                self.first = time.monotonic()
+            self.peak = max(self.peak, n)
+            self._stop.wait(0.05)
+
+
+def test_the_storage_example_policy_moves_the_legacy_disks_to_ceph(env) -> None:
+    """examples/policy-storage.yaml, as its comments say: every disk of the namespaces
+    labelled storage=legacy-array moves to ceph-rbd while the VMs run, at most four copies at
+    a time, and each old claim is deleted once its VM runs on the new one."""
+    kube = env["kube"]
+    kube.patch(rest.NAMESPACES, "legacy", {"metadata": {"labels": {"storage": "legacy-array"}}})
+    before = {v["metadata"]["name"]: claims_of_vm(v)
+              for v in kube.items(rest.VMS, namespace="legacy")}
+    sizes = {c["metadata"]["name"]: pvc_size(c) for c in kube.items(rest.PVCS,
+                                                                     namespace="legacy")}
+    policy = yaml.safe_load(EXAMPLE.read_text())
+    with CopySampler(kube, "legacy") as sampler:
+        kube.create(rest.POLICIES, policy)
+
+        def moved() -> bool:
+            pvcs = {c["metadata"]["name"]: c for c in kube.items(rest.PVCS, namespace="legacy")}
+            vmis = {v["metadata"]["name"]: v for v in kube.items(rest.VMIS, namespace="legacy")}
+            return all(running_claims(vmis[n]).get(vol) in pvcs and pvcs[running_claims(
+                vmis[n])[vol]]["spec"]["storageClassName"] == "ceph-rbd"
+                for n, vols in before.items() for vol in vols) and not any(
+                c in pvcs for vols in before.values() for c in vols.values())
+        wait_for(moved, TIMEOUT, what=lambda: f"the legacy disks on ceph-rbd, old claims gone: "
+                 f"{(kube.get(rest.POLICIES, 'storage-move') or {}).get('status')}")
+    assert 1 <= sampler.peak <= 4  # maxParallelCopies
+    vms = {v["metadata"]["name"]: v for v in kube.items(rest.VMS, namespace="legacy")}
+    vmis = {v["metadata"]["name"]: v for v in kube.items(rest.VMIS, namespace="legacy")}
+    pvcs = {c["metadata"]["name"]: c for c in kube.items(rest.PVCS, namespace="legacy")}
+    for name, old in before.items():
+        new = claims_of_vm(vms[name])
+        assert claims_of_vmi(vmis[name]) == new and vmis[name]["status"]["phase"] == "Running"
+        for volume, claim in new.items():
+            dest = pvcs[claim]
+            assert dest["metadata"]["annotations"][SOURCE_CLAIM_LABEL] == old[volume]
+            assert pvc_size(dest) >= sizes[old[volume]]
+    status = wait_for(lambda: (s := (kube.get(rest.POLICIES, "storage-move") or {}).get(
+        "status", {}).get("storage")) and s["counts"]["succeeded"] == len(before) and s,
+        30, what="the policy's storage status")
+    assert status["counts"]["failed"] == status["counts"]["copying"] == 0
+    assert status["bytesMoved"] == sum(sizes[c] for vols in before.values()
+                                       for c in vols.values())
+    entry = status["vms"][0]
+    assert entry["phase"] == "Succeeded" and entry["volumes"][0]["phase"] == "Completed"
+    assert entry["volumes"][0]["durationSeconds"] > 0
+
+
+def test_deleting_a_policy_halfway_puts_every_unfinished_vm_back(env) -> None:
+    """Cancelling: the policy deleted while copies run; every VM whose move had not finished
+    runs on its original volumes again, no destination claim is left over, the policy goes."""
+    kube = env["kube"]
+    before = {v["metadata"]["name"]: claims_of_vm(v)
+              for v in kube.items(rest.VMS, namespace="apps")}
+    claims_before = {c["metadata"]["name"] for c in kube.items(rest.PVCS, namespace="apps")}
+    kube.create(rest.POLICIES, {
+        "apiVersion": "virtshift.io/v1alpha1", "kind": "MigrationPolicy",
+        "metadata": {"name": "to-nfs"},
+        "spec": {"vmSelector": {"matchExpressions": [
+            {"key": "kubevirt.io/domain", "operator": "Exists"}]},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}},
+            "storage": {"targetStorageClass": "slow-nfs", "mode": "Always",
+                        "maxParallelCopies": 2}}})
+
+    def progress() -> dict[str, int]:
+        return ((kube.get(rest.POLICIES, "to-nfs") or {}).get("status") or {}).get(
+            "storage", {}).get("counts") or {}
+    with CopySampler(kube, "apps") as sampler:
+        wait_for(lambda: progress().get("succeeded", 0) >= 1 and sampler.copying() >= 1,
+                 TIMEOUT, what=lambda: f"one move done and one under way: {progress()}")
+        kube.delete(rest.POLICIES, "to-nfs")
+        wait_for(lambda: kube.get(rest.POLICIES, "to-nfs") is None, 60,
+                 what="the policy's finalizer to go")
+    assert sampler.peak <= 2
+    vms = {v["metadata"]["name"]: v for v in kube.items(rest.VMS, namespace="apps")}
+    vmis = {v["metadata"]["name"]: v for v in kube.items(rest.VMIS, namespace="apps")}
+    pvcs = {c["metadata"]["name"]: c for c in kube.items(rest.PVCS, namespace="apps")}
+    finished = [n for n in vms if claims_of_vm(vms[n]) != before[n]]
+    assert 1 <= len(finished) < len(vms)
+    for name, vm in vms.items():
+        vmi = vmis[name]
+        assert vmi["status"]["phase"] == "Running"
+        assert claims_of_vm(vm) == running_claims(vmi) == claims_of_vmi(vmi)  # nothing half
+        if name in finished:
+            assert all(pvcs[c]["spec"]["storageClassName"] == "slow-nfs"
+                       for c in claims_of_vm(vm).values())
+        else:
+            assert claims_of_vm(vm) == before[name], name  # back on its original volumes
+    # No orphan: every claim the policy made is one a VM runs on.
+    used = {c for vm in vms.values() for c in claims_of_vm(vm).values()}
+    made = {n for n, c in pvcs.items()
+            if (c["metadata"].get("annotations") or {}).get(MOVED_BY_LABEL) == "policy.to-nfs"}
+    assert made <= used and made, (made, used)
+    assert set(pvcs) - made == claims_before  # the sources are kept (sourceClaims: Keep)

@@ -509,7 +509,8 @@ def _shared_nothing(s: DrainSnapshot, vmi: VMIInfo, st: storage.VMStorage, rules
     rates = {cls: storage.copy_bandwidth(s.classes, cls, rules.storage,
                                          rules.bandwidth_per_migration, 1)
              for cls in ({target_class} if target_class else sources)}
-    move = storage.plan_move(st, wanted, s.claims, target_class, rules.storage, s.owner, rates)
+    move = storage.plan_move(st, wanted, s.claims, target_class, rules.storage, s.owner, rates,
+                             s.now)
     copy = sum(e.predicted_seconds or 0.0 for e in move.entries)
     entry = pending.model_copy(update={"volumes": list(move.entries), "mode": "SharedNothing"})
     finding, targets = _placement(dataclasses.replace(vmi, migratable=True), places)

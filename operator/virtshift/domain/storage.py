@@ -37,6 +37,9 @@ from virtshift.api.units import parse_quantity
 SOURCE_CLAIM_LABEL = "virtshift.io/source-claim"
 MOVED_BY_LABEL = "virtshift.io/moved-by"  # drain.<name> or policy.<name>
 VM_LABEL = "virtshift.io/vm"
+# On a destination claim: when its move began, by the operator's clock (which a simulated
+# cluster runs faster than the API server's creationTimestamps).
+STARTED_ANNOTATION = "virtshift.io/move-started"
 # On a StorageClass, set by the cluster's admin: its volumes are pinned to one node (besides
 # what a PV's nodeAffinity says), and its sustained copy bandwidth (for predictions).
 NODE_LOCAL_ANNOTATION = "virtshift.io/node-local"
@@ -120,6 +123,7 @@ class NewClaim:
     source: str
     vm: str
     moved_by: str
+    started: dt.datetime | None = None  # when the move began (the operator's clock)
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ def copy_bandwidth(classes: Mapping[str, ClassInfo], target: str,
 
 def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str, ClaimInfo],
               target_class: str | None, spec: StorageMigration | None, owner: str,
-              bandwidth: Mapping[str, float]) -> Move:
+              bandwidth: Mapping[str, float], now: dt.datetime | None = None) -> Move:
     """Destination claims for ``volumes`` (in ``target_class``, or each in its own class) and
     the VM update that points at them. ``bandwidth``: predicted bytes/s per target class."""
     new, update, entries = [], {}, []
@@ -275,7 +279,7 @@ def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str,
             access_modes=(str(spec.access_mode),) if spec and spec.access_mode
             else src.access_modes,
             volume_mode=str(spec.volume_mode) if spec and spec.volume_mode else src.volume_mode,
-            source=src.name, vm=vm.name, moved_by=owner))
+            source=src.name, vm=vm.name, moved_by=owner, started=now))
         update[v.name] = name
         targets.add(cls)
         sources.add(src.storage_class or "")
@@ -448,7 +452,7 @@ def plan_policy_storage(s: PolicyStorageSnapshot) -> StorageDecision:
             continue
         pending.append((vm, wanted))
     for vm, wanted in pending:
-        move = plan_move(vm, wanted, s.claims, target, s.spec, owner, {target: rate})
+        move = plan_move(vm, wanted, s.claims, target, s.spec, owner, {target: rate}, s.now)
         why = None
         if not s.may_start:
             why = "OutsideWindow", "the policy's windows are closed"

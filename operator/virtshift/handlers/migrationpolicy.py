@@ -5,6 +5,7 @@ owned objects)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -124,8 +125,9 @@ def reconcile(name: str) -> dt.datetime | None:
             governed = set(dpolicy.governed(name, policies, vmis))
             moves = _storage_moves(name, model, now, governed,
                                    window_open=decision.status.window_open is not False)
-            decision.status = decision.status.model_copy(update={"storage": moves.status})
-            decision.events.extend(moves.events)
+            decision = dataclasses.replace(
+                decision, status=decision.status.model_copy(update={"storage": moves.status}),
+                events=[*decision.events, *moves.events])
     store.write_status(obj, decision.status.wire())
     for kind, reason, message in decision.events:
         rt.actions.event(_for_events(obj), kind, reason, message)

@@ -13,6 +13,7 @@ from virtshift.domain.storage import (
     MOVED_BY_LABEL,
     NODE_LOCAL_ANNOTATION,
     SOURCE_CLAIM_LABEL,
+    STARTED_ANNOTATION,
     VM_LABEL,
     ClaimInfo,
     ClassInfo,
@@ -397,7 +398,8 @@ def claim_info(pvc: JSON, pv: JSON | None) -> ClaimInfo:
         source_claim=annotations.get(SOURCE_CLAIM_LABEL) or labels.get(SOURCE_CLAIM_LABEL),
         moved_by=annotations.get(MOVED_BY_LABEL) or labels.get(MOVED_BY_LABEL),
         vm=annotations.get(VM_LABEL) or labels.get(VM_LABEL),
-        uid=meta.get("uid", ""), created=parse_time(meta.get("creationTimestamp")),
+        uid=meta.get("uid", ""), created=parse_time(annotations.get(STARTED_ANNOTATION)
+                                                    or meta.get("creationTimestamp")),
         terminating=bool(meta.get("deletionTimestamp")))
 
 
@@ -418,7 +420,8 @@ def destination_claim(c: NewClaim) -> JSON:
             "app.kubernetes.io/managed-by": "virtshift"},
         # Label values stop at 63 characters; the full names are kept here.
         "annotations": {SOURCE_CLAIM_LABEL: c.source, MOVED_BY_LABEL: c.moved_by,
-                        VM_LABEL: c.vm}},
+                        VM_LABEL: c.vm, **({STARTED_ANNOTATION: c.started.astimezone(
+                            dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")} if c.started else {})}},
         "spec": {"accessModes": list(c.access_modes), "volumeMode": c.volume_mode,
                  "storageClassName": c.storage_class,
                  "resources": {"requests": {"storage": quantity_text(c.size)}}}}

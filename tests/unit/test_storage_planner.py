@@ -1,0 +1,299 @@
+"""Storage moves (domain.storage) and shared-nothing migration in the drain planner,
+table-driven over hand-built views (no API server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+from test_drain_planner import NOW, cordoned, entry, node, snap, vmi
+
+from virtshift.api.migrationpolicy import StorageMigration
+from virtshift.api.units import GiB
+from virtshift.domain import storage
+from virtshift.domain.drain import finalize_drain, plan_drain
+from virtshift.domain.rules import Rules
+from virtshift.domain.storage import (
+    ClaimInfo,
+    PolicyStorageSnapshot,
+    VMStorage,
+    VolumeInfo,
+    plan_policy_storage,
+)
+
+OWNER = "policy.p"
+
+
+def claim(name: str, cls: str = "old", size: float = 10 * GiB, **kw: Any) -> ClaimInfo:
+    return ClaimInfo(namespace="ns", name=name, storage_class=cls, size=size,
+                     uid=f"uid-{name}", **kw)
+
+
+def dest(name: str, source: str, cls: str = "new", owner: str = OWNER, **kw: Any) -> ClaimInfo:
+    return claim(name, cls, source_claim=source, moved_by=owner, vm=kw.pop("vm", None), **kw)
+
+
+def vm(name: str, claim_name: str | None = None, running: str | None = None,
+       **kw: Any) -> VMStorage:
+    c = claim_name or f"{name}-root"
+    vol = VolumeInfo("root", c, running or c, vmi_claim=kw.pop("vmi_claim", None) or c,
+                     refused=kw.pop("refused", None))
+    return VMStorage(namespace="ns", name=name, volumes=(vol,), **kw)
+
+
+def claims(*items: ClaimInfo) -> dict[str, ClaimInfo]:
+    return {c.key: c for c in items}
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+def test_destination_names_are_deterministic_and_never_collide() -> None:
+    a = claim("data")
+    assert storage.destination_name(a, "ceph") == storage.destination_name(a, "ceph")
+    assert storage.destination_name(a, "ceph") != storage.destination_name(a, "nfs")
+    # The same name after a delete (another UID) gets another destination.
+    again = dataclasses.replace(a, uid="other")
+    assert storage.destination_name(a, "ceph") != storage.destination_name(again, "ceph")
+    # A claim moved again does not grow a longer and longer name.
+    moved = claim(storage.destination_name(a, "ceph"), "ceph")
+    second = storage.destination_name(moved, "nfs")
+    assert second.startswith("data-vs-") and len(second) == len("data-vs-") + 6
+    assert len(storage.destination_name(claim("x" * 253), "c")) <= 253
+
+
+# -- reading a move back from the cluster --------------------------------------------------------
+
+
+@pytest.mark.parametrize("template, running, expect_moving, expect_moved", [
+    ("a-root", "a-root", {}, {}),  # idle
+    ("a-root-vs-000001", "a-root", {"root": ("a-root", "a-root-vs-000001")}, {}),  # copying
+    ("a-root-vs-000001", "a-root-vs-000001", {}, {"root": ("a-root", "a-root-vs-000001")}),
+    ("other", "a-root", {}, {}),  # someone else's update: not ours to follow
+])
+def test_a_move_is_read_from_the_vm_and_its_vmi(template, running, expect_moving,
+                                                 expect_moved) -> None:
+    cs = claims(claim("a-root"), claim("other"), dest("a-root-vs-000001", "a-root"))
+    v = vm("a", template, running)
+    assert storage.moving(v, cs) == expect_moving
+    assert storage.moved(v, cs) == expect_moved
+    back = storage.revert(v, cs)
+    assert (back.claims if back else {}) == {n: s for n, (s, _d) in expect_moving.items()}
+
+
+@pytest.mark.parametrize("volume_kw, vm_kw, updates, reason", [
+    ({}, {}, True, None),
+    ({}, {}, False, storage.WORKLOAD_UPDATE_MISSING),
+    ({}, {"storage_migratable": False, "storage_message": "no"}, True,
+     storage.STORAGE_NOT_LIVE_MIGRATABLE),
+    ({"refused": "a shareable disk cannot be migrated"}, {}, True,
+     storage.VOLUME_NOT_MIGRATABLE),
+])
+def test_what_kubevirt_would_refuse_is_refused_before_anything_is_touched(
+        volume_kw, vm_kw, updates, reason) -> None:
+    v = vm("a", **volume_kw, **vm_kw)
+    found = storage.refusal(v, v.volumes, updates)
+    assert (found[0] if found else None) == reason
+
+
+# -- a policy with storage.mode Always -----------------------------------------------------------
+
+
+def policy_snapshot(vms: list[VMStorage], cs: dict[str, ClaimInfo], **kw: Any
+                    ) -> PolicyStorageSnapshot:
+    spec = StorageMigration.model_validate({"targetStorageClass": "new", "mode": "Always",
+                                            **kw.pop("spec", {})})
+    return PolicyStorageSnapshot(
+        policy="p", spec=spec, now=NOW, governed={v.key: v for v in vms}, everyone=vms,
+        claims=cs, classes={}, updates_migrate=kw.pop("updates", True), **kw)
+
+
+def test_moves_start_within_max_parallel_copies() -> None:
+    vms = [vm(f"v{i}") for i in range(5)]
+    busy = vm("busy", "busy-root-vs-000001", "busy-root")
+    cs = claims(*(claim(f"v{i}-root") for i in range(5)), claim("busy-root"),
+                dest("busy-root-vs-000001", "busy-root"))
+    d = plan_policy_storage(policy_snapshot([*vms, busy], cs, spec={"maxParallelCopies": 3}))
+    assert len(d.update) == 2  # 3 at once, one already copying
+    assert {c.storage_class for c in d.create} == {"new"}
+    assert all(c.size >= 10 * GiB and c.source == f"{c.vm}-root" for c in d.create)
+    assert {u.vm for u in d.update} == {c.vm for c in d.create}
+    assert d.status.counts.copying == 3 and d.status.counts.pending == 3
+
+
+def test_copy_bandwidth_over_bandwidth_per_migration_bounds_the_copies() -> None:
+    vms = [vm(f"v{i}") for i in range(5)]
+    cs = claims(*(claim(f"v{i}-root") for i in range(5)))
+    d = plan_policy_storage(policy_snapshot(vms, cs, spec={"copyBandwidth": "2Gi"},
+                                            bandwidth_per_migration=GiB))
+    assert len(d.update) == 2
+
+
+def test_a_closed_window_starts_nothing() -> None:
+    d = plan_policy_storage(policy_snapshot([vm("a")], claims(claim("a-root")),
+                                            may_start=False))
+    assert not d.changes_cluster and d.status.vms[0].reason == "OutsideWindow"
+
+
+def test_without_live_migrate_updates_nothing_is_touched() -> None:
+    d = plan_policy_storage(policy_snapshot([vm("a")], claims(claim("a-root")), updates=False))
+    assert not d.changes_cluster
+    assert d.status.vms[0].phase == "Refused"
+    assert d.status.vms[0].reason == storage.WORKLOAD_UPDATE_MISSING
+
+
+@pytest.mark.parametrize("vm_kw, failures, reverted", [
+    ({}, 0, False),
+    ({"volumes_change": False, "volumes_change_message": "One of the destination volumes "
+      "doesn't exist"}, 0, True),
+    ({"restart_required": "cannot migrate the VM"}, 0, True),
+    ({}, 3, True),  # maxAttempts copies failed
+])
+def test_a_move_kubevirt_refuses_or_that_keeps_failing_goes_back(vm_kw, failures,
+                                                                  reverted) -> None:
+    v = vm("a", "a-root-vs-000001", "a-root", **vm_kw)
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root"))
+    d = plan_policy_storage(policy_snapshot([v], cs, failed_attempts={"ns/a": failures}))
+    assert bool(d.update) == reverted
+    if reverted:
+        assert d.update[0].claims == {"root": "a-root"}
+        assert d.status.vms[0].phase == "Failed" and d.events
+
+
+def test_finished_moves_delete_sources_only_when_asked() -> None:
+    v = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root"))
+    keep = plan_policy_storage(policy_snapshot([v], cs))
+    assert keep.delete == [] and keep.status.counts.succeeded == 1
+    gone = plan_policy_storage(policy_snapshot([v], cs, spec={"sourceClaims": "Delete"}))
+    assert gone.delete == ["ns/a-root"]
+
+
+def test_unused_destinations_are_deleted_but_never_one_a_vmi_still_uses() -> None:
+    # Reverted by us; KubeVirt has not cancelled yet: the VMI's spec still names the
+    # destination, so it stays until KubeVirt lets go of it.
+    held = vm("a", "a-root", "a-root", vmi_claim="a-root-vs-000001")
+    orphan = dest("b-root-vs-000002", "b-root")
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root"), claim("b-root"), orphan,
+                dest("c-root-vs-000003", "c-root", owner="policy.other"))
+    assert storage.unused_destinations(OWNER, [held, vm("b")], cs) == ["ns/b-root-vs-000002"]
+    assert storage.pending_cancel(OWNER, [held, vm("b")], cs) == 1
+
+
+def test_cancelling_reverts_only_this_owners_unfinished_moves() -> None:
+    mine = vm("a", "a-root-vs-000001", "a-root")
+    theirs = vm("b", "b-root-vs-000002", "b-root")
+    done = vm("c", "c-root-vs-000003", "c-root-vs-000003")
+    cs = claims(claim("a-root"), claim("b-root"), claim("c-root"),
+                dest("a-root-vs-000001", "a-root"),
+                dest("b-root-vs-000002", "b-root", owner="drain.x"),
+                dest("c-root-vs-000003", "c-root"))
+    d = storage.cancel_policy_storage("p", [mine, theirs, done], cs)
+    assert [(u.vm, dict(u.claims)) for u in d.update] == [("a", {"root": "a-root"})]
+    assert d.delete == []
+
+
+# -- shared-nothing during a drain ---------------------------------------------------------------
+
+
+def local(name: str, **kw: Any) -> ClaimInfo:
+    return claim(name, "local", node="n1", **kw)
+
+
+DISKS = {"migratable": False, "not_migratable_reason": "DisksNotLiveMigratable",
+         "not_migratable_message": "cannot migrate VMI: PVC a-root is not shared"}
+
+
+def drain_snap(vms: list[VMStorage], cs: dict[str, ClaimInfo], vmis: list | None = None,
+               **kw: Any):
+    return snap(vmis or [vmi(v.name, **DISKS) for v in vms], nodes=cordoned(),
+                storage={v.key: v for v in vms}, claims=cs, **kw)
+
+
+def test_a_vm_on_node_local_disks_moves_with_them() -> None:
+    d = plan_drain(drain_snap([vm("a")], claims(local("a-root"))))
+    e = entry(d, "a")
+    assert e.phase == "Migrating" and e.reason == "PreparingVolumes" and e.mode == "SharedNothing"
+    assert [(c.source, c.storage_class, c.moved_by) for c in d.claims] == [
+        ("a-root", "local", "drain.d")]
+    assert d.volumes[0].claims == {"root": d.claims[0].name}
+    assert not d.create  # the migration follows once KubeVirt migrates the volumes
+    assert e.volumes[0].destination_claim == d.claims[0].name
+
+
+def test_shared_nothing_goes_to_the_policys_target_class() -> None:
+    spec = StorageMigration.model_validate({"targetStorageClass": "ceph"})
+    d = plan_drain(drain_snap([vm("a")], claims(local("a-root")),
+                              rules={"ns/a": Rules(policy="p", storage=spec)}))
+    assert d.claims[0].storage_class == "ceph"
+
+
+def test_shared_nothing_holds_a_slot_until_its_migration_is_created() -> None:
+    # Two outbound slots: one VM already pointed at its destination (waiting for KubeVirt),
+    # so only one more may begin.
+    waiting = vm("a", "a-root-vs-000001", "a-root")
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a"),
+                local("b-root"), local("c-root"))
+    d = plan_drain(drain_snap([waiting, vm("b"), vm("c")], cs))
+    assert entry(d, "a").reason == "UpdatingVolumes"
+    assert len(d.volumes) == 1
+
+
+def test_once_kubevirt_migrates_the_volumes_the_drain_creates_the_migration() -> None:
+    moving = vm("a", "a-root-vs-000001", "a-root", migrating_volumes=True,
+                volumes_change=True)
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a"))
+    d = plan_drain(drain_snap([moving], cs, vmis=[vmi("a")]))
+    assert [m.vmi for m in d.create] == ["a"]
+    assert entry(d, "a").mode == "SharedNothing"
+
+
+def test_a_refused_volume_update_goes_back_to_the_source() -> None:
+    refused = vm("a", "a-root-vs-000001", "a-root", volumes_change=False,
+                 volumes_change_message="One of the destination volumes doesn't exist")
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a"))
+    d = plan_drain(drain_snap([refused], cs))
+    assert entry(d, "a").phase == "Failed"
+    assert [dict(u.claims) for u in d.revert] == [{"root": "a-root"}]
+
+
+@pytest.mark.parametrize("action, phase", [("Fail", "Failed"), ("Skip", "Skipped")])
+def test_disks_kubevirt_cannot_move_fall_to_non_migratable(action, phase) -> None:
+    d = plan_drain(drain_snap([vm("a")], claims(local("a-root")), updates_migrate=False,
+                              rules={"ns/a": Rules(non_migratable=action)}))
+    e = entry(d, "a")
+    assert (e.phase, e.reason) == (phase, storage.WORKLOAD_UPDATE_MISSING)
+    assert not d.claims and not d.volumes
+
+
+def test_deleting_the_drain_puts_unfinished_moves_back_and_waits() -> None:
+    moving = vm("a", "a-root-vs-000001", "a-root")
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a"))
+    d = finalize_drain(drain_snap([moving], cs))
+    assert [dict(u.claims) for u in d.revert] == [{"root": "a-root"}]
+    assert d.hold and not d.uncordon
+    # KubeVirt cancelled: nothing points at the destination; it goes, and so does the hold.
+    back = vm("a")
+    later = finalize_drain(drain_snap([back], cs))
+    assert later.delete_claims == ["ns/a-root-vs-000001"]
+    gone = finalize_drain(drain_snap([back], claims(local("a-root"))))
+    assert not gone.hold and not gone.revert
+
+
+def test_the_node_is_drained_when_the_vm_left_with_its_disks() -> None:
+    done = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a", created=NOW - dt.timedelta(
+                                          seconds=60)))
+    d = plan_drain(drain_snap([done], cs, vmis=[vmi("a", node_name="n2")]))
+    e = entry(d, "a")
+    assert (e.phase, e.mode) == ("Succeeded", "SharedNothing")
+    assert e.volumes[0].phase == "Completed"
+    assert d.status.phase == "Drained"
+    assert node("n2").name == e.target_node
