@@ -305,7 +305,9 @@ class Handler:
         status["migratedVolumes"] = vm.migrated_volumes
         patch: JSON = {"metadata": meta, "status": status}
         if vm.vmi_claims is not None:
+            specs = {v.name: v for v in vm.spec.volumes}
             patch["spec"] = {"volumes": [
+                objects.volume(specs[n], c) if n in specs else
                 {"name": n, "persistentVolumeClaim": {"claimName": c}}
                 for n, c in vm.vmi_claims.items()]}
         try:

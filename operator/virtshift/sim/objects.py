@@ -18,7 +18,13 @@ from virtshift.api.kubevirt import (
 from virtshift.api.kubevirt import CREATED_BY_LABEL as CREATED_BY
 from virtshift.domain.placement import launch_selector
 from virtshift.domain.placement import launcher_requests as _requests
-from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec, VMSpec
+from virtshift.sim.scenario import (
+    KubeVirtSettings,
+    NodeSpec,
+    StorageClassSpec,
+    VMSpec,
+    VolumeSpec,
+)
 
 __all__ = ["MIGRATION_JOB_LABEL", "MIGRATION_TARGET_LABEL", "NODE_NAME_LABEL"]
 
@@ -175,8 +181,38 @@ def _domain(vm: VMSpec) -> JSON:
         "cpu": {"cores": vm.cpu, "model": vm.cpu_model},
         "memory": {"guest": quantity(vm.memory)},
         "resources": {"requests": {"memory": quantity(vm.memory)}},
-        "devices": {"disks": [{"name": v.name, "disk": {"bus": "virtio"}} for v in vm.volumes]},
+        "devices": devices(vm),
     }
+
+
+def devices(vm: VMSpec) -> JSON:
+    """Disks as KubeVirt's schema has them: virtio disks (scsi when hotplugged), ``lun``
+    disks, ``shareable``; a filesystem volume is a virtiofs filesystem, not a disk."""
+    disks = []
+    for v in vm.volumes:
+        if v.filesystem:
+            continue
+        disk: JSON = {"name": v.name}
+        if v.lun:
+            disk["lun"] = {"bus": "scsi"}
+        else:
+            disk["disk"] = {"bus": "scsi" if v.hotplug else "virtio"}
+        if v.shareable:
+            disk["shareable"] = True
+        disks.append(disk)
+    out: JSON = {"disks": disks}
+    filesystems = [{"name": v.name, "virtiofs": {}} for v in vm.volumes if v.filesystem]
+    if filesystems:
+        out["filesystems"] = filesystems
+    return out
+
+
+def volume(v: VolumeSpec, claim: str) -> JSON:
+    """A VM/VMI volume: a PVC, ``hotpluggable`` when hotplugged."""
+    source: JSON = {"claimName": claim}
+    if v.hotplug:
+        source["hotpluggable"] = True
+    return {"name": v.name, "persistentVolumeClaim": source}
 
 
 def vmi_spec(vm: VMSpec, claims: dict[str, str] | None = None) -> JSON:
@@ -184,8 +220,7 @@ def vmi_spec(vm: VMSpec, claims: dict[str, str] | None = None) -> JSON:
     return {
         "domain": _domain(vm),
         "evictionStrategy": vm.eviction_strategy,
-        "volumes": [{"name": v.name, "persistentVolumeClaim": {"claimName": claims[v.name]}}
-                    for v in vm.volumes],
+        "volumes": [volume(v, claims[v.name]) for v in vm.volumes],
     }
 
 

@@ -75,9 +75,13 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
     classes = {sc.name: sc for sc in scenario.storage_classes}
     shared = {sc.name: sc.access_mode == "ReadWriteMany" for sc in scenario.storage_classes}
 
-    namespaces = sorted({vm.namespace for vm in scenario.vms} | {objects.KUBEVIRT_NAMESPACE})
+    labels = {ns.name: ns.labels for ns in scenario.namespaces}
+    namespaces = sorted({vm.namespace for vm in scenario.vms} | {objects.KUBEVIRT_NAMESPACE}
+                        | set(labels))
     _parallel(lambda ns: kube.create_or_get(rest.NAMESPACES, {
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}), namespaces)
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns, **({"labels": labels[ns]} if labels.get(ns) else {})}}),
+        namespaces)
     _parallel(lambda sc: kube.create_or_get(rest.STORAGE_CLASSES, objects.storage_class(sc)),
               scenario.storage_classes)
 

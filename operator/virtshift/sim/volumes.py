@@ -93,15 +93,29 @@ class VolumeMigration:
 
     def _refuse_volume_update(self: KubeVirtSim, vm: SimVM, changed: dict[str, str]
                               ) -> str | None:
-        """ValidateVolumes and ValidateVolumesUpdateMigration, with KubeVirt's messages."""
+        """ValidateVolumes (filesystems, shareable disks and LUNs refused with RestartRequired
+        "invalid volumes to update with migration: ..."; hotplugged volumes allowed; from 1.9
+        a missing destination claim) and ValidateVolumesUpdateMigration, with KubeVirt's
+        messages."""
         ns = vm.spec.namespace
-        if self.version == "1.9":
-            missing = [c for c in changed.values() if self.pvcs.get(f"{ns}/{c}") is None]
-            if missing:
+        invalid: dict[str, list[str]] = {}
+        specs = {v.name: v for v in vm.spec.volumes}
+        for name, claim in changed.items():  # the VM's volumes, in order
+            v = specs.get(name)
+            kind = None if v is None else "filesystems" if v.filesystem else \
+                "shareable" if v.shareable else "luns" if v.lun else None
+            if kind:
+                invalid.setdefault(kind, []).append(name)
+                continue
+            if self.version == "1.9" and self.pvcs.get(f"{ns}/{claim}") is None:
                 vm.volume_change = {"status": "False", "message": "One of the destination "
-                                    f"volumes doesn't exist: the pvc {missing[0]} doesn't exist"}
+                                    f"volumes doesn't exist: the pvc {claim} doesn't exist"}
                 self.touch_vmi(vm)
                 return "missing"
+        if invalid:  # invalidVols.errorMessage; vm.go handleValidationErrors
+            return self._restart_required(vm, "invalid volumes to update with migration:" + "".join(
+                f" {kind}: [{' '.join(invalid[kind])}]"
+                for kind in ("filesystems", "shareable", "luns") if kind in invalid))
         blocker = self.blocker(vm)
         if blocker and blocker[0] != "DisksNotLiveMigratable":
             return self._restart_required(vm, "cannot migrate the volumes as the VMI isn't "
@@ -248,9 +262,9 @@ class VolumeMigration:
         cluster_limit, _ = self.limits()
         running = sum(1 for f in self.flights.values() if f.phase in IN_FLIGHT)
         for vm in sorted(waiting, key=lambda v: v.key)[:max(cluster_limit - running, 0)]:
-            self._create_workload_update(vm)
+            self._create_workload_update(vm, now)
 
-    def _create_workload_update(self: KubeVirtSim, vm: SimVM) -> None:
+    def _create_workload_update(self: KubeVirtSim, vm: SimVM, now: float) -> None:
         spec: dict[str, Any] = {"vmiName": vm.spec.name}
         if self.priority_queue:
             spec["priority"] = "user-triggered"
@@ -267,4 +281,4 @@ class VolumeMigration:
             log.warning("workload update migration of %s not created: %s", vm.key, exc)
             return
         self.vmims.put(created)
-        self._register(created, self.clock.now())
+        self._register(created, now)  # made by this sync (the create's round trip is not time)
