@@ -230,6 +230,8 @@ def test_a_target_pod_whose_claim_is_pinned_elsewhere_never_schedules(kube) -> N
     done = final(kube, NS, "pin-1-move", timeout=30)
     assert done["status"]["phase"] == "Failed"
     assert vmi(kube, "pin-1")["status"]["nodeName"] == "n-1"
+    point(kube, "pin-1", {"rootdisk": "pin-1-root"})  # cancel
+    wait_for(lambda: conditions(vmi(kube, "pin-1"))["VolumesChange"]["status"] == "False")
 
 
 def test_an_unbound_immediate_destination_leaves_the_target_pod_pending(kube) -> None:
@@ -278,6 +280,8 @@ def test_filesystems_shareable_disks_and_luns_cannot_migrate(kube) -> None:
                           "lun": "odd-1-lun", "share": "odd-1-share"})
     during = volume_changing(kube, "odd-1")
     assert [m["volumeName"] for m in during["status"]["migratedVolumes"]] == ["rootdisk"]
+    point(kube, "odd-1", {"rootdisk": "odd-1-root"})  # cancel
+    wait_for(lambda: conditions(vmi(kube, "odd-1"))["VolumesChange"]["status"] == "False")
 
 
 def test_a_smaller_destination_fails_the_volume_migration(kube) -> None:
@@ -292,6 +296,8 @@ def test_a_smaller_destination_fails_the_volume_migration(kube) -> None:
     reason = state_of(vmi(kube, "small-1"))["failureReason"]
     assert reason.startswith("Volume migration cannot be performed because the destination "
                              "volume is smaller than the source volume: ")
+    point(kube, "small-1", {"rootdisk": "small-1-root"})  # cancel: nothing retries it
+    wait_for(lambda: conditions(vmi(kube, "small-1"))["VolumesChange"]["status"] == "False")
 
 
 # -- timing: the workload updater and the copy bandwidth -----------------------------------
@@ -304,10 +310,7 @@ def test_the_workload_updater_waits_five_seconds_and_skips_migrating_vmis(sim, k
     operator's own VMIM, created first, is the only one."""
     set_workload_update(sim, kube, ["LiveMigrate"])
     try:
-        migrate(kube, "bw-6-own", "bw-6", node="nowhere")  # Scheduling for up to 300 s
-        claim(kube, "bw-6-dst", "ceph-rbd", size="30Gi")
-        point(kube, "bw-6", {"rootdisk": "bw-6-dst"})
-        volume_changing(kube, "bw-6")
+        time.sleep(30 / SCALE)  # no sync already due from earlier updates
         claim(kube, "bw-5-dst", "ceph-rbd", size="30Gi")
         point(kube, "bw-5", {"rootdisk": "bw-5-dst"})
         changing = volume_changing(kube, "bw-5")
@@ -318,6 +321,12 @@ def test_the_workload_updater_waits_five_seconds_and_skips_migrating_vmis(sim, k
         assert done["status"]["phase"] == "Succeeded"
         # Simulated time (creationTimestamp is the API server's wall clock).
         assert 4 <= stamps(done)["Pending"] - since <= 7
+
+        migrate(kube, "bw-6-own", "bw-6", node="nowhere")  # Scheduling for up to 300 s
+        claim(kube, "bw-6-dst", "ceph-rbd", size="30Gi")
+        point(kube, "bw-6", {"rootdisk": "bw-6-dst"})
+        volume_changing(kube, "bw-6")
+        time.sleep(60 / SCALE)
         assert [m["metadata"]["name"] for m in vmims_of(kube, "bw-6")] == ["bw-6-own"]
     finally:
         set_workload_update(sim, kube, [])

@@ -155,6 +155,9 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
             # Short ticks while migrations run, so phases end close to when they are due.
             busy = any(not f.done for f in self.flights.values())
             period = min(self.tick_seconds, 0.02) if busy else self.tick_seconds
+            if self.workload_update_due is not None:  # wake when the updater's sync is due
+                period = min(period, max(0.0, (self.workload_update_due - self.clock.now())
+                                         / self.scenario.time_scale))
             self._wake.wait(max(0.0, period - (time.monotonic() - started)))
 
     # -- one tick ----------------------------------------------------------------------------

@@ -155,7 +155,8 @@ class VolumeMigration:
                 "destinationPVCInfo": {"claimName": claim}})
         vm.migrated_volumes = migrated
         vm.vmi_claims = {**vm.claims, **changed}
-        vm.volume_change = {"status": "True", "message": "migrate volumes"}
+        vm.volume_change = {"status": "True", "message": "migrate volumes",
+                            "lastTransitionTime": self.clock.stamp(now)}
         vm.volume_migration_state = migrated
         vm.vm_conditions.pop("RestartRequired", None)
         self.touch_vmi(vm)
