@@ -264,7 +264,8 @@ def test_node_local_disks_are_not_live_migratable(kube) -> None:
         "PVCs must be shared (using ReadWriteMany access mode)")
     assert conds["StorageLiveMigratable"]["status"] == "True"
     assert obj["status"]["migrationMethod"] == "BlockMigration"
-    pv = kube.get(rest.PVS, "pv-prod-local-1-root")
+    claim = kube.get(rest.PVCS, "local-1-root", "prod")
+    pv = kube.get(rest.PVS, claim["spec"]["volumeName"])
     assert pv["spec"]["accessModes"] == ["ReadWriteOnce"]
     terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
     assert terms[0]["matchExpressions"][0]["values"] == ["sky-1"]

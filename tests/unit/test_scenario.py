@@ -110,6 +110,8 @@ EXAMPLE_COUNTS = [  # file, nodes, VMs (None: any)
     ("node-local.yaml", None, None),
     ("mixed-cpu.yaml", None, None),
     ("faults.yaml", None, None),
+    ("storage.yaml", 4, 20),
+    ("shared-nothing.yaml", 4, 10),
 ]
 
 
@@ -444,3 +446,36 @@ def test_problem_lines_start_with_a_field_path() -> None:
             parse_scenario(_scenario(override))
         for line in info.value.problems:
             assert re.match(r"^[A-Za-z][\w.\[\]'/-]*: ", line), line
+
+
+def test_storage_example_labels_the_namespace_the_storage_policy_selects() -> None:
+    scenario = load_scenario(EXAMPLES / "storage.yaml")
+    assert {ns.name: ns.labels for ns in scenario.namespaces}["legacy"] == {
+        "storage": "legacy-array"}
+    assert {vm.volumes[0].storage_class for vm in scenario.vms} == {"legacy-array"}
+    assert len({vm.namespace for vm in scenario.vms}) >= 3
+
+
+def test_volume_kinds_and_filesystems_are_checked_by_field_path() -> None:
+    base = """
+storageClasses: [{name: c}]
+nodes: [{name: n, allocatable: {cpu: "8", memory: 8Gi}}]
+vms:
+  - name: v
+    node: n
+    memory: 1Gi
+    filesystems: [fs, nope]
+    volumes:
+      - {name: fs, claimName: a, size: 1Gi, storageClass: c, lun: true}
+      - {name: d, claimName: b, size: 1Gi, storageClass: c, shareable: "yes", hotplug: true}
+"""
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(base)
+    problems = err.value.problems
+    assert any(p.startswith("vms[0].filesystems[1]: unknown volume 'nope'") for p in problems)
+    assert any(p.startswith("vms[0].volumes[0].lun: a filesystem volume") for p in problems)
+    assert any(p.startswith("vms[0].volumes[1].shareable:") for p in problems)
+    ok = load_scenario(base.replace("fs, nope", "fs").replace(", lun: true", "")
+                       .replace('"yes"', "true"))
+    fs, d = ok.vms[0].volumes
+    assert fs.filesystem and not fs.lun and d.shareable and d.hotplug

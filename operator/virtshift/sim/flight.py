@@ -185,7 +185,7 @@ class Flight:
     run: PreCopyRun | None = None
     run_limit: int = 0  # acceptableCompletionTime, seconds
     disk_bytes_left: float = 0.0
-    copy_bandwidth: float = 0.0
+    copies: list[tuple[str, str]] = field(default_factory=list)  # (source, dest class)
     migrated_bytes: float = 0.0  # source sizes of the volumes this migration moves
     volume_update: dict[str, str] | None = None  # volume -> destination claim
     started_at: float | None = None

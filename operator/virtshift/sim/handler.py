@@ -10,8 +10,10 @@
   Succeeded).
 - virt-launcher live-migration-source.go: the transfer itself follows the pre-copy model of
   ``virtshift.domain.physics`` (progress and completion timeouts, post-copy and paused mode at
-  the completion timeout) with each node's NIC shared among its migrations; the completion
-  budget is completionTimeoutPerGiB x (memory + migrated volumes) in decimal GB rounded up.
+  the completion timeout) with each node's NIC shared among its migrations and each storage
+  class's copy bandwidth shared among the volume copies reading from or writing to it; the
+  completion budget is completionTimeoutPerGiB x (memory + migrated volumes) in decimal GB
+  rounded up.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from virtshift.api.units import parse_quantity
 from virtshift.domain.physics import (
     COMPLETION_TIMEOUT,
     PROGRESS_TIMEOUT,
@@ -69,12 +72,11 @@ class Handler:
             moved = [n for n, c in (flight.volume_update or {}).items()
                      if vm.claims.get(n) != c]
             sizes = {v.name: v for v in vm.spec.volumes}
-            classes = {sc.name: sc for sc in self.scenario.storage_classes}
             flight.migrated_bytes = sum(sizes[n].size for n in moved if n in sizes)
             flight.disk_bytes_left = flight.migrated_bytes
-            flight.copy_bandwidth = min(
-                (classes[sizes[n].storage_class].copy_bandwidth for n in moved if n in sizes),
-                default=0.0)
+            flight.copies = [(sizes[n].storage_class,
+                              vm.volume_classes.get(n, sizes[n].storage_class))
+                             for n in moved if n in sizes]
         flight.run_limit = completion_limit(cfg.completion_timeout_per_gib,
                                             vm.spec.memory + flight.migrated_bytes)
         flight.run = PreCopyRun(
@@ -85,11 +87,38 @@ class Handler:
         )
         self.touch_vmi(vm)
         self.set_phase(flight, "Running", now)
+        smaller = self._smaller_destination(vm, flight)
+        if smaller:
+            self._fail_transfer(flight, now, smaller)
+            return
         blocker = self.blocker(vm)
         if blocker and not (blocker[0] == "DisksNotLiveMigratable" and flight.volume_update):
             # Admission refuses such a VMIM; one that got past it (the VMI changed after)
             # fails in libvirt ("Live migration failed %v", live-migration-source.go).
             self._fail_transfer(flight, now, f"Live migration failed {blocker[1]}")
+
+    def _smaller_destination(self: KubeVirtSim, vm: SimVM, flight: Flight) -> str | None:
+        """QEMU refuses to mirror a disk into a smaller one; live-migration-source.go reports
+        it as "Volume migration cannot be performed because the destination volume is smaller
+        than the source volume: %v" ("smaller then" before 1.9)."""
+        sizes = {v.name: v.size for v in vm.spec.volumes}
+        for name, claim in sorted((flight.volume_update or {}).items()):
+            if vm.claims.get(name) == claim or name not in sizes:
+                continue
+            pvc = self.pvcs.get(f"{vm.spec.namespace}/{claim}") or {}
+            status, spec = pvc.get("status") or {}, pvc.get("spec") or {}
+            size = (status.get("capacity") or {}).get("storage") or \
+                ((spec.get("resources") or {}).get("requests") or {}).get("storage")
+            if size is None or parse_quantity(size) >= sizes[name]:
+                continue
+            word = "than" if self.version == "1.9" else "then"
+            libvirt = (f"virError(Code=1, Domain=10, Message='internal error: unable to "
+                       f"execute QEMU command 'blockdev-add': The size {int(parse_quantity(size))}"
+                       " has to be smaller or equal to the actual size of the containing file "
+                       f"({int(sizes[name])})')")
+            return ("Volume migration cannot be performed because the destination volume is "
+                    f"smaller {word} the source volume: {libvirt}")
+        return None
 
     def request_abort(self: KubeVirtSim, flight: Flight, now: float) -> None:
         """markMigrationAbortInVmiStatus (once Running) and handleMigrationAbort: libvirt
@@ -112,6 +141,7 @@ class Handler:
             users[f.source] += 1
             users[f.target or ""] += 1
         nic = self.scenario.network.node_bandwidth
+        copy_rates = self._copy_rates(running)
         for f in running:
             run = f.run
             assert run is not None
@@ -126,7 +156,7 @@ class Handler:
                 share = 0.0
             t, left = start, until - start
             if left > 0 and f.disk_bytes_left > 0:
-                rate = min(share, f.copy_bandwidth or share)
+                rate = min(share, copy_rates.get(f.uid, share))
                 if rate > 0:
                     used = run.advance_copying(min(left, f.disk_bytes_left / rate))
                     f.disk_bytes_left = max(0.0, f.disk_bytes_left - rate * used)
@@ -143,6 +173,30 @@ class Handler:
             elif f.abort_due is not None and now >= f.abort_due:
                 self._fail_transfer(f, f.abort_due, failure_reason(self.version, "abort", f),
                                     abort_status="Succeeded")
+
+    def _copy_rates(self: KubeVirtSim, running: list[Flight]) -> dict[str, float]:
+        """Each storage class's copyBandwidth is shared by every volume copy reading from or
+        writing to it at the moment; a migration copies its volumes at the smallest share it
+        gets on any class it touches (its disks move together, as QEMU mirrors them)."""
+        bandwidth = {sc.name: sc.copy_bandwidth for sc in self.scenario.storage_classes}
+        users = Counter[str]()
+        copying = [f for f in running if f.disk_bytes_left > 0]
+        for f in copying:
+            for src, dst in f.copies:
+                users[src] += 1
+                if dst != src:
+                    users[dst] += 1
+        rates = {}
+        for f in copying:
+            mine = Counter[str]()
+            for src, dst in f.copies:
+                mine[src] += 1
+                if dst != src:
+                    mine[dst] += 1
+            shares = [bandwidth[c] * n / users[c] for c, n in mine.items() if c in bandwidth]
+            if shares:
+                rates[f.uid] = min(shares)
+        return rates
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -251,7 +305,9 @@ class Handler:
         status["migratedVolumes"] = vm.migrated_volumes
         patch: JSON = {"metadata": meta, "status": status}
         if vm.vmi_claims is not None:
+            specs = {v.name: v for v in vm.spec.volumes}
             patch["spec"] = {"volumes": [
+                objects.volume(specs[n], c) if n in specs else
                 {"name": n, "persistentVolumeClaim": {"claimName": c}}
                 for n, c in vm.vmi_claims.items()]}
         try:

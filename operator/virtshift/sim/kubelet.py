@@ -3,7 +3,10 @@
 The scheduler binds a migration target pod to the least allocated node that passes its filters
 (ready, not cordoned, no untolerated NoSchedule/NoExecute taint, node selector as KubeVirt
 renders it, anti-affinity to the source, CPU and memory requests as KubeVirt computes them:
-``virtshift.domain.placement``). An unschedulable pod gets ``PodScheduled=False``
+``virtshift.domain.placement``), and only where its claims can be reached (``storage``
+``volume_constraints``: a node-local PV pins the pod to its node, an unbound
+WaitForFirstConsumer claim is provisioned on the chosen node, a missing or unbound Immediate
+claim leaves the pod unschedulable). An unschedulable pod gets ``PodScheduled=False``
 (Unschedulable). Kubelets run bound pods and finish deleting terminating ones.
 """
 
@@ -16,6 +19,7 @@ from virtshift.k8s import rest
 from virtshift.sim import objects
 from virtshift.sim.flight import Flight
 from virtshift.sim.populate import SimVM, running_pod_status
+from virtshift.sim.storage import NODE_AFFINITY_CONFLICT
 
 if TYPE_CHECKING:
     from virtshift.sim.kubevirt import KubeVirtSim
@@ -36,21 +40,33 @@ class Kubelet:
         vm = flight.vm
         assert vm is not None
         cpu, memory = objects.launcher_requests(vm.spec)
-        target = choose_target(self.node_views(), flight.source, cpu, memory, self.usage(),
-                               flight.pod_selector)
         ns, pod = vm.spec.namespace, flight.target_pod
+        claims = sorted(set((vm.vmi_claims or vm.claims).values()))
+        allowed, delayed, refusal = self.volume_constraints(ns, claims)
+        views = self.node_views()
+        if allowed is not None:
+            views = [n for n in views if n.name in allowed]
+        target = None if refusal else choose_target(
+            views, flight.source, cpu, memory, self.usage(), flight.pod_selector)
         if target is None:
             if not flight.unschedulable:
                 flight.unschedulable = True
                 stamp = self.clock.stamp(at)
+                total = len(self.scenario.nodes)
+                why = refusal or (f"{total - len(views)} {NODE_AFFINITY_CONFLICT}; no other "
+                                  "node fits the target pod" if allowed is not None else
+                                  "no node fits the target pod (capacity, CPU model, node "
+                                  "selector or taints)")
                 self.after_pod_created(flight, lambda: self.kube.patch(
                     rest.PODS, pod, {"status": {"phase": "Pending", "conditions": [{
                         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                        "message": f"0/{len(self.scenario.nodes)} nodes are available: no "
-                        "node fits the target pod (capacity, CPU model, node selector or "
-                        "taints).",
+                        "message": f"0/{total} nodes are available: {why}.",
                         "lastTransitionTime": stamp}]}}, ns, subresource="status"))
             return False
+        for pvc in delayed:  # VolumeBinding PreBind: the provisioner binds on this node
+            sc = self.storage_class_spec(pvc["spec"].get("storageClassName"))
+            assert sc is not None
+            self.provision(pvc, sc, target)
         flight.target = target
         flight.pod_ready_at = at + READY_AFTER_BIND * self.scenario.network.target_pod_startup
         self.after_pod_created(flight, lambda: self.kube.create(rest.PODS, {

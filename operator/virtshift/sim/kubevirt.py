@@ -14,6 +14,8 @@ module each, so each can be read next to its KubeVirt counterpart:
                                watch/volume-migration) and the workload updater
 ``vms``                        the VM controller's run strategies (start, stop)
 ``kubelet``                    the kube-scheduler and kubelets (pods)
+``storage``                    Kubernetes' PV controller, CSI provisioner, pvc/pv-protection
+                               and the scheduler's volume binding
 =============================  ==============================================================
 
 ``kubevirt.version`` in the scenario (1.7, 1.8, 1.9) picks the behaviour where versions differ.
@@ -43,6 +45,7 @@ from virtshift.sim.handler import Handler
 from virtshift.sim.kubelet import Kubelet
 from virtshift.sim.migration_controller import MigrationController
 from virtshift.sim.populate import SimVM, World
+from virtshift.sim.storage import StorageControllers
 from virtshift.sim.vms import VMController
 from virtshift.sim.volumes import VolumeMigration
 
@@ -52,7 +55,7 @@ __all__ = ["FINAL", "IN_FLIGHT", "KubeVirtSim"]
 
 
 class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigration,
-                  VMController, Kubelet):
+                  VMController, Kubelet, StorageControllers):
     def __init__(self, kube: KubeClient, world: World, clock: SimClock,
                  tick_seconds: float = 0.1, controller: KubeClient | None = None) -> None:
         self.kube = kube
@@ -82,11 +85,15 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         self.pods = Informer(kube, rest.PODS, on_event=self._on_pod)
         self.policies = Informer(kube, rest.KUBEVIRT_POLICIES)
         self.namespaces = Informer(kube, rest.NAMESPACES)
-        self.pvcs = Informer(kube, rest.PVCS)
+        self.pvcs = Informer(kube, rest.PVCS, on_event=self._on_storage)
+        self.pvs = Informer(kube, rest.PVS, on_event=self._on_storage)
         self.kubevirts = Informer(kube, rest.KUBEVIRTS)
         self._informers = [self.vmims, self.nodes, self.vms, self.vmis, self.pods,
-                           self.policies, self.namespaces, self.pvcs, self.kubevirts]
+                           self.policies, self.namespaces, self.pvcs, self.pvs, self.kubevirts]
         self._handled_pods: set[tuple[str, str]] = set()
+        self._storage_done: set[tuple[str, ...]] = set()  # storage writes made once
+        self.workload_update_due: float | None = None  # the workload updater's queue
+        self._vmim_events = False
         self.peak = Counter[str]()  # highest concurrent in-flight counts seen (for tests)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -109,6 +116,7 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _on_vmim(self, kind: str, obj: JSON) -> None:
+        self._vmim_events = True  # addMigration/updateMigration/deleteMigration enqueue
         # New and deleted migrations are acted on at once, as virt-controller would; our own
         # status writes echo back as MODIFIED and need no wake-up.
         if kind != "MODIFIED" or obj["metadata"].get("deletionTimestamp"):
@@ -120,6 +128,12 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
 
     def _on_pod(self, kind: str, obj: JSON) -> None:
         self._pods_changed = True
+        if kind == "DELETED":
+            self._wake.set()  # a claim it held may be released
+
+    def _on_storage(self, kind: str, obj: JSON) -> None:
+        if kind != "MODIFIED" or obj["metadata"].get("deletionTimestamp"):
+            self._wake.set()
 
     def request_evacuation(self, vmi_key: str, node: str) -> None:
         """The eviction webhook marked a VMI; the evacuation controller reads the mark from
@@ -141,6 +155,9 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
             # Short ticks while migrations run, so phases end close to when they are due.
             busy = any(not f.done for f in self.flights.values())
             period = min(self.tick_seconds, 0.02) if busy else self.tick_seconds
+            if self.workload_update_due is not None:  # wake when the updater's sync is due
+                period = min(period, max(0.0, (self.workload_update_due - self.clock.now())
+                                         / self.scenario.time_scale))
             self._wake.wait(max(0.0, period - (time.monotonic() - started)))
 
     # -- one tick ----------------------------------------------------------------------------
@@ -148,6 +165,7 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
     def tick(self, now: float, dt: float) -> None:
         self._apply_faults(now)
         self._kubelet()
+        self._storage(now)
         self._vm_lifecycle(now)
         self._volume_updates(now)
         self._workload_updates(now)

@@ -9,6 +9,8 @@ What it does, by function in KubeVirt's file:
   and ``parallelOutboundMigrationsPerNode`` leave the VMI's node (Pending -> Scheduling).
 - ``handleMigrationBackoff``: evacuation and workload-update VMIMs wait 20 s after a failed one,
   doubling per further failure since the last success.
+- ``createTargetPod``: a VMIM whose VMI uses a claim that does not exist gets no target pod
+  (RenderMigrationManifest: "didn't find PVC") and stays Pending.
 - ``handlePendingPodTimeout``: an unschedulable target pod is deleted after 300 s.
 - ``handleTargetPodHandoff``: once the target pod is ready (Scheduled) the VMI's
   ``status.migrationState`` is replaced (migrationUid, source/target node and pod, policy,
@@ -135,6 +137,8 @@ class MigrationController:
                 break
             if outbound[vm.node] >= node_limit:
                 continue
+            if self._missing_claim(vm):
+                continue
             vm.attempts += 1
             flight.attempt = vm.attempts
             flight.source, flight.source_pod = vm.node, vm.pod_name
@@ -148,6 +152,14 @@ class MigrationController:
         self.peak["cluster"] = max(self.peak["cluster"], len(running))
         for node, count in outbound.items():
             self.peak[f"outbound/{node}"] = max(self.peak[f"outbound/{node}"], count)
+
+    def _missing_claim(self: KubeVirtSim, vm) -> str | None:  # type: ignore[no-untyped-def]
+        """createTargetPod -> RenderMigrationManifest fails ("didn't find PVC %v") for a claim
+        that does not exist: no target pod, the VMIM stays Pending and is retried."""
+        for claim in sorted(set((vm.vmi_claims or vm.claims).values())):
+            if self.pvcs.get(f"{vm.spec.namespace}/{claim}") is None:
+                return claim
+        return None
 
     def _in_backoff(self: KubeVirtSim, flight: Flight, now: float) -> bool:
         """handleMigrationBackoff: only the newest backoff-eligible VMIM of a VMI waits, 20 s

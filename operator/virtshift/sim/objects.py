@@ -18,7 +18,13 @@ from virtshift.api.kubevirt import (
 from virtshift.api.kubevirt import CREATED_BY_LABEL as CREATED_BY
 from virtshift.domain.placement import launch_selector
 from virtshift.domain.placement import launcher_requests as _requests
-from virtshift.sim.scenario import KubeVirtSettings, NodeSpec, StorageClassSpec, VMSpec
+from virtshift.sim.scenario import (
+    KubeVirtSettings,
+    NodeSpec,
+    StorageClassSpec,
+    VMSpec,
+    VolumeSpec,
+)
 
 __all__ = ["MIGRATION_JOB_LABEL", "MIGRATION_TARGET_LABEL", "NODE_NAME_LABEL"]
 
@@ -97,40 +103,77 @@ def storage_class(spec: StorageClassSpec) -> JSON:
         "metadata": {"name": spec.name, "annotations": {
             f"{SIM_DRIVER}/node-local": str(spec.node_local).lower(),
             f"{SIM_DRIVER}/copy-bandwidth": quantity(spec.copy_bandwidth)}},
-        "provisioner": f"{SIM_DRIVER}/{spec.name}",
+        "provisioner": provisioner(spec),
+        "reclaimPolicy": "Delete",
         "volumeBindingMode": "WaitForFirstConsumer" if spec.node_local else "Immediate",
         "allowVolumeExpansion": True,
     }
 
 
-def persistent_volume(name: str, claim_ns: str, claim: str, size: float, sc: StorageClassSpec,
-                      node_name: str | None) -> JSON:
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+SELECTED_NODE_ANNOTATION = "volume.kubernetes.io/selected-node"
+PROVISIONER_ANNOTATIONS = ("volume.kubernetes.io/storage-provisioner",
+                           "volume.beta.kubernetes.io/storage-provisioner")
+
+
+def provisioner(sc: StorageClassSpec) -> str:
+    return f"{SIM_DRIVER}/{sc.name}"
+
+
+def persistent_volume_claim(ns: str, claim: str, size: float, sc: StorageClassSpec) -> JSON:
+    """A claim as a user (or populate) creates it."""
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": ns},
+            "spec": {"accessModes": [sc.access_mode], "storageClassName": sc.name,
+                     "volumeMode": "Filesystem",
+                     "resources": {"requests": {"storage": quantity(size)}}}}
+
+
+def provisioned_pv(pvc: JSON, sc: StorageClassSpec, node: str | None) -> JSON:
+    """The PV the CSI external-provisioner creates for a claim (provisionClaimOperation):
+    named pvc-<claim uid>, the claim's access modes and request, the class's reclaim policy,
+    a claimRef with the claim's uid; node affinity for the selected node of a node-local
+    class."""
+    meta, spec = pvc["metadata"], pvc.get("spec") or {}
+    name = f"pvc-{meta['uid']}"
     pv: JSON = {
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": name},
+        "metadata": {"name": name,
+                     "annotations": {"pv.kubernetes.io/provisioned-by": provisioner(sc)}},
         "spec": {
-            "capacity": {"storage": quantity(size)},
-            "accessModes": [sc.access_mode],
+            "capacity": {"storage": ((spec.get("resources") or {}).get("requests") or {}).get(
+                "storage", "1Gi")},
+            "accessModes": list(spec.get("accessModes") or [sc.access_mode]),
             "storageClassName": sc.name,
             "persistentVolumeReclaimPolicy": "Delete",
-            "claimRef": {"namespace": claim_ns, "name": claim},
-            "csi": {"driver": SIM_DRIVER, "volumeHandle": name},
+            "volumeMode": spec.get("volumeMode") or "Filesystem",
+            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "namespace": meta["namespace"], "name": meta["name"],
+                         "uid": meta["uid"]},
+            "csi": {"driver": SIM_DRIVER, "volumeHandle": name, "fsType": "ext4"},
         },
     }
-    if sc.node_local and node_name:
+    if sc.node_local and node:
         pv["spec"]["nodeAffinity"] = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-            {"key": "kubernetes.io/hostname", "operator": "In", "values": [node_name]}]}]}}
+            {"key": HOSTNAME_LABEL, "operator": "In", "values": [node]}]}]}}
     return pv
 
 
-def persistent_volume_claim(ns: str, claim: str, size: float, sc: StorageClassSpec,
-                            volume_name: str | None) -> JSON:
-    spec: JSON = {"accessModes": [sc.access_mode], "storageClassName": sc.name,
-                  "resources": {"requests": {"storage": quantity(size)}}}
-    if volume_name:
-        spec["volumeName"] = volume_name
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": ns}, "spec": spec}
+def claim_binding(pv_name: str, sc: StorageClassSpec, node: str | None) -> JSON:
+    """What the PV controller (setClaimProvisioner, bindClaimToVolume) and, for a
+    WaitForFirstConsumer class, the scheduler write on the claim."""
+    annotations = {"pv.kubernetes.io/bind-completed": "yes",
+                   "pv.kubernetes.io/bound-by-controller": "yes",
+                   **dict.fromkeys(PROVISIONER_ANNOTATIONS, provisioner(sc))}
+    if sc.node_local and node:
+        annotations[SELECTED_NODE_ANNOTATION] = node
+    return {"metadata": {"annotations": annotations}, "spec": {"volumeName": pv_name}}
+
+
+def claim_bound_status(pv: JSON) -> JSON:
+    """updateClaimStatus: phase Bound with the volume's access modes and capacity."""
+    return {"status": {"phase": "Bound", "accessModes": pv["spec"]["accessModes"],
+                       "capacity": pv["spec"]["capacity"]}}
 
 
 def _domain(vm: VMSpec) -> JSON:
@@ -138,8 +181,38 @@ def _domain(vm: VMSpec) -> JSON:
         "cpu": {"cores": vm.cpu, "model": vm.cpu_model},
         "memory": {"guest": quantity(vm.memory)},
         "resources": {"requests": {"memory": quantity(vm.memory)}},
-        "devices": {"disks": [{"name": v.name, "disk": {"bus": "virtio"}} for v in vm.volumes]},
+        "devices": devices(vm),
     }
+
+
+def devices(vm: VMSpec) -> JSON:
+    """Disks as KubeVirt's schema has them: virtio disks (scsi when hotplugged), ``lun``
+    disks, ``shareable``; a filesystem volume is a virtiofs filesystem, not a disk."""
+    disks = []
+    for v in vm.volumes:
+        if v.filesystem:
+            continue
+        disk: JSON = {"name": v.name}
+        if v.lun:
+            disk["lun"] = {"bus": "scsi"}
+        else:
+            disk["disk"] = {"bus": "scsi" if v.hotplug else "virtio"}
+        if v.shareable:
+            disk["shareable"] = True
+        disks.append(disk)
+    out: JSON = {"disks": disks}
+    filesystems = [{"name": v.name, "virtiofs": {}} for v in vm.volumes if v.filesystem]
+    if filesystems:
+        out["filesystems"] = filesystems
+    return out
+
+
+def volume(v: VolumeSpec, claim: str) -> JSON:
+    """A VM/VMI volume: a PVC, ``hotpluggable`` when hotplugged."""
+    source: JSON = {"claimName": claim}
+    if v.hotplug:
+        source["hotpluggable"] = True
+    return {"name": v.name, "persistentVolumeClaim": source}
 
 
 def vmi_spec(vm: VMSpec, claims: dict[str, str] | None = None) -> JSON:
@@ -147,8 +220,7 @@ def vmi_spec(vm: VMSpec, claims: dict[str, str] | None = None) -> JSON:
     return {
         "domain": _domain(vm),
         "evictionStrategy": vm.eviction_strategy,
-        "volumes": [{"name": v.name, "persistentVolumeClaim": {"claimName": claims[v.name]}}
-                    for v in vm.volumes],
+        "volumes": [volume(v, claims[v.name]) for v in vm.volumes],
     }
 
 

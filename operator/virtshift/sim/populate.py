@@ -14,7 +14,7 @@ from virtshift.k8s import rest
 from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.sim import objects
 from virtshift.sim.clock import SimClock
-from virtshift.sim.scenario import Scenario, VMSpec
+from virtshift.sim.scenario import Scenario, StorageClassSpec, VMSpec
 
 
 @dataclass
@@ -75,9 +75,13 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
     classes = {sc.name: sc for sc in scenario.storage_classes}
     shared = {sc.name: sc.access_mode == "ReadWriteMany" for sc in scenario.storage_classes}
 
-    namespaces = sorted({vm.namespace for vm in scenario.vms} | {objects.KUBEVIRT_NAMESPACE})
+    labels = {ns.name: ns.labels for ns in scenario.namespaces}
+    namespaces = sorted({vm.namespace for vm in scenario.vms} | {objects.KUBEVIRT_NAMESPACE}
+                        | set(labels))
     _parallel(lambda ns: kube.create_or_get(rest.NAMESPACES, {
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}), namespaces)
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns, **({"labels": labels[ns]} if labels.get(ns) else {})}}),
+        namespaces)
     _parallel(lambda sc: kube.create_or_get(rest.STORAGE_CLASSES, objects.storage_class(sc)),
               scenario.storage_classes)
 
@@ -99,16 +103,8 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
 
     def make_vm(vm: VMSpec) -> SimVM:
         for vol in vm.volumes:
-            sc = classes[vol.storage_class]
-            pv_name = f"pv-{vm.namespace}-{vol.claim_name}"
-            kube.create_or_get(rest.PVS, objects.persistent_volume(
-                pv_name, vm.namespace, vol.claim_name, vol.size, sc, vm.node))
-            kube.create_or_get(rest.PVCS, objects.persistent_volume_claim(
-                vm.namespace, vol.claim_name, vol.size, sc, pv_name))
-            kube.patch(rest.PVCS, vol.claim_name, {"status": {
-                "phase": "Bound", "accessModes": [sc.access_mode],
-                "capacity": {"storage": objects.quantity(vol.size)}}},
-                namespace=vm.namespace, subresource="status")
+            bind_volume(kube, vm.namespace, vol.claim_name, vol.size,
+                        classes[vol.storage_class], vm.node)
         vm_obj = kube.create_or_get(rest.VMS, objects.virtual_machine(vm))
         kube.patch(rest.VMS, vm.name, objects.vm_status(), namespace=vm.namespace,
                    subresource="status")
@@ -137,6 +133,21 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
         world.vms[sim_vm.key] = sim_vm
     log(f"created {len(world.vms)} VMs with their VMIs and virt-launcher pods")
     return world
+
+
+def bind_volume(kube: KubeClient, ns: str, claim: str, size: float, sc: StorageClassSpec,
+                node: str) -> None:
+    """A claim the VM has been running on: created, provisioned (on the VM's node for a
+    node-local class, as the scheduler selected it at the VM's first start) and bound, in the
+    shape the simulated PV controller and provisioner give every claim (sim/storage.py)."""
+    pvc = kube.create_or_get(rest.PVCS, objects.persistent_volume_claim(ns, claim, size, sc))
+    if (pvc.get("spec") or {}).get("volumeName"):
+        return
+    pv = kube.create_or_get(rest.PVS, objects.provisioned_pv(pvc, sc, node))
+    kube.patch(rest.PVCS, claim, objects.claim_binding(pv["metadata"]["name"], sc, node), ns)
+    kube.patch(rest.PVCS, claim, objects.claim_bound_status(pv), ns, subresource="status")
+    kube.patch(rest.PVS, pv["metadata"]["name"], {"status": {"phase": "Bound"}},
+               subresource="status")
 
 
 def ensure_kubevirt(kube: KubeClient, scenario: Scenario) -> dt.datetime:

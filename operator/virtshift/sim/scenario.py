@@ -32,6 +32,7 @@ __all__ = [
     "FaultKind",
     "KubeVirtSettings",
     "KubeVirtVersion",
+    "NamespaceSpec",
     "Network",
     "NodeSpec",
     "Scenario",
@@ -154,6 +155,16 @@ class VolumeSpec(_Frozen):
     claim_name: str
     size: float  # bytes
     storage_class: str
+    # Disk kinds KubeVirt's volume migration refuses or allows (docs/scenario-storage.md).
+    shareable: bool = False  # disk shareable: true
+    lun: bool = False  # a LUN disk instead of a virtio disk
+    hotplug: bool = False  # a hotplugged volume (persistentVolumeClaim.hotpluggable)
+    filesystem: bool = False  # exposed through virtiofs (VM-level ``filesystems``)
+
+
+class NamespaceSpec(_Frozen):
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class VMSpec(_Frozen):
@@ -191,6 +202,7 @@ class Scenario(_Frozen):
     kubevirt: KubeVirtSettings = Field(default_factory=KubeVirtSettings)
     network: Network = Field(default_factory=Network)
     storage_classes: list[StorageClassSpec] = Field(default_factory=list)
+    namespaces: list[NamespaceSpec] = Field(default_factory=list)
     nodes: list[NodeSpec] = Field(default_factory=list)
     vms: list[VMSpec] = Field(default_factory=list)
     faults: list[Fault] = Field(default_factory=list)
@@ -526,7 +538,8 @@ class _Grouped:
 # --- sections ------------------------------------------------------------------------------------
 
 _TOP_FIELDS = (
-    "seed", "timeScale", "kubevirt", "network", "storageClasses", "nodes", "vms", "faults",
+    "seed", "timeScale", "kubevirt", "network", "storageClasses", "namespaces", "nodes", "vms",
+    "faults",
 )
 _KUBEVIRT_FIELDS = {  # YAML key -> (attribute, converter)
     "version": ("version", _version),
@@ -569,6 +582,11 @@ _VOLUME_FIELDS = {
     "claimName": ("claim_name", _CLAIM_NAME),
     "size": ("size", _SIZE),
     "storageClass": ("storage_class", _text),
+}
+_VOLUME_OPTIONAL = {
+    "shareable": ("shareable", _bool),
+    "lun": ("lun", _bool),
+    "hotplug": ("hotplug", _bool),
 }
 _FAULT_FIELDS = {
     "kind": ("kind", _enum(get_args(FaultKind))),
@@ -673,7 +691,8 @@ def _vms(
             out += _generated_vms(r, entry, path, rng, node_names, class_names)
             continue
         fields = r.mapping(
-            entry, path, ("name", "node", "memory", "dirtyRate", "volumes", *_VM_COMMON),
+            entry, path, ("name", "node", "memory", "dirtyRate", "volumes", "filesystems",
+                          *_VM_COMMON),
             ("name", "node", "memory"),
         )
         if fields is None:
@@ -690,15 +709,45 @@ def _vms(
             r.problem(f"{path}.node", f"unknown node {item['node']!r}")
         volumes = []
         for vpath, ventry in r.items(fields.get("volumes"), f"{path}.volumes"):
-            vfields = r.mapping(ventry, vpath, tuple(_VOLUME_FIELDS), tuple(_VOLUME_FIELDS))
+            vfields = r.mapping(ventry, vpath, (*_VOLUME_FIELDS, *_VOLUME_OPTIONAL),
+                                tuple(_VOLUME_FIELDS))
             if vfields is None:
                 continue
-            volume = _convert_all(r, vfields, vpath, _VOLUME_FIELDS)
+            volume = _convert_all(r, vfields, vpath, _VOLUME_FIELDS | _VOLUME_OPTIONAL)
             if volume.get("storage_class") not in class_names | {None}:
                 r.problem(f"{vpath}.storageClass", _unknown_class(volume["storage_class"]))
             volumes.append((vpath, volume))
+        _filesystems(r, fields, path, volumes)
         item["volumes"] = volumes
         out.append(_Item(path, item))
+    return out
+
+
+def _filesystems(r: _Reader, fields: dict[str, Any], path: str,
+                 volumes: list[tuple[str, dict[str, Any]]]) -> None:
+    """A VM's ``filesystems``: names of its volumes exposed through virtiofs instead of as
+    disks (KubeVirt's ``spec.domain.devices.filesystems``)."""
+    by_name = {v.get("name"): (vpath, v) for vpath, v in volumes}
+    for fpath, name in r.items(fields.get("filesystems"), f"{path}.filesystems"):
+        if not isinstance(name, str):
+            r.problem(fpath, f"must be a volume name, got {_describe(name)}")
+        elif name not in by_name:
+            r.problem(fpath, f"unknown volume {name!r} (not among this VM's volumes)")
+        else:
+            vpath, volume = by_name[name]
+            for kind in ("lun", "shareable"):
+                if volume.get(kind):
+                    r.problem(f"{vpath}.{kind}", "a filesystem volume is not a disk")
+            volume["filesystem"] = True
+
+
+def _namespaces(r: _Reader, raw: Any) -> list[_Item]:
+    out: list[_Item] = []
+    for path, entry in r.items(raw, "namespaces"):
+        fields = r.mapping(entry, path, ("name", "labels"), ("name",))
+        if fields is not None:
+            out.append(_Item(path, {"name": r.value(fields, "name", path, _NAMESPACE),
+                                    "labels": r.value(fields, "labels", path, _labels, {})}))
     return out
 
 
@@ -898,6 +947,7 @@ def parse_scenario(data: dict[str, Any]) -> Scenario:
     _check_gates(r, kubevirt)
     network = _settings(r, top.get("network"), "network", _NETWORK_FIELDS)
     classes = _storage_classes(r, top.get("storageClasses"))
+    namespaces = _namespaces(r, top.get("namespaces"))
     nodes = _nodes(r, top.get("nodes"))
     node_names = {n.fields["name"] for n in nodes} - {None}
     class_names = {c.fields.get("name") for c in classes} - {None}
@@ -911,6 +961,7 @@ def parse_scenario(data: dict[str, Any]) -> Scenario:
 
     _check_unique(r, classes, "name", "storage class", lambda f: f.get("name"))
     _check_unique(r, nodes, "name", "node", lambda f: f["name"])
+    _check_unique(r, namespaces, "name", "namespace", lambda f: f["name"])
     _check_unique(r, vms, "name", "VM", _vm_key)
     _check_claims(r, vms)
     _check_capacity(r, nodes, vms)
@@ -926,6 +977,7 @@ def parse_scenario(data: dict[str, Any]) -> Scenario:
         kubevirt=KubeVirtSettings(**kubevirt),
         network=Network(**network),
         storage_classes=[StorageClassSpec(**c.fields) for c in classes],
+        namespaces=[NamespaceSpec(**n.fields) for n in namespaces],
         nodes=[NodeSpec(**n.fields) for n in nodes],
         vms=[
             VMSpec(**(vm.fields | {"volumes": [VolumeSpec(**v) for _, v in vm.fields["volumes"]]}))

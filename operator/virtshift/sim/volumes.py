@@ -18,8 +18,10 @@
   in the KubeVirt CR's ``workloadUpdateStrategy.workloadUpdateMethods``, a VMIM
   ``kubevirt-workload-update-*`` (label ``kubevirt.io/volume-update-migration``,
   ``priority: user-triggered`` with the priority queue) per VMI in VolumesChange, within
-  ``parallelMigrationsPerCluster``. A failed one is retried (with the migration controller's
-  backoff); nothing is reverted automatically.
+  ``parallelMigrationsPerCluster``, at its ``sync`` -- due ``defaultThrottleInterval`` (5 s)
+  after the VMI or migration update that enqueued it -- and never for a VMI that has an
+  unfinished migration of anyone's (``ListUnfinishedMigrations``). A failed one is retried
+  (with the migration controller's backoff); nothing is reverted automatically.
 - migration-target.go ``finalizeMigration``: on success the VMI drops VolumesChange and
   ``migratedVolumes``; the VM's volumeMigrationState stays until the next update.
 """
@@ -34,6 +36,7 @@ from virtshift.k8s.informer import key_of
 from virtshift.k8s.rest import JSON, ApiError
 from virtshift.sim import objects
 from virtshift.sim.flight import (
+    FINAL,
     IN_FLIGHT,
     VOLUME_UPDATE_LABEL,
     WORKLOAD_UPDATE_ANNOTATION,
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from virtshift.sim.kubevirt import KubeVirtSim
 
 log = logging.getLogger(__name__)
+WORKLOAD_UPDATE_THROTTLE = 5.0  # workload-updater.go defaultThrottleInterval
 MANUAL_RECOVERY_REASON = "VMI was removed or was final during the volume migration"
 
 
@@ -89,15 +93,29 @@ class VolumeMigration:
 
     def _refuse_volume_update(self: KubeVirtSim, vm: SimVM, changed: dict[str, str]
                               ) -> str | None:
-        """ValidateVolumes and ValidateVolumesUpdateMigration, with KubeVirt's messages."""
+        """ValidateVolumes (filesystems, shareable disks and LUNs refused with RestartRequired
+        "invalid volumes to update with migration: ..."; hotplugged volumes allowed; from 1.9
+        a missing destination claim) and ValidateVolumesUpdateMigration, with KubeVirt's
+        messages."""
         ns = vm.spec.namespace
-        if self.version == "1.9":
-            missing = [c for c in changed.values() if self.pvcs.get(f"{ns}/{c}") is None]
-            if missing:
+        invalid: dict[str, list[str]] = {}
+        specs = {v.name: v for v in vm.spec.volumes}
+        for name, claim in changed.items():  # the VM's volumes, in order
+            v = specs.get(name)
+            kind = None if v is None else "filesystems" if v.filesystem else \
+                "shareable" if v.shareable else "luns" if v.lun else None
+            if kind:
+                invalid.setdefault(kind, []).append(name)
+                continue
+            if self.version == "1.9" and self.pvcs.get(f"{ns}/{claim}") is None:
                 vm.volume_change = {"status": "False", "message": "One of the destination "
-                                    f"volumes doesn't exist: the pvc {missing[0]} doesn't exist"}
+                                    f"volumes doesn't exist: the pvc {claim} doesn't exist"}
                 self.touch_vmi(vm)
                 return "missing"
+        if invalid:  # invalidVols.errorMessage; vm.go handleValidationErrors
+            return self._restart_required(vm, "invalid volumes to update with migration:" + "".join(
+                f" {kind}: [{' '.join(invalid[kind])}]"
+                for kind in ("filesystems", "shareable", "luns") if kind in invalid))
         blocker = self.blocker(vm)
         if blocker and blocker[0] != "DisksNotLiveMigratable":
             return self._restart_required(vm, "cannot migrate the volumes as the VMI isn't "
@@ -137,10 +155,12 @@ class VolumeMigration:
                 "destinationPVCInfo": {"claimName": claim}})
         vm.migrated_volumes = migrated
         vm.vmi_claims = {**vm.claims, **changed}
-        vm.volume_change = {"status": "True", "message": "migrate volumes"}
+        vm.volume_change = {"status": "True", "message": "migrate volumes",
+                            "lastTransitionTime": self.clock.stamp(now)}
         vm.volume_migration_state = migrated
         vm.vm_conditions.pop("RestartRequired", None)
         self.touch_vmi(vm)
+        self.workload_update_enqueue(now)  # updateVmi: VolumesChange=True, not migrating
         self.write_vm_status(vm)
 
     def _cancel_volume_migration(self: KubeVirtSim, vm: SimVM) -> None:
@@ -198,24 +218,54 @@ class VolumeMigration:
 
     # -- the workload updater ------------------------------------------------------------------
 
+    def workload_update_enqueue(self: KubeVirtSim, now: float) -> None:
+        """``queue.AddAfter(key, defaultThrottleInterval)``: the delaying queue keeps the
+        earliest time a key is due."""
+        due = now + WORKLOAD_UPDATE_THROTTLE
+        if self.workload_update_due is None or due < self.workload_update_due:
+            self.workload_update_due = due
+
+    def _unfinished_migration_vmis(self: KubeVirtSim) -> set[str]:
+        """``ListUnfinishedMigrations``, looked up by namespace/vmiName: every VMIM not final,
+        whoever created it (read from the informer, so one created since the last tick
+        counts)."""
+        out = set()
+        for obj in self.vmims.values():
+            flight = self.flights.get(obj["metadata"]["uid"])
+            phase = flight.phase if flight else (obj.get("status") or {}).get("phase")
+            if phase not in FINAL:
+                out.add(f"{obj['metadata']['namespace']}/{(obj.get('spec') or {}).get('vmiName')}")
+        return out
+
     def _workload_updates(self: KubeVirtSim, now: float) -> None:
+        """One ``sync`` when the queue's key is due (5 s after the VMI or migration update
+        that enqueued it); it enqueues itself at once again while work is left
+        (``periodicReEnqueueIntervalSeconds`` is 30 as a time.Duration: 30 ns)."""
+        if self._vmim_events:
+            self._vmim_events = False
+            self.workload_update_enqueue(now)
+        if self.workload_update_due is None or now < self.workload_update_due:
+            return
+        self.workload_update_due = None
         methods = (self.kubevirt_spec().get("workloadUpdateStrategy") or {}).get(
             "workloadUpdateMethods") or []
         if "LiveMigrate" not in methods:
             return  # no automated workload update: nothing says so (as in KubeVirt)
-        unfinished = {f.vm.key for f in self.flights.values() if not f.done and f.vm}
+        unfinished = self._unfinished_migration_vmis() | {
+            f.vm.key for f in self.flights.values() if not f.done and f.vm}
         waiting = [vm for vm in self.world.vms.values()
                    if vm.running and vm.migrated_volumes is not None
                    and vm.volume_change and vm.volume_change.get("status") == "True"
                    and vm.key not in unfinished]
         if not waiting:
             return
+        self.workload_update_due = now
         cluster_limit, _ = self.limits()
         running = sum(1 for f in self.flights.values() if f.phase in IN_FLIGHT)
         for vm in sorted(waiting, key=lambda v: v.key)[:max(cluster_limit - running, 0)]:
-            self._create_workload_update(vm)
+            self._create_workload_update(vm, now)
 
-    def _create_workload_update(self: KubeVirtSim, vm: SimVM) -> None:
+    def _create_workload_update(self: KubeVirtSim, vm: SimVM, now: float) -> None:
         spec: dict[str, Any] = {"vmiName": vm.spec.name}
         if self.priority_queue:
             spec["priority"] = "user-triggered"
@@ -232,4 +282,4 @@ class VolumeMigration:
             log.warning("workload update migration of %s not created: %s", vm.key, exc)
             return
         self.vmims.put(created)
-        self._register(created, self.clock.now())
+        self._register(created, now)  # made by this sync (the create's round trip is not time)
