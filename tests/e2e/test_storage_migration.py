@@ -254,9 +254,7 @@ def test_deleting_a_policy_halfway_puts_every_unfinished_vm_back(env) -> None:
     kube.create(rest.POLICIES, {
         "apiVersion": "virtshift.io/v1alpha1", "kind": "MigrationPolicy",
         "metadata": {"name": "to-nfs"},
-        "spec": {"vmSelector": {"matchExpressions": [
-            {"key": "kubevirt.io/domain", "operator": "Exists"}]},
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}},
+        "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}},
             "storage": {"targetStorageClass": "slow-nfs", "mode": "Always",
                         "maxParallelCopies": 2}}})
 

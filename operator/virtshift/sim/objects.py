@@ -102,7 +102,11 @@ def storage_class(spec: StorageClassSpec) -> JSON:
         "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
         "metadata": {"name": spec.name, "annotations": {
             f"{SIM_DRIVER}/node-local": str(spec.node_local).lower(),
-            f"{SIM_DRIVER}/copy-bandwidth": quantity(spec.copy_bandwidth)}},
+            f"{SIM_DRIVER}/copy-bandwidth": quantity(spec.copy_bandwidth),
+            # What a cluster admin tells virtshift about a class (docs/storage-migration.md):
+            # its copy bandwidth (for predictions) and that its volumes are node-local.
+            "virtshift.io/copy-bandwidth": quantity(spec.copy_bandwidth),
+            "virtshift.io/node-local": str(spec.node_local).lower()}},
         "provisioner": provisioner(spec),
         "reclaimPolicy": "Delete",
         "volumeBindingMode": "WaitForFirstConsumer" if spec.node_local else "Immediate",
