@@ -8,7 +8,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
-from test_drain_planner import NOW, cordoned, entry, node, snap, vmi
+from test_drain_planner import NOW, cordoned, entry, mig, node, snap, vmi
 
 from virtshift.api.migrationpolicy import StorageMigration
 from virtshift.api.units import GiB
@@ -297,3 +297,25 @@ def test_the_node_is_drained_when_the_vm_left_with_its_disks() -> None:
     assert e.volumes[0].phase == "Completed"
     assert d.status.phase == "Drained"
     assert node("n2").name == e.target_node
+
+
+def test_a_dry_run_lists_the_volumes_and_their_predicted_copy_time() -> None:
+    cs = claims(local("a-root", size=20 * GiB))
+    d = plan_drain(drain_snap([vm("a")], cs, spec={"nodeName": "n1", "dryRun": True},
+                              classes={"local": storage.ClassInfo("local",
+                                                                  copy_bandwidth=GiB)}))
+    e = entry(d, "a")
+    assert not d.changes_cluster
+    assert e.mode == "SharedNothing" and e.volumes[0].source_claim == "a-root"
+    assert e.volumes[0].predicted_seconds == 20.0  # 20 GiB at the class's 1 GiB/s
+    assert e.predicted_seconds >= 20.0
+
+
+def test_a_finished_copy_reports_its_duration() -> None:
+    done = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    start = NOW - dt.timedelta(seconds=90)
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a", created=start))
+    ours = mig("a", 1, "Succeeded", ended=NOW - dt.timedelta(seconds=30))
+    d = plan_drain(drain_snap([done], cs, vmis=[vmi("a", node_name="n2")], migrations=[ours]))
+    assert entry(d, "a").volumes[0].duration_seconds == 60.0

@@ -349,6 +349,9 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         return _VM(key, entry(VMPhase.SKIPPED, "VMIGone", "the VMI no longer exists"), 0.0)
     if vmi.node not in active:
         done = next((m for m in migs if m.phase == "Succeeded"), None)
+        if vols and done is not None and st is not None:  # the copy's duration, now known
+            base["volumes"] = [e for e in storage.volume_entries(st, s.claims, done.ended)
+                               if e.destination_claim in {v.destination_claim for v in vols}]
         if done is None and not migs and not vols:
             return None  # on a node of the wave that is not being drained (yet)
         # maxDowntime breaches only from an observation: a prediction is acted on before
