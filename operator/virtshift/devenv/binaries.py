@@ -1,4 +1,5 @@
-"""Find or build the control-plane binaries: kube-apiserver, etcd, kubectl, helm.
+"""Find or build the control-plane binaries and chart tools: kube-apiserver, etcd, kubectl,
+helm, kubeconform.
 
 Order of search, following controller-runtime's envtest: ``$KUBEBUILDER_ASSETS`` first, then
 our versioned cache folder, then (kubectl and helm only) ``PATH``; failing all, the binary is
@@ -22,6 +23,7 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+KUBECONFORM_VERSION = "v0.8.0"
 
 
 class MissingBinaryError(RuntimeError):
@@ -141,15 +143,27 @@ def _build_etcd(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
     _go_build(go, srcdir, ".", out, log)
 
 
-def _build_helm(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
+def _go_install(module: str, out: Path, srcdir: Path, log: Callable[[str], None]) -> None:
+    """``go install module@version`` with GOBIN set to the cache folder of ``out``."""
     go = _go()
     srcdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CGO_ENABLED": "0", "GOBIN": str(out.parent)}
-    log(f"  go install helm.sh/helm/v3/cmd/helm@{HELM_VERSION}")
-    subprocess.run(
-        [go, "install", "-trimpath", "-ldflags=-s -w", f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"],
-        cwd=srcdir, env=env, check=True,
+    log(f"  go install {module}")
+    proc = subprocess.run(
+        [go, "install", "-trimpath", "-ldflags=-s -w", module],
+        cwd=srcdir, env=env, capture_output=True, text=True, check=False,
     )
+    if proc.returncode != 0:
+        raise MissingBinaryError(f"go install {module} failed:\n{proc.stderr[-3000:]}")
+
+
+def _build_helm(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
+    _go_install(f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}", out, srcdir, log)
+
+
+def _build_kubeconform(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
+    _go_install(f"github.com/yannh/kubeconform/cmd/kubeconform@{KUBECONFORM_VERSION}", out,
+                srcdir, log)
 
 
 TOOLS: dict[str, Tool] = {
@@ -159,6 +173,8 @@ TOOLS: dict[str, Tool] = {
     "kubectl": Tool("kubectl", KUBERNETES_VERSION, True, "kubernetes", _build_kubernetes),
     "etcd": Tool("etcd", ETCD_VERSION, False, "etcd", _build_etcd),
     "helm": Tool("helm", HELM_VERSION, True, "helm", _build_helm),
+    "kubeconform": Tool("kubeconform", KUBECONFORM_VERSION, True, "kubeconform",
+                        _build_kubeconform),
 }
 
 
