@@ -45,10 +45,11 @@ class Tool:
     from_path: bool  # whether a copy on PATH is acceptable (clients only)
     source: str  # the Go module folder it is built in; tools built together share one
     build: Callable[[Path, Path, Callable[[str], None]], None]
+    flavour: str = ""  # a build setting that changes the binary: part of its cache folder
 
     @property
     def cache_bin(self) -> Path:
-        return cache_root() / f"{self.name}-{self.version}" / "bin" / self.name
+        return cache_root() / f"{self.name}-{self.version}{self.flavour}" / "bin" / self.name
 
 
 def _run(cmd: list[str], cwd: Path, log: Callable[[str], None], what: str) -> None:
@@ -112,16 +113,26 @@ def _build_kubernetes(srcdir: Path, out: Path, log: Callable[[str], None]) -> No
     )
     log(f"  resolving Go modules for Kubernetes {KUBERNETES_VERSION}")
     _run([go, "mod", "tidy"], srcdir, log, "go mod tidy")
+    # Stamp the release into the binaries, as Kubernetes' own build does (hack/lib/version.sh):
+    # unstamped, /version says v0.0.0-master and Helm refuses a chart's kubeVersion.
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    stamp = " ".join(
+        f"-X {pkg}.{var}={value}"
+        for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+        for var, value in (("gitVersion", KUBERNETES_VERSION), ("gitMajor", major),
+                           ("gitMinor", minor), ("gitTreeState", "clean")))
     for name in ("kube-apiserver", "kubectl"):
-        target = cache_root() / f"{name}-{KUBERNETES_VERSION}" / "bin" / name
+        target = TOOLS[name].cache_bin
         target.parent.mkdir(parents=True, exist_ok=True)
-        _go_build(go, srcdir, f"k8s.io/kubernetes/cmd/{name}", target, log)
+        _go_build(go, srcdir, f"k8s.io/kubernetes/cmd/{name}", target, log, stamp)
 
 
-def _go_build(go: str, srcdir: Path, package: str, target: Path, log: Callable[[str], None]):
+def _go_build(go: str, srcdir: Path, package: str, target: Path, log: Callable[[str], None],
+              ldflags: str = ""):
     partial = target.with_suffix(".partial")
     _run(
-        [go, "build", "-v", "-trimpath", "-ldflags=-s -w", "-o", str(partial), package],
+        [go, "build", "-v", "-trimpath", f"-ldflags=-s -w {ldflags}".strip(), "-o", str(partial),
+         package],
         srcdir, log, f"go build {package.rsplit('/', 1)[-1]}",
     )
     partial.replace(target)
@@ -168,9 +179,10 @@ def _build_kubeconform(srcdir: Path, out: Path, log: Callable[[str], None]) -> N
 
 TOOLS: dict[str, Tool] = {
     "kube-apiserver": Tool(
-        "kube-apiserver", KUBERNETES_VERSION, False, "kubernetes", _build_kubernetes
+        "kube-apiserver", KUBERNETES_VERSION, False, "kubernetes", _build_kubernetes, "-stamped"
     ),
-    "kubectl": Tool("kubectl", KUBERNETES_VERSION, True, "kubernetes", _build_kubernetes),
+    "kubectl": Tool("kubectl", KUBERNETES_VERSION, True, "kubernetes", _build_kubernetes,
+                    "-stamped"),
     "etcd": Tool("etcd", ETCD_VERSION, False, "etcd", _build_etcd),
     "helm": Tool("helm", HELM_VERSION, True, "helm", _build_helm),
     "kubeconform": Tool("kubeconform", KUBECONFORM_VERSION, True, "kubeconform",
