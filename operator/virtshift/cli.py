@@ -135,7 +135,10 @@ def _run(args: argparse.Namespace) -> int:
         elector.keep_renewing(on_lost=lambda: os._exit(3))
     try:
         # After the election, kopf needs no peering of its own.
-        kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
+        # identity: kopf's own guess asks the password database for the user, which has no
+        # entry for the image's uid 65532 (KeyError at start-up).
+        kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness,
+                 identity=identity)
     finally:
         if elector:
             elector.release()
