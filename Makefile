@@ -6,7 +6,7 @@ DIR    ?= .cache/cluster
 # KubeVirt's real CRD schemas, when the shared folder is beside the checkout (CI has it).
 export KUBEVIRT_CRDS_DIR ?= $(if $(wildcard ../shared/kubevirt-crds),$(abspath ../shared/kubevirt-crds),)
 
-.PHONY: demo test lint unit e2e cluster cluster-down crds binaries clean
+.PHONY: demo test lint unit e2e cluster cluster-down crds binaries chart-test image image-test clean
 
 $(BIN)/virtshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,26 @@ lint: $(BIN)/virtshift
 unit: $(BIN)/virtshift
 	$(BIN)/pytest tests/unit
 
-test: lint binaries
-	$(BIN)/pytest
+# The Helm chart: hadolint on the Dockerfile, helm lint --strict and template (default and
+# every toggle on), the values schema, kubeconform -strict, helm install into the local
+# control plane, and the chart's RBAC as its ServiceAccount (about a minute).
+chart-test: binaries
+	$(BIN)/virtshift binaries helm kubeconform
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/pytest tests/e2e/test_chart.py tests/e2e/test_chart_rbac.py
+
+# The rest of the suite (test_nodedrain.py and test_replicas.py run the operator as the
+# chart's ServiceAccount too).
+test: lint binaries chart-test
+	$(BIN)/pytest --deselect tests/e2e/test_chart.py --deselect tests/e2e/test_chart_rbac.py
+
+# The operator image without a Docker engine: buildah on a base of Debian packages (root,
+# buildah and mmdebstrap needed); then run it against the local control plane.
+image:
+	sh hack/build-image.sh
+
+image-test: image binaries
+	VIRTSHIFT_IMAGE_TEST=1 $(BIN)/pytest tests/e2e/test_image.py
 
 demo: binaries
 	$(BIN)/virtshift demo

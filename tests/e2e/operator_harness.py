@@ -17,9 +17,12 @@ from virtshift.k8s import rest
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_dir: Path, time_scale: float,
                  dirty_rate_source: str | None = None,
-                 downtime_source: str | None = None) -> None:
+                 downtime_source: str | None = None,
+                 leader_election: tuple[str, str, str] | None = None) -> None:
         """``downtime_source``: ``virtshift run --downtime-source`` (e.g. the simulator's,
-        ``runner.DOWNTIME_SOURCE``); without it nothing is observed."""
+        ``runner.DOWNTIME_SOURCE``); without it nothing is observed. ``leader_election``:
+        (namespace, Lease name, identity) to run as one of several replicas instead of
+        ``--standalone``."""
         self.kubeconfig = kubeconfig
         self.extra = ["--metrics-source", dirty_rate_source] if dirty_rate_source else []
         if downtime_source:
@@ -28,12 +31,17 @@ class OperatorProcess:
         self.time_scale = time_scale
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.mode = ["--standalone"]
+        if leader_election:
+            ns, lease, identity = leader_election
+            self.mode = [f"--leader-election-namespace={ns}", f"--leader-election-id={lease}",
+                         f"--identity={identity}"]
 
     def start(self) -> OperatorProcess:
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "virtshift", "run", "--standalone", "--metrics-port", "0",
+            [sys.executable, "-m", "virtshift", "run", *self.mode, "--metrics-port", "0",
              "--kubeconfig", str(self.kubeconfig), "--time-scale", str(self.time_scale),
              *self.extra],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -1,11 +1,15 @@
 """NodeDrain end to end: the operator as a process, the simulator, a real API server.
 
 Everything is checked the way a user would: the cluster's objects and the drain's status.
-The tests share one medium scenario (10 nodes, 100 VMs) and run in file order.
+The tests share one medium scenario (10 nodes, 100 VMs) and run in file order. The operator
+runs as the Helm chart installs it: authenticated as the chart's ServiceAccount (a token from
+the TokenRequest API), with only the chart's RBAC, so every drain here also proves the
+ClusterRole is enough (issue 11).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chart_harness import install_identity
 from operator_harness import OperatorProcess, drain_body, get_drain, phase_of, wait_for
 
 from virtshift.api.kubevirt import FINAL_PHASES
@@ -34,8 +39,9 @@ RESULTS: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def env(fresh_cluster, tmp_path_factory) -> Iterator[dict[str, Any]]:
     scenario = load_scenario(MEDIUM).model_copy(update={"time_scale": TIME_SCALE})
+    identity = install_identity(fresh_cluster, tmp_path_factory.mktemp("identity"))
     sim = runner.start(fresh_cluster.kube, scenario, log=lambda _m: None)
-    op = OperatorProcess(fresh_cluster.kubeconfig, tmp_path_factory.mktemp("operator"),
+    op = OperatorProcess(identity, tmp_path_factory.mktemp("operator"),
                          scenario.time_scale, sim.metrics.url,
                          downtime_source=runner.DOWNTIME_SOURCE).start()
     try:
@@ -523,3 +529,13 @@ def test_without_a_downtime_source_no_downtime_is_reported_as_observed(env) -> N
 def test_operator_logged_no_tracebacks(env) -> None:
     logs = env["op"].logs()
     assert "Traceback" not in logs, logs[-5000:]
+
+
+def test_the_charts_service_account_was_never_refused(env) -> None:
+    """No RBAC refusal in the operator's log (the API server's 403 says `User "..." cannot
+    <verb> resource`): the chart's RBAC covered every request it made. (The admission policy
+    a test above installs refuses an uncordon too, but with 422 and its own message.)"""
+    logs = env["op"].logs()
+    refused = [line for line in logs.splitlines()
+               if re.search(r"system:serviceaccount:\S+ cannot |\b403\b", line)]
+    assert not refused, refused[:10]

@@ -1,4 +1,5 @@
-"""Find or build the control-plane binaries: kube-apiserver, etcd, kubectl, helm.
+"""Find or build the control-plane binaries and chart tools: kube-apiserver, etcd, kubectl,
+helm, kubeconform.
 
 Order of search, following controller-runtime's envtest: ``$KUBEBUILDER_ASSETS`` first, then
 our versioned cache folder, then (kubectl and helm only) ``PATH``; failing all, the binary is
@@ -22,6 +23,7 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+KUBECONFORM_VERSION = "v0.8.0"
 
 
 class MissingBinaryError(RuntimeError):
@@ -43,10 +45,11 @@ class Tool:
     from_path: bool  # whether a copy on PATH is acceptable (clients only)
     source: str  # the Go module folder it is built in; tools built together share one
     build: Callable[[Path, Path, Callable[[str], None]], None]
+    flavour: str = ""  # a build setting that changes the binary: part of its cache folder
 
     @property
     def cache_bin(self) -> Path:
-        return cache_root() / f"{self.name}-{self.version}" / "bin" / self.name
+        return cache_root() / f"{self.name}-{self.version}{self.flavour}" / "bin" / self.name
 
 
 def _run(cmd: list[str], cwd: Path, log: Callable[[str], None], what: str) -> None:
@@ -110,16 +113,26 @@ def _build_kubernetes(srcdir: Path, out: Path, log: Callable[[str], None]) -> No
     )
     log(f"  resolving Go modules for Kubernetes {KUBERNETES_VERSION}")
     _run([go, "mod", "tidy"], srcdir, log, "go mod tidy")
+    # Stamp the release into the binaries, as Kubernetes' own build does (hack/lib/version.sh):
+    # unstamped, /version says v0.0.0-master and Helm refuses a chart's kubeVersion.
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    stamp = " ".join(
+        f"-X {pkg}.{var}={value}"
+        for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+        for var, value in (("gitVersion", KUBERNETES_VERSION), ("gitMajor", major),
+                           ("gitMinor", minor), ("gitTreeState", "clean")))
     for name in ("kube-apiserver", "kubectl"):
-        target = cache_root() / f"{name}-{KUBERNETES_VERSION}" / "bin" / name
+        target = TOOLS[name].cache_bin
         target.parent.mkdir(parents=True, exist_ok=True)
-        _go_build(go, srcdir, f"k8s.io/kubernetes/cmd/{name}", target, log)
+        _go_build(go, srcdir, f"k8s.io/kubernetes/cmd/{name}", target, log, stamp)
 
 
-def _go_build(go: str, srcdir: Path, package: str, target: Path, log: Callable[[str], None]):
+def _go_build(go: str, srcdir: Path, package: str, target: Path, log: Callable[[str], None],
+              ldflags: str = ""):
     partial = target.with_suffix(".partial")
     _run(
-        [go, "build", "-v", "-trimpath", "-ldflags=-s -w", "-o", str(partial), package],
+        [go, "build", "-v", "-trimpath", f"-ldflags=-s -w {ldflags}".strip(), "-o", str(partial),
+         package],
         srcdir, log, f"go build {package.rsplit('/', 1)[-1]}",
     )
     partial.replace(target)
@@ -141,24 +154,39 @@ def _build_etcd(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
     _go_build(go, srcdir, ".", out, log)
 
 
-def _build_helm(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
+def _go_install(module: str, out: Path, srcdir: Path, log: Callable[[str], None]) -> None:
+    """``go install module@version`` with GOBIN set to the cache folder of ``out``."""
     go = _go()
     srcdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CGO_ENABLED": "0", "GOBIN": str(out.parent)}
-    log(f"  go install helm.sh/helm/v3/cmd/helm@{HELM_VERSION}")
-    subprocess.run(
-        [go, "install", "-trimpath", "-ldflags=-s -w", f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"],
-        cwd=srcdir, env=env, check=True,
+    log(f"  go install {module}")
+    proc = subprocess.run(
+        [go, "install", "-trimpath", "-ldflags=-s -w", module],
+        cwd=srcdir, env=env, capture_output=True, text=True, check=False,
     )
+    if proc.returncode != 0:
+        raise MissingBinaryError(f"go install {module} failed:\n{proc.stderr[-3000:]}")
+
+
+def _build_helm(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
+    _go_install(f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}", out, srcdir, log)
+
+
+def _build_kubeconform(srcdir: Path, out: Path, log: Callable[[str], None]) -> None:
+    _go_install(f"github.com/yannh/kubeconform/cmd/kubeconform@{KUBECONFORM_VERSION}", out,
+                srcdir, log)
 
 
 TOOLS: dict[str, Tool] = {
     "kube-apiserver": Tool(
-        "kube-apiserver", KUBERNETES_VERSION, False, "kubernetes", _build_kubernetes
+        "kube-apiserver", KUBERNETES_VERSION, False, "kubernetes", _build_kubernetes, "-stamped"
     ),
-    "kubectl": Tool("kubectl", KUBERNETES_VERSION, True, "kubernetes", _build_kubernetes),
+    "kubectl": Tool("kubectl", KUBERNETES_VERSION, True, "kubernetes", _build_kubernetes,
+                    "-stamped"),
     "etcd": Tool("etcd", ETCD_VERSION, False, "etcd", _build_etcd),
     "helm": Tool("helm", HELM_VERSION, True, "helm", _build_helm),
+    "kubeconform": Tool("kubeconform", KUBECONFORM_VERSION, True, "kubeconform",
+                        _build_kubeconform),
 }
 
 

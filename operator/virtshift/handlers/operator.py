@@ -19,6 +19,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix="virtshift.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 120
+    # Our kinds are known at start-up (the chart installs their CRDs first): no watch of every
+    # CRD in the cluster, which would need a cluster-wide read of customresourcedefinitions.
+    settings.scanning.disabled = True
     # Every sync daemon (one per NodeDrain and per MigrationPolicy) holds a worker thread for
     # its lifetime; leave plenty for the delete, login and start-up handlers.
     settings.execution.max_workers = 512

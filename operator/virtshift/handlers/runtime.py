@@ -40,6 +40,7 @@ class Settings:
     # Prometheus text URL with KubeVirt's virt-handler metrics (dirty rates, data remaining).
     metrics_source: str | None = None
     downtime_source: DowntimeSource | None = None  # observed downtimes; None: none observed
+    identity: str = "virtshift"  # this replica: the Events' reportingInstance
 
 
 class Runtime:
@@ -55,6 +56,7 @@ class Runtime:
                 settings.metrics_source, interval=max(0.1, METRICS_INTERVAL / settings.time_scale),
                 now=lambda: cluster.clock.now())
         self.actions = Actions(self.cluster)
+        self.actions.events.instance = settings.identity
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)
         self._lock = threading.Lock()

@@ -56,6 +56,7 @@ class EventRecorder:
                  min_interval: float = 10.0, wall: Callable[[], float] = time.time) -> None:
         self.kube = kube
         self.component = component
+        self.instance = component  # reportingInstance: which replica wrote it
         self.window = window
         self.min_interval = min_interval
         self._wall = wall
@@ -143,7 +144,7 @@ class EventRecorder:
             "type": seen.kind,
             "source": {"component": self.component}, "firstTimestamp": _stamp(first),
             "lastTimestamp": _stamp(last), "count": count,
-            "reportingComponent": self.component, "reportingInstance": self.component,
+            "reportingComponent": self.component, "reportingInstance": self.instance,
         }
         try:
             self.kube.create(rest.EVENTS, body, namespace=seen.namespace)
