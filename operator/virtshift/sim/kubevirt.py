@@ -87,7 +87,8 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         self.namespaces = Informer(kube, rest.NAMESPACES)
         self.pvcs = Informer(kube, rest.PVCS, on_event=self._on_storage)
         self.pvs = Informer(kube, rest.PVS, on_event=self._on_storage)
-        self.kubevirts = Informer(kube, rest.KUBEVIRTS)
+        # addKubeVirt/updateKubeVirt enqueue the workload updater too (workload-updater.go).
+        self.kubevirts = Informer(kube, rest.KUBEVIRTS, on_event=self._on_kubevirt)
         self._informers = [self.vmims, self.nodes, self.vms, self.vmis, self.pods,
                            self.policies, self.namespaces, self.pvcs, self.pvs, self.kubevirts]
         self._handled_pods: set[tuple[str, str]] = set()
@@ -114,6 +115,9 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         if hasattr(self, "_thread"):
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _on_kubevirt(self, _kind: str, _obj: JSON) -> None:
+        self._vmim_events = True  # enqueueKubeVirt: the same queue key, after the throttle
 
     def _on_vmim(self, kind: str, obj: JSON) -> None:
         self._vmim_events = True  # addMigration/updateMigration/deleteMigration enqueue
