@@ -73,8 +73,10 @@ def entry(decision, name: str):
 def test_cordons_and_starts_within_the_outbound_limit() -> None:
     d = plan_drain(snap([vmi("a"), vmi("b", memory=8 * GiB), vmi("c")]))
     assert d.cordon == ["n1"]
-    assert created(d) == ["vs-d-b-1", "vs-d-a-1"]  # longest first, two per source node
-    assert d.status.counts.migrating == 2 and d.status.counts.pending == 1
+    # Longest first; two may run per source node (KubeVirt's limit) and a round more waits in
+    # KubeVirt's queue, so a slot never idles between our passes.
+    assert created(d) == ["vs-d-b-1", "vs-d-a-1", "vs-d-c-1"]
+    assert d.status.counts.migrating == 3 and d.status.counts.pending == 0
     assert d.status.progress == "0/3" and d.status.phase == "Draining"
     assert all(m.selector == {} and m.attempt == 1 for m in d.create)
 
@@ -85,13 +87,16 @@ def test_the_same_snapshot_gives_the_same_decision() -> None:
 
 
 @pytest.mark.parametrize(("others", "limits", "expected"), [
-    (0, KubeVirtLimits(5, 2), 2),
-    (4, KubeVirtLimits(5, 2), 1),
-    (5, KubeVirtLimits(5, 2), 0),
-    (0, KubeVirtLimits(1, 2), 1),
-    (0, KubeVirtLimits(5, 3), 3),
+    (0, KubeVirtLimits(5, 2), 4),  # 2 per node running, 2 more queued
+    (4, KubeVirtLimits(5, 2), 4),
+    (9, KubeVirtLimits(5, 2), 1),  # cluster: 5 running, 5 queued
+    (10, KubeVirtLimits(5, 2), 0),
+    (0, KubeVirtLimits(1, 2), 2),
+    (0, KubeVirtLimits(5, 3), 5),
 ])
 def test_kubevirt_limits_count_every_unfinished_migration(others, limits, expected) -> None:
+    """KubeVirt's limits bound the migrations it runs; virtshift keeps one round more waiting
+    in KubeVirt's queue, counting every unfinished migration (anyone's, queued or running)."""
     busy = [MigrationInfo(namespace="x", name=f"o{i}", vmi=f"o{i}", phase="Pending",
                           source=f"n{9 + i}") for i in range(others)]
     d = plan_drain(snap([vmi(f"v{i}") for i in range(5)], others=busy, limits=limits))
@@ -99,8 +104,11 @@ def test_kubevirt_limits_count_every_unfinished_migration(others, limits, expect
 
 
 def test_an_in_flight_migration_on_the_node_counts_against_outbound() -> None:
-    d = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")], migrations=[mig("a", 1, "Running")]))
-    assert created(d) == ["vs-d-b-1"] or created(d) == ["vs-d-c-1"]
+    d = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")], migrations=[mig("a", 1, "Running")]),
+                   )
+    assert sorted(created(d)) == ["vs-d-b-1", "vs-d-c-1"]  # 1 running + 1 + 1 queued
+    d = plan_drain(snap([vmi(x) for x in "abcde"], migrations=[mig("a", 1, "Running")]))
+    assert len(created(d)) == 3  # two per node, and a round of two queued
     assert entry(d, "a").phase == "Migrating" and entry(d, "a").reason == "Running"
 
 
@@ -578,10 +586,12 @@ def _policy_rules(kubevirt: KubeVirtMigrationConfig | None = None, **fields: Any
     return rules_from(NamedPolicy("p", spec), kubevirt=kubevirt or KubeVirtMigrationConfig())
 
 
-@pytest.mark.parametrize(("outbound", "expected"), [(None, 4), (1, 1), (3, 3)])
-def test_max_parallel_outbound_per_node_bounds_each_source(outbound, expected) -> None:
+@pytest.mark.parametrize(("outbound", "expected", "then"), [(None, 6, 6), (1, 1, 0),
+                                                           (3, 3, 2)])
+def test_max_parallel_outbound_per_node_bounds_each_source(outbound, expected, then) -> None:
     """maxParallelOutboundPerNode, below KubeVirt's parallelOutboundMigrationsPerNode (5 here):
-    no more of the policy's migrations leave n1 at once."""
+    no more of the policy's migrations leave n1 at once, queued ones included. Without it, only
+    KubeVirt's limits hold, and a round more is queued in KubeVirt."""
     fields = {"maxParallelOutboundPerNode": outbound} if outbound else {}
     rules = _policy_rules(**fields)
     vms = [vmi(f"v{i}") for i in range(6)]
@@ -592,7 +602,7 @@ def test_max_parallel_outbound_per_node_bounds_each_source(outbound, expected) -
                           source="n1")]
     later = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5),
                             others=busy))
-    assert len(later.create) == min(expected, 4 - 1, max(0, (outbound or 5) - 1))
+    assert len(later.create) == then
 
 
 @pytest.mark.parametrize(("fields", "failures", "phase"), [

@@ -595,6 +595,12 @@ class _Room:
     def __init__(self, s: DrainSnapshot) -> None:
         self.nodes = s.nodes
         self.used = dict(s.usage)
+        # Migrations queued in KubeVirt with a pinned target have no target pod yet: their
+        # room is taken all the same.
+        for m in s.cluster_unfinished:
+            vmi = s.vmis.get(m.vmi_key)
+            if m.queued and m.target and vmi is not None:
+                self.take(m.target, preflight.requests(vmi))
 
     def fits(self, node: str, requests: tuple[float, float]) -> bool:
         info = self.nodes.get(node)
@@ -613,7 +619,11 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
     per-cluster and per-node ones, the policy's maxParallelMigrations and outbound limits),
     wait for the policy's windows, and need a target node with room. ``pin``: the wave has
     nodes still to drain, so each migration's target is pinned (kubernetes.io/hostname) to a
-    node outside it, as addedNodeSelector cannot exclude nodes."""
+    node outside it, as addedNodeSelector cannot exclude nodes.
+
+    Where only KubeVirt's own limits hold a live migration back, a second round is created
+    ahead, to wait in KubeVirt's queue (Pending): KubeVirt starts it the moment a slot frees,
+    in the order we created them, instead of after our next pass (_kubevirt_queue)."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
                   else "DeadlineExceeded")
@@ -641,8 +651,10 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
                                                  "message": closed[1]})
             continue
         # A VM whose disks' move began holds its slot since (_storage_in_flight).
+        queue = _kubevirt_queue(s, rules, v)
         if not v.reserved and (
-                total >= s.limits.per_cluster or per_node[source] >= _concurrency(s, rules) or (
+                total >= s.limits.per_cluster + queue[0]
+                or per_node[source] >= _concurrency(s, rules) + queue[1] or (
                     rules.max_parallel and per_policy[rules.policy] >= rules.max_parallel)):
             continue
         if v.move and _copies_full(rules, v.move, into, out_of):
@@ -692,6 +704,20 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
+
+
+def _kubevirt_queue(s: DrainSnapshot, rules: Rules, v: _VM) -> tuple[int, int]:
+    """How many migrations beyond KubeVirt's running limits (cluster, per source node) may wait
+    in KubeVirt's queue: a round of each, when KubeVirt's limits are the only ones that apply
+    (no outbound limit of the policy's, no bandwidth-derived one; maxParallelMigrations and
+    inbound limits count queued migrations anyway). None for a stop or a storage move, which
+    take effect at once."""
+    if v.stop or v.move is not None:
+        return 0, 0
+    ours = _concurrency(s, rules)
+    node = s.limits.outbound_per_node if ours >= min(s.limits.outbound_per_node,
+                                                     s.limits.per_cluster) else 0
+    return s.limits.per_cluster, node
 
 
 def _copies_full(rules: Rules, move: storage.Move, into: Counter[str],

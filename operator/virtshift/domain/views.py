@@ -117,6 +117,11 @@ class MigrationInfo:
         return self.phase in FINAL_PHASES
 
     @property
+    def queued(self) -> bool:
+        """Waiting in KubeVirt's queue: not yet given a target pod."""
+        return self.phase in ("", "Pending") and not self.terminating
+
+    @property
     def unfinished(self) -> bool:
         """Counts against KubeVirt's limits: queued (Pending) or in flight."""
         return not self.final and not self.terminating

@@ -45,6 +45,7 @@ class _Policies:
         self.wake: dict[str, threading.Event] = defaultdict(threading.Event)
         self.locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self.deleting: set[str] = set()  # UIDs
+        self.labels: dict[str, tuple[tuple[str, str], ...] | None] = {}  # VMI key -> labels
         self.guard = threading.Lock()
         try:
             self.store.start()
@@ -53,9 +54,25 @@ class _Policies:
             raise
         rt.cluster.listeners.append(self._on_change)
 
-    def _on_change(self, kind: str, _obj: JSON) -> None:
+    def _on_change(self, kind: str, obj: JSON) -> None:
+        if kind == "vmi" and not self._concerns_policies(obj):
+            return
         if kind in WATCHED:
             self.wake_all()
+
+    def _concerns_policies(self, vmi: JSON) -> bool:
+        """A VMI event matters to the policies when the VMI is new or gone, or its labels
+        changed (selection, labelling) -- or when a policy moves disks, which follows the
+        VMIs' status. Status-only updates, the bulk of them, wake nobody otherwise."""
+        meta = vmi["metadata"]
+        key = f"{meta.get('namespace')}/{meta['name']}"
+        labels = None if meta.get("deletionTimestamp") else tuple(sorted(
+            (meta.get("labels") or {}).items()))
+        with self.guard:
+            changed = self.labels.get(key, ()) != labels
+            self.labels[key] = labels
+        return changed or any(((p.get("spec") or {}).get("storage") or {}).get("mode") ==
+                              "Always" for p in self.rt.cluster.policies.values())
 
     def wake_all(self) -> None:
         with self.guard:

@@ -52,6 +52,9 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
         snapshot = rt.cluster.snapshot(drain, rt.blocked_pods[name], pods)
         decision = plan_drain(snapshot)
         rt.blocked_pods[name] = rt.actions.apply(drain, decision).blocked
+    rt.declare(name, frozenset(n.name for n in decision.status.nodes or []),
+               frozenset(snapshot.vmis) | frozenset(
+                   f"{e.namespace}/{e.name}" for e in decision.status.vms or []))
     stored = rt.actions.write_status(drain, decision.status.wire())
     if stored:
         rt.remember(stored)

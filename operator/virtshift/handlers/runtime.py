@@ -59,6 +59,8 @@ class Runtime:
         self.actions.events.instance = settings.identity
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)
+        # drain -> (its nodes, the VM keys it follows), from its last pass (declare).
+        self._interest: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -78,14 +80,28 @@ class Runtime:
         with self._lock:
             return self._wake[drain]
 
+    def declare(self, drain: str, nodes: frozenset[str], keys: frozenset[str]) -> None:
+        """What a drain's last pass looked at: the events about other nodes and VMs need not
+        wake it (its resync still comes)."""
+        with self._lock:
+            self._interest[drain] = (nodes, keys)
+
     def _on_change(self, kind: str, obj: JSON) -> None:
+        """Wake the drains an event concerns: VMIs, VMs and pods by their node and key, a
+        node by its name, one of our migrations its own drain (and every drain when it ends,
+        since it frees a slot); anything else every drain."""
+        meta = obj["metadata"]
         if kind == "vmim":
-            drain = (obj["metadata"].get("annotations") or {}).get(DRAIN_NAME_ANNOTATION)
-            if drain:
+            drain = (meta.get("annotations") or {}).get(DRAIN_NAME_ANNOTATION)
+            ended = (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            if drain and not ended:
                 self.wake_event(drain).set()
                 return
+        routed = _route(kind, obj)
         with self._lock:
-            events = list(self._wake.values())
+            events = [ev for name, ev in self._wake.items()
+                      if routed is None or (seen := self._interest.get(name)) is None
+                      or routed[0] in seen[0] or routed[1] in seen[1]]
         for ev in events:
             ev.set()
 
@@ -98,12 +114,33 @@ class Runtime:
     def forget(self, name: str) -> None:
         with self._lock:
             self._wake.pop(name, None)
+            self._interest.pop(name, None)
         self.blocked_pods.pop(name, None)
         for state in ("total", "pending", "migrating", "succeeded", "failed", "skipped"):
             with contextlib.suppress(KeyError):  # never reported for this drain
                 DRAIN_VMS.remove(name, state)
         with contextlib.suppress(KeyError):
             DRAIN_REMAINING.remove(name)
+
+
+def _route(kind: str, obj: JSON) -> tuple[str, str] | None:
+    """(node, VM key) an event is about, or None when it may concern any drain."""
+    meta = obj["metadata"]
+    key = f"{meta.get('namespace')}/{meta['name']}"
+    if kind == "vmi":
+        return (obj.get("status") or {}).get("nodeName") or "", key
+    if kind == "vm":
+        return "", key
+    if kind == "pod":
+        labels = meta.get("labels") or {}
+        vm = labels.get("vm.kubevirt.io/name") or (meta.get("annotations") or {}).get(
+            "kubevirt.io/domain") or ""
+        return (obj.get("spec") or {}).get("nodeName") or "", f"{meta.get('namespace')}/{vm}"
+    if kind == "node":
+        return meta["name"], ""
+    if kind == "vmim":
+        return "", f"{meta.get('namespace')}/{(obj.get('spec') or {}).get('vmiName')}"
+    return None
 
 
 _runtime: Runtime | None = None

@@ -21,7 +21,12 @@ from virtshift.domain.rules import (
     rules_from,
     selector_matches,
 )
-from virtshift.domain.storage import MOVED_BY_LABEL, VM_LABEL, live_migrate_updates
+from virtshift.domain.storage import (
+    MOVED_BY_LABEL,
+    SOURCE_CLAIM_LABEL,
+    VM_LABEL,
+    live_migrate_updates,
+)
 from virtshift.domain.storage import moved_by as storage_owner
 from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo
 from virtshift.k8s import rest, views
@@ -45,6 +50,12 @@ class ClusterClock:
         if self.scale == 1.0 or self.epoch is None:
             return dt.datetime.fromtimestamp(wall, dt.UTC)
         return self.epoch + dt.timedelta(seconds=(wall - self.epoch.timestamp()) * self.scale)
+
+
+def _annotated(claim: JSON, annotation: str) -> str:
+    """namespace/<the object a destination claim's annotation names>."""
+    meta = claim["metadata"]
+    return f"{meta['namespace']}/{(meta.get('annotations') or {}).get(annotation)}"
 
 
 class NotSynced(RuntimeError):
@@ -288,19 +299,34 @@ class Cluster:
             uid=uid or "",
             attempts={k: n for k, v in vmi_objs.items() if (n := recorded_attempts(
                 (v["metadata"].get("annotations") or {}).get(ATTEMPTS_ANNOTATION), uid or ""))},
-            **self.storage_views(),
+            **self.storage_views(set(vmi_objs)),
         )
 
-    def storage_views(self) -> dict[str, Any]:
-        """The snapshot's storage fields (domain.storage): every VM's volumes, the claims
-        (with the node a local volume is pinned to), the classes, and whether KubeVirt
-        migrates a VM whose volumes changed."""
+    def storage_views(self, keys: set[str] | None = None) -> dict[str, Any]:
+        """The snapshot's storage fields (domain.storage): VMs' volumes, the claims (with the
+        node a local volume is pinned to), the classes, and whether KubeVirt migrates a VM
+        whose volumes changed. ``keys``: only these VMs, plus every VM a storage move of
+        anyone's is under way for (the class limits count them all), and only the claims
+        they name; None: everything."""
+        moved = [c for c in self.pvcs.values()
+                 if MOVED_BY_LABEL in (c["metadata"].get("annotations") or {})]
+        vms = self.vms.values() if keys is None else [
+            vm for k in keys | {_annotated(c, VM_LABEL) for c in moved}
+            if (vm := self.vms.get(k)) is not None]
+        storage = {key_of(vm): views.vm_storage(vm, self.vmis.get(key_of(vm))) for vm in vms}
+        if keys is None:
+            pvcs = self.pvcs.values()
+        else:
+            named = {f"{st.namespace}/{c}" for st in storage.values() for v in st.volumes
+                     for c in (v.claim, v.running_claim, v.vmi_claim) if c}
+            named |= {key_of(c) for c in moved}
+            named |= {_annotated(c, SOURCE_CLAIM_LABEL) for c in moved}
+            pvcs = [c for k in named if (c := self.pvcs.get(k)) is not None]
         pvs = {p["metadata"]["name"]: p for p in self.pvs.values()}
         return {
-            "storage": {key_of(vm): views.vm_storage(vm, self.vmis.get(key_of(vm)))
-                        for vm in self.vms.values()},
+            "storage": storage,
             "claims": {key_of(c): views.claim_info(c, pvs.get((c.get("spec") or {}).get(
-                "volumeName", ""))) for c in self.pvcs.values()},
+                "volumeName", ""))) for c in pvcs},
             "classes": {c["metadata"]["name"]: views.class_info(c)
                         for c in self.storage_classes.values()},
             "updates_migrate": live_migrate_updates(views.workload_update_methods(

@@ -15,6 +15,15 @@ log = logging.getLogger(__name__)
 RELIST = RetryPolicy(base=0.5, cap=30.0)
 
 
+def slim(obj: JSON) -> JSON:
+    """What the cache keeps of an object: all but its managedFields, which nothing here reads
+    and which are often the largest part of it."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
+
+
 def key_of(obj: JSON) -> str:
     meta = obj["metadata"]
     ns = meta.get("namespace")
@@ -68,6 +77,7 @@ class Informer:
 
     def put(self, obj: JSON) -> None:
         """Record our own write at once, so the next read sees it before the watch does."""
+        slim(obj)
         with self._lock:
             current = self._objects.get(key_of(obj))
             if current is None or _rv(obj) >= _rv(current):
@@ -90,7 +100,7 @@ class Informer:
             try:
                 items, rv = self.kube.list(self.res, label_selector=self.label_selector)
                 with self._lock:
-                    self._objects = {key_of(o): o for o in items}
+                    self._objects = {key_of(o): slim(o) for o in items}
                 self._synced.set()
                 while not self._stop.is_set():
                     for kind, obj in self.kube.watch(self.res, rv,
@@ -102,6 +112,7 @@ class Informer:
                         if kind == "ERROR":
                             raise ApiError(obj.get("code", 500), str(obj))
                         rv = obj["metadata"]["resourceVersion"]
+                        slim(obj)
                         with self._lock:
                             if kind == "DELETED":
                                 self._objects.pop(key_of(obj), None)
