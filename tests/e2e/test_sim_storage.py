@@ -359,4 +359,5 @@ def test_concurrent_copies_into_one_class_share_its_bandwidth(sim, kube) -> None
     # however the wall clock staggers their starts; each one is slowed by the others.
     span = max(e for _, e in together) - min(s for s, _ in together)
     assert 2.8 * alone <= span <= 3.4 * alone, (alone, together)
-    assert all(e - s >= 1.8 * alone for s, e in together), (alone, together)
+    # Each overlapped the others for a while (however staggered), and was slower for it.
+    assert all(e - s >= 1.2 * alone for s, e in together), (alone, together)
