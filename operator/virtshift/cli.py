@@ -100,7 +100,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from virtshift import logs
+
+    logs.setup(args.log_format, logging.INFO)
     import socket
 
     identity = args.identity or os.environ.get("POD_NAME") or \
@@ -250,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the label of --downtime-metric naming the migration")
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one object per line with drain, vm, migration (and policy, "
+                     "node) as fields; text: the same fields as key=value")
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="local control plane + simulator + operator draining a "
