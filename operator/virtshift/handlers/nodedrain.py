@@ -64,8 +64,6 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
         rt.actions.event(drain, kind, reason, message)
         _count(reason)
     _log_changes(model.status or NodeDrainStatus(), decision)
-    for observed in decision.downtimes:
-        DOWNTIME.labels(OBSERVED, observed.source).observe(observed.ms / 1000)
     MIGRATIONS_CREATED.labels(name).inc(len(decision.create))
     _drain_metrics(rt, name, model, decision)
 
@@ -104,11 +102,19 @@ def _drain_metrics(rt: runtime.Runtime, name: str, model: NodeDrain, decision: D
     if model.spec.deadline and started:
         metrics.DRAIN_DEADLINE.labels(name).set(
             started.timestamp() + parse_duration(model.spec.deadline))
+    # Each finished move once (by VM and migration): its observation, when the downtime source
+    # has one (it may come a pass after the move), and its prediction.
     seen = rt.predictions_counted[name]
     for v in status.vms or []:
-        if v.phase == VMPhase.SUCCEEDED and v.predicted_downtime_ms is not None \
-                and v.migration and (v.migration, v.name) not in seen:
-            seen.add((v.migration, v.name))
+        if v.phase != VMPhase.SUCCEEDED:
+            continue
+        move = f"{v.namespace}/{v.name}/{v.migration or v.mode or ''}"
+        if v.observed_downtime_ms is not None and (OBSERVED, move) not in seen:
+            seen.add((OBSERVED, move))
+            DOWNTIME.labels(OBSERVED, v.downtime_source or "").observe(
+                v.observed_downtime_ms / 1000)
+        if v.predicted_downtime_ms is not None and (PREDICTED, move) not in seen:
+            seen.add((PREDICTED, move))
             DOWNTIME.labels(PREDICTED, MODEL).observe(v.predicted_downtime_ms / 1000)
 
 

@@ -63,7 +63,7 @@ class Runtime:
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)
         self._lock = threading.Lock()
-        # drain -> VM moves whose predicted downtime the histogram already has
+        # drain -> (kind, VM move) whose downtime the histogram already has
         self.predictions_counted: dict[str, set[tuple[str, str]]] = defaultdict(set)
         self._metrics_installed = False
 
