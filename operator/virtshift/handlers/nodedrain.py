@@ -80,7 +80,7 @@ def _log_changes(before: NodeDrainStatus, decision: Decision) -> None:
         prev = old.get((v.namespace, v.name))
         if prev is not None and prev.phase == v.phase:
             continue
-        log.info("VM %s%s%s", v.phase.value.lower(), f" ({v.reason})" if v.reason else "",
+        log.info("VM %s%s%s", str(v.phase).lower(), f" ({v.reason})" if v.reason else "",
                  f" -> {v.target_node}" if v.target_node else "",
                  extra={"vm": f"{v.namespace}/{v.name}", "migration": v.migration,
                         "node": v.source_node})
@@ -102,13 +102,13 @@ def _drain_metrics(rt: runtime.Runtime, name: str, model: NodeDrain, decision: D
     if model.spec.deadline and started:
         metrics.DRAIN_DEADLINE.labels(name).set(
             started.timestamp() + parse_duration(model.spec.deadline))
-    # Each finished move once (by VM and migration): its observation, when the downtime source
+    # Each finished move once (by VM): its observation, when the downtime source
     # has one (it may come a pass after the move), and its prediction.
     seen = rt.predictions_counted[name]
     for v in status.vms or []:
         if v.phase != VMPhase.SUCCEEDED:
             continue
-        move = f"{v.namespace}/{v.name}/{v.migration or v.mode or ''}"
+        move = f"{v.namespace}/{v.name}"  # a VM leaves once per drain
         if v.observed_downtime_ms is not None and (OBSERVED, move) not in seen:
             seen.add((OBSERVED, move))
             DOWNTIME.labels(OBSERVED, v.downtime_source or "").observe(
