@@ -31,6 +31,8 @@ def exported() -> set[str]:
         for s in family.samples:
             names.add(s.name)
         names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
     return {n for n in names if n.startswith("virtshift_")}
 
 
