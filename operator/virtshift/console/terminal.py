@@ -198,12 +198,19 @@ class StatusView:
         if self.drain:
             flights = [f for f in flights if (f[0]["metadata"].get("annotations") or {}).get(
                 "virtshift.io/node-drain") == self.drain]
-        memory = {}
+        memory: dict[str, float] = {}
         if flights:
             from virtshift.k8s import views
 
-            memory = {f"{v['metadata']['namespace']}/{v['metadata']['name']}":
-                      views.vmi_info(v).memory for v in kube.items(rest.VMIS)}
+            vmis = {f"{v['metadata']['namespace']}/{v['metadata']['name']}": v
+                    for v in kube.items(rest.VMIS)}
+            memory = {k: views.vmi_info(v).memory for k, v in vmis.items()}
+            for obj, a in flights:  # the target as KubeVirt reports it on the VMI
+                vmi = vmis.get(f"{obj['metadata']['namespace']}/{obj['spec'].get('vmiName')}")
+                state = ((vmi or {}).get("status") or {}).get("migrationState") or {}
+                if state.get("migrationUid") == obj["metadata"].get("uid"):
+                    a.target = a.target or state.get("targetNode")
+                    a.source = a.source or state.get("sourceNode")
         transfers = self.transfers.sample(self.time_scale)
         now = self.clock.now()
         self.done = bool(drains) and all(observe.drain_done(d) for d in drains) \
