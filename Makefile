@@ -6,7 +6,7 @@ DIR    ?= .cache/cluster
 # KubeVirt's real CRD schemas, when the shared folder is beside the checkout (CI has it).
 export KUBEVIRT_CRDS_DIR ?= $(if $(wildcard ../shared/kubevirt-crds),$(abspath ../shared/kubevirt-crds),)
 
-.PHONY: demo test lint unit e2e cluster cluster-down crds binaries chart-test image image-test clean
+.PHONY: demo test lint unit e2e cluster cluster-down crds binaries chart-test image image-test clean visual-test
 
 $(BIN)/virtshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,13 @@ chart-test: binaries
 # The rest of the suite (test_nodedrain.py and test_replicas.py run the operator as the
 # chart's ServiceAccount too).
 test: lint binaries chart-test
-	$(BIN)/pytest --deselect tests/e2e/test_chart.py --deselect tests/e2e/test_chart_rbac.py
+	$(BIN)/pytest --deselect tests/e2e/test_chart.py --deselect tests/e2e/test_chart_rbac.py \
+	    --ignore=tests/visual
+
+# What needs tmux and Chromium (not on CI): `virtshift status` under tmux during a drain, and
+# the drain's HTML report rendered to .cache/observe/report.png (apt-get install tmux chromium).
+visual-test: binaries
+	$(BIN)/pytest tests/visual
 
 # The operator image without a Docker engine: buildah on a base of Debian packages (root,
 # buildah and mmdebstrap needed); then run it against the local control plane.

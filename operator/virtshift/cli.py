@@ -100,7 +100,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from virtshift import logs
+
+    logs.setup(args.log_format, logging.INFO)
     import socket
 
     identity = args.identity or os.environ.get("POD_NAME") or \
@@ -184,6 +186,67 @@ class _StandbyHealth:
         self.server.server_close()
 
 
+def _kube(args: argparse.Namespace):
+    from virtshift.k8s.rest import KubeClient
+
+    return KubeClient.from_kubeconfig(args.kubeconfig)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from virtshift.api.units import parse_duration, parse_quantity
+    from virtshift.console import observe, terminal
+    from virtshift.domain.eta import Estimator
+
+    if bool(args.node) == bool(args.selector):
+        print("virtshift plan: give a NODE or --selector, not both", file=sys.stderr)
+        return 2
+    try:
+        plan = observe.make_plan(
+            _kube(args), node=args.node, selector=args.selector, policy=args.policy,
+            estimator=Estimator(target_startup=parse_duration(args.target_startup),
+                                node_bandwidth=parse_quantity(args.node_bandwidth)),
+            metrics_source=args.metrics_source, time_scale=args.time_scale)
+    except ValueError as exc:
+        print(f"virtshift plan: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.wire(), indent=2))
+    else:
+        Console().print(terminal.plan_view(plan, args.node or args.selector))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from virtshift.console import terminal
+
+    view = terminal.StatusView(_kube(args), args.nodedrain, args.metrics_source,
+                               args.time_scale)
+    return terminal.run_status(view, Console(), once=args.once, interval=args.interval)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from virtshift.console import observe, report
+    from virtshift.k8s import rest
+
+    kube = _kube(args)
+    drain = kube.get(rest.NODE_DRAINS, args.nodedrain)
+    if drain is None:
+        print(f"virtshift report: NodeDrain {args.nodedrain} not found", file=sys.stderr)
+        return 1
+    plan = json.loads(Path(args.plan).read_text()) if args.plan else None
+    Path(args.html).write_text(report.render(drain, observe.histories(kube, drain), plan))
+    print(f"wrote {args.html}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from virtshift.demo import run_demo
 
@@ -250,7 +313,51 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the label of --downtime-metric naming the migration")
     run.add_argument("--time-scale", type=float, default=1.0,
                      help="simulated clusters only: cluster seconds per wall second")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="json: one object per line with drain, vm, migration (and policy, "
+                     "node) as fields; text: the same fields as key=value")
     run.set_defaults(func=_run)
+
+    plan = sub.add_parser("plan", help="the drain plan for a node (or a wave) before anything "
+                          "changes: per VM the action, candidates, predicted time and downtime, "
+                          "blockers, and the ETA (the operator's planner, read-only)")
+    plan.add_argument("node", nargs="?", help="the node to drain")
+    plan.add_argument("--selector", help="nodes of a rolling wave: key=value[,key=value]")
+    plan.add_argument("--policy", help="a MigrationPolicy to govern every VM (policyRef)")
+    plan.add_argument("--kubeconfig", default=None)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (for "
+                      "virtshift report --plan)")
+    plan.add_argument("--metrics-source", default=None,
+                      help="virt-handler metrics URL: dirty rates for the predictions, as the "
+                      "operator's flag")
+    plan.add_argument("--target-startup", default="10s")
+    plan.add_argument("--node-bandwidth", default="10Gi")
+    plan.add_argument("--time-scale", type=float, default=1.0,
+                      help="simulated clusters only, as virtshift run's")
+    plan.set_defaults(func=_plan)
+
+    status = sub.add_parser("status", help="NodeDrains and MigrationPolicies with live "
+                            "progress, the migrations in flight, what waits and why; refreshes "
+                            "until done or Ctrl-C (read-only)")
+    status.add_argument("nodedrain", nargs="?", help="only this NodeDrain")
+    status.add_argument("--kubeconfig", default=None)
+    status.add_argument("--once", action="store_true", help="print once and exit")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    status.add_argument("--metrics-source", default=None,
+                        help="virt-handler metrics URL: data remaining and transfer rate of "
+                        "the migrations in flight")
+    status.add_argument("--time-scale", type=float, default=1.0,
+                        help="simulated clusters only, as virtshift run's")
+    status.set_defaults(func=_status)
+
+    rep = sub.add_parser("report", help="a self-contained HTML report of a NodeDrain: "
+                         "timeline, downtime distribution, bytes per node, plan vs reality")
+    rep.add_argument("nodedrain")
+    rep.add_argument("--html", required=True, help="the file to write")
+    rep.add_argument("--plan", default=None, help="a plan saved with virtshift plan --json "
+                     "before the drain, to compare with")
+    rep.add_argument("--kubeconfig", default=None)
+    rep.set_defaults(func=_report)
 
     demo = sub.add_parser("demo", help="local control plane + simulator + operator draining a "
                           "node, with live progress")

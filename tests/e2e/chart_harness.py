@@ -25,6 +25,7 @@ ALL_ON = {
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "prometheusRule": {"enabled": True},
     "grafanaDashboard": {"enabled": True},
+    "argocdHealthChecks": {"enabled": True},
     "priorityClassName": "system-cluster-critical",
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",

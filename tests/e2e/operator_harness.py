@@ -18,15 +18,19 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_dir: Path, time_scale: float,
                  dirty_rate_source: str | None = None,
                  downtime_source: str | None = None,
-                 leader_election: tuple[str, str, str] | None = None) -> None:
+                 leader_election: tuple[str, str, str] | None = None,
+                 metrics_port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
         """``downtime_source``: ``virtshift run --downtime-source`` (e.g. the simulator's,
         ``runner.DOWNTIME_SOURCE``); without it nothing is observed. ``leader_election``:
         (namespace, Lease name, identity) to run as one of several replicas instead of
-        ``--standalone``."""
+        ``--standalone``. ``metrics_port``: serve /metrics there (0: off); ``extra_args``:
+        more flags of ``virtshift run``."""
         self.kubeconfig = kubeconfig
         self.extra = ["--metrics-source", dirty_rate_source] if dirty_rate_source else []
         if downtime_source:
             self.extra += ["--downtime-source", downtime_source]
+        self.extra += list(extra_args)
+        self.metrics_port = metrics_port
         self.log_dir = log_dir
         self.time_scale = time_scale
         self.proc: subprocess.Popen[bytes] | None = None
@@ -41,7 +45,8 @@ class OperatorProcess:
         self.starts += 1
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "virtshift", "run", *self.mode, "--metrics-port", "0",
+            [sys.executable, "-m", "virtshift", "run", *self.mode,
+             "--metrics-port", str(self.metrics_port),
              "--kubeconfig", str(self.kubeconfig), "--time-scale", str(self.time_scale),
              *self.extra],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -45,7 +45,7 @@ def test_defaults_render_the_operator_and_toggles_stay_off(tmp: Path) -> None:
         "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
         "Role", "RoleBinding", "Service", "Deployment"])
     all_on = sorted(d["kind"] for d in render(tmp, ALL_ON))
-    assert sorted([*kinds, "ServiceMonitor", "PrometheusRule", "ConfigMap"]) == all_on
+    assert sorted([*kinds, "ServiceMonitor", "PrometheusRule", "ConfigMap", "ConfigMap"]) == all_on
     # The CRDs are crds/ verbatim, with the chart's labels and (crds.keep) helm's keep policy.
     repo = Path(__file__).resolve().parents[2] / "crds"
     for crd in (d for d in docs if d["kind"] == "CustomResourceDefinition"):

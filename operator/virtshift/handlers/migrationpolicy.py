@@ -5,6 +5,7 @@ owned objects)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -16,12 +17,14 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from virtshift import logs
 from virtshift.api.migrationpolicy import MigrationPolicy, MigrationPolicyStatus
 from virtshift.api.units import parse_duration, parse_quantity
 from virtshift.domain import policy as dpolicy
 from virtshift.domain import progress as dprogress
 from virtshift.domain import storage as dstorage
-from virtshift.handlers import runtime
+from virtshift.domain import windows as dwindows
+from virtshift.handlers import metrics, runtime
 from virtshift.k8s import storage as kstorage
 from virtshift.k8s.policies import PolicyStore
 from virtshift.k8s.rest import JSON
@@ -146,9 +149,36 @@ def reconcile(name: str) -> dt.datetime | None:
                 decision, status=decision.status.model_copy(update={"storage": moves.status}),
                 events=[*decision.events, *moves.events])
     store.write_status(obj, decision.status.wire())
+    _policy_metrics(name, obj, now)
     for kind, reason, message in decision.events:
         rt.actions.event(_for_events(obj), kind, reason, message)
     return recheck
+
+
+def _policy_metrics(name: str, obj: JSON, now: dt.datetime) -> None:
+    """Window gauges and the VMs still to move under this policy (for the alert on a window
+    about to close with work left)."""
+    st = state()
+    try:
+        model = MigrationPolicy.model_validate(obj)
+        win = dwindows.window_state(model.spec.windows, now)
+    except (ValidationError, ValueError):
+        return
+    metrics.WINDOW_OPEN.labels(name).set(1 if win.open else 0)
+    if win.open and win.closes_at is not None:
+        metrics.WINDOW_CLOSES_IN.labels(name).set((win.closes_at - now).total_seconds())
+    else:
+        with contextlib.suppress(KeyError):
+            metrics.WINDOW_CLOSES_IN.remove(name)
+    left = [v for v in st.store.drain_vms(name, st.rt.cluster.named_policies())
+            if v.phase in ("Pending", "Waiting", "Migrating")]
+    metrics.POLICY_WORK_LEFT.labels(name).set(len(left))
+
+
+def _forget_metrics(name: str) -> None:
+    for gauge in (metrics.WINDOW_OPEN, metrics.WINDOW_CLOSES_IN, metrics.POLICY_WORK_LEFT):
+        with contextlib.suppress(KeyError):
+            gauge.remove(name)
 
 
 def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str],
@@ -246,14 +276,17 @@ def policy_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
     while not stopped:
         wake.clear()
         wait = st.rt.settings.resync_seconds
+        metrics.RECONCILES.labels("MigrationPolicy").inc()
         try:
-            with st.lock(name):
+            with st.lock(name), logs.context(policy=name):
                 recheck = reconcile(name)
             if recheck is not None:  # a progressTimeout falls due before the resync
                 due = (recheck - st.rt.cluster.clock.now()).total_seconds()
                 wait = min(wait, max(0.0, due / st.rt.settings.time_scale))
         except Exception:
-            log.exception("reconciling MigrationPolicy %s failed; retrying", name)
+            metrics.RECONCILE_ERRORS.labels("MigrationPolicy").inc()
+            log.exception("reconciling MigrationPolicy %s failed; retrying", name,
+                          extra={"policy": name})
             stopped.wait(1.0)
         _wait(stopped, wake, wait)
         stopped.wait(COALESCE_SECONDS)
@@ -286,4 +319,5 @@ def policy_deleted(name: str, uid: str, body: kopf.Body, **_: Any) -> None:
         # volumes and its destination claims are gone: nothing half-copied is left behind.
         raise kopf.TemporaryError(left, delay=1)
     st.forget(name)
+    _forget_metrics(name)
     st.wake_all()  # the policies that govern those VMIs now

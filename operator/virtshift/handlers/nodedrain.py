@@ -9,16 +9,21 @@ from typing import Any
 
 import kopf
 
-from virtshift.api.nodedrain import NodeDrain, NodePhase
-from virtshift.domain.drain import finalize_drain, plan_drain
-from virtshift.handlers import runtime
+from virtshift import logs
+from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus, NodePhase, VMPhase
+from virtshift.api.units import parse_duration
+from virtshift.domain.drain import Decision, finalize_drain, parse_stamp, plan_drain
+from virtshift.handlers import metrics, runtime
 from virtshift.handlers import runtime as runtime_module
 from virtshift.handlers.runtime import (
     DOWNTIME,
     DRAIN_REMAINING,
     DRAIN_VMS,
     MIGRATIONS_CREATED,
+    MODEL,
+    OBSERVED,
     OUTCOMES,
+    PREDICTED,
 )
 from virtshift.k8s.rest import JSON
 
@@ -61,14 +66,59 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
     for kind, reason, message in decision.events:
         rt.actions.event(drain, kind, reason, message)
         _count(reason)
-    for observed in decision.downtimes:
-        DOWNTIME.labels(observed.source).observe(observed.ms / 1000)
+    _log_changes(model.status or NodeDrainStatus(), decision)
     MIGRATIONS_CREATED.labels(name).inc(len(decision.create))
-    counts = decision.status.counts
+    _drain_metrics(rt, name, model, decision)
+
+
+def _log_changes(before: NodeDrainStatus, decision: Decision) -> None:
+    """One line per migration created and per VM whose phase changed, with the drain (from
+    the context), the VM and the migration as fields."""
+    for m in decision.create:
+        log.info("migration created (attempt %d, from %s)", m.attempt, m.source,
+                 extra={"vm": f"{m.namespace}/{m.vmi}", "migration": m.name,
+                        "policy": m.policy, "node": m.source})
+    old = {(v.namespace, v.name): v for v in before.vms or []}
+    for v in decision.status.vms or []:
+        prev = old.get((v.namespace, v.name))
+        if prev is not None and prev.phase == v.phase:
+            continue
+        log.info("VM %s%s%s", str(v.phase).lower(), f" ({v.reason})" if v.reason else "",
+                 f" -> {v.target_node}" if v.target_node else "",
+                 extra={"vm": f"{v.namespace}/{v.name}", "migration": v.migration,
+                        "node": v.source_node})
+
+
+def _drain_metrics(rt: runtime.Runtime, name: str, model: NodeDrain, decision: Decision) -> None:
+    """Per-drain gauges, and each finished move's predicted downtime once."""
+    status = decision.status
+    counts = status.counts
     if counts:
         for state, value in counts.wire().items():
             DRAIN_VMS.labels(name, state).set(value)
-    DRAIN_REMAINING.labels(name).set(decision.status.planned_seconds or 0)
+        done = counts.succeeded + counts.failed + counts.skipped
+        metrics.DRAIN_PROGRESS.labels(name).set(done / counts.total if counts.total else 1.0)
+    DRAIN_REMAINING.labels(name).set(status.planned_seconds or 0)
+    if eta := parse_stamp(status.eta or status.completion_time):
+        metrics.DRAIN_ETA.labels(name).set(eta.timestamp())
+    started = parse_stamp(status.start_time)
+    if model.spec.deadline and started:
+        metrics.DRAIN_DEADLINE.labels(name).set(
+            started.timestamp() + parse_duration(model.spec.deadline))
+    # Each finished move once (by VM): its observation, when the downtime source
+    # has one (it may come a pass after the move), and its prediction.
+    seen = rt.predictions_counted[name]
+    for v in status.vms or []:
+        if v.phase != VMPhase.SUCCEEDED:
+            continue
+        move = f"{v.namespace}/{v.name}"  # a VM leaves once per drain
+        if v.observed_downtime_ms is not None and (OBSERVED, move) not in seen:
+            seen.add((OBSERVED, move))
+            DOWNTIME.labels(OBSERVED, v.downtime_source or "").observe(
+                v.observed_downtime_ms / 1000)
+        if v.predicted_downtime_ms is not None and (PREDICTED, move) not in seen:
+            seen.add((PREDICTED, move))
+            DOWNTIME.labels(PREDICTED, MODEL).observe(v.predicted_downtime_ms / 1000)
 
 
 def _count(reason: str) -> None:
@@ -87,10 +137,14 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
     wake = rt.wake_event(name)
     while not stopped:
         wake.clear()
+        metrics.RECONCILES.labels("NodeDrain").inc()
         try:
-            reconcile(name, stopped)
+            with logs.context(drain=name):
+                reconcile(name, stopped)
         except Exception:
-            log.exception("reconciling NodeDrain %s failed; retrying", name)
+            metrics.RECONCILE_ERRORS.labels("NodeDrain").inc()
+            log.exception("reconciling NodeDrain %s failed; retrying", name,
+                          extra={"drain": name})
             stopped.wait(1.0)
         wake.wait(rt.settings.resync_seconds)
 

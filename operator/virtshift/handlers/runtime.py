@@ -26,9 +26,12 @@ MIGRATIONS_CREATED = Counter("virtshift_migrations_created_total",
 OUTCOMES = Counter("virtshift_migration_outcomes_total", "Finished VM moves by outcome",
                    ["outcome"])
 DOWNTIME = Histogram("virtshift_migration_downtime_seconds",
-                     "Observed (never predicted) downtime of moves, by where it was observed "
-                     "(--downtime-source, or restartTimestamps for quick migrations)", ["source"],
+                     "Downtime of finished moves: kind=observed (measured; source is where: "
+                     "--downtime-source, or restartTimestamps for quick migrations) or "
+                     "kind=predicted (the planner's pre-copy prediction, source=model)",
+                     ["kind", "source"],
                      buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+OBSERVED, PREDICTED, MODEL = "observed", "predicted", "model"
 
 
 @dataclass
@@ -62,12 +65,20 @@ class Runtime:
         # drain -> (its nodes, the VM keys it follows), from its last pass (declare).
         self._interest: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self._lock = threading.Lock()
+        # drain -> (kind, VM move) whose downtime the histogram already has
+        self.predictions_counted: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        self._metrics_installed = False
 
     def start(self) -> None:
         """Idempotent: kopf retries a failed start-up handler."""
         if self._on_change not in self.cluster.listeners:
             self.cluster.listeners.append(self._on_change)
         self.cluster.start()
+        if not self._metrics_installed:  # after the caches loaded: what was there is not new
+            from virtshift.handlers import metrics
+
+            metrics.install(self.cluster)
+            self._metrics_installed = True
         if self.settings.time_scale != 1.0:
             kv = self.cluster.kubevirt()
             epoch = parse_time(kv["metadata"]["creationTimestamp"]) if kv else None
@@ -119,8 +130,13 @@ class Runtime:
         for state in ("total", "pending", "migrating", "succeeded", "failed", "skipped"):
             with contextlib.suppress(KeyError):  # never reported for this drain
                 DRAIN_VMS.remove(name, state)
-        with contextlib.suppress(KeyError):
-            DRAIN_REMAINING.remove(name)
+        self.predictions_counted.pop(name, None)
+        from virtshift.handlers import metrics
+
+        for gauge in (DRAIN_REMAINING, metrics.DRAIN_PROGRESS, metrics.DRAIN_ETA,
+                      metrics.DRAIN_DEADLINE):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
 
 
 def _route(kind: str, obj: JSON) -> tuple[str, str] | None:

@@ -35,8 +35,17 @@ from urllib.parse import quote, urlencode
 import urllib3
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
+from prometheus_client import Counter, Histogram
 
 log = logging.getLogger(__name__)
+# Every try of every request, by verb, resource (plural, plus subresource) and status code
+# (0: no answer): bounded labels, no object names.
+API_REQUESTS = Counter("virtshift_api_requests_total",
+                       "Requests to the Kubernetes API server, each try, by verb, resource "
+                       "and status code (0: no answer)", ["verb", "resource", "code"])
+API_LATENCY = Histogram("virtshift_api_request_duration_seconds",
+                        "Latency of Kubernetes API requests (each try)", ["verb"],
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
 JSON = dict[str, Any]
 MERGE = "application/merge-patch+json"
@@ -246,11 +255,9 @@ class KubeClient:
         started = time.monotonic()
         for attempt in range(1, policy.attempts + 1):
             try:
-                resp = self.http.request(
-                    method, url, body=data,
-                    headers=self._headers(content_type if data else None),
-                    timeout=urllib3.Timeout(connect=5, read=timeout), retries=False,
-                )
+                resp = self._send(method, url, data, path,
+                                  self._headers(content_type if data else None),
+                                  urllib3.Timeout(connect=5, read=timeout))
             except urllib3.exceptions.ConnectTimeoutError as exc:  # never reached the server
                 failure: Exception = exc
                 wait = None
@@ -280,6 +287,20 @@ class KubeClient:
                      _describe(failure), attempt, policy.attempts - 1, delay)
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _send(self, method: str, url: str, data: Any, path: str, headers: dict[str, str],
+              timeout: urllib3.Timeout) -> Any:
+        """One try, counted in virtshift_api_requests_total."""
+        sent = time.monotonic()
+        code = 0
+        try:
+            resp = self.http.request(method, url, body=data, headers=headers, timeout=timeout,
+                                     retries=False)
+            code = resp.status
+            return resp
+        finally:
+            API_REQUESTS.labels(method, resource_of(path), str(code)).inc()
+            API_LATENCY.labels(method).observe(time.monotonic() - sent)
 
     # -- verbs ------------------------------------------------------------------------------
 
@@ -379,6 +400,7 @@ class KubeClient:
         resp = self.http.request("GET", url, headers=self._headers(), preload_content=False,
                                  timeout=urllib3.Timeout(connect=5, read=timeout_seconds + 10),
                                  retries=False)
+        API_REQUESTS.labels("WATCH", res.plural, str(resp.status)).inc()
         try:
             if resp.status >= 400:
                 raise ApiError(resp.status, resp.data.decode(),
@@ -393,6 +415,17 @@ class KubeClient:
                         yield event["type"], event["object"]
         finally:
             resp.release_conn()
+
+
+def resource_of(path: str) -> str:
+    """The resource a path addresses: its plural, plus a subresource (pods/eviction)."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) > 2:
+        rest = rest[2:]
+    if not rest:
+        return "discovery"
+    return rest[0] + (f"/{rest[2]}" if len(rest) >= 3 else "")
 
 
 def _names_object(path: str) -> bool:

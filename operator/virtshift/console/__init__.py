@@ -1,0 +1,1 @@
+"""Terminal and report views for people: virtshift plan, status and report (read-only)."""
