@@ -9,7 +9,8 @@ planner's decision, never parsed out of messages.
   ``..._failed_total{policy, reason}``: virtshift's own VMIMs (label ``virtshift.io/drain``)
   seen created, succeeding and failing by this process (a restart counts from zero; migrations
   already finished when the caches loaded are not counted again).
-* ``virtshift_migrations_in_flight{source_node, target_node}``: unfinished migrations of
+* ``virtshift_migrations_queued{source_node}``: ours waiting in KubeVirt's queue.
+* ``virtshift_migrations_in_flight{source_node, target_node}``: running migrations of
   virtshift now, read from the cache at every scrape (target "" while it is not scheduled).
 * ``virtshift_migration_duration_seconds{policy, outcome}``: creation to end, cluster seconds.
 * ``virtshift_migration_bytes_total{source_node}``: guest memory of VMs whose migration
@@ -153,9 +154,14 @@ class InFlightCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "virtshift_migrations_in_flight",
-            "virtshift's unfinished live migrations, by source and target node (target '' "
-            "until KubeVirt schedules it)", labels=["source_node", "target_node"])
+            "virtshift's live migrations KubeVirt is running (past its queue), by source and "
+            "target node", labels=["source_node", "target_node"])
+        waiting = GaugeMetricFamily(
+            "virtshift_migrations_queued",
+            "virtshift's live migrations waiting in KubeVirt's queue (Pending), by source node",
+            labels=["source_node"])
         tally: Tally[tuple[str, str]] = Tally()
+        queued: Tally[str] = Tally()
         for obj in self.cluster.vmims.values():
             labels = obj["metadata"].get("labels") or {}
             if views.DRAIN_LABEL not in labels:
@@ -164,10 +170,16 @@ class InFlightCollector(Collector):
             if info.final:
                 continue
             source = info.source or labels.get(views.SOURCE_LABEL, "")
-            tally[(source, info.target or "")] += 1
+            if info.queued:
+                queued[source] += 1
+            else:
+                tally[(source, info.target or "")] += 1
         for (source, target), n in sorted(tally.items()):
             family.add_metric([source, target], n)
+        for source, n in sorted(queued.items()):
+            waiting.add_metric([source], n)
         yield family
+        yield waiting
 
 
 _installed: list[Collector] = []
