@@ -6,7 +6,6 @@ without Go can still run the unit tests.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,11 +14,11 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from virtshift.devenv import binaries, crds
+from binaries_needed import need
+from virtshift.devenv import crds
 from virtshift.devenv.controlplane import LocalControlPlane
 from virtshift.k8s.rest import KubeClient
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,15 +26,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
-
-
-def _need(name: str) -> Path:
-    try:
-        return binaries.ensure(name)
-    except binaries.MissingBinaryError as exc:
-        if IN_CI:
-            pytest.fail(f"CI=true and {name} is missing: {exc}", pytrace=False)
-        pytest.skip(f"{name} unavailable outside CI: {exc}")
 
 
 class Cluster:
@@ -48,7 +38,7 @@ class Cluster:
         self.kube = KubeClient.from_kubeconfig(str(cp.kubeconfig))
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True):
-        kubectl = _need("kubectl")
+        kubectl = need("kubectl")
         return subprocess.run(
             [str(kubectl), f"--kubeconfig={self.kubeconfig}", *args],
             input=stdin, capture_output=True, text=True, check=check, timeout=120,
@@ -57,7 +47,7 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def control_plane_binaries() -> dict[str, Path]:
-    return {name: _need(name) for name in ("etcd", "kube-apiserver")}
+    return {name: need(name) for name in ("etcd", "kube-apiserver")}
 
 
 def _serve_cluster(tmp_path_factory: pytest.TempPathFactory,

@@ -10,14 +10,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
+from binaries_needed import need
 from virtshift.devenv import binaries
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "virtshift"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 KUBE_VERSION = binaries.KUBERNETES_VERSION.lstrip("v")
 # Every toggle on, and every scheduling knob set: what `make chart-test` checks besides the
 # defaults.
@@ -40,16 +39,6 @@ ALL_ON = {
                  "extraArgs": ["--node-bandwidth=5Gi"]},
     "metrics": {"service": {"annotations": {"prometheus.io/scrape": "true"}}},
 }
-
-
-def need(name: str) -> Path:
-    """helm or kubeconform: built when missing; with CI=true a missing one fails the test."""
-    try:
-        return binaries.ensure(name)
-    except binaries.MissingBinaryError as exc:
-        if IN_CI:
-            pytest.fail(f"CI=true and {name} is missing: {exc}", pytrace=False)
-        pytest.skip(f"{name} unavailable outside CI: {exc}")
 
 
 def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
