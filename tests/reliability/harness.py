@@ -32,7 +32,7 @@ RESULTS = Path(os.environ.get("RELIABILITY_RESULTS", REPO / ".cache" / "reliabil
 
 # The budgets: `make test` (CI) runs the bounded form, `make reliability` the full one.
 SIGKILL_SEEDS = int(os.environ.get("RELIABILITY_SEEDS", 20 if FULL else 3))
-FUZZ_EXAMPLES = int(os.environ.get("RELIABILITY_FUZZ", 300 if FULL else 40))
+FUZZ_EXAMPLES = int(os.environ.get("RELIABILITY_FUZZ", 150 if FULL else 25))
 
 
 @dataclass

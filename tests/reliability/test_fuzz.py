@@ -20,7 +20,6 @@ import yaml
 from harness import FUZZ_EXAMPLES, FaultRun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from operator_harness import get_drain
 
 from virtshift.k8s import rest
 from virtshift.k8s.rest import ApiError
@@ -98,8 +97,37 @@ POLICY_FIELDS = {
 }
 
 
-def specs(fields: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional=fields)
+VALID_DRAIN = {
+    "maxUnavailable": st.integers(1, 3), "releaseAfter": st.sampled_from(["30s", "5m"]),
+    "policyRef": st.sampled_from(["gold", "missing"]),
+    "targetNodeSelector": st.dictionaries(st.just("kubernetes.io/hostname"),
+                                          st.sampled_from(["node-2", "node-3", "nowhere"])),
+    "evictPods": st.booleans(), "paused": st.booleans(),
+    "deadline": st.sampled_from(["1s", "10m", "2h"]), "dryRun": st.booleans(),
+    "nonMigratable": st.sampled_from(["Fail", "Skip", "Restart"]),
+    "cancelOnDelete": st.booleans(),
+}
+VALID_POLICY = {
+    "priority": st.integers(0, 100),
+    "vmSelector": st.fixed_dictionaries({"matchLabels": st.dictionaries(
+        st.sampled_from(["app", "tier"]), st.sampled_from(["db", "web"]), max_size=1)}),
+    "maxDowntime": st.sampled_from(["300ms", "2s"]),
+    "bandwidthPerMigration": st.sampled_from(["64Mi", "1Gi"]),
+    "maxParallelMigrations": st.integers(1, 10),
+    "maxParallelOutboundPerNode": st.integers(1, 4), "maxAttempts": st.integers(1, 5),
+    "allowAutoConverge": st.booleans(), "allowPostCopy": st.booleans(),
+    "nonMigratable": st.sampled_from(["Fail", "Skip", "Restart"]),
+    "onDowntimeExceeded": st.lists(st.sampled_from(["AutoConverge", "PostCopy", "Fail"]),
+                                   max_size=2, unique=True),
+}
+
+
+def specs(fields: dict[str, Any], valid: dict[str, Any],
+          required: dict[str, Any] | None = None) -> st.SearchStrategy[dict[str, Any]]:
+    """Half the time well-formed values only (so acceptance, and handling, are exercised),
+    half the time anything."""
+    return st.one_of(st.fixed_dictionaries(required or {}, optional=valid),
+                     st.fixed_dictionaries({}, optional=fields))
 
 
 def names_a_field(message: str, spec: dict[str, Any]) -> bool:
@@ -154,13 +182,14 @@ def submit(env, resource: rest.Resource, kind: str, spec: dict[str, Any]) -> Non
 
 
 @SETTINGS
-@given(spec=specs(DRAIN_FIELDS))
+@given(spec=specs(DRAIN_FIELDS, VALID_DRAIN, {"nodeName": st.sampled_from(
+    ["node-1", "node-2", "node-3", "node-ghost"])}))
 def test_nodedrain_specs(env, spec: dict[str, Any]) -> None:
     submit(env, rest.NODE_DRAINS, "NodeDrain", spec)
 
 
 @SETTINGS
-@given(spec=specs(POLICY_FIELDS))
+@given(spec=specs(POLICY_FIELDS, VALID_POLICY))
 def test_migrationpolicy_specs(env, spec: dict[str, Any]) -> None:
     submit(env, rest.POLICIES, "MigrationPolicy", spec)
 
@@ -218,6 +247,8 @@ def test_fuzz_figures(env) -> None:
     """Record the figures; zero crashes, zero stuck finalizers, no traceback in the log, and
     every rejection naming a field."""
     alive = env.op.proc.poll() is None
+    # What the accepted drains and policies (created, handled, deleted) left in the cluster.
+    left = [str(v) for v in env.settled()]
     for kind, stats in STATS.items():
         what = {"NodeDrain": "NodeDrain specs via the API server",
                 "MigrationPolicy": "MigrationPolicy specs via the API server",
@@ -229,10 +260,12 @@ def test_fuzz_figures(env) -> None:
                           if stats["rejected_unnamed"] else []) + (
             [f"{stats['stuck_finalizer']} finalizers stuck"] if stats["stuck_finalizer"]
             else []) + ([f"{stats['crashes']} operator crashes"] if stats["crashes"] else [])
+        if kind == "NodeDrain":
+            run.violations += left
         run.save()
     assert alive
     assert all(s["generated"] for s in STATS.values()), STATS
     assert not any(s["crashes"] or s["stuck_finalizer"] for s in STATS.values()), STATS
     assert not any(s["rejected_unnamed"] for s in STATS.values()), STATS
+    assert not left, left
     assert not env.tracebacks(), "a traceback in the operator's log"
-    assert get_drain(env.kube, "none") is None
