@@ -31,10 +31,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    RESULTS.unlink(missing_ok=True)
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     target = os.environ.get("RELIABILITY_REPORT")
     if target and RESULTS.exists():

@@ -35,6 +35,9 @@ SIGKILL_SEEDS = int(os.environ.get("RELIABILITY_SEEDS", 20 if FULL else 3))
 FUZZ_EXAMPLES = int(os.environ.get("RELIABILITY_FUZZ", 150 if FULL else 25))
 
 
+_FRESH = True
+
+
 @dataclass
 class FaultRun:
     """One run of one fault: what was checked, what broke, how long recovery took."""
@@ -48,7 +51,11 @@ class FaultRun:
     invariants: tuple[str, ...] = INVARIANTS
 
     def save(self) -> None:
+        global _FRESH
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        if _FRESH:  # the first record of this run replaces the last run's
+            RESULTS.unlink(missing_ok=True)
+            _FRESH = False
         with RESULTS.open("a") as f:
             f.write(json.dumps(asdict(self)) + "\n")
 
