@@ -6,7 +6,8 @@ DIR    ?= .cache/cluster
 # KubeVirt's real CRD schemas, when the shared folder is beside the checkout (CI has it).
 export KUBEVIRT_CRDS_DIR ?= $(if $(wildcard ../shared/kubevirt-crds),$(abspath ../shared/kubevirt-crds),)
 
-.PHONY: demo test lint unit e2e cluster cluster-down crds binaries chart-test image image-test clean visual-test
+.PHONY: demo test lint unit e2e cluster cluster-down crds binaries chart-test image image-test clean \
+	visual-test reliability
 
 $(BIN)/virtshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,13 @@ test: lint binaries chart-test
 # the drain's HTML report rendered to .cache/observe/report.png (apt-get install tmux chromium).
 visual-test: binaries
 	$(BIN)/pytest tests/visual
+
+# The fault-injection suite in full (tests/reliability; `make test` runs its bounded form: 3
+# SIGKILL seeds, a small fuzz budget, each other fault once): 20 SIGKILL seeds, a larger fuzz
+# budget, and docs/reliability.md written from the runs. RELIABILITY_SEEDS / RELIABILITY_FUZZ
+# override the budgets.
+reliability: binaries
+	RELIABILITY_FULL=1 RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest tests/reliability
 
 # The operator image without a Docker engine: buildah on a base of Debian packages (root,
 # buildah and mmdebstrap needed); then run it against the local control plane.

@@ -10,7 +10,10 @@ what happens to them instead:
 * ``drop``: close the connection without an answer and without forwarding (the server never
   saw the request);
 * ``drop-after``: forward, let the API server carry it out, then close the connection without
-  passing the answer on (the client cannot know whether it happened).
+  passing the answer on (the client cannot know whether it happened);
+* ``delay``: forward after ``delay`` seconds (a slow API server).
+
+``cut_watches()`` closes every watch stream open at that moment, mid-stream.
 
 Every request is logged with when it arrived, what was done and when the answer left, so tests
 can check retries and their timing from the proxy's side.
@@ -48,6 +51,7 @@ class Rule:
     retry_after: str | None = None
     times: int = 1  # how many matching requests it takes; then it passes them through
     used: int = 0
+    delay: float = 0.0  # "delay": seconds before forwarding
 
     def matches(self, method: str, path: str) -> bool:
         return self.used < self.times and method == self.method and bool(
@@ -74,6 +78,7 @@ class FaultProxy:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._watches: set[socket.socket] = set()
         self._pool = urllib3.PoolManager(num_pools=2, maxsize=16, ca_certs=self.ca_file,
                                          cert_reqs="CERT_REQUIRED" if self.ca_file else
                                          "CERT_NONE")
@@ -113,8 +118,8 @@ class FaultProxy:
         self.stop()
 
     def add(self, method: str, path: str, action: str, status: int = 0,
-            retry_after: str | None = None, times: int = 1) -> Rule:
-        rule = Rule(method, path, action, status, retry_after, times)
+            retry_after: str | None = None, times: int = 1, delay: float = 0.0) -> Rule:
+        rule = Rule(method, path, action, status, retry_after, times, delay=delay)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -123,6 +128,15 @@ class FaultProxy:
         with self._lock:
             self.rules.clear()
             self.log.clear()
+
+    def cut_watches(self) -> int:
+        """Close every open watch stream (how many there were)."""
+        with self._lock:
+            open_ = list(self._watches)
+        for conn in open_:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        return len(open_)
 
     def requests(self, method: str | None = None, path: str = "") -> list[Entry]:
         with self._lock:
@@ -147,6 +161,8 @@ class FaultProxy:
         if rule is not None and rule.action == "status":
             self._answer_status(h, entry, rule)
             return
+        if rule is not None and rule.action == "delay":
+            time.sleep(rule.delay)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in HOP_BY_HOP}
         resp = self._pool.request(h.command, self.upstream + h.path, body=body, headers=headers,
                                   preload_content=False, retries=False, redirect=False,
@@ -164,6 +180,8 @@ class FaultProxy:
                 h.send_header("Transfer-Encoding", "chunked")
                 entry.status, entry.answered = resp.status, time.monotonic()
                 h.end_headers()
+                with self._lock:
+                    self._watches.add(h.connection)
                 try:
                     for chunk in resp.stream(65536):
                         h.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -171,6 +189,9 @@ class FaultProxy:
                     h.wfile.write(b"0\r\n\r\n")
                 except OSError:
                     pass
+                finally:
+                    with self._lock:
+                        self._watches.discard(h.connection)
                 return
             data = resp.read()
             h.send_header("Content-Length", str(len(data)))

@@ -115,53 +115,128 @@ class LocalControlPlane:
             d.mkdir(parents=True, exist_ok=True)
         token = self._write_pki(pki)
         st = State(0, 0, _free_port(), _free_port(), _free_port())
-        st.etcd_pid = self._spawn(
-            [
-                str(bins["etcd"]),
-                "--name=default",
-                f"--data-dir={self.dir / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{st.etcd_port}",
-                f"--advertise-client-urls=http://127.0.0.1:{st.etcd_port}",
-                f"--listen-peer-urls=http://127.0.0.1:{st.etcd_peer_port}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{st.etcd_peer_port}",
-                f"--initial-cluster=default=http://127.0.0.1:{st.etcd_peer_port}",
-                "--unsafe-no-fsync",  # test data: speed over durability
-                "--log-level=warn",
-            ],
-            logs / "etcd.log",
-        )
+        st.etcd_pid = self._spawn(self._etcd_argv(bins["etcd"], st), logs / "etcd.log")
         self._save(st)
-        st.apiserver_pid = self._spawn(
-            [
-                str(bins["kube-apiserver"]),
-                f"--etcd-servers=http://127.0.0.1:{st.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={st.apiserver_port}",
-                f"--cert-dir={pki}",
-                f"--tls-cert-file={pki / 'apiserver.crt'}",
-                f"--tls-private-key-file={pki / 'apiserver.key'}",
-                f"--client-ca-file={pki / 'ca.crt'}",
-                f"--token-auth-file={pki / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
-                f"--service-account-key-file={pki / 'sa.key'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--service-account-issuer=https://kubernetes.default.svc",
-                "--service-cluster-ip-range=10.96.0.0/24",
-                "--allow-privileged=true",
-                # No controller-manager creates the default ServiceAccount of a namespace.
-                "--disable-admission-plugins=ServiceAccount",
-                "--max-requests-inflight=1000",
-                "--max-mutating-requests-inflight=500",
-                "--profiling=false",
-                "--v=0",
-            ],
-            logs / "kube-apiserver.log",
-        )
+        st.apiserver_pid = self._spawn(self._apiserver_argv(bins["kube-apiserver"], st, pki),
+                                       logs / "kube-apiserver.log")
         self._save(st)
         self._write_kubeconfig(st, token)
         self._wait_ready(st, token, timeout)
         return st
+
+    def _etcd_argv(self, etcd: Path, st: State) -> list[str]:
+        return [
+            str(etcd),
+            "--name=default",
+            f"--data-dir={self.dir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{st.etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{st.etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{st.etcd_peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{st.etcd_peer_port}",
+            f"--initial-cluster=default=http://127.0.0.1:{st.etcd_peer_port}",
+            "--unsafe-no-fsync",  # test data: speed over durability
+            "--log-level=warn",
+        ]
+
+    def _apiserver_argv(self, apiserver: Path, st: State, pki: Path) -> list[str]:
+        return [
+            str(apiserver),
+            f"--etcd-servers=http://127.0.0.1:{st.etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={st.apiserver_port}",
+            f"--cert-dir={pki}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={pki / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            f"--service-account-key-file={pki / 'sa.key'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--service-cluster-ip-range=10.96.0.0/24",
+            "--allow-privileged=true",
+            # No controller-manager creates the default ServiceAccount of a namespace.
+            "--disable-admission-plugins=ServiceAccount",
+            "--max-requests-inflight=1000",
+            "--max-mutating-requests-inflight=500",
+            "--profiling=false",
+            "--v=0",
+        ]
+
+    # -- restarts (fault injection): one component down and up again, data and ports kept --
+
+    def _token(self) -> str:
+        return (self.dir / "pki" / "tokens.csv").read_text().split(",", 1)[0]
+
+    def _stop_pid(self, pid: int, ports: tuple[int, ...], sig: signal.Signals,
+                  grace: float) -> None:
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(port_open(p) for p in ports):
+            time.sleep(0.05)
+
+    def stop_apiserver(self, kill: bool = False, grace: float = 10.0) -> None:
+        """Stop kube-apiserver only (SIGKILL with ``kill``); etcd and its data stay."""
+        st = self.state()
+        if st is None:
+            raise ControlPlaneError(f"no control plane recorded in {self.dir}")
+        self._stop_pid(st.apiserver_pid, (st.apiserver_port,),
+                       signal.SIGKILL if kill else signal.SIGTERM, grace)
+
+    def start_apiserver(self, timeout: float = 90.0) -> State:
+        """Start kube-apiserver again on the same port, certificates and etcd (after
+        ``stop_apiserver``); returns once it is ready."""
+        st = self.state()
+        if st is None:
+            raise ControlPlaneError(f"no control plane recorded in {self.dir}")
+        bins = binaries.ensure_all(("kube-apiserver",))
+        st.apiserver_pid = self._spawn(
+            self._apiserver_argv(bins["kube-apiserver"], st, self.dir / "pki"),
+            self.dir / "logs" / "kube-apiserver.log")
+        self._save(st)
+        self._wait_ready(st, self._token(), timeout)
+        return st
+
+    def restart_apiserver(self, kill: bool = False, timeout: float = 90.0) -> State:
+        self.stop_apiserver(kill=kill)
+        return self.start_apiserver(timeout)
+
+    def stop_etcd(self, kill: bool = False, grace: float = 10.0) -> None:
+        """Stop etcd only; its data directory stays (the API server keeps running and answers
+        errors meanwhile)."""
+        st = self.state()
+        if st is None:
+            raise ControlPlaneError(f"no control plane recorded in {self.dir}")
+        self._stop_pid(st.etcd_pid, (st.etcd_port, st.etcd_peer_port),
+                       signal.SIGKILL if kill else signal.SIGTERM, grace)
+
+    def start_etcd(self, timeout: float = 90.0) -> State:
+        """Start etcd again on the same ports and data; returns once the API server is ready
+        (it reconnects by itself)."""
+        st = self.state()
+        if st is None:
+            raise ControlPlaneError(f"no control plane recorded in {self.dir}")
+        bins = binaries.ensure_all(("etcd",))
+        st.etcd_pid = self._spawn(self._etcd_argv(bins["etcd"], st),
+                                  self.dir / "logs" / "etcd.log")
+        self._save(st)
+        self._wait_ready(st, self._token(), timeout)
+        return st
+
+    def restart_etcd(self, kill: bool = False, timeout: float = 90.0) -> State:
+        self.stop_etcd(kill=kill)
+        return self.start_etcd(timeout)
 
     def _write_pki(self, pki: Path) -> str:
         ca, ca_key = certs.make_ca()

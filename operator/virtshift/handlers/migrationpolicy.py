@@ -300,7 +300,7 @@ def _wait(stopped: kopf.DaemonStopped, wake: threading.Event, seconds: float) ->
             return
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=5.0)  # kopf's default after an error: 60 s
 def policy_deleted(name: str, uid: str, body: kopf.Body, **_: Any) -> None:
     """Put every unfinished storage move of this policy back on its source volumes and delete
     its unused destination claims, delete the KubeVirt MigrationPolicies rendered from this

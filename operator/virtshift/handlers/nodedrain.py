@@ -25,7 +25,7 @@ from virtshift.handlers.runtime import (
     OUTCOMES,
     PREDICTED,
 )
-from virtshift.k8s.rest import JSON
+from virtshift.k8s.rest import JSON, TRANSPORT_ERRORS, ApiError
 
 log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "nodedrains"
@@ -141,6 +141,13 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
         try:
             with logs.context(drain=name):
                 reconcile(name, stopped)
+        except (ApiError, *TRANSPORT_ERRORS) as exc:
+            # The API server failing (after the client's retries) is expected under faults: one
+            # line, not a traceback on every pass.
+            metrics.RECONCILE_ERRORS.labels("NodeDrain").inc()
+            log.warning("reconciling NodeDrain %s failed (%s); retrying", name, exc,
+                        extra={"drain": name})
+            stopped.wait(1.0)
         except Exception:
             metrics.RECONCILE_ERRORS.labels("NodeDrain").inc()
             log.exception("reconciling NodeDrain %s failed; retrying", name,
@@ -152,7 +159,9 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
 RETRY_SECONDS = 5.0  # between attempts to end maintenance after a write failed
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+# backoff: kopf waits 60 s by default after an exception other than TemporaryError (an API
+# error while reading or writing status); ending maintenance should not.
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=RETRY_SECONDS)
 def drain_deleted(name: str, body: kopf.Body, runtime: dt.timedelta | None = None,
                   **_: Any) -> None:
     """End maintenance: abort our unfinished migrations, restart what a quick migration

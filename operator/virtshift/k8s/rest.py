@@ -54,6 +54,11 @@ STRATEGIC = "application/strategic-merge-patch+json"
 APPLY = "application/apply-patch+yaml"
 
 
+# What a call may raise besides ApiError when the API server could not be reached or the
+# connection broke (after the client's own retries): transient, like a 5xx.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: str, retry_after: float | None = None) -> None:
         self.status = status

@@ -328,16 +328,25 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         for f in dirty:
             f.dirty = False
         # As in KubeVirt, the VMI (virt-handler) is written before the VMIM (virt-controller).
-        self._join([self._pool.submit(self.write_vmi, vm) for vm in vmis])
-        self._join([self._pool.submit(self.write_vmim, f) for f in dirty])
+        # A failed write is requeued (KubeVirt's controllers re-add the key to their rate-limited
+        # work queue on any error): without that, a write lost while the API server restarts
+        # would leave the object behind the simulator's state for good.
+        for vm in self._join([(vm, self._pool.submit(self.write_vmi, vm)) for vm in vmis]):
+            self._vmi_dirty.add(vm.key)
+        for f in self._join([(f, self._pool.submit(self.write_vmim, f)) for f in dirty]):
+            f.dirty = True
 
     @staticmethod
-    def _join(futures: list[Any]) -> None:
-        for fut in futures:
+    def _join(futures: list[tuple[Any, Any]]) -> list[Any]:
+        """Wait for the writes; the items whose write failed (logged), to write again."""
+        failed = []
+        for item, fut in futures:
             try:
                 fut.result(timeout=30)
-            except Exception as exc:  # logged; the next change writes the whole state again
-                log.warning("status write failed: %s", exc)
+            except Exception as exc:
+                log.warning("status write failed (retried at the next tick): %s", exc)
+                failed.append(item)
+        return failed
 
     def patch_vmim(self, flight: Flight, patch: JSON, subresource: str | None = None) -> None:
         ns, name = flight.key.split("/", 1)
