@@ -142,6 +142,8 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
     starts, ends = [], []
     outcomes: Counter[str] = Counter()
     per_vm: Counter[str] = Counter()
+    moves: Counter[str] = Counter()
+    failed_vms: set[str] = set()
     downtimes: list[tuple[float, str]] = []
     failures: Counter[str] = Counter()
     for m in vmims:
@@ -151,6 +153,10 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
         per_vm[vm] += 1
         phase = st.get("phase") or "Pending"
         outcomes[phase] += 1
+        if phase == "Succeeded":
+            moves[vm] += 1
+        elif phase == "Failed":
+            failed_vms.add(vm)
         if "Pending" in stamps:
             starts.append(stamps["Pending"])
         end = stamps.get("Succeeded") or stamps.get("Failed")
@@ -187,8 +193,10 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
         "succeeded": outcomes.get("Succeeded", 0),
         "failed": outcomes.get("Failed", 0),
         "failure_reasons": dict(failures.most_common(5)),
-        "retried": sum(1 for n in per_vm.values() if n > 1),
-        "moved_more_than_once": sum(1 for n in per_vm.values() if n > 1),
+        # A VM whose migration failed and that got another one.
+        "retried": sum(1 for v in failed_vms if per_vm[v] > 1),
+        # A VM that moved again (e.g. onto a node the wave drained later).
+        "moved_more_than_once": sum(1 for n in moves.values() if n > 1),
         "unfinished_vms": unfinished,
         "not_migratable_left": sorted(set(left) & unmovable),
         "downtime_ms": {

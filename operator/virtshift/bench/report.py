@@ -56,7 +56,8 @@ def drain_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                                           + _n(r.get("speedup"))) if nat else "-", ""),
         ("migrations (succeeded / failed)",
          *both(lambda x: f"{x['migrations']} ({x['succeeded']} / {x['failed']})")),
-        ("VMs retried", *both(lambda x: str(x["retried"]))),
+        ("VMs retried after a failure", *both(lambda x: str(x["retried"]))),
+        ("VMs moved more than once", *both(lambda x: str(x.get("moved_more_than_once", 0)))),
         ("unfinished VMs", *both(lambda x: str(len(x["unfinished_vms"])))),
         ("downtime p50 / p99 / max", *both(_dt)),
         ("downtime-limit breaches", *both(

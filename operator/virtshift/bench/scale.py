@@ -74,11 +74,14 @@ def event_to_decision(requests: list[audit.Request], since: float, until: float
                       ) -> dict[str, Any]:
     """From each simulated virt-controller write that ends a VMIM to the operator's next write
     (received by the API server), in wall seconds."""
-    ends = sorted(r.completed for r in requests
-                  if r.user == audit.SIM_CONTROLLER and since <= r.completed <= until
-                  and r.resource.startswith("virtualmachineinstancemigrations")
-                  and ((r.body or {}).get("status") or {}).get("phase")
-                  in ("Succeeded", "Failed"))
+    first_end: dict[tuple[str | None, str | None], float] = {}
+    for r in sorted(requests, key=lambda r: r.completed):
+        # The first write that makes a VMIM final (later full-status writes repeat the phase).
+        if r.user == audit.SIM_CONTROLLER and since <= r.completed <= until \
+                and r.resource.startswith("virtualmachineinstancemigrations") \
+                and ((r.body or {}).get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            first_end.setdefault((r.namespace, r.name), r.completed)
+    ends = sorted(first_end.values())
     writes = sorted(r.received for r in requests
                     if r.user == audit.OPERATOR_USER and r.verb in audit.MUTATING)
     lat: list[float] = []
