@@ -190,9 +190,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.scenario, args.node)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the local control planes, the simulator and the operator
+    a benchmark started are stopped (they run in sessions of their own)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def _bench_drain(args: argparse.Namespace) -> int:
     import json
     import tempfile
+
+    _exit_on_sigterm()
 
     from virtshift.bench import drain, report
 
@@ -223,6 +233,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
     from virtshift.bench import report, scale
 
+    _exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="virtshift-bench-") as tmp:
         result = scale.run(scale.ScaleConfig(
             vmis=args.vmis, nodes=args.nodes, idle_seconds=args.idle_seconds,

@@ -134,8 +134,24 @@ def _downtime_limit_ms(cfg: DrainConfig) -> float:
     return QEMU_DEFAULT_DOWNTIME * 1000
 
 
+def left_on(kube: KubeClient, nodes: list[str]) -> tuple[list[str], set[str]]:
+    """The VMIs on these nodes now, and which of them cannot live-migrate at all."""
+    left, unmovable = [], set()
+    for v in kube.items(rest.VMIS):
+        if (v.get("status") or {}).get("nodeName") not in nodes:
+            continue
+        key = f"{v['metadata']['namespace']}/{v['metadata']['name']}"
+        left.append(key)
+        if any(c.get("type") == "LiveMigratable" and c.get("status") == "False"
+               for c in (v.get("status") or {}).get("conditions") or []):
+            unmovable.add(key)
+    return sorted(left), unmovable
+
+
 def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finished: bool,
-                   t_start_cluster: float) -> dict[str, Any]:
+                   t_start_cluster: float,
+                   checked: dict[str, tuple[list[str], set[str]]] | None = None
+                   ) -> dict[str, Any]:
     """What the cluster's objects say about the drain."""
     vmims = kube.items(rest.VMIMS)
     drained = set(cfg.nodes)
@@ -167,13 +183,12 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
         ms = (m["metadata"].get("annotations") or {}).get(DOWNTIME_ANNOTATION)
         if phase == "Succeeded" and ms is not None:
             downtimes.append((float(ms), vm))
-    left = sorted(f"{v['metadata']['namespace']}/{v['metadata']['name']}"
-                  for v in kube.items(rest.VMIS)
-                  if (v.get("status") or {}).get("nodeName") in drained)
-    unmovable = {f"{v['metadata']['namespace']}/{v['metadata']['name']}"
-                 for v in kube.items(rest.VMIS)
-                 if any(c.get("type") == "LiveMigratable" and c.get("status") == "False"
-                        for c in (v.get("status") or {}).get("conditions") or [])}
+    # A wave's earlier nodes are checked when their turn ended (``checked``: what was left on
+    # them then); they may hold VMs again once released. The rest are checked now.
+    checked = checked or {}
+    left_now, unmovable = left_on(kube, [n for n in drained if n not in checked])
+    left = sorted(set(left_now) | {v for vs in checked.values() for v in vs[0]})
+    unmovable |= {v for vs in checked.values() for v in vs[1]}
     unfinished = [v for v in left if v not in unmovable]
     all_final = all(((m.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
                     for m in vmims)
@@ -312,6 +327,7 @@ def run_virtshift(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> d
         log(f"virtshift: NodeDrain {DRAIN_NAME} {spec}")
         finished = False
         released: set[str] = set()
+        checked: dict[str, tuple[list[str], set[str]]] = {}
         while _wall_left(stage, cfg, t0) > 0:
             if stage.operator.poll() is not None:
                 raise RuntimeError(f"the operator exited; see {workdir / 'operator.log'}")
@@ -321,6 +337,7 @@ def run_virtshift(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> d
                 # (kubectl drain, then kubectl uncordon at once).
                 for n in st.get("nodes") or []:
                     if n.get("phase") == "Drained" and n["name"] not in released:
+                        checked[n["name"]] = left_on(kube, [n["name"]])
                         kube.patch(rest.NODES, n["name"], {"metadata": {"annotations": {
                             MAINTENANCE_COMPLETE: "true"}}})
                         released.add(n["name"])
@@ -329,7 +346,7 @@ def run_virtshift(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> d
                 break
             time.sleep(0.2)
         wall = time.time() - wall0
-        out = cluster_report(kube, cfg, stage.now(), finished, t0)
+        out = cluster_report(kube, cfg, stage.now(), finished, t0, checked)
         out["drain_phase"] = ((kube.get(rest.NODE_DRAINS, DRAIN_NAME) or {}).get("status")
                               or {}).get("phase")
         out["wall_s"] = round(wall, 1)
@@ -354,6 +371,7 @@ def run_native(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> dict
         wall0 = time.time()
         t0 = stage.now()
         finished = True
+        checked: dict[str, tuple[list[str], set[str]]] = {}
         with open(workdir / "kubectl.log", "w") as out_log:
             for group in cfg.groups:
                 left = _wall_left(stage, cfg, t0)
@@ -372,7 +390,9 @@ def run_native(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> dict
                 if rc != 0:
                     finished = False
                     break
-                if len(cfg.groups) > 1:
+                if len(cfg.groups) > 1 and group != cfg.groups[-1]:
+                    for n in group:
+                        checked[n] = left_on(stage.kube, [n])
                     subprocess.run([kubectl, "uncordon", *group], env=env, stdout=out_log,
                                    stderr=subprocess.STDOUT, check=False)
         # Let what KubeVirt still has in flight end (a cut-off drain leaves some).
@@ -382,7 +402,7 @@ def run_native(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> dict
                 for m in stage.kube.items(rest.VMIMS)) and finished:
             time.sleep(0.2)
         wall = time.time() - wall0
-        out = cluster_report(stage.kube, cfg, stage.now(), finished, t0)
+        out = cluster_report(stage.kube, cfg, stage.now(), finished, t0, checked)
         out["wall_s"] = round(wall, 1)
         time.sleep(1.5)
         requests = list(audit.read(stage.cp.audit_log))
