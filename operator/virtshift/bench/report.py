@@ -28,7 +28,9 @@ def _span(run: dict[str, Any]) -> str:
 
 def _dt(run: dict[str, Any]) -> str:
     d = run["downtime_ms"]
-    return f"{_n(d['p50'])} / {_n(d['p99'])} / {_n(d['max'])} ms"
+    if d["p50"] is None:
+        return "-"
+    return f"{d['p50']:.0f} / {d['p99']:.0f} / {d['max']:.0f} ms"
 
 
 def drain_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
