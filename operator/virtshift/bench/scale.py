@@ -56,18 +56,20 @@ def scenario(cfg: ScaleConfig) -> Scenario:
     })
 
 
-def _settle(pid: int, timeout: float, window: float = 5.0, busy: float = 0.05) -> float:
+def _settle(pid: int, timeout: float, window: float = 5.0, busy: float = 0.05
+            ) -> tuple[float, bool]:
     """Wait until the process uses under ``busy`` of a core over ``window`` seconds (its caches
-    loaded, its first reconciles done); returns the wall seconds it took."""
+    loaded, its first reconciles done); returns the wall seconds it took and whether it did
+    settle before ``timeout`` (if not, "idle" is measured anyway, and says so)."""
     t0 = time.monotonic()
     last = cpu_seconds(pid)
     while time.monotonic() - t0 < timeout:
         time.sleep(window)
         now = cpu_seconds(pid)
         if (now - last) / window < busy:
-            break
+            return time.monotonic() - t0, True
         last = now
-    return time.monotonic() - t0
+    return time.monotonic() - t0, False
 
 
 def event_to_decision(requests: list[audit.Request], since: float, until: float
@@ -113,8 +115,9 @@ def run(cfg: ScaleConfig, workdir: Path, log=print) -> dict[str, Any]:  # type: 
         stage.start_operator()
         assert stage.operator is not None
         pid = stage.operator.pid
-        settle = _settle(pid, cfg.settle_timeout)
-        log(f"operator settled after {settle:.0f} s; measuring idle for {cfg.idle_seconds:.0f} s")
+        settle, settled = _settle(pid, cfg.settle_timeout)
+        log(f"operator {'settled' if settled else 'still busy'} after {settle:.0f} s; "
+            f"measuring idle for {cfg.idle_seconds:.0f} s")
         cpu0, w0 = cpu_seconds(pid), time.time()
         time.sleep(cfg.idle_seconds)
         cpu1, w1 = cpu_seconds(pid), time.time()
@@ -152,7 +155,8 @@ def run(cfg: ScaleConfig, workdir: Path, log=print) -> dict[str, Any]:  # type: 
             "vmis": len(sc.vms), "nodes": cfg.nodes, "timeScale": cfg.time_scale,
             "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "populate_wall_s": round(populate, 1),
-            "startup": {"settle_wall_s": round(settle, 1), "cpu_s": round(cpu0, 2),
+            "startup": {"settle_wall_s": round(settle, 1), "settled": settled,
+                        "cpu_s": round(cpu0, 2),
                         "api_requests": started["total"]},
             "idle": {"seconds": round(w1 - w0, 1), "cpu_s": round(idle_cpu, 2),
                      "cpu_percent": round(100 * idle_cpu / (w1 - w0), 3),
