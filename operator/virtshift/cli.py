@@ -200,6 +200,7 @@ def _exit_on_sigterm() -> None:
 
 def _bench_drain(args: argparse.Namespace) -> int:
     import json
+    import shlex
     import tempfile
 
     _exit_on_sigterm()
@@ -217,6 +218,7 @@ def _bench_drain(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="virtshift-bench-") as tmp:
             result = drain.run(cfg, Path(tmp), args.baseline, log=lambda m: print(m, flush=True))
         result["run"] = i + 1
+        result["command"] = "virtshift " + shlex.join(sys.argv[1:])
         runs.append(result)
         print(report.drain_table(result), flush=True)
     if args.json:
@@ -231,6 +233,8 @@ def _bench_scale(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
+    import shlex
+
     from virtshift.bench import report, scale
 
     _exit_on_sigterm()
@@ -239,6 +243,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
             vmis=args.vmis, nodes=args.nodes, idle_seconds=args.idle_seconds,
             wave_nodes=args.wave_nodes, time_scale=args.time_scale),
             Path(tmp), log=lambda m: print(m, flush=True))
+    result["command"] = "virtshift " + shlex.join(sys.argv[1:])
     print(report.scale_table(result), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,8 @@ def render(results: list[dict[str, Any]]) -> str:
                    else "") + ". Bound: "
                 + "; ".join(f"{', '.join(g['nodes'])}: {g['seconds']} s ({g['binding']})"
                             for g in first["lower_bound"]["groups"]) + ".", ""]
+        if first.get("command"):
+            out += [f"Measured with `{first['command']}`.", ""]
         head = "| |" + "|".join(f" run {r.get('run', i + 1)}: virtshift | native "
                                 for i, r in enumerate(runs)) + "|"
         out += [head, "|---" * (1 + 2 * len(runs)) + "|"]
@@ -201,7 +203,8 @@ def render(results: list[dict[str, Any]]) -> str:
                 f"Measured {r['when']}; the wave drains {r['wave']['nodes']} node(s) at "
                 f"{r['timeScale']:g}x. Event-to-decision: "
                 f"{r['wave']['event_to_decision_s']['source']}.",
-                "", "| | measured | target |", "|---|---|---|"]
+                "", *([f"Measured with `{r['command']}`.", ""] if r.get("command") else []),
+                "| | measured | target |", "|---|---|---|"]
         out += [f"| {a} | {b} | {t} |" for a, b, t in scale_rows(r)]
         out.append("")
     return "\n".join(out)
