@@ -231,9 +231,8 @@ def _bench_drain(args: argparse.Namespace) -> int:
 
 def _bench_scale(args: argparse.Namespace) -> int:
     import json
-    import tempfile
-
     import shlex
+    import tempfile
 
     from virtshift.bench import report, scale
 
