@@ -159,6 +159,7 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
     outcomes: Counter[str] = Counter()
     per_vm: Counter[str] = Counter()
     moves: Counter[str] = Counter()
+    spans: dict[str, list[float]] = {}  # source node -> [first Pending, last end]
     failed_vms: set[str] = set()
     downtimes: list[tuple[float, str]] = []
     failures: Counter[str] = Counter()
@@ -178,6 +179,11 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
         end = stamps.get("Succeeded") or stamps.get("Failed")
         if end:
             ends.append(end)
+        source = (st.get("migrationState") or {}).get("sourceNode")
+        if source in drained and "Pending" in stamps:
+            span = spans.setdefault(source, [stamps["Pending"], end or stamps["Pending"]])
+            span[0] = min(span[0], stamps["Pending"])
+            span[1] = max(span[1], end or span[1])
         if phase == "Failed":
             failures[((st.get("migrationState") or {}).get("failureReason") or "?")[:80]] += 1
         ms = (m["metadata"].get("annotations") or {}).get(DOWNTIME_ANNOTATION)
@@ -223,6 +229,10 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
             "source": f"VMIM annotation {DOWNTIME_ANNOTATION} (the simulator's measurement of "
                       "each switch-over), Succeeded VMIMs only",
         },
+        # Per drained node, seconds after the first migration: when its first migration was
+        # created and its last ended (the gaps between a wave's nodes show up here).
+        "per_node_s": {n: [round(a - min(starts), 1), round(b - min(starts), 1)]
+                       for n, (a, b) in sorted(spans.items())},
         "makespan_source": "VMIM status.phaseTransitionTimestamps: first Pending to last "
                            "Succeeded/Failed (cluster time)",
     }
