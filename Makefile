@@ -7,7 +7,7 @@ DIR    ?= .cache/cluster
 export KUBEVIRT_CRDS_DIR ?= $(if $(wildcard ../shared/kubevirt-crds),$(abspath ../shared/kubevirt-crds),)
 
 .PHONY: demo test lint unit e2e cluster cluster-down crds binaries chart-test image image-test clean \
-	visual-test reliability
+	visual-test reliability bench bench-sim
 
 $(BIN)/virtshift: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +71,33 @@ cluster-down: $(BIN)/virtshift
 crds: $(BIN)/virtshift
 	$(BIN)/virtshift crds
 
+# Issue 12's targets, each compared with KubeVirt's own drain (kubectl drain) in the same run,
+# twice; then docs/benchmarks.md is written from the results (never by hand). Long: most of
+# an hour on 2 cores.
+RESULTS := benchmarks/results
+BENCH   := $(BIN)/virtshift bench drain --baseline native --repeat 2
 bench: binaries
+	$(BENCH) --scenario examples/scenarios/medium.yaml --nodes node-1 --exclude-vms 'prod/gpu-*' \
+	  --time-scale 10 --label 'medium without GPUs, node-1, 10x' --json $(RESULTS)/medium-10x.json
+	$(BENCH) --scenario examples/scenarios/medium.yaml --nodes node-1 --exclude-vms 'prod/gpu-*' \
+	  --time-scale 60 --label 'medium without GPUs, node-1, 60x' --json $(RESULTS)/medium-60x.json
+	$(BENCH) --scenario examples/scenarios/postcopy.yaml --nodes node-1 \
+	  --policy benchmarks/policies/postcopy.yaml --timeout 3600 \
+	  --label 'dirty rate above the NIC, post-copy allowed, node-1' --json $(RESULTS)/postcopy.json
+	$(BENCH) --scenario examples/scenarios/postcopy.yaml --nodes node-1 \
+	  --policy benchmarks/policies/postcopy-fast.yaml --timeout 3600 \
+	  --label 'dirty rate above the NIC, post-copy, virtshift policy at 1 s/GiB, node-1' \
+	  --json $(RESULTS)/postcopy-fast.json
+	$(BENCH) --scenario examples/scenarios/large.yaml --nodes node-1,node-2,node-3 \
+	  --max-unavailable 1 --time-scale 20 --timeout 7200 \
+	  --label 'large, rolling wave node-1..3, 20x' --json $(RESULTS)/large-wave-20x.json
+	$(BIN)/virtshift bench scale --vmis 5000 --nodes 100 --json $(RESULTS)/scale-5000.json
+	$(BIN)/virtshift bench report $(RESULTS)/medium-10x.json $(RESULTS)/medium-60x.json \
+	  $(RESULTS)/postcopy.json $(RESULTS)/postcopy-fast.json $(RESULTS)/large-wave-20x.json $(RESULTS)/scale-5000.json \
+	  --out docs/benchmarks.md
+
+# The simulator alone: 2,000 VMs, 200 migrations at once.
+bench-sim: binaries
 	$(BIN)/python benchmarks/bench_sim.py
 
 clean: cluster-down

@@ -253,6 +253,111 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.scenario, args.node)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the local control planes, the simulator and the operator
+    a benchmark started are stopped (they run in sessions of their own)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def _bench_drain(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+    import tempfile
+
+    _exit_on_sigterm()
+
+    from virtshift.bench import drain, report
+
+    cfg = drain.DrainConfig(
+        scenario=Path(args.scenario).resolve(), nodes=args.nodes.split(","),
+        exclude=[p for p in (args.exclude_vms or "").split(",") if p],
+        time_scale=args.time_scale, max_unavailable=args.max_unavailable,
+        policy=Path(args.policy).resolve() if args.policy else None,
+        timeout=args.timeout, label=args.label)
+    runs = []
+    for i in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="virtshift-bench-") as tmp:
+            result = drain.run(cfg, Path(tmp), args.baseline, log=lambda m: print(m, flush=True))
+        result["run"] = i + 1
+        result["command"] = "virtshift " + shlex.join(sys.argv[1:])
+        runs.append(result)
+        print(report.drain_table(result), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(runs if args.repeat > 1 else runs[0], indent=2)
+                                   + "\n")
+        print(f"written to {args.json}")
+    return 0
+
+
+def _bench_scale(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+    import tempfile
+
+    from virtshift.bench import report, scale
+
+    _exit_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix="virtshift-bench-") as tmp:
+        result = scale.run(scale.ScaleConfig(
+            vmis=args.vmis, nodes=args.nodes, idle_seconds=args.idle_seconds,
+            wave_nodes=args.wave_nodes, time_scale=args.time_scale),
+            Path(tmp), log=lambda m: print(m, flush=True))
+    result["command"] = "virtshift " + shlex.join(sys.argv[1:])
+    print(report.scale_table(result), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written to {args.json}")
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from virtshift.bench import report
+
+    report.write(args.results, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks measured from the cluster's own objects")
+    bsub = bench.add_subparsers(dest="action", required=True)
+    d = bsub.add_parser("drain", help="drain a scenario's nodes with virtshift (and with "
+                        "kubectl drain, --baseline native) on fresh local clusters")
+    d.add_argument("--scenario", required=True)
+    d.add_argument("--nodes", required=True, help="N1[,N2...]: one node, or a rolling wave")
+    d.add_argument("--baseline", choices=["native"], default=None,
+                   help="also drain with kubectl drain (KubeVirt's own evacuation)")
+    d.add_argument("--json", default=None, help="write the result here")
+    d.add_argument("--exclude-vms", default=None,
+                   help="namespace/name globs of scenario VMs to leave out, e.g. 'prod/gpu-*'")
+    d.add_argument("--time-scale", type=float, default=None, help="override the scenario's")
+    d.add_argument("--max-unavailable", type=int, default=None,
+                   help="several nodes: drained this many at a time (default 1)")
+    d.add_argument("--policy", default=None,
+                   help="a migrationpolicies.virtshift.io YAML applied before virtshift drains")
+    d.add_argument("--timeout", type=float, default=3600.0,
+                   help="cluster seconds after which a run is cut off (reported unfinished)")
+    d.add_argument("--repeat", type=int, default=1, help="run the whole comparison N times")
+    d.add_argument("--label", default=None, help="the report's name for this configuration")
+    d.set_defaults(func=_bench_drain)
+    s = bsub.add_parser("scale", help="the operator idle and during a wave over many VMIs")
+    s.add_argument("--vmis", type=int, default=5000)
+    s.add_argument("--nodes", type=int, default=100)
+    s.add_argument("--idle-seconds", type=float, default=60.0)
+    s.add_argument("--wave-nodes", type=int, default=2, help="nodes the wave drains")
+    s.add_argument("--time-scale", type=float, default=60.0)
+    s.add_argument("--json", default=None)
+    s.set_defaults(func=_bench_scale)
+    r = bsub.add_parser("report", help="write docs/benchmarks.md from result JSON files")
+    r.add_argument("results", nargs="+")
+    r.add_argument("--out", default="docs/benchmarks.md")
+    r.set_defaults(func=_bench_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtshift", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -380,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--metrics-port", type=int, default=0,
                      help="port of the simulated virt-handler metrics (0: any free port)")
     sim.set_defaults(func=_sim)
+
+    _add_bench(sub)
 
     gen = sub.add_parser("crds", help="write the CRDs generated from the API models")
     gen.add_argument("--out", default="crds")

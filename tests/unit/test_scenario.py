@@ -112,6 +112,7 @@ EXAMPLE_COUNTS = [  # file, nodes, VMs (None: any)
     ("faults.yaml", None, None),
     ("storage.yaml", 4, 20),
     ("shared-nothing.yaml", 4, 10),
+    ("postcopy.yaml", 4, 19),
 ]
 
 

@@ -191,7 +191,7 @@ class TransferWatch:
 
     def __init__(self, url: str | None) -> None:
         self.url = url
-        self.last: dict[str, tuple[float, float]] = {}  # key -> (remaining, monotonic time)
+        self.last: dict[str, tuple[float, float]] = {}  # key -> (remaining, cluster seconds)
         self.now: dict[str, Transfer] = {}
 
     def sample(self, time_scale: float = 1.0) -> dict[str, Transfer]:
@@ -209,15 +209,18 @@ class TransferWatch:
         t = time.monotonic()
         out = {}
         for key, samples in parsed.remaining.items():
-            value = samples[-1][0]
+            value, stamp = samples[-1]
+            # virt-handler's own sample time (cluster seconds) when it gives one: a refresh
+            # that sees the same sample again, or a new pre-copy round (more remaining), keeps
+            # the last rate rather than showing none.
+            at = stamp.timestamp() if stamp is not None else t * time_scale
             prev = self.last.get(key)
-            rate = None
-            if prev and t > prev[1] and prev[0] >= value:
-                rate = (prev[0] - value) / ((t - prev[1]) * time_scale)
-            elif key in self.now:
-                rate = self.now[key].rate
+            rate = self.now[key].rate if key in self.now else None
+            if prev and at > prev[1] and value < prev[0]:
+                rate = (prev[0] - value) / (at - prev[1])
             out[key] = Transfer(value, rate)
-            self.last[key] = (value, t)
+            if prev is None or at > prev[1]:
+                self.last[key] = (value, at)
         self.now = out
         return out
 

@@ -78,13 +78,37 @@ def _alive(pid: int) -> bool:
 
 
 class LocalControlPlane:
-    def __init__(self, directory: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, directory: Path, log: Callable[[str], None] = print,
+                 audit_policy: dict | None = None, users: tuple[str, ...] = ()) -> None:
+        """Opt-in, for benchmarks: ``audit_policy`` (an ``audit.k8s.io/v1`` Policy) turns on
+        the API server's audit log (JSON lines in ``audit_log``); ``users`` are more static
+        token users (group ``system:masters``), each with ``kubeconfig_for(user)``, so one
+        client's requests can be told apart in that log. Neither changes anything else."""
         self.dir = Path(directory).resolve()
         self.log = log
+        self.audit_policy = audit_policy
+        self.users = tuple(users)
 
     @property
     def kubeconfig(self) -> Path:
         return self.dir / "kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.dir / "logs" / "audit.log"
+
+    def kubeconfig_for(self, user: str) -> Path:
+        """The kubeconfig of one of ``users`` (written by ``up``)."""
+        return self.dir / f"kubeconfig-{user}"
+
+    def _audit_flags(self) -> list[str]:
+        if self.audit_policy is None:
+            return []
+        policy = self.dir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(self.audit_policy))
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json", "--audit-log-maxsize=0",
+                "--audit-log-mode=blocking"]
 
     @property
     def _state_file(self) -> Path:
@@ -121,6 +145,8 @@ class LocalControlPlane:
                                        logs / "kube-apiserver.log")
         self._save(st)
         self._write_kubeconfig(st, token)
+        for user, user_token in self._user_tokens.items():
+            self._write_kubeconfig(st, user_token, user)
         self._wait_ready(st, token, timeout)
         return st
 
@@ -162,6 +188,7 @@ class LocalControlPlane:
             "--max-mutating-requests-inflight=500",
             "--profiling=false",
             "--v=0",
+            *self._audit_flags(),
         ]
 
     # -- restarts (fault injection): one component down and up again, data and ports kept --
@@ -247,7 +274,10 @@ class LocalControlPlane:
         certs.write(serving, pki / "apiserver.crt", pki / "apiserver.key")
         (pki / "sa.key").write_bytes(certs.make_rsa_key())
         token = secrets.token_hex(24)
-        (pki / "tokens.csv").write_text(f'{token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+        self._user_tokens = {user: secrets.token_hex(24) for user in self.users}
+        lines = [f'{t},{u},{u},"system:masters"\n'
+                 for u, t in ((ADMIN_USER, token), *self._user_tokens.items())]
+        (pki / "tokens.csv").write_text("".join(lines))
         return token
 
     def _spawn(self, argv: list[str], logfile: Path) -> int:
@@ -262,20 +292,21 @@ class LocalControlPlane:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._state_file.write_text(json.dumps(asdict(st)))
 
-    def _write_kubeconfig(self, st: State, token: str) -> None:
+    def _write_kubeconfig(self, st: State, token: str, user: str = ADMIN_USER) -> None:
         ca = base64.b64encode((self.dir / "pki" / "ca.crt").read_bytes()).decode()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "virtshift-local",
                           "cluster": {"server": st.url, "certificate-authority-data": ca}}],
-            "users": [{"name": ADMIN_USER, "user": {"token": token}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": "virtshift-local",
-                          "context": {"cluster": "virtshift-local", "user": ADMIN_USER}}],
+                          "context": {"cluster": "virtshift-local", "user": user}}],
             "current-context": "virtshift-local",
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config))
-        self.kubeconfig.chmod(0o600)
+        path = self.kubeconfig if user == ADMIN_USER else self.kubeconfig_for(user)
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
 
     def _wait_ready(self, st: State, token: str, timeout: float) -> None:
         ctx = ssl.create_default_context(cafile=str(self.dir / "pki" / "ca.crt"))
