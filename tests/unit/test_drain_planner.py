@@ -908,3 +908,29 @@ def test_a_named_model_restart_needs_a_node_offering_the_model() -> None:
                                             "true"})]
     assert [h[0] for h in plan_drain(dataclasses.replace(s, nodes={
         n.name: n for n in nodes})).halt] == ["ns/g"]
+
+
+@pytest.mark.parametrize(("ladder", "action", "mode"), [
+    (["PostCopy", "Abort"], "PostCopy", "PostCopy"),
+    (["Abort"], "Migrate", None),  # post-copy not on the ladder: KubeVirt's own switch
+])
+def test_a_vm_that_reaches_post_copy_only_at_the_timeout_switches_early(ladder, action,
+                                                                         mode) -> None:
+    """Issue 12: a VM dirtying faster than its link converges only when KubeVirt switches it
+    to post-copy at the completion timeout (150 s per GiB here), holding its slot for minutes.
+    With PostCopy on the policy's ladder it takes the -postcopy variant (1 s per GiB) at once."""
+    from virtshift.domain.downtime import choose
+    from virtshift.domain.eta import Estimator
+
+    rules = _policy_rules(KubeVirtMigrationConfig(allow_post_copy=True),
+                          allowPostCopy=True, onDowntimeExceeded=ladder)
+    hot = vmi("hot", **HOT)
+    choice = choose(hot, rules, Estimator(), None, 2)
+    assert (choice.action, choice.mode) == (action, mode)
+    assert choice.predicted.converges and choice.predicted.mode == "PostCopy"
+    if action == "PostCopy":
+        plain = choose(hot, dataclasses.replace(rules, on_downtime_exceeded=("Abort",)),
+                       Estimator(), None, 2)
+        assert choice.predicted.duration < plain.predicted.duration / 10
+    d = plan_drain(snap([hot], rules={"ns/hot": rules}))
+    assert [m.mode for m in d.create] == [mode]

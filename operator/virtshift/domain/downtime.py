@@ -5,10 +5,11 @@ it will get? If not, walk the policy's ladder (onDowntimeExceeded) to the first 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtshift.domain.eta import Estimator
-from virtshift.domain.physics import Prediction
+from virtshift.domain.physics import Mode, Prediction
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import VMIInfo
 
@@ -43,6 +44,28 @@ def _fits(p: Prediction, limit: float | None) -> bool:
     return p.converges and (limit is None or p.downtime <= limit)
 
 
+def _post_copy(rules: Rules) -> Rules:
+    """The "-postcopy" KubeVirt policy: allowPostCopy (which KubeVirt also takes as
+    allowWorkloadDisruption) and an early completion timeout; the rest as rendered."""
+    return dataclasses.replace(rules, allow_post_copy=True, allow_workload_disruption=True,
+                               completion_timeout_per_gib=POST_COPY_SWITCH_PER_GIB)
+
+
+def _post_copy_early(plain: Prediction, rules: Rules, predict: Callable[[Rules], Prediction],
+                     limit: float | None) -> Choice | None:
+    """A pre-copy that would complete only by KubeVirt switching it to post-copy at its
+    completion timeout (minutes per GiB, holding a slot all along) switches at once instead,
+    when the policy's ladder allows post-copy: the same kind of switch-over, sooner."""
+    if plain.mode != Mode.POST_COPY or "PostCopy" not in rules.on_downtime_exceeded:
+        return None
+    early = predict(_post_copy(rules))
+    if not _fits(early, limit) or early.duration >= plain.duration:
+        return None
+    return Choice("PostCopy", early, NOT_CONVERGING, (
+        f"pre-copy would reach post-copy only at KubeVirt's completion timeout "
+        f"({plain.duration:.0f} s); switching early ({early.duration:.0f} s)"))
+
+
 def _describe(p: Prediction, limit: float | None) -> str:
     if not p.converges:
         return f"pre-copy would not converge ({p.failure_reason})"
@@ -59,7 +82,8 @@ def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: flo
 
     plain = predict(rules)
     if _fits(plain, limit):
-        return Choice(MIGRATE, plain)
+        early = _post_copy_early(plain, rules, predict, limit)
+        return early or Choice(MIGRATE, plain)
     reason = DOWNTIME_EXCEEDED if plain.converges else NOT_CONVERGING
     why = _describe(plain, limit)
     for step in rules.on_downtime_exceeded:
@@ -70,11 +94,7 @@ def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: flo
                 return Choice(step, p, reason, f"{why}; migrating with auto-converge "
                               f"(predicted {p.downtime * 1000:.0f} ms)")
         elif step == "PostCopy":
-            # The "-postcopy" KubeVirt policy: allowPostCopy (which KubeVirt also takes as
-            # allowWorkloadDisruption) and an early completion timeout; the rest as rendered.
-            p = predict(dataclasses.replace(
-                rules, allow_post_copy=True, allow_workload_disruption=True,
-                completion_timeout_per_gib=POST_COPY_SWITCH_PER_GIB))
+            p = predict(_post_copy(rules))
             if _fits(p, limit):
                 return Choice(step, p, reason, f"{why}; migrating in post-copy mode "
                               f"(predicted {p.downtime * 1000:.0f} ms)")
