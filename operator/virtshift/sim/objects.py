@@ -55,10 +55,11 @@ def cpu_vendor(model: str) -> str:
     return "AMD" if model.startswith(("EPYC", "Opteron")) else "Intel"
 
 
-def node(spec: NodeSpec) -> JSON:
+def node(spec: NodeSpec, bandwidth: float | None = None) -> JSON:
     """A Node as virt-handler's node labeller and heartbeat label it (node_labeller.go
     prepareLabels): the node's CPU model is its host model, usable as a named model, and
-    accepted from host-model guests of that model."""
+    accepted from host-model guests of that model. ``bandwidth``: its migration NIC, stated
+    as a cluster admin tells virtshift (the virtshift.io/migration-bandwidth annotation)."""
     labels = {
         "kubernetes.io/hostname": spec.name,
         "kubernetes.io/arch": "amd64",
@@ -71,7 +72,8 @@ def node(spec: NodeSpec) -> JSON:
     }
     return {
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": spec.name, "labels": labels},
+        "metadata": {"name": spec.name, "labels": labels, **({"annotations": {
+            "virtshift.io/migration-bandwidth": quantity(bandwidth)}} if bandwidth else {})},
         "spec": {"unschedulable": True} if not spec.schedulable else {},
     }
 

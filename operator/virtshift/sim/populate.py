@@ -86,7 +86,8 @@ def populate(kube: KubeClient, scenario: Scenario, clock: SimClock,
               scenario.storage_classes)
 
     def make_node(spec):
-        node = kube.create_or_get(rest.NODES, objects.node(spec))
+        node = kube.create_or_get(rest.NODES, objects.node(
+            spec, scenario.network.node_bandwidth))
         kube.patch(rest.NODES, spec.name, objects.node_status(spec, stamp), subresource="status")
         # The API server taints a new node not-ready (TaintNodesByCondition); the node
         # lifecycle controller lifts it once the kubelet reports Ready. No controller-manager
