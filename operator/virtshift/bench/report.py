@@ -183,7 +183,8 @@ def render(results: list[dict[str, Any]]) -> str:
                 + "; ".join(f"{', '.join(g['nodes'])}: {g['seconds']} s ({g['binding']})"
                             for g in first["lower_bound"]["groups"]) + ".", ""]
         if first.get("command"):
-            out += [f"Measured with `{first['command']}`.", ""]
+            when = f"Measured {first['when']} with" if first.get("when") else "Measured with"
+            out += [f"{when} `{first['command']}`.", ""]
         head = "| |" + "|".join(f" run {r.get('run', i + 1)}: virtshift | native "
                                 for i, r in enumerate(runs)) + "|"
         out += [head, "|---" * (1 + 2 * len(runs)) + "|"]
