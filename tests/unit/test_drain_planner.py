@@ -784,6 +784,28 @@ def test_a_wave_over_every_node_moves_vms_to_the_node_drained_last() -> None:
     assert entry(d, "a").candidates == ["n3", "n2"]
 
 
+@pytest.mark.parametrize(("arriving", "expected"), [
+    # Two migrations into one node share its NIC (the simulator's handler.py, after QEMU's
+    # transfer over the node's link): each pass sends its migrations to different nodes.
+    ([], ["n3", "n4", "n5", "n3"]),
+    # A migration already arriving on n3 (anyone's) counts as well.
+    ([mig("x", 1, "Running", target="n3", source="n9")], ["n4", "n5", "n3", "n4"]),
+])
+def test_a_wave_spreads_its_pinned_targets(arriving: list[MigrationInfo],
+                                           expected: list[str]) -> None:
+    vms = [vmi(f"v{i}", "n1", memory=(8 - i) * GiB) for i in range(4)]
+    d = plan_drain(snap(vms, nodes=_wave_nodes("n1", "n2", "n3", "n4", "n5"), spec=WAVE,
+                        limits=KubeVirtLimits(10, 4), others=arriving))
+    assert [m.selector["kubernetes.io/hostname"] for m in d.create] == expected
+
+
+def test_a_wave_spreads_but_never_onto_a_node_it_drains_later() -> None:
+    vms = [vmi(f"v{i}", "n1") for i in range(3)]
+    d = plan_drain(snap(vms, nodes=_wave_nodes("n1", "n2", "n3"), spec=WAVE,
+                        limits=KubeVirtLimits(10, 3)))
+    assert {m.selector["kubernetes.io/hostname"] for m in d.create} == {"n3"}
+
+
 def test_the_last_node_of_a_wave_is_not_pinned() -> None:
     status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Released"),
                                     NodeEntry(name="n2", phase="Draining")])

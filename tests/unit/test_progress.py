@@ -186,3 +186,35 @@ def test_the_simulated_virt_handler_reports_data_remaining_while_transferring() 
     registry.register(_DirtyRates(sim))
     parsed = kubevirt_metrics.parse(generate_latest(registry).decode())
     assert parsed.remaining == {"ns/a": [(800.0, None)], "ns/b": [(850.0, None)]}
+
+
+def test_the_line_parser_reads_what_prometheus_client_reads() -> None:
+    """parse() reads only the two series, by line; on a virt-handler text with other families,
+    escaped label values, timestamps and special values it agrees with prometheus_client's
+    own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = METRICS + """\
+# TYPE kubevirt_vmi_memory_resident_bytes gauge
+kubevirt_vmi_memory_resident_bytes{name="a",namespace="ns"} 7
+kubevirt_vmi_dirty_rate_bytes_per_second_extra{name="z",namespace="ns"} 1
+kubevirt_vmi_dirty_rate_bytes_per_second{name="c",namespace="ns",node="n\\"1"} +Inf
+kubevirt_vmi_dirty_rate_bytes_per_second{namespace="ns2", name="d"} 3e3
+kubevirt_vmi_dirty_rate_bytes_per_second{name="nons"} 5
+"""
+    expected = kubevirt_metrics.Parsed()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name not in (kubevirt_metrics.DIRTY_RATE, kubevirt_metrics.DATA_REMAINING) \
+                    or "namespace" not in s.labels:
+                continue
+            key = f"{s.labels['namespace']}/{s.labels['name']}"
+            if s.name == kubevirt_metrics.DIRTY_RATE:
+                expected.dirty_rates[key] = s.value
+            else:
+                stamp = None if s.timestamp is None else dt.datetime.fromtimestamp(
+                    float(s.timestamp), dt.UTC)
+                expected.remaining.setdefault(key, []).append((s.value, stamp))
+    parsed = kubevirt_metrics.parse(text)
+    assert parsed == expected
+    assert parsed.dirty_rates["ns2/d"] == 3000.0 and "ns/z" not in parsed.dirty_rates

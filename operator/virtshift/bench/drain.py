@@ -163,6 +163,7 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
     failed_vms: set[str] = set()
     downtimes: list[tuple[float, str]] = []
     failures: Counter[str] = Counter()
+    timeline: list[dict[str, Any]] = []
     for m in vmims:
         st = m.get("status") or {}
         stamps = _stamps(m)
@@ -189,6 +190,9 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
         ms = (m["metadata"].get("annotations") or {}).get(DOWNTIME_ANNOTATION)
         if phase == "Succeeded" and ms is not None:
             downtimes.append((float(ms), vm))
+        timeline.append({"vm": vm, "source": source,
+                         "target": (st.get("migrationState") or {}).get("targetNode"),
+                         "created": m["metadata"].get("creationTimestamp"), "stamps": stamps})
     # A wave's earlier nodes are checked when their turn ended (``checked``: what was left on
     # them then); they may hold VMs again once released. The rest are checked now.
     checked = checked or {}
@@ -235,6 +239,11 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
                        for n, (a, b) in sorted(spans.items())},
         "makespan_source": "VMIM status.phaseTransitionTimestamps: first Pending to last "
                            "Succeeded/Failed (cluster time)",
+        # Each migration's phases, seconds after the first Pending: where a schedule lost time.
+        "timeline": sorted(({**t, "stamps": {p: round(v - min(starts), 1)
+                                             for p, v in t["stamps"].items()}}
+                            for t in timeline), key=lambda t: t["stamps"].get("Pending", 0.0))
+        if starts else [],
     }
 
 

@@ -613,13 +613,16 @@ class _Room:
         self.used[node] = (cpu + requests[0], memory + requests[1])
 
 
-def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> None:
+def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[str, ...]
+           ) -> None:
     """Start the queued moves, longest first, within every limit: a live migration gets its
     VMIM, a quick migration stops its VM. Both count against the same limits (KubeVirt's
     per-cluster and per-node ones, the policy's maxParallelMigrations and outbound limits),
-    wait for the policy's windows, and need a target node with room. ``pin``: the wave has
+    wait for the policy's windows, and need a target node with room. ``later``: the wave's
     nodes still to drain, so each migration's target is pinned (kubernetes.io/hostname) to a
-    node outside it, as addedNodeSelector cannot exclude nodes.
+    node outside them, as addedNodeSelector cannot exclude nodes. Among the targets with room
+    the one with the fewest migrations arriving is taken (_spread): two migrations into one
+    node share its NIC.
 
     Where only KubeVirt's own limits hold a live migration back, a second round is created
     ahead, to wait in KubeVirt's queue (Pending): KubeVirt starts it the moment a slot frees,
@@ -641,7 +644,9 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
     per_policy = Counter(m_policy for m in unfinished if (m_policy := _policy_of(s, m)))
     per_policy.update(policy for _source, policy in stops if policy)
     inbound = Counter((_policy_of(s, m), m.target) for m in unfinished if m.target)
+    arriving = Counter(m.target for m in unfinished if m.target)
     room = _Room(s)
+    pin = bool(later)
     for v in sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
@@ -662,8 +667,8 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
                                                  "(storage.maxParallelCopies)"})
             continue
         limit = None if v.stop else rules.max_inbound_per_node  # a restart is no arrival
-        target = next((n for n in v.targets if room.fits(n, v.requests) and (
-            not limit or inbound[(rules.policy, n)] < limit)), None)
+        target = _spread([n for n in v.targets if room.fits(n, v.requests) and (
+            not limit or inbound[(rules.policy, n)] < limit)], arriving, later)
         if target is None:
             v.entry = v.entry.model_copy(update={"message": "waiting for room on a target "
                                                  "node" + (" within maxParallelInboundPerNode"
@@ -671,6 +676,8 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
                                                            and not v.stop else "")})
             continue
         room.take(target, v.requests)
+        if not v.stop:
+            arriving[target] += 1
         if not v.reserved:
             total += 1
             per_node[source] += 1
@@ -704,6 +711,16 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, pin: bool) -> N
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
+
+
+def _spread(targets: list[str], arriving: Counter[str], later: tuple[str, ...]
+            ) -> str | None:
+    """Of the targets with room (best first), the first with the fewest migrations arriving;
+    the wave's later nodes stay last, in their order."""
+    if not targets:
+        return None
+    return min(enumerate(targets), key=lambda it: (it[1] in later, 0 if it[1] in later
+                                                   else arriving[it[1]], it[0]))[1]
 
 
 def _kubevirt_queue(s: DrainSnapshot, rules: Rules, v: _VM) -> tuple[int, int]:
@@ -815,7 +832,7 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     scope |= kept
     vms = [v for k in sorted(scope)
            if (v := _evaluate(s, k, active if k in kept else draining, places, decision))]
-    _admit(s, vms, decision, pin=bool(later))
+    _admit(s, vms, decision, later)
 
     # Pods other than virt-launchers (evictPods).
     ordinary = [p for p in s.pods if p.node in draining and p.kind == "ordinary"]

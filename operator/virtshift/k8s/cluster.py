@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from virtshift.api.kubevirt import FINAL_PHASES
 from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
 from virtshift.domain.drain import ATTEMPTS_ANNOTATION, DrainSnapshot, recorded_attempts
@@ -28,10 +29,10 @@ from virtshift.domain.storage import (
     live_migrate_updates,
 )
 from virtshift.domain.storage import moved_by as storage_owner
-from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo
+from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo, PodInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s.downtime import DowntimeSource
-from virtshift.k8s.informer import Informer, key_of
+from virtshift.k8s.informer import ByVersion, Informer, key_of
 from virtshift.k8s.kubevirt_metrics import MetricsSource
 from virtshift.k8s.rest import JSON, KubeClient
 
@@ -56,6 +57,12 @@ def _annotated(claim: JSON, annotation: str) -> str:
     """namespace/<the object a destination claim's annotation names>."""
     meta = claim["metadata"]
     return f"{meta['namespace']}/{(meta.get('annotations') or {}).get(annotation)}"
+
+
+def _launcher(pod: JSON) -> tuple[PodInfo, bool, tuple[float, float]]:
+    """A launcher pod's view, whether it runs (not finished nor being deleted) and what it
+    requests."""
+    return views.pod_info(pod), views.pod_running(pod), views.pod_requests(pod)
 
 
 class NotSynced(RuntimeError):
@@ -96,6 +103,8 @@ class Cluster:
                      self.kubevirts, self.policies, self.namespaces, self.drains,
                      self.pvcs, self.pvs, self.storage_classes]
         self.admission = threading.Lock()  # one drain at a time decides what to start
+        self._launcher = ByVersion(_launcher)
+        self._node = ByVersion(views.node_info)
 
     def _notify(self, kind: str) -> Callable[[str, JSON], None]:
         def fire(_event: str, obj: JSON) -> None:
@@ -165,20 +174,19 @@ class Cluster:
         """What launcher pods request per node, as the scheduler counts it."""
         used: dict[str, tuple[float, float]] = {}
         for pod in self.launchers.values():
-            node = (pod.get("spec") or {}).get("nodeName")
-            if not node or not views.pod_running(pod):
+            info, running, (cpu, mem) = self._launcher(pod)
+            if not info.node or not running:
                 continue
-            cpu, mem = views.pod_requests(pod)
-            c, m = used.get(node, (0.0, 0.0))
-            used[node] = (c + cpu, m + mem)
+            c, m = used.get(info.node, (0.0, 0.0))
+            used[info.node] = (c + cpu, m + mem)
         return used
 
     def _launcher_selectors(self) -> dict[str, dict[str, str]]:
         """VMI key -> node selector of its launcher pod on the VMI's node."""
         out: dict[str, dict[str, str]] = {}
         for pod in self.launchers.values():
-            info = views.pod_info(pod)
-            if info.vmi and views.pod_running(pod):
+            info, running, _requests = self._launcher(pod)
+            if info.vmi and running:
                 vmi = self.vmis.get(info.vmi) or {}
                 if (vmi.get("status") or {}).get("nodeName") == info.node:
                     out[info.vmi] = (pod.get("spec") or {}).get("nodeSelector") or {}
@@ -242,7 +250,7 @@ class Cluster:
         model = NodeDrain.model_validate(drain)
         spec = model.spec
         name = drain["metadata"]["name"]
-        nodes = {n["metadata"]["name"]: views.node_info(n) for n in self.nodes.values()}
+        nodes = {n["metadata"]["name"]: self._node(n) for n in self.nodes.values()}
         drain_nodes = self._nodes_of(drain)
         # This drain's own: by label (hashed past 63 characters) and by UID, so a NodeDrain
         # deleted and created again under the same name starts with a clean history.
@@ -265,8 +273,7 @@ class Cluster:
         owner = storage_owner("drain", name)
         our_vmis |= {f"{c['metadata']['namespace']}/{a.get(VM_LABEL)}" for c in self.pvcs.values()
                      if (a := c["metadata"].get("annotations") or {}).get(MOVED_BY_LABEL) == owner}
-        vm_objs = {key_of(v): v for v in self.vms.values()}
-        quick_keys = {k for k, v in vm_objs.items()
+        quick_keys = {key_of(v) for v in self.vms.values()
                       if views.QUICK_ANNOTATION in (v["metadata"].get("annotations") or {})}
         vmi_objs = {key_of(v): v for v in self.vmis.values()
                     if (v.get("status") or {}).get("nodeName") in drain_nodes
@@ -284,16 +291,17 @@ class Cluster:
             status=model.status or NodeDrainStatus(), now=self.clock.now(), nodes=nodes,
             vmis={k: views.vmi_info(v, self._dirty_rate(k), selectors.get(k))
                   for k, v in vmi_objs.items()},
-            vms={k: views.vm_info(vm_objs[k]) for k in set(vmi_objs) | quick_keys
-                 if k in vm_objs},
+            vms={k: views.vm_info(vm) for k in set(vmi_objs) | quick_keys
+                 if (vm := self.vms.get(k)) is not None},
             migrations=[self._migration(m, records) for m in ours] + gone,
             cluster_unfinished=[i for m in self.vmims.values()
-                                if not (i := self._migration(m)).final],
+                                if (m.get("status") or {}).get("phase") not in FINAL_PHASES
+                                and not (i := self._migration(m)).final],
             limits=views.kubevirt_limits(self.kubevirt()), rules=rules,
             conflict_with=self.conflict_for(drain, drain_nodes),
             pods=[views.pod_info(p) for p in pods or []],
-            launchers=[views.pod_info(p) for p in self.launchers.values()
-                       if views.pod_running(p) and (p.get("spec") or {}).get("nodeName")
+            launchers=[info for p in self.launchers.values()
+                       if (view := self._launcher(p))[1] and (info := view[0]).node
                        in drain_nodes],
             blocked_pods=blocked_pods or {}, usage=self.usage(), estimator=self.estimator,
             uid=uid or "",

@@ -6,10 +6,12 @@ import logging
 import random
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from virtshift.k8s.rest import JSON, ApiError, KubeClient, Resource, RetryPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Between a failed list or watch and the next try: 0.5 s doubling to 30 s (with jitter), or
 # what a Retry-After asked; back to 0.5 s once a watch delivers again.
 RELIST = RetryPolicy(base=0.5, cap=30.0)
@@ -140,3 +142,29 @@ def _rv(obj: JSON) -> int:
         return int(obj["metadata"].get("resourceVersion", 0))
     except (TypeError, ValueError):
         return 0
+
+
+class ByVersion(Generic[T]):
+    """``fn`` of a cached object, computed once per object version (its resourceVersion): a
+    pass over thousands of objects reads the figures it derived before instead of parsing
+    every quantity again."""
+
+    MAX_ENTRIES = 100_000  # past this (objects come and go), start over
+
+    def __init__(self, fn: Callable[[JSON], T]) -> None:
+        self.fn = fn
+        self._memo: dict[str, tuple[str, T]] = {}
+
+    def __call__(self, obj: JSON) -> T:
+        rv = obj["metadata"].get("resourceVersion")
+        if not rv:
+            return self.fn(obj)
+        key = key_of(obj)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == rv:
+            return hit[1]
+        value = self.fn(obj)
+        if len(self._memo) >= self.MAX_ENTRIES:
+            self._memo = {}
+        self._memo[key] = (rv, value)
+        return value

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from virtshift.domain import progress as dprogress
 from virtshift.domain.progress import Progress
@@ -42,22 +41,39 @@ class Parsed:
     remaining: dict[str, list[tuple[float, dt.datetime | None]]] = field(default_factory=dict)
 
 
+# One sample line of the text format: name{labels} value [timestamp in ms]. Label values are
+# quoted with \\, \" and \n escaped.
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+(-?\d+))?\s*$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+_WANTED = (DIRTY_RATE, DATA_REMAINING)
+
+
 def parse(text: str) -> Parsed:
+    """The two series virtshift reads, from Prometheus text. Only their lines are parsed (a
+    line-level regex, not prometheus_client's character-by-character parser: a virt-handler
+    or federate endpoint lists every VMI, and this runs every few seconds)."""
     out = Parsed()
-    for family in text_string_to_metric_families(text):
-        if family.name not in (DIRTY_RATE, DATA_REMAINING):
+    for line in text.splitlines():
+        if not line.startswith(_WANTED):
             continue
-        for sample in family.samples:
-            ns, name = sample.labels.get("namespace"), sample.labels.get("name")
-            if not (ns and name):
-                continue
-            key = f"{ns}/{name}"
-            if family.name == DIRTY_RATE:
-                out.dirty_rates[key] = float(sample.value)
-            else:
-                stamp = dt.datetime.fromtimestamp(float(sample.timestamp), dt.UTC) \
-                    if sample.timestamp is not None else None
-                out.remaining.setdefault(key, []).append((float(sample.value), stamp))
+        match = _SAMPLE.match(line)
+        if match is None or match[1] not in _WANTED:
+            continue
+        labels = dict(_LABEL.findall(match[2] or ""))
+        ns, name = labels.get("namespace"), labels.get("name")
+        if not (ns and name):
+            continue
+        try:
+            value = float(match[3])
+        except ValueError:
+            continue
+        key = f"{ns}/{name}"
+        if match[1] == DIRTY_RATE:
+            out.dirty_rates[key] = value
+        else:
+            stamp = dt.datetime.fromtimestamp(int(match[4]) / 1000, dt.UTC) \
+                if match[4] is not None else None
+            out.remaining.setdefault(key, []).append((value, stamp))
     return out
 
 
