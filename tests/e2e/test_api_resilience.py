@@ -272,19 +272,23 @@ def events_for(cluster: Any, name: str) -> list[dict[str, Any]]:
                               field_selector=f"involvedObject.name={name}")
 
 
-def test_repeated_events_are_counted_on_one_event(cluster, unique) -> None:
-    obj = drain_like(unique)
-    recorder = EventRecorder(cluster.kube, min_interval=0)
+# background: the operator's recorder, whose writes leave from a thread of their own (in order).
+@pytest.mark.parametrize("background", [False, True])
+def test_repeated_events_are_counted_on_one_event(cluster, unique, background: bool) -> None:
+    tag = f"{unique}-{str(background).lower()}"
+    obj = drain_like(tag)
+    recorder = EventRecorder(cluster.kube, min_interval=0, background=background)
     for pause in (1.05, 0, 0):  # Event timestamps have whole seconds
         recorder.record(obj, "Warning", "WriteFailed", "cordon n1: 500 InternalError")
         time.sleep(pause)
     recorder.record(obj, "Warning", "WriteFailed", "cordon n2: 500 InternalError")
+    recorder.flush()
     found = {e["message"]: e for e in events_for(cluster, obj["metadata"]["name"])}
     assert set(found) == {"cordon n1: 500 InternalError", "cordon n2: 500 InternalError"}
     one = found["cordon n1: 500 InternalError"]
     assert one["count"] == 3 and one["lastTimestamp"] > one["firstTimestamp"]
     assert found["cordon n2: 500 InternalError"]["count"] == 1
-    assert one["involvedObject"]["uid"] == f"uid-{unique}"
+    assert one["involvedObject"]["uid"] == f"uid-{tag}"
 
 
 def test_events_after_a_quiet_window_are_new_events(cluster, unique) -> None:

@@ -373,7 +373,9 @@ def test_rolling_wave_drains_max_unavailable_at_a_time() -> None:
         nodes[0], unschedulable=True, annotations={CORDONED_BY: "d"}), *nodes[1:]], spec=spec,
         status=d2.status, now=later, migrations=[mig("a", 1, "Succeeded", target="n4")]))
     assert d3.uncordon == ["n1"]
-    assert d3.status.nodes[0].phase == "Released"
+    # The pass that releases n1 starts n2 at once: cordoned, and its VM's migration created.
+    assert [n.phase for n in d3.status.nodes] == ["Released", "Draining", "Waiting"]
+    assert d3.cordon == ["n2"] and created(d3) == ["vs-d-b-1"]
 
 
 def test_wave_moves_on_when_a_drained_node_is_released() -> None:
@@ -843,7 +845,8 @@ def test_maintenance_complete_annotation_releases_a_drained_node() -> None:
     d = plan_drain(snap([vmi("b", "n2")], nodes=[done, *_wave_nodes("n2", "n3")], spec=WAVE,
                         status=status))
     assert d.uncordon == ["n1"]
-    assert d.status.nodes[0].phase == "Released"
+    assert [n.phase for n in d.status.nodes] == ["Released", "Draining"]
+    assert d.cordon == ["n2"] and created(d) == ["vs-d-b-1"]
     # A node someone else cordoned is released from the wave but never uncordoned by us.
     theirs = dataclasses.replace(done, annotations={"virtshift.io/maintenance-complete": "true"})
     d = plan_drain(snap([vmi("b", "n2")], nodes=[theirs, *_wave_nodes("n2", "n3")], spec=WAVE,

@@ -10,10 +10,10 @@ NodeDrain fields it implements: ``nodeName``, ``nodeSelector`` + ``maxUnavailabl
 ``targetNodeSelector``, ``evictPods``, ``nonMigratable`` (through the rules), ``policyRef``
 (through the rules), ``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and
 ``dryRun``, which are gated in one place, ``_may_start`` (and ``paused`` also freezes the
-wave: ``wave``, ``_advance_wave``). Every move -- a live migration or a quick migration's stop
--- passes the same admission (``_admit``): windows, the policy's and KubeVirt's limits, and a
-target node with room for it. Attempts are counted so that KubeVirt's garbage collection of
-finished migrations cannot reset them (``_attempts_made``).
+wave: ``wave``, ``_release``, ``_advance_wave``). Every move -- a live migration or a quick
+migration's stop -- passes the same admission (``_admit``): windows, the policy's and
+KubeVirt's limits, and a target node with room for it. Attempts are counted so that
+KubeVirt's garbage collection of finished migrations cannot reset them (``_attempts_made``).
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
         names = sorted(n.name for n in s.nodes.values()
                        if selector_matches(s.spec.node_selector, n.labels))
     previous = {e.name: e for e in s.status.nodes or []}
-    entries = [previous.get(n) or NodeEntry(name=n, phase=NodePhase.WAITING) for n in names]
+    entries = _release(s, [previous.get(n) or NodeEntry(name=n, phase=NodePhase.WAITING)
+                            for n in names])
     if s.spec.paused:
         return entries
     if s.spec.node_name:
@@ -204,16 +205,15 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
     return out
 
 
-def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[str, bool]
-                  ) -> list[NodeEntry]:
-    """Draining -> Drained when empty; Drained -> Released after its maintenance (waves only,
-    and not while paused: a paused wave releases nothing)."""
+def _release(s: DrainSnapshot, nodes: list[NodeEntry]) -> list[NodeEntry]:
+    """Drained -> Released after its maintenance (waves only, and not while paused: a paused
+    wave releases nothing). Before the wave starts its next nodes, so that the pass which
+    sees a node's maintenance end already starts (and cordons, and moves) the next one."""
+    if s.spec.node_selector is None or s.spec.paused or s.spec.dry_run:
+        return nodes
     out = []
     for e in nodes:
-        if e.phase == NodePhase.DRAINING and node_done.get(e.name):
-            e = NodeEntry(name=e.name, phase=NodePhase.DRAINED, since=stamp(s.now))
-        elif e.phase == NodePhase.DRAINED and s.spec.node_selector is not None \
-                and not s.spec.paused:
+        if e.phase == NodePhase.DRAINED:
             node = s.nodes.get(e.name)
             held_since = parse_stamp(e.since) or s.now
             released = node is not None and node.annotations.get(MAINTENANCE_COMPLETE) == "true"
@@ -224,6 +224,13 @@ def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[s
                 e = NodeEntry(name=e.name, phase=NodePhase.RELEASED, since=stamp(s.now))
         out.append(e)
     return out
+
+
+def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[str, bool]
+                  ) -> list[NodeEntry]:
+    """Draining -> Drained when empty."""
+    return [NodeEntry(name=e.name, phase=NodePhase.DRAINED, since=stamp(s.now))
+            if e.phase == NodePhase.DRAINING and node_done.get(e.name) else e for e in nodes]
 
 
 # -- per VM -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from virtshift.api.units import format_bytes
 from virtshift.domain.placement import (
@@ -45,7 +46,12 @@ class Context:
     excluded: frozenset[str]  # nodes being drained: never targets
 
     def candidates(self) -> list[NodeView]:
-        return [n.view() for n in self.nodes.values() if n.name not in self.excluded]
+        return list(self._candidates)
+
+    @cached_property
+    def _candidates(self) -> tuple[NodeView, ...]:
+        """Built once per pass: every VM's checks and ranking go over the same nodes."""
+        return tuple(n.view() for n in self.nodes.values() if n.name not in self.excluded)
 
 
 def live_migratable(vmi: VMIInfo, ctx: Context) -> Finding | None:

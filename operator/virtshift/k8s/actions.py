@@ -95,7 +95,7 @@ class Actions:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.kube = cluster.kube
-        self.events = EventRecorder(cluster.kube)
+        self.events = EventRecorder(cluster.kube, background=True)
 
     def apply(self, drain: JSON, d: Decision) -> Applied:
         """Do it all. One refused write (a webhook, a conflict) is reported and does not hold

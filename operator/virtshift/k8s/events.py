@@ -9,6 +9,9 @@ step that fails on every reconcile costs one small PATCH every ``min_interval`` 
 Event per pass (a count held back is written by the next ``record`` call of any event once its
 interval has passed).
 
+With ``background``, the writes go out from a thread of their own, in order, so a reconcile
+never waits for its Events (the next decision is not held up by a report of the last one).
+
 Event names are ``<object name>.<nanoseconds, hex>`` as client-go makes them, fixed before the
 first try, so a create the client repeats after a broken connection finds its own Event (409)
 instead of making a second one.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -53,7 +57,8 @@ def _stamp(wall: float) -> str:
 
 class EventRecorder:
     def __init__(self, kube: KubeClient, component: str = "virtshift", window: float = 600.0,
-                 min_interval: float = 10.0, wall: Callable[[], float] = time.time) -> None:
+                 min_interval: float = 10.0, wall: Callable[[], float] = time.time,
+                 background: bool = False) -> None:
         self.kube = kube
         self.component = component
         self.instance = component  # reportingInstance: which replica wrote it
@@ -63,6 +68,21 @@ class EventRecorder:
         self._seen: OrderedDict[tuple[str, str, str, str], _Seen] = OrderedDict()
         self._held: set[tuple[str, str, str, str]] = set()  # counts not written yet
         self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[_Seen, int, float, float]] | None = None
+        if background:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._drain_queue, name="event-writer", daemon=True).start()
+
+    def _drain_queue(self) -> None:
+        assert self._queue is not None
+        while True:
+            self._write(*self._queue.get())
+            self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every Event recorded so far has been written (or given up on)."""
+        if self._queue is not None:
+            self._queue.join()
 
     def record(self, obj: JSON, kind: str, reason: str, message: str) -> None:
         """Best effort: an Event that cannot be written is logged and dropped."""
@@ -102,7 +122,10 @@ class EventRecorder:
             writes = [*due, *([seen] if seen is not None else [])]
             snapshots = [(w, w.count, w.first, w.last) for w in writes]
         for w, count, first, last in snapshots:
-            self._write(w, count, first, last)
+            if self._queue is not None:
+                self._queue.put((w, count, first, last))
+            else:
+                self._write(w, count, first, last)
 
     @staticmethod
     def _key(seen: _Seen) -> tuple[str, str, str, str]:
