@@ -218,3 +218,51 @@ kubevirt_vmi_dirty_rate_bytes_per_second{name="nons"} 5
     parsed = kubevirt_metrics.parse(text)
     assert parsed == expected
     assert parsed.dirty_rates["ns2/d"] == 3000.0 and "ns/z" not in parsed.dirty_rates
+
+
+def test_the_source_scrapes_only_while_it_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle operator (no drain planning, no policy holding progressTimeout) does not parse
+    every VMI's series every few seconds; the first read after a quiet spell scrapes at once."""
+    import http.server
+    import threading
+    import time
+
+    hits: list[float] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(time.monotonic())
+            body = METRICS.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(kubevirt_metrics, "IDLE_AFTER", 0.5)
+    source = kubevirt_metrics.MetricsSource(f"http://127.0.0.1:{server.server_port}/metrics",
+                                            interval=0.05)
+    try:
+        source.start()
+        assert source.get("ns/a") == 1024.0  # the first scrape is made at start
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # read: it keeps scraping
+            source.get("ns/a")
+            time.sleep(0.05)
+        assert len(hits) >= 5
+        time.sleep(1.5)  # unread past IDLE_AFTER: it stops
+        quiet = len(hits)
+        time.sleep(1.0)
+        assert len(hits) == quiet and source.idle()
+        source.progress()  # read again: a scrape follows at once, not after an interval
+        deadline = time.monotonic() + 2.0
+        while len(hits) == quiet and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(hits) > quiet and not source.idle()
+    finally:
+        source.stop()
+        server.shutdown()

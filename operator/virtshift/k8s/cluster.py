@@ -30,7 +30,7 @@ from virtshift.domain.storage import (
 )
 from virtshift.domain.storage import moved_by as storage_owner
 from virtshift.domain.views import AbortRecord, KubeVirtMigrationConfig, MigrationInfo, PodInfo
-from virtshift.k8s import rest, views
+from virtshift.k8s import fields, rest, views
 from virtshift.k8s.downtime import DowntimeSource
 from virtshift.k8s.informer import ByVersion, Informer, key_of
 from virtshift.k8s.kubevirt_metrics import MetricsSource
@@ -90,14 +90,14 @@ class Cluster:
         # virt-launcher pods: where VMs really run, and the CPU requirements KubeVirt keeps
         # in their node selectors across moves.
         self.launchers = Informer(kube, rest.PODS, label_selector="kubevirt.io=virt-launcher",
-                                  on_event=self._notify("pod"))
+                                  on_event=self._notify("pod"), transform=fields.launcher)
         self.kubevirts = Informer(kube, rest.KUBEVIRTS, on_event=self._notify("kubevirt"))
         self.policies = Informer(kube, rest.POLICIES, on_event=self._notify("policy"))
         self.namespaces = Informer(kube, rest.NAMESPACES)
         self.drains = Informer(kube, rest.NODE_DRAINS)
         # Storage moves (k8s.storage): claims, the volumes behind them, their classes.
         self.pvcs = Informer(kube, rest.PVCS, on_event=self._notify("pvc"))
-        self.pvs = Informer(kube, rest.PVS)
+        self.pvs = Informer(kube, rest.PVS, transform=fields.persistent_volume)
         self.storage_classes = Informer(kube, rest.STORAGE_CLASSES)
         self._all = [self.nodes, self.vmis, self.vms, self.vmims, self.launchers,
                      self.kubevirts, self.policies, self.namespaces, self.drains,

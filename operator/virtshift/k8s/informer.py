@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from virtshift.k8s.fields import slim
 from virtshift.k8s.rest import JSON, ApiError, KubeClient, Resource, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -15,15 +16,6 @@ T = TypeVar("T")
 # Between a failed list or watch and the next try: 0.5 s doubling to 30 s (with jitter), or
 # what a Retry-After asked; back to 0.5 s once a watch delivers again.
 RELIST = RetryPolicy(base=0.5, cap=30.0)
-
-
-def slim(obj: JSON) -> JSON:
-    """What the cache keeps of an object: all but its managedFields, which nothing here reads
-    and which are often the largest part of it."""
-    meta = obj.get("metadata")
-    if isinstance(meta, dict):
-        meta.pop("managedFields", None)
-    return obj
 
 
 def key_of(obj: JSON) -> str:
@@ -36,8 +28,11 @@ class Informer:
     """A dict of the objects of one resource, by "namespace/name" (or "name")."""
 
     def __init__(self, kube: KubeClient, res: Resource, label_selector: str | None = None,
-                 on_event: Callable[[str, JSON], None] | None = None) -> None:
+                 on_event: Callable[[str, JSON], None] | None = None,
+                 transform: Callable[[JSON], JSON] = slim) -> None:
+        """``transform``: what the cache keeps of each object (k8s.fields)."""
         self.kube = kube
+        self.transform = transform
         self.res = res
         self.label_selector = label_selector
         self.on_event = on_event
@@ -79,7 +74,7 @@ class Informer:
 
     def put(self, obj: JSON) -> None:
         """Record our own write at once, so the next read sees it before the watch does."""
-        slim(obj)
+        obj = self.transform(obj)
         with self._lock:
             current = self._objects.get(key_of(obj))
             if current is None or _rv(obj) >= _rv(current):
@@ -100,9 +95,11 @@ class Informer:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                items, rv = self.kube.list(self.res, label_selector=self.label_selector)
+                # Trimmed page by page: a full list never sits in memory whole.
+                items, rv = self.kube.list(self.res, label_selector=self.label_selector,
+                                           transform=self.transform)
                 with self._lock:
-                    self._objects = {key_of(o): slim(o) for o in items}
+                    self._objects = {key_of(o): o for o in items}
                 self._synced.set()
                 while not self._stop.is_set():
                     for kind, obj in self.kube.watch(self.res, rv,
@@ -114,7 +111,7 @@ class Informer:
                         if kind == "ERROR":
                             raise ApiError(obj.get("code", 500), str(obj))
                         rv = obj["metadata"]["resourceVersion"]
-                        slim(obj)
+                        obj = self.transform(obj)
                         with self._lock:
                             if kind == "DELETED":
                                 self._objects.pop(key_of(obj), None)

@@ -7,7 +7,9 @@
   it (``virtshift.domain.progress``); the source keeps, per VMI, what its samples have shown.
 
 Samples are timed by their Prometheus timestamp when they carry one, else by the operator's
-clock at the scrape.
+clock at the scrape. The source scrapes only while it is read (a drain planning with dirty rates,
+a policy holding progressTimeout): an idle operator does not parse every VMI's series every few
+seconds. The first read after a quiet spell wakes it at once.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ DATA_REMAINING = dprogress.METRIC
 STALE_AFTER_INTERVALS = 3
 # Forget a VMI's progress when nothing was reported for it for this long (cluster seconds).
 FORGET_AFTER = 3600.0
+# Stop scraping when nothing has read the figures for this long (wall seconds).
+IDLE_AFTER = 30.0
 
 
 @dataclass
@@ -86,8 +90,10 @@ class MetricsSource:
         self._rates: dict[str, float] = {}
         self._progress: dict[str, Progress] = {}
         self._ok_at: float | None = None  # time.monotonic() of the last good scrape
+        self._read_at = time.monotonic()  # of the last read: scrape while it is recent
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubevirt-metrics", daemon=True)
 
     def start(self) -> MetricsSource:
@@ -98,15 +104,27 @@ class MetricsSource:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     # -- what it knows -----------------------------------------------------------------------
 
+    def _read(self) -> None:
+        if self.idle():
+            self._wake.set()  # back from a quiet spell: scrape now
+        self._read_at = time.monotonic()
+
+    def idle(self) -> bool:
+        """Nothing has read the figures lately: scraping has paused."""
+        return time.monotonic() - self._read_at > IDLE_AFTER
+
     def get(self, key: str) -> float | None:
         """The guest's dirty rate, bytes/s."""
+        self._read()
         return self._rates.get(key)
 
     def progress(self) -> dict[str, Progress]:
         """Per VMI (namespace/name), what its data-remaining samples have shown."""
+        self._read()
         with self._lock:
             return dict(self._progress)
 
@@ -147,5 +165,8 @@ class MetricsSource:
             self.failed()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.scrape()
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if not self._stop.is_set() and not self.idle():
+                self.scrape()

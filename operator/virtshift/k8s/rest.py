@@ -318,8 +318,10 @@ class KubeClient:
             raise
 
     def list(self, res: Resource, namespace: str | None = None, label_selector: str | None = None,
-             field_selector: str | None = None) -> tuple[list[JSON], str]:
-        """Every item (following continue tokens) and the list's resourceVersion."""
+             field_selector: str | None = None,
+             transform: Callable[[JSON], JSON] | None = None) -> tuple[list[JSON], str]:
+        """Every item (following continue tokens; ``transform``: each item as its page
+        arrives) and the list's resourceVersion."""
         items: list[JSON] = []
         params: dict[str, Any] = {"limit": 500}
         if label_selector:
@@ -328,7 +330,8 @@ class KubeClient:
             params["fieldSelector"] = field_selector
         while True:
             page = self.request("GET", res.path(namespace), params=params)
-            items.extend(page.get("items") or [])
+            page_items = page.get("items") or []
+            items.extend(map(transform, page_items) if transform else page_items)
             token = page.get("metadata", {}).get("continue")
             if not token:
                 return items, page.get("metadata", {}).get("resourceVersion", "")
