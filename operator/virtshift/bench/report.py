@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -69,7 +70,32 @@ def drain_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("operator process", *both(proc)),
         ("wall time of the drain", *both(lambda x: _n(x["wall_s"], " s"))),
     ]
+    k = (r["lower_bound"].get("limits") or {}).get("k")
+    if k and vs.get("timeline"):
+        rows.insert(3, ("outbound slots idle while VMs waited", *both(
+            lambda x: _n(idle_slots(x.get("timeline") or [], x["per_node_s"], k),
+                         " slot-s"))))
     return rows
+
+
+def idle_slots(timeline: list[dict[str, Any]], spans: dict[str, list[float]], k: int
+               ) -> float:
+    """Slot-seconds a drained node's outbound slots (k) stood empty while some of its VMs had
+    not started moving, within its span: where a schedule loses time against the bound
+    (start-up and transfers fill the slots; this is everything else: reaction time, a queue
+    run dry). From the VMIMs' own phase timestamps."""
+    idle = 0.0
+    for node, (begin, end) in spans.items():
+        moves = [(t["stamps"].get("Scheduling"),
+                  t["stamps"].get("Succeeded") or t["stamps"].get("Failed"))
+                 for t in timeline if t["source"] == node]
+        moves = [(a if a is not None else end, b if b is not None else end) for a, b in moves]
+        points = sorted({begin, end, *(p for m in moves for p in m if begin <= p <= end)})
+        for t0, t1 in itertools.pairwise(points):
+            running = sum(1 for a, b in moves if a <= t0 < b)
+            waiting = sum(1 for a, _b in moves if a > t0)
+            idle += (t1 - t0) * max(0, min(k - running, waiting))
+    return round(idle, 1)
 
 
 def drain_table(r: dict[str, Any]) -> str:

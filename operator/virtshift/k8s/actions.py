@@ -102,7 +102,13 @@ class Actions:
         up the others."""
         name = drain["metadata"]["name"]
         out = Applied()
+        uncordon = [(f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon]
+        # A wave handing over (a node released, the next cordoned) uncordons first, so that
+        # no more than maxUnavailable are ever unschedulable; otherwise (ending maintenance)
+        # last, after the aborts and restarts.
+        first, last = (uncordon, []) if d.cordon else ([], uncordon)
         steps: list[tuple[str, Callable[[], object]]] = [
+            *first,
             *((f"cordon {n}", lambda n=n: self.cordon(n, name)) for n in d.cordon),
             *((f"claim {c.namespace}/{c.name}", lambda c=c: kstorage.create_claim(
                 self.cluster, c)) for c in d.claims),
@@ -119,7 +125,7 @@ class Actions:
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
             *((f"delete claim {k}", lambda k=k: kstorage.delete_claim(self.cluster, k))
               for k in d.delete_claims),
-            *((f"uncordon {n}", lambda n=n: self.uncordon(n, name)) for n in d.uncordon),
+            *last,
         ]
         cordoned = True
         no_claim: set[str] = set()  # VMs whose destination claim could not be made
