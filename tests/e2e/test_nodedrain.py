@@ -22,6 +22,7 @@ from chart_harness import install_identity
 from operator_harness import OperatorProcess, drain_body, get_drain, phase_of, wait_for
 
 from virtshift.api.kubevirt import FINAL_PHASES, IN_FLIGHT_PHASES
+from virtshift.domain.drain import MAX_QUEUE_ROUNDS
 from virtshift.k8s import rest
 from virtshift.k8s.views import DRAIN_LABEL, parse_time
 from virtshift.sim import runner
@@ -158,11 +159,13 @@ def test_drain_moves_every_migratable_vm_within_every_limit(env) -> None:
         unfinished = [m for m in sample if m.get("status", {}).get("phase") not in FINAL_PHASES]
         per_vmi = Counter((m["metadata"]["namespace"], m["spec"]["vmiName"]) for m in unfinished)
         assert max(per_vmi.values(), default=0) <= 1, per_vmi
-        # KubeVirt runs at most its limits; virtshift keeps one round more in its queue.
+        # KubeVirt runs at most its limits; virtshift keeps a few rounds more in its queue
+        # (domain.drain._queue_rounds: as many as its measured reaction needs).
         running = [m for m in unfinished if m.get("status", {}).get("phase") in IN_FLIGHT_PHASES]
         assert len(running) <= limits.parallel_migrations_per_cluster
         assert len(running) <= limits.parallel_outbound_migrations_per_node  # one source
-        assert len(unfinished) <= 2 * limits.parallel_outbound_migrations_per_node
+        assert len(unfinished) <= (1 + MAX_QUEUE_ROUNDS) * \
+            limits.parallel_outbound_migrations_per_node
     assert max(len([m for m in s if m.get("status", {}).get("phase") in IN_FLIGHT_PHASES])
                for s in sampler.samples) == limits.parallel_outbound_migrations_per_node
     ours = migrations_of(kube, "drain-node-1")

@@ -188,7 +188,7 @@ def test_two_policies_two_drains_every_limit_holds(env) -> None:
             (m.get("status", {}).get("migrationState", {}).get("targetNode")
              or m["spec"].get("addedNodeSelector", {}).get("kubernetes.io/hostname"))
             for m in live if m["metadata"]["labels"].get("virtshift.io/policy") == "gold")
-        # KubeVirt's limits bound the migrations it runs (one round more may wait in its
+        # KubeVirt's limits bound the migrations it runs (rounds more may wait in its
         # queue); the policies' limits bound every unfinished one.
         running = [m for m in live if m.get("status", {}).get("phase") in IN_FLIGHT_PHASES]
         running_by_source = Counter(m["metadata"]["labels"].get("virtshift.io/source-node")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtshift.api.kubevirt import FINAL_PHASES, IN_FLIGHT_PHASES
-from virtshift.domain.drain import CORDONED_BY
+from virtshift.domain.drain import CORDONED_BY, MAX_QUEUE_ROUNDS
 from virtshift.domain.rules import Rules
 from virtshift.domain.storage import MOVED_BY_LABEL, VM_LABEL
 from virtshift.k8s import rest, views
@@ -113,7 +113,7 @@ def check_always(state: ClusterState) -> list[Violation]:
     out += [Violation(ONE_MIGRATION, f"{vmi}: {n} unfinished VMIMs")
             for vmi, n in per_vmi.items() if n > 1]
     # KubeVirt runs at most its limits and queues the rest (Pending); virtshift keeps at most
-    # one round more of its own waiting in that queue (domain.drain._kubevirt_queue).
+    # MAX_QUEUE_ROUNDS rounds more of its own waiting in that queue (domain.drain._queue_rounds).
     cluster_limit, node_limit = state.kubevirt_limits()
     running = [m for m in unfinished if _phase(m) in IN_FLIGHT_PHASES]
     if len(running) > cluster_limit:
@@ -126,14 +126,15 @@ def check_always(state: ClusterState) -> list[Violation]:
                               f"{node_limit}") for node, n in running_from.items()
             if node and n > node_limit]
     mine = [m for m in unfinished if _ours(m)]
-    if len(mine) > 2 * cluster_limit:
-        out.append(Violation(LIMITS, f"{len(mine)} unfinished migrations of ours > twice "
+    rounds = 1 + MAX_QUEUE_ROUNDS
+    if len(mine) > rounds * cluster_limit:
+        out.append(Violation(LIMITS, f"{len(mine)} unfinished migrations of ours > {rounds} x "
                                      f"parallelMigrationsPerCluster {cluster_limit}"))
     per_source = Counter((m["metadata"].get("labels") or {}).get(views.SOURCE_LABEL)
                          for m in mine)
-    out += [Violation(LIMITS, f"{n} unfinished of ours from {node} > twice "
+    out += [Violation(LIMITS, f"{n} unfinished of ours from {node} > {rounds} x "
                               f"parallelOutboundMigrationsPerNode {node_limit}")
-            for node, n in per_source.items() if node and n > 2 * node_limit]
+            for node, n in per_source.items() if node and n > rounds * node_limit]
     for policy in state.policies:
         spec = policy.get("spec") or {}
         name = policy["metadata"]["name"]

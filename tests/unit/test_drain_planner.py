@@ -95,12 +95,32 @@ def test_the_same_snapshot_gives_the_same_decision() -> None:
     (0, KubeVirtLimits(5, 3), 5),
 ])
 def test_kubevirt_limits_count_every_unfinished_migration(others, limits, expected) -> None:
-    """KubeVirt's limits bound the migrations it runs; virtshift keeps one round more waiting
-    in KubeVirt's queue, counting every unfinished migration (anyone's, queued or running)."""
+    """KubeVirt's limits bound the migrations it runs; virtshift keeps a round more waiting in
+    KubeVirt's queue (before any reaction is measured), counting every unfinished migration
+    (anyone's, queued or running)."""
     busy = [MigrationInfo(namespace="x", name=f"o{i}", vmi=f"o{i}", phase="Pending",
                           source=f"n{9 + i}") for i in range(others)]
     d = plan_drain(snap([vmi(f"v{i}") for i in range(5)], others=busy, limits=limits))
     assert len(d.create) == expected
+
+
+@pytest.mark.parametrize(("reaction", "rounds"), [
+    (None, 1),  # not measured yet
+    (0.5, 1),  # we answer within half a migration: one round queued covers it
+    (1.0, 1),
+    (2.5, 3),  # a slow answer (a busy API server, a fast simulated clock): more rounds
+    (100.0, 4),  # never more than MAX_QUEUE_ROUNDS
+])
+def test_the_kubevirt_queue_covers_our_reaction(reaction: float | None, rounds: int) -> None:
+    """Rounds of migrations wait in KubeVirt's queue (it starts each as a slot frees) so that
+    no slot idles while we react; ``reaction``: our measured answer time, in typical
+    migrations (predicted) of those still to start."""
+    vms = [vmi(f"v{i:02}") for i in range(20)]
+    typical = plan_drain(snap(vms)).status.vms[0].predicted_seconds
+    assert typical
+    d = plan_drain(snap(vms, limits=KubeVirtLimits(10, 2),
+                        reaction_seconds=(reaction or 0.0) * typical))
+    assert len(d.create) == 2 + rounds * 2
 
 
 def test_an_in_flight_migration_on_the_node_counts_against_outbound() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class DrainSnapshot:
     claims: Mapping[str, storage.ClaimInfo] = field(default_factory=dict)
     classes: Mapping[str, storage.ClassInfo] = field(default_factory=dict)
     updates_migrate: bool = True
+    # Cluster seconds from a change (a slot freed) to our next write landing, as measured of
+    # the operator's recent passes: what the migrations queued in KubeVirt must cover.
+    reaction_seconds: float = 0.0
 
     @property
     def owner(self) -> str:
@@ -631,9 +635,9 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     the one with the fewest migrations arriving is taken (_spread): two migrations into one
     node share its NIC.
 
-    Where only KubeVirt's own limits hold a live migration back, a second round is created
-    ahead, to wait in KubeVirt's queue (Pending): KubeVirt starts it the moment a slot frees,
-    in the order we created them, instead of after our next pass (_kubevirt_queue)."""
+    Where only KubeVirt's own limits hold a live migration back, more rounds are created ahead,
+    to wait in KubeVirt's queue (Pending): KubeVirt starts them the moment a slot frees, in the
+    order we created them, instead of after our next pass (_kubevirt_queue, _queue_rounds)."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
                   else "DeadlineExceeded")
@@ -654,6 +658,7 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     arriving = Counter(m.target for m in unfinished if m.target)
     room = _Room(s)
     pin = bool(later)
+    rounds = _queue_rounds(s, vms)
     for v in sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
@@ -663,7 +668,7 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
                                                  "message": closed[1]})
             continue
         # A VM whose disks' move began holds its slot since (_storage_in_flight).
-        queue = _kubevirt_queue(s, rules, v)
+        queue = _kubevirt_queue(s, rules, v, rounds)
         if not v.reserved and (
                 total >= s.limits.per_cluster + queue[0]
                 or per_node[source] >= _concurrency(s, rules) + queue[1] or (
@@ -730,18 +735,35 @@ def _spread(targets: list[str], arriving: Counter[str], later: tuple[str, ...]
                                                    else arriving[it[1]], it[0]))[1]
 
 
-def _kubevirt_queue(s: DrainSnapshot, rules: Rules, v: _VM) -> tuple[int, int]:
+MAX_QUEUE_ROUNDS = 4  # rounds of migrations that may wait in KubeVirt's queue, at most
+
+
+def _queue_rounds(s: DrainSnapshot, vms: list[_VM]) -> int:
+    """How many rounds to keep waiting in KubeVirt's queue: the queue must last until our
+    next migrations land, and R rounds last about R typical migrations (those still to
+    start, predicted). One at least; more when our reaction is slower than a migration (a
+    busy API server, a simulated clock that multiplies it)."""
+    waiting = [v.seconds for v in vms if v.candidate_attempt and not v.stop and v.move is None
+               and v.seconds > 0]
+    if s.reaction_seconds <= 0 or not waiting:
+        return 1
+    typical = sum(waiting) / len(waiting)
+    return max(1, min(MAX_QUEUE_ROUNDS, math.ceil(s.reaction_seconds / typical)))
+
+
+def _kubevirt_queue(s: DrainSnapshot, rules: Rules, v: _VM, rounds: int = 1
+                    ) -> tuple[int, int]:
     """How many migrations beyond KubeVirt's running limits (cluster, per source node) may wait
-    in KubeVirt's queue: a round of each, when KubeVirt's limits are the only ones that apply
-    (no outbound limit of the policy's, no bandwidth-derived one; maxParallelMigrations and
-    inbound limits count queued migrations anyway). None for a stop or a storage move, which
-    take effect at once."""
+    in KubeVirt's queue: ``rounds`` of each (_queue_rounds), when KubeVirt's limits are the only
+    ones that apply (no outbound limit of the policy's, no bandwidth-derived one;
+    maxParallelMigrations and inbound limits count queued migrations anyway). None for a stop
+    or a storage move, which take effect at once."""
     if v.stop or v.move is not None:
         return 0, 0
     ours = _concurrency(s, rules)
     node = s.limits.outbound_per_node if ours >= min(s.limits.outbound_per_node,
                                                      s.limits.per_cluster) else 0
-    return s.limits.per_cluster, node
+    return rounds * s.limits.per_cluster, rounds * node
 
 
 def _copies_full(rules: Rules, move: storage.Move, into: Counter[str],

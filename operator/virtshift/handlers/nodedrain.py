@@ -3,6 +3,7 @@ and a deletion handler that ends maintenance."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from typing import Any
@@ -54,7 +55,8 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
         # delete handler either sees everything we did, or we do nothing.
         if stopped:
             return
-        snapshot = rt.cluster.snapshot(drain, rt.blocked_pods[name], pods)
+        snapshot = dataclasses.replace(rt.cluster.snapshot(drain, rt.blocked_pods[name], pods),
+                                       reaction_seconds=rt.reaction(name))
         decision = plan_drain(snapshot)
         rt.blocked_pods[name] = rt.actions.apply(drain, decision).blocked
     rt.declare(name, frozenset(n.name for n in decision.status.nodes or []),
@@ -138,9 +140,11 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
     while not stopped:
         wake.clear()
         metrics.RECONCILES.labels("NodeDrain").inc()
+        since = rt.answering(name)
         try:
             with logs.context(drain=name):
                 reconcile(name, stopped)
+            rt.answered(name, since)
         except (ApiError, *TRANSPORT_ERRORS) as exc:
             # The API server failing (after the client's retries) is expected under faults: one
             # line, not a traceback on every pass.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -18,6 +19,7 @@ from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
 METRICS_INTERVAL = 5.0  # cluster seconds between scrapes of the metrics source
+REACTIONS = 20  # a drain's recent answers to events, of which reaction() takes the slow end
 DRAIN_VMS = Gauge("virtshift_drain_vms", "VMs of a NodeDrain by state", ["drain", "state"])
 DRAIN_REMAINING = Gauge("virtshift_drain_remaining_seconds",
                         "Predicted seconds until a NodeDrain completes", ["drain"])
@@ -64,6 +66,10 @@ class Runtime:
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)
         # drain -> (its nodes, the VM keys it follows), from its last pass (declare).
         self._interest: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        # drain -> when the first event its next pass answers arrived (monotonic), and the
+        # wall seconds its recent passes took to answer one (reaction).
+        self._woken_at: dict[str, float] = {}
+        self._answers: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=REACTIONS))
         self._lock = threading.Lock()
         # drain -> (kind, VM move) whose downtime the histogram already has
         self.predictions_counted: dict[str, set[tuple[str, str]]] = defaultdict(set)
@@ -91,6 +97,31 @@ class Runtime:
         with self._lock:
             return self._wake[drain]
 
+    def _woken(self, drain: str) -> None:
+        with self._lock:
+            self._woken_at.setdefault(drain, time.monotonic())
+        self.wake_event(drain).set()
+
+    def answering(self, drain: str) -> float | None:
+        """A pass begins: when the earliest event it answers arrived (None: a resync)."""
+        with self._lock:
+            return self._woken_at.pop(drain, None)
+
+    def answered(self, drain: str, since: float | None) -> None:
+        """The pass's writes have landed: how long after its event."""
+        if since is not None:
+            with self._lock:
+                self._answers[drain].append(time.monotonic() - since)
+
+    def reaction(self, drain: str) -> float:
+        """Cluster seconds the drain takes to answer an event, at the slow end of its recent
+        passes (the 90th percentile): what the migrations queued in KubeVirt must cover."""
+        with self._lock:
+            answers = sorted(self._answers.get(drain) or ())
+        if not answers:
+            return 0.0
+        return answers[min(len(answers) - 1, int(0.9 * len(answers)))] * self.settings.time_scale
+
     def declare(self, drain: str, nodes: frozenset[str], keys: frozenset[str]) -> None:
         """What a drain's last pass looked at: the events about other nodes and VMs need not
         wake it (its resync still comes)."""
@@ -106,15 +137,15 @@ class Runtime:
             drain = (meta.get("annotations") or {}).get(DRAIN_NAME_ANNOTATION)
             ended = (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
             if drain and not ended:
-                self.wake_event(drain).set()
+                self._woken(drain)
                 return
         routed = _route(kind, obj)
         with self._lock:
-            events = [ev for name, ev in self._wake.items()
-                      if routed is None or (seen := self._interest.get(name)) is None
-                      or routed[0] in seen[0] or routed[1] in seen[1]]
-        for ev in events:
-            ev.set()
+            woken = [name for name in self._wake
+                     if routed is None or (seen := self._interest.get(name)) is None
+                     or routed[0] in seen[0] or routed[1] in seen[1]]
+        for name in woken:
+            self._woken(name)
 
     def drain(self, name: str) -> JSON | None:
         return self.cluster.drains.get(name)
@@ -126,6 +157,8 @@ class Runtime:
         with self._lock:
             self._wake.pop(name, None)
             self._interest.pop(name, None)
+            self._woken_at.pop(name, None)
+            self._answers.pop(name, None)
         self.blocked_pods.pop(name, None)
         for state in ("total", "pending", "migrating", "succeeded", "failed", "skipped"):
             with contextlib.suppress(KeyError):  # never reported for this drain
