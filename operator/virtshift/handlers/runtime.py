@@ -19,7 +19,7 @@ from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
 METRICS_INTERVAL = 5.0  # cluster seconds between scrapes of the metrics source
-REACTIONS = 20  # a drain's recent answers to events, of which reaction() takes the slow end
+REACTIONS = 20  # a drain's recent answers to events, of which reaction() takes the slowest
 DRAIN_VMS = Gauge("virtshift_drain_vms", "VMs of a NodeDrain by state", ["drain", "state"])
 DRAIN_REMAINING = Gauge("virtshift_drain_remaining_seconds",
                         "Predicted seconds until a NodeDrain completes", ["drain"])
@@ -114,13 +114,13 @@ class Runtime:
                 self._answers[drain].append(time.monotonic() - since)
 
     def reaction(self, drain: str) -> float:
-        """Cluster seconds the drain takes to answer an event, at the slow end of its recent
-        passes (the 90th percentile): what the migrations queued in KubeVirt must cover."""
+        """Cluster seconds the drain takes to answer an event, the slowest of its recent
+        passes: what the migrations queued in KubeVirt must cover (a slot idles whenever an
+        answer comes later than the queue lasts)."""
         with self._lock:
-            answers = sorted(self._answers.get(drain) or ())
-        if not answers:
-            return 0.0
-        return answers[min(len(answers) - 1, int(0.9 * len(answers)))] * self.settings.time_scale
+            answers = self._answers.get(drain) or ()
+            slowest = max(answers, default=0.0)
+        return slowest * self.settings.time_scale
 
     def declare(self, drain: str, nodes: frozenset[str], keys: frozenset[str]) -> None:
         """What a drain's last pass looked at: the events about other nodes and VMs need not
