@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,32 +91,11 @@ class Applied:
     failed: list[str] = field(default_factory=list)
 
 
-PARALLEL_CREATES = 4
-
-
-def _batches(steps: list[tuple[str, Callable[[], object]]]
-             ) -> list[list[tuple[str, Callable[[], object]]]]:
-    """The steps in order, consecutive migration creates together in one batch (run side by
-    side), every other step a batch of its own."""
-    out: list[list[tuple[str, Callable[[], object]]]] = []
-    for what, step in steps:
-        if what.startswith("create ") and out and out[-1][0][0].startswith("create "):
-            out[-1].append((what, step))
-        else:
-            out.append([(what, step)])
-    return out
-
-
 class Actions:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.kube = cluster.kube
         self.events = EventRecorder(cluster.kube, background=True)
-        # A pass's migrations are created side by side: one by one, at a few hundredths of a
-        # second each, a pass that starts many (a wave's next node, a deep KubeVirt queue)
-        # would hold back its own first migrations.
-        self._pool = ThreadPoolExecutor(max_workers=PARALLEL_CREATES,
-                                        thread_name_prefix="create")
 
     def apply(self, drain: JSON, d: Decision) -> Applied:
         """Do it all. One refused write (a webhook, a conflict) is reported and does not hold
@@ -151,18 +129,15 @@ class Actions:
         ]
         cordoned = True
         no_claim: set[str] = set()  # VMs whose destination claim could not be made
-        for batch in _batches(steps):
-            run = []
-            for what, step in batch:
-                if not cordoned and what.startswith(("create ", "stop ", "evict ", "claim ",
-                                                     "volumes ")):
-                    continue  # nothing leaves a node that has not been cordoned: next pass
-                if what.startswith("volumes ") and what.split(" ", 1)[1] in no_claim:
-                    continue  # never point a VM at a claim that does not exist
-                run.append((what, step))
-            for what, exc in self._run(run):
-                if not isinstance(exc, (ApiError, *TRANSPORT_ERRORS)):
-                    raise exc
+        for what, step in steps:
+            if not cordoned and what.startswith(("create ", "stop ", "evict ", "claim ",
+                                                 "volumes ")):
+                continue  # nothing leaves a node that has not been cordoned: next pass
+            if what.startswith("volumes ") and what.split(" ", 1)[1] in no_claim:
+                continue  # never point a VM at a claim that does not exist
+            try:
+                step()
+            except (ApiError, *TRANSPORT_ERRORS) as exc:
                 # A dropped connection is a failed step like a refused write: reported, and
                 # the others still done; escaping here, it made kopf wait 60 s to end a
                 # maintenance (test_proxy_fault[requests dropped unanswered]).
@@ -175,24 +150,6 @@ class Actions:
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
                 out.failed.append(f"{what}: {exc}")
         return out
-
-    def _run(self, steps: list[tuple[str, Callable[[], object]]]
-             ) -> list[tuple[str, BaseException]]:
-        """Run the steps (migrations' creates side by side, the rest one by one); the ones
-        that failed, in order."""
-        def attempt(step: Callable[[], object]) -> BaseException | None:
-            try:
-                step()
-            except Exception as exc:
-                return exc
-            return None
-
-        if len(steps) > 1:
-            outcomes = list(self._pool.map(attempt, (step for _what, step in steps)))
-        else:
-            outcomes = [attempt(step) for _what, step in steps]
-        return [(what, exc) for (what, _step), exc in zip(steps, outcomes, strict=True)
-                if exc is not None]
 
     def _evict_into(self, key: str, blocked: dict[str, str]) -> None:
         reason = self.evict(key)
