@@ -85,11 +85,17 @@ def test_twenty_vms_move_within_the_copy_limit_at_the_class_bandwidth(env) -> No
         return all(not vmis[k]["status"].get("migratedVolumes") and all(
             pvcs[(k[0], c)]["spec"]["storageClassName"] == "ceph-rbd"
             for c in claims_of_vmi(vmis[k]).values()) for k in before)
+    def succeeded() -> list[dict[str, Any]]:
+        return [m for m in kube.items(rest.VMIMS)
+                if (m.get("status") or {}).get("phase") == "Succeeded"]
+
     wait_for(on_ceph, 600, what=lambda: "every disk on ceph-rbd: " + str(
         (kube.get(rest.POLICIES, "off-legacy") or {}).get("status", {}).get("storage", {}).get(
             "counts")))
-
-    migrations = [m for m in kube.items(rest.VMIMS) if m["status"].get("phase") == "Succeeded"]
+    # KubeVirt writes the VMI (virt-handler) before the VMIM (virt-controller): the last
+    # migrations may show Succeeded a moment after their VMIs run on the new claims.
+    wait_for(lambda: len(succeeded()) >= len(before), 30, what="every VMIM Succeeded")
+    migrations = succeeded()
     assert {(m["metadata"]["namespace"], m["spec"]["vmiName"]) for m in migrations} == set(
         before)
     # Never more than four copies at once: from creation to the end of each migration.
