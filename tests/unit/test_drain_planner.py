@@ -11,6 +11,7 @@ import pytest
 from virtshift.api.nodedrain import NodeDrainSpec, NodeDrainStatus, NodeEntry, VMEntry
 from virtshift.api.units import GiB
 from virtshift.domain.drain import CORDONED_BY, DrainSnapshot, finalize_drain, plan_drain, stamp
+from virtshift.domain.eta import Estimator
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import (
     DowntimeObservation,
@@ -70,8 +71,13 @@ def entry(decision, name: str):
     return next(e for e in decision.status.vms if e.name == name)
 
 
+# Target pods that start at once: no start-up to send one VM's memory during another's, so no
+# start waits for a transfer (domain.stagger). For the tests of limits and placement.
+INSTANT = Estimator(target_startup=0.0)
+
+
 def test_cordons_and_starts_within_the_outbound_limit() -> None:
-    d = plan_drain(snap([vmi("a"), vmi("b", memory=8 * GiB), vmi("c")]))
+    d = plan_drain(snap([vmi("a"), vmi("b", memory=8 * GiB), vmi("c")], estimator=INSTANT))
     assert d.cordon == ["n1"]
     # Longest first; two may run per source node (KubeVirt's limit) and a round more waits in
     # KubeVirt's queue, so a slot never idles between our passes.
@@ -100,7 +106,8 @@ def test_kubevirt_limits_count_every_unfinished_migration(others, limits, expect
     (anyone's, queued or running)."""
     busy = [MigrationInfo(namespace="x", name=f"o{i}", vmi=f"o{i}", phase="Pending",
                           source=f"n{9 + i}") for i in range(others)]
-    d = plan_drain(snap([vmi(f"v{i}") for i in range(5)], others=busy, limits=limits))
+    d = plan_drain(snap([vmi(f"v{i}") for i in range(5)], others=busy, limits=limits,
+                        estimator=INSTANT))
     assert len(d.create) == expected
 
 
@@ -116,18 +123,19 @@ def test_the_kubevirt_queue_covers_our_reaction(reaction: float | None, rounds: 
     no slot idles while we react; ``reaction``: our measured answer time, in typical
     migrations (predicted) of those still to start."""
     vms = [vmi(f"v{i:02}") for i in range(20)]
-    typical = plan_drain(snap(vms)).status.vms[0].predicted_seconds
+    typical = plan_drain(snap(vms, estimator=INSTANT)).status.vms[0].predicted_seconds
     assert typical
-    d = plan_drain(snap(vms, limits=KubeVirtLimits(10, 2),
+    d = plan_drain(snap(vms, limits=KubeVirtLimits(10, 2), estimator=INSTANT,
                         reaction_seconds=(reaction or 0.0) * typical))
     assert len(d.create) == 2 + rounds * 2
 
 
 def test_an_in_flight_migration_on_the_node_counts_against_outbound() -> None:
-    d = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")], migrations=[mig("a", 1, "Running")]),
-                   )
+    d = plan_drain(snap([vmi("a"), vmi("b"), vmi("c")], migrations=[mig("a", 1, "Running")],
+                        estimator=INSTANT))
     assert sorted(created(d)) == ["vs-d-b-1", "vs-d-c-1"]  # 1 running + 1 + 1 queued
-    d = plan_drain(snap([vmi(x) for x in "abcde"], migrations=[mig("a", 1, "Running")]))
+    d = plan_drain(snap([vmi(x) for x in "abcde"], migrations=[mig("a", 1, "Running")],
+                        estimator=INSTANT))
     assert len(created(d)) == 3  # two per node, and a round of two queued
     assert entry(d, "a").phase == "Migrating" and entry(d, "a").reason == "Running"
 
@@ -529,7 +537,8 @@ def test_windows_gate_new_migrations(window, opens) -> None:
 def test_inbound_limit_pins_distinct_targets() -> None:
     rules = Rules(policy="p", max_inbound_per_node=1)
     vms = [vmi(f"v{i}") for i in range(3)]
-    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(5, 5)))
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(5, 5),
+                        estimator=INSTANT))
     targets = [m.selector["kubernetes.io/hostname"] for m in d.create]
     assert sorted(targets) == ["n2", "n3"]  # two nodes, one arrival each; the third waits
 
@@ -617,13 +626,14 @@ def test_max_parallel_outbound_per_node_bounds_each_source(outbound, expected, t
     fields = {"maxParallelOutboundPerNode": outbound} if outbound else {}
     rules = _policy_rules(**fields)
     vms = [vmi(f"v{i}") for i in range(6)]
-    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5)))
+    d = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5),
+                        estimator=INSTANT))
     assert len(d.create) == expected
     assert {m.source for m in d.create} == {"n1"}
     busy = [MigrationInfo(namespace="x", name="o", vmi="o", phase="Running", policy="p",
                           source="n1")]
     later = plan_drain(snap(vms, rules={v.key: rules for v in vms}, limits=KubeVirtLimits(4, 5),
-                            others=busy))
+                            others=busy, estimator=INSTANT))
     assert len(later.create) == then
 
 
@@ -817,7 +827,7 @@ def test_a_wave_spreads_its_pinned_targets(arriving: list[MigrationInfo],
                                            expected: list[str]) -> None:
     vms = [vmi(f"v{i}", "n1", memory=(8 - i) * GiB) for i in range(4)]
     d = plan_drain(snap(vms, nodes=_wave_nodes("n1", "n2", "n3", "n4", "n5"), spec=WAVE,
-                        limits=KubeVirtLimits(10, 4), others=arriving))
+                        limits=KubeVirtLimits(10, 4), others=arriving, estimator=INSTANT))
     assert [m.selector["kubernetes.io/hostname"] for m in d.create] == expected
 
 

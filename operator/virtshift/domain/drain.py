@@ -38,7 +38,7 @@ from virtshift.api.nodedrain import (
     VMPhase,
 )
 from virtshift.api.units import parse_duration, parse_quantity
-from virtshift.domain import downtime, preflight, storage, windows
+from virtshift.domain import downtime, preflight, stagger, storage, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
@@ -151,6 +151,8 @@ class Decision:
     delete_claims: list[str] = field(default_factory=list)
     # Downtimes observed in this pass (each once, for the metrics): never predictions.
     downtimes: list[DowntimeObservation] = field(default_factory=list)
+    # Cluster seconds after which a pass is due though nothing changes (a staggered start).
+    recheck_after: float | None = None
 
     @property
     def changes_cluster(self) -> bool:
@@ -659,9 +661,14 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     room = _Room(s)
     pin = bool(later)
     rounds = _queue_rounds(s, vms)
-    for v in sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds):
+    held: set[str] = set()  # sources whose next start waits for a transfer to end (stagger)
+    begun: dict[str, list[stagger.Transfer]] = {}  # transfers this pass starts, by source
+    for v in _start_order(s, vms, per_node):
         rules = s.rules_for(v.key)
         source = v.entry.source_node or ""
+        live = not v.stop and v.move is None
+        if live and source in held:
+            continue  # whatever we created now would start in the slot the held one waits for
         closed = _window_closed(rules, s.now)
         if closed:
             v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING, "reason": closed[0],
@@ -677,6 +684,14 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
         if v.move and _copies_full(rules, v.move, into, out_of):
             v.entry = v.entry.model_copy(update={"message": "waiting for a copy slot "
                                                  "(storage.maxParallelCopies)"})
+            continue
+        starts_now = live and not v.reserved and total < s.limits.per_cluster and \
+            per_node[source] < min(_concurrency(s, rules), s.limits.outbound_per_node)
+        if starts_now and (delay := _stagger(s, v.key, rules, source, begun)):
+            held.add(source)
+            decision.recheck_after = min(decision.recheck_after or delay, delay)
+            v.entry = v.entry.model_copy(update={"message": "staggered: waiting for the "
+                                                 f"transfer leaving {source} to end"})
             continue
         limit = None if v.stop else rules.max_inbound_per_node  # a restart is no arrival
         target = _spread([n for n in v.targets if room.fits(n, v.requests) and (
@@ -723,6 +738,56 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
+
+
+def _start_order(s: DrainSnapshot, vms: list[_VM], per_node: Counter[str]) -> list[_VM]:
+    """Longest first, except that a source with nothing leaving it yet whose starts are
+    staggered begins with its shortest live migration: the next one waits only for that
+    transfer (_stagger), and longest first keeps the later ones apart."""
+    order = sorted((v for v in vms if v.admissible), key=lambda v: -v.seconds)
+    first: dict[str, _VM] = {}
+    for v in reversed(order):
+        source = v.entry.source_node or ""
+        if not v.stop and v.move is None and not per_node[source] and source not in first \
+                and _staggers(s, s.rules_for(v.key), source):
+            first[source] = v
+    return list(first.values()) + [v for v in order if v not in first.values()]
+
+
+def _staggers(s: DrainSnapshot, rules: Rules, source: str) -> bool:
+    """Whether starts from ``source`` are staggered: its transfers share its NIC, and our
+    answers come well within a target pod's start-up -- a wait would otherwise end that much
+    later than meant, and hold back the queue behind it (as a clock that multiplies our
+    latency does)."""
+    return s.reaction_seconds < s.estimator.target_startup / 2 and stagger.shares_nic(
+        s.estimator, rules, _node_bandwidth(s, source), _concurrency(s, rules))
+
+
+def _stagger(s: DrainSnapshot, key: str, rules: Rules, source: str,
+             begun: dict[str, list[stagger.Transfer]]) -> float:
+    """Seconds the VM's migration should wait so that its transfer starts after those
+    leaving ``source`` end (domain.stagger), including those this pass starts (``begun``,
+    to which it is added when it need not wait); 0 to start it now."""
+    vmi = s.vmis.get(key)
+    if vmi is None or not _staggers(s, rules, source):
+        return 0.0
+    nic = _node_bandwidth(s, source)
+    seconds = stagger.alone(s.estimator, vmi, rules, nic)
+    if seconds is None:
+        return 0.0
+
+    def seconds_of(m: MigrationInfo) -> float | None:
+        other = s.vmis.get(m.vmi_key)
+        return None if other is None else stagger.alone(
+            s.estimator, other, s.rules_for(m.vmi_key), nic)
+    startup = s.estimator.target_startup
+    others = stagger.under_way(s.cluster_unfinished, source, s.limits.outbound_per_node,
+                               s.now, s.estimator, seconds_of) + begun.get(source, [])
+    delay = stagger.wait(s.now, seconds, others, startup)
+    if not delay:
+        begun.setdefault(source, []).append(stagger.Transfer(
+            s.now + dt.timedelta(seconds=startup), seconds + stagger.STAMP_RESOLUTION))
+    return delay
 
 
 def _spread(targets: list[str], arriving: Counter[str], later: tuple[str, ...]

@@ -98,6 +98,7 @@ class MigrationInfo:
     policy: str | None = None
     attempt: int = 0
     created: dt.datetime | None = None
+    scheduling_at: dt.datetime | None = None  # KubeVirt gave it a slot (left its queue)
     running_at: dt.datetime | None = None
     ended: dt.datetime | None = None
     source: str | None = None

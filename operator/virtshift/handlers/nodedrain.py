@@ -32,17 +32,18 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "virtshift.io", "v1alpha1", "nodedrains"
 
 
-def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
+def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> float | None:
+    """One pass; the cluster seconds after which the next is due though nothing changes."""
     rt = runtime.get()
     if not rt.cluster.synced():
         # Never decide on a partial view: a node whose VMIs are not in the cache yet would
         # look empty, and be reported Drained.
         log.info("NodeDrain %s: waiting for caches (%s)", name,
                  ", ".join(rt.cluster.unsynced()))
-        return
+        return None
     drain = rt.drain(name)
     if drain is None or drain["metadata"].get("deletionTimestamp"):
-        return
+        return None
     model = NodeDrain.model_validate(drain)
     pods = []
     if model.spec.evict_pods and not model.spec.dry_run:
@@ -54,7 +55,7 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
         # kopf stops the daemon and runs the delete handler in parallel; under this lock the
         # delete handler either sees everything we did, or we do nothing.
         if stopped:
-            return
+            return None
         snapshot = dataclasses.replace(rt.cluster.snapshot(drain, rt.blocked_pods[name], pods),
                                        reaction_seconds=rt.reaction(name))
         decision = plan_drain(snapshot)
@@ -71,6 +72,7 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> None:
     _log_changes(model.status or NodeDrainStatus(), decision)
     MIGRATIONS_CREATED.labels(name).inc(len(decision.create))
     _drain_metrics(rt, name, model, decision)
+    return decision.recheck_after
 
 
 def _log_changes(before: NodeDrainStatus, decision: Decision) -> None:
@@ -141,10 +143,13 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
         wake.clear()
         metrics.RECONCILES.labels("NodeDrain").inc()
         since = rt.answering(name)
+        wait = rt.settings.resync_seconds
         try:
             with logs.context(drain=name):
-                reconcile(name, stopped)
+                recheck = reconcile(name, stopped)
             rt.answered(name, since)
+            if recheck is not None:
+                wait = min(wait, recheck / rt.settings.time_scale)
         except (ApiError, *TRANSPORT_ERRORS) as exc:
             # The API server failing (after the client's retries) is expected under faults: one
             # line, not a traceback on every pass.
@@ -157,7 +162,7 @@ def drain_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
             log.exception("reconciling NodeDrain %s failed; retrying", name,
                           extra={"drain": name})
             stopped.wait(1.0)
-        wake.wait(rt.settings.resync_seconds)
+        wake.wait(wait)
 
 
 RETRY_SECONDS = 5.0  # between attempts to end maintenance after a write failed

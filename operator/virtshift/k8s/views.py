@@ -152,6 +152,7 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None,
         attempt=int(labels.get(ATTEMPT_LABEL, 0) or 0),
         created=parse_time(transitions.get("Pending")) or parse_time(
             meta.get("creationTimestamp")),
+        scheduling_at=parse_time(transitions.get("Scheduling")),
         running_at=parse_time(transitions.get("Running")),
         ended=ended or ended_seen, source=state.get("sourceNode"),
         # Until KubeVirt schedules it, a pinned migration's target is its node selector's host.
