@@ -38,6 +38,24 @@ FUZZ_EXAMPLES = int(os.environ.get("RELIABILITY_FUZZ", 150 if FULL else 25))
 _FRESH = True
 
 
+_TWO_NODES = """
+seed: SEED
+timeScale: 10
+kubevirt: {parallelMigrationsPerCluster: 4, parallelOutboundMigrationsPerNode: 2}
+nodes:
+  - generate: {count: 4, prefix: node-, allocatable: {cpu: "64", memory: 256Gi}}
+vms:
+  - generate: {count: 16, prefix: vm-, namespace: apps, nodes: [node-1, node-2],
+               memory: [1Gi, 4Gi], dirtyRate: [10Mi, 100Mi]}
+"""
+
+
+def two_busy_nodes(seed: int) -> str:
+    """The fault tests' scenario: 16 VMs on node-1 and node-2 of four nodes, under KubeVirt's
+    limits of 4 migrations and 2 per node; ``seed`` picks their sizes and dirty rates."""
+    return _TWO_NODES.replace("SEED", str(seed))
+
+
 @dataclass
 class FaultRun:
     """One run of one fault: what was checked, what broke, how long recovery took."""

@@ -13,19 +13,10 @@ import time
 import pytest
 import yaml
 from fault_proxy import FaultProxy
-from harness import FaultRun
+from harness import FaultRun, two_busy_nodes
 from invariants import Watcher
 
-SCENARIO = """
-seed: 9
-timeScale: 10
-kubevirt: {parallelMigrationsPerCluster: 4, parallelOutboundMigrationsPerNode: 2}
-nodes:
-  - generate: {count: 4, prefix: node-, allocatable: {cpu: "64", memory: 256Gi}}
-vms:
-  - generate: {count: 16, prefix: vm-, namespace: apps, nodes: [node-1, node-2],
-               memory: [1Gi, 4Gi], dirtyRate: [10Mi, 100Mi]}
-"""
+SCENARIO = two_busy_nodes(seed=9)
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,10 @@ import random
 import time
 
 import pytest
-from harness import SIGKILL_SEEDS, FaultRun
+from harness import SIGKILL_SEEDS, FaultRun, two_busy_nodes
 from invariants import ClusterState, Watcher, duplicate_migrations
 
-SCENARIO = """
-seed: 5
-timeScale: 10
-kubevirt: {parallelMigrationsPerCluster: 4, parallelOutboundMigrationsPerNode: 2}
-nodes:
-  - generate: {count: 4, prefix: node-, allocatable: {cpu: "64", memory: 256Gi}}
-vms:
-  - generate: {count: 16, prefix: vm-, namespace: apps, nodes: [node-1, node-2],
-               memory: [1Gi, 4Gi], dirtyRate: [10Mi, 100Mi]}
-"""
+SCENARIO = two_busy_nodes(seed=5)
 
 
 ENVS: dict[int, object] = {}
