@@ -24,7 +24,7 @@ from operator_harness import OperatorProcess, drain_body, get_drain, phase_of, w
 from virtshift.api.kubevirt import FINAL_PHASES, IN_FLIGHT_PHASES
 from virtshift.domain.drain import MAX_QUEUE_ROUNDS
 from virtshift.k8s import rest
-from virtshift.k8s.views import DRAIN_LABEL, parse_time
+from virtshift.k8s.views import ATTEMPT_LABEL, DRAIN_LABEL, parse_time
 from virtshift.sim import runner
 from virtshift.sim.objects import DOWNTIME_ANNOTATION
 from virtshift.sim.scenario import load_scenario
@@ -542,6 +542,42 @@ def test_without_a_downtime_source_no_downtime_is_reported_as_observed(env) -> N
                         field_selector="involvedObject.name=unobserved-node-9")
     assert not [e for e in events if e["reason"] == "DowntimeExceeded"
                 or "observed downtime" in e["message"]]
+
+
+def test_pausing_withdraws_what_kubevirt_has_not_started(env) -> None:
+    """paused: our migrations still queued in KubeVirt are withdrawn and only those under way
+    go on; resumed, every VM leaves on its first attempt (a withdrawal is no failed one)."""
+    kube = env["kube"]
+
+    def ours() -> list[dict[str, Any]]:
+        return migrations_of(kube, "drain-node-5")
+
+    def queued(m: dict[str, Any]) -> bool:
+        return (m.get("status") or {}).get("phase", "") in ("", "Pending")
+
+    on_node = {v["metadata"]["name"] for v in vmis_on(kube, "node-5")}
+    assert len(on_node) >= 5
+    kube.create(rest.NODE_DRAINS, drain_body("drain-node-5", nodeName="node-5"))
+    wait_for(lambda: sum(not queued(m) for m in ours()) >= 2 and any(map(queued, ours())),
+             timeout=60, every=0.02, what="two migrations under way and one queued")
+    kube.patch(rest.NODE_DRAINS, "drain-node-5", {"spec": {"paused": True}})
+    wait_for(lambda: not any(map(queued, ours())), timeout=30, what="the queue withdrawn")
+    under_way = {m["metadata"]["name"] for m in ours()}
+    time.sleep(3)  # 30 s of cluster time: slots free up, and nothing takes them
+    assert {m["metadata"]["name"] for m in ours()} <= under_way
+    status = get_drain(kube, "drain-node-5")["status"]
+    assert any(v["phase"] == "Waiting" and v["reason"] == "Paused" for v in status["vms"]), \
+        status["vms"]
+    assert {v["metadata"]["name"] for v in vmis_on(kube, "node-5")} & on_node
+
+    kube.patch(rest.NODE_DRAINS, "drain-node-5", {"spec": {"paused": False}})
+    wait_for(lambda: phase_of(kube, "drain-node-5") == "Drained", timeout=120, what="drained")
+    assert not vmis_on(kube, "node-5")
+    succeeded = [m for m in ours() if m["status"]["phase"] == "Succeeded"]
+    assert sorted(m["spec"]["vmiName"] for m in succeeded) == sorted(on_node)
+    assert {m["metadata"]["labels"][ATTEMPT_LABEL] for m in succeeded} == {"1"}
+    kube.delete(rest.NODE_DRAINS, "drain-node-5")
+    wait_for(lambda: get_drain(kube, "drain-node-5") is None, timeout=60, what="drain gone")
 
 
 def test_operator_logged_no_tracebacks(env) -> None:

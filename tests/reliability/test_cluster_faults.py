@@ -235,8 +235,9 @@ def test_nodedrain_edited_mid_drain(env) -> None:
             "observedGeneration") == 2, timeout=30, what="generation 2 observed")
         before = {m["metadata"]["name"] for m in env.migrations("edited")}
         time.sleep(1)
-        assert {m["metadata"]["name"] for m in env.migrations("edited")} == before, \
-            "a migration started while paused"
+        # Those still queued in KubeVirt are withdrawn (deleted); none is created.
+        assert {m["metadata"]["name"] for m in env.migrations("edited")} <= before, \
+            "a migration was created while paused"
         kube.patch(rest.NODE_DRAINS, "edited", {"spec": {
             "paused": False, "targetNodeSelector": {"kubernetes.io/hostname": "node-10"}}})
 

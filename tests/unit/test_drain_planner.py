@@ -334,6 +334,39 @@ def test_paused_or_late_drains_start_nothing(spec, reason) -> None:
     assert not d.create and entry(d, "a").reason == reason
 
 
+@pytest.mark.parametrize(("spec", "reason"), [
+    ({"nodeName": "n1", "paused": True}, "Paused"),
+    ({"nodeName": "n1", "deadline": "1m"}, "DeadlineExceeded"),
+])
+def test_paused_or_late_drains_withdraw_what_kubevirt_has_not_started(spec, reason) -> None:
+    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)),
+                             nodes=[NodeEntry(name="n1", phase="Draining")])
+    ours = [mig("a", 1, "Running"), mig("b", 1, "Pending"), mig("c", 2, "")]
+    d = plan_drain(snap([vmi(x) for x in "abc"], spec=spec, status=status, migrations=ours))
+    assert [m.vmi for m in d.withdraw] == ["b", "c"] and not d.create and not d.cancel
+    assert (entry(d, "a").phase, entry(d, "a").reason) == ("Migrating", "Running")
+    for name in "bc":
+        assert (entry(d, name).phase, entry(d, name).reason) == ("Waiting", reason)
+        assert "withdrawn from KubeVirt's queue" in entry(d, name).message
+
+
+def test_a_withdrawn_migration_is_no_failed_attempt() -> None:
+    """Once withdrawn (gone, the VMI's count set back to before it), the VM starts the same
+    attempt again when the drain resumes: no backoff, nothing counted against maxAttempts."""
+    d = plan_drain(snap([vmi("b")], attempts={"ns/b": 0}, estimator=INSTANT))
+    assert created(d) == ["vs-d-b-1"]
+    earlier = [mig("b", 1, "Failed", ended=NOW - dt.timedelta(hours=1))]
+    d = plan_drain(snap([vmi("b")], attempts={"ns/b": 1}, migrations=earlier,
+                        estimator=INSTANT))
+    assert [m.attempt for m in d.create] == [2]
+
+
+def test_a_dry_run_withdraws_nothing() -> None:
+    d = plan_drain(snap([vmi("b")], spec={"nodeName": "n1", "dryRun": True},
+                        migrations=[mig("b", 1, "Pending")]))
+    assert d.withdraw == [] and not d.changes_cluster
+
+
 def test_deadline_is_reported_as_stalled() -> None:
     status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)))
     d = plan_drain(snap([vmi("a")], spec={"nodeName": "n1", "deadline": "1m"}, status=status))

@@ -138,6 +138,9 @@ class Decision:
     uncordon: list[str] = field(default_factory=list)
     create: list[NewMigration] = field(default_factory=list)
     cancel: list[MigrationInfo] = field(default_factory=list)
+    # Ours still in KubeVirt's queue when nothing may start: deleted, and not counted as
+    # attempts (never started, so never failed).
+    withdraw: list[MigrationInfo] = field(default_factory=list)
     halt: list[Stop] = field(default_factory=list)
     start: list[str] = field(default_factory=list)  # VM keys
     evict: list[str] = field(default_factory=list)  # pod keys
@@ -156,9 +159,9 @@ class Decision:
 
     @property
     def changes_cluster(self) -> bool:
-        return bool(self.cordon or self.uncordon or self.create or self.cancel or self.halt
-                    or self.start or self.evict or self.claims or self.volumes or self.revert
-                    or self.delete_claims)
+        return bool(self.cordon or self.uncordon or self.create or self.cancel or self.withdraw
+                    or self.halt or self.start or self.evict or self.claims or self.volumes
+                    or self.revert or self.delete_claims)
 
 
 def attempts_record(uid: str, attempts: int) -> str:
@@ -639,12 +642,21 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
 
     Where only KubeVirt's own limits hold a live migration back, more rounds are created ahead,
     to wait in KubeVirt's queue (Pending): KubeVirt starts them the moment a slot frees, in the
-    order we created them, instead of after our next pass (_kubevirt_queue, _queue_rounds)."""
+    order we created them, instead of after our next pass (_kubevirt_queue, _queue_rounds).
+    Once nothing may start (paused, past the deadline), those still queued are withdrawn."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
                   else "DeadlineExceeded")
+        if reason == "DryRun":
+            return
+        queued = {m.vmi_key: m for m in s.migrations if m.queued}
+        decision.withdraw.extend(queued.values())
         for v in vms:
-            if v.admissible and reason != "DryRun":
+            if v.key in queued:
+                v.entry = v.entry.model_copy(update={
+                    "phase": VMPhase.WAITING, "reason": reason, "message": "withdrawn from "
+                    f"KubeVirt's queue (migration {queued[v.key].name} had not started)"})
+            elif v.admissible:
                 v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING,
                                                      "reason": reason})
         return

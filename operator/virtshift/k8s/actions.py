@@ -18,9 +18,11 @@ from virtshift.domain.drain import (
     NewMigration,
     Stop,
     attempts_record,
+    recorded_attempts,
     stamp,
 )
 from virtshift.domain.naming import label_value
+from virtshift.domain.views import MigrationInfo
 from virtshift.k8s import rest, views
 from virtshift.k8s import storage as kstorage
 from virtshift.k8s.cluster import Cluster
@@ -120,6 +122,8 @@ class Actions:
               for m in d.create),
             *((f"cancel {m.namespace}/{m.name}",
                lambda m=m: self.kube.delete(rest.VMIMS, m.name, m.namespace)) for m in d.cancel),
+            *((f"withdraw {m.namespace}/{m.name}",
+               lambda m=m: self.withdraw(m, drain["metadata"]["uid"])) for m in d.withdraw),
             *((f"stop {s.key}", lambda s=s: self.halt(s, name)) for s in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
@@ -203,6 +207,35 @@ class Actions:
         except ApiError as exc:
             if not exc.not_found:
                 raise
+
+    def withdraw(self, m: MigrationInfo, drain_uid: str) -> None:
+        """Take a migration of ours out of KubeVirt's queue. It never started, so it is no
+        attempt: the VMI's attempt count goes back first (a crash in between leaves the
+        migration, whose own attempt label still counts), then the migration is deleted --
+        only as we saw it, still queued; one KubeVirt has started meanwhile goes on."""
+        current = self.cluster.vmims.get(f"{m.namespace}/{m.name}")
+        if current is None or not views.migration_info(current).queued:
+            return
+        vmi = self.cluster.vmis.get(m.vmi_key) or {}
+        annotations = (vmi.get("metadata") or {}).get("annotations") or {}
+        if vmi and recorded_attempts(annotations.get(ATTEMPTS_ANNOTATION), drain_uid) \
+                == m.attempt:
+            try:
+                self.cluster.vmis.put(self.kube.patch(rest.VMIS, m.vmi, {"metadata": {
+                    "annotations": {ATTEMPTS_ANNOTATION: attempts_record(
+                        drain_uid, m.attempt - 1)}}}, m.namespace))
+            except ApiError as exc:
+                if not exc.not_found:
+                    raise
+        try:
+            self.kube.delete(rest.VMIMS, m.name, m.namespace,
+                             uid=current["metadata"]["uid"],
+                             resource_version=current["metadata"]["resourceVersion"])
+        except ApiError as exc:
+            if not exc.conflict:
+                raise
+            log.info("migration %s/%s changed before its withdrawal; the next pass decides",
+                     m.namespace, m.name)
 
     def create_migration(self, m: NewMigration, drain: JSON) -> None:
         uid = drain["metadata"]["uid"]

@@ -380,13 +380,17 @@ class KubeClient:
                             params=params, content_type=kind)
 
     def delete(self, res: Resource, name: str, namespace: str | None = None,
-               grace_seconds: int | None = None, uid: str | None = None) -> bool:
-        """Delete; False when it was already gone."""
+               grace_seconds: int | None = None, uid: str | None = None,
+               resource_version: str | None = None) -> bool:
+        """Delete; False when it was already gone. ``uid``/``resource_version``: only that
+        object, as it was then (409 Conflict otherwise)."""
         body: JSON = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
-        if uid:
-            body["preconditions"] = {"uid": uid}
+        preconditions = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version))
+                         if v}
+        if preconditions:
+            body["preconditions"] = preconditions
         try:
             self.request("DELETE", res.path(namespace, name), body)
             return True
