@@ -20,9 +20,11 @@ from virtshift.k8s.views import DRAIN_NAME_ANNOTATION, parse_time
 
 METRICS_INTERVAL = 5.0  # cluster seconds between scrapes of the metrics source
 REACTIONS = 20  # a drain's recent answers to events, of which reaction() takes the slowest
-# Wall seconds assumed for an answer before a drain has measured one: its passes answered in
-# 0.08 to 0.3 s on the benchmark machine (2 cores, with the API server and the simulator).
-FIRST_ANSWER_SECONDS = 0.2
+# Wall seconds planned for an answer at the least: a drain's first answers, or those of a
+# quiet spell, come faster than its passes under load (0.08 to 0.3 s on the benchmark
+# machine: 2 cores, with the API server and the simulator), and planning on them would queue
+# too little and stagger starts whose wait then ends late.
+TYPICAL_ANSWER_SECONDS = 0.2
 DRAIN_VMS = Gauge("virtshift_drain_vms", "VMs of a NodeDrain by state", ["drain", "state"])
 DRAIN_REMAINING = Gauge("virtshift_drain_remaining_seconds",
                         "Predicted seconds until a NodeDrain completes", ["drain"])
@@ -118,12 +120,12 @@ class Runtime:
 
     def reaction(self, drain: str) -> float:
         """Cluster seconds the drain takes to answer an event, the slowest of its recent
-        passes: what the migrations queued in KubeVirt must cover (a slot idles whenever an
-        answer comes later than the queue lasts)."""
+        passes (a typical answer at the least): what the migrations queued in KubeVirt must
+        cover (a slot idles whenever an answer comes later than the queue lasts)."""
         with self._lock:
             answers = self._answers.get(drain) or ()
-            slowest = max(answers, default=FIRST_ANSWER_SECONDS)
-        return slowest * self.settings.time_scale
+            slowest = max(answers, default=0.0)
+        return max(slowest, TYPICAL_ANSWER_SECONDS) * self.settings.time_scale
 
     def declare(self, drain: str, nodes: frozenset[str], keys: frozenset[str]) -> None:
         """What a drain's last pass looked at: the events about other nodes and VMs need not
