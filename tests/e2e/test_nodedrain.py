@@ -509,6 +509,17 @@ def test_evict_pods_honours_pod_disruption_budgets(env) -> None:
     assert kube.get(rest.PODS, "agent", "apps") is not None  # DaemonSet pods stay
 
 
+def free_node(kube: rest.KubeClient) -> str:
+    """The node with the most VMs that no NodeDrain covers (the rolling wave's released nodes
+    are still its own, and it covers those still to come)."""
+    covered = {n["name"] for d in kube.items(rest.NODE_DRAINS)
+               for n in (d.get("status") or {}).get("nodes") or []}
+    return max((f"node-{i}" for i in range(2, 11)
+                if not kube.get(rest.NODES, f"node-{i}")["spec"].get("unschedulable")
+                and f"node-{i}" not in covered),
+               key=lambda n: len(vmis_on(kube, n)))
+
+
 def test_without_a_downtime_source_no_downtime_is_reported_as_observed(env) -> None:
     """KubeVirt publishes no per-migration downtime: an operator run without
     --downtime-source reports predictions only, even where the simulator annotated one."""
@@ -516,13 +527,7 @@ def test_without_a_downtime_source_no_downtime_is_reported_as_observed(env) -> N
     op.stop()
     op.extra = [a for a in op.extra if a not in ("--downtime-source", runner.DOWNTIME_SOURCE)]
     op.start()
-    # A node no other NodeDrain covers (the rolling wave's released nodes are still its own).
-    covered = {n["name"] for d in kube.items(rest.NODE_DRAINS)
-               for n in (d.get("status") or {}).get("nodes") or []}
-    node = max((f"node-{i}" for i in range(2, 11)
-                if not kube.get(rest.NODES, f"node-{i}")["spec"].get("unschedulable")
-                and f"node-{i}" not in covered),
-               key=lambda n: len(vmis_on(kube, n)))
+    node = free_node(kube)
     assert vmis_on(kube, node)
     kube.create(rest.NODE_DRAINS, drain_body("unobserved-node-9", nodeName=node))
     drain = wait_for(lambda: phase_of(kube, "unobserved-node-9") in ("Drained", "Stalled")
@@ -550,34 +555,38 @@ def test_pausing_withdraws_what_kubevirt_has_not_started(env) -> None:
     kube = env["kube"]
 
     def ours() -> list[dict[str, Any]]:
-        return migrations_of(kube, "drain-node-5")
+        return migrations_of(kube, "paused-drain")
 
     def queued(m: dict[str, Any]) -> bool:
         return (m.get("status") or {}).get("phase", "") in ("", "Pending")
 
-    on_node = {v["metadata"]["name"] for v in vmis_on(kube, "node-5")}
+    node = free_node(kube)
+    on_node = {v["metadata"]["name"] for v in vmis_on(kube, node)}
     assert len(on_node) >= 5
-    kube.create(rest.NODE_DRAINS, drain_body("drain-node-5", nodeName="node-5"))
+    kube.create(rest.NODE_DRAINS, drain_body("paused-drain", nodeName=node))
     wait_for(lambda: sum(not queued(m) for m in ours()) >= 2 and any(map(queued, ours())),
              timeout=60, every=0.02, what="two migrations under way and one queued")
-    kube.patch(rest.NODE_DRAINS, "drain-node-5", {"spec": {"paused": True}})
-    wait_for(lambda: not any(map(queued, ours())), timeout=30, what="the queue withdrawn")
+    waiting = {m["metadata"]["uid"] for m in ours() if queued(m)}
+    kube.patch(rest.NODE_DRAINS, "paused-drain", {"spec": {"paused": True}})
+    # Deleted before KubeVirt gave them a slot (both slots were busy for seconds yet).
+    wait_for(lambda: not waiting & {m["metadata"]["uid"] for m in ours()}, timeout=30,
+             what="the queued migrations withdrawn")
     under_way = {m["metadata"]["name"] for m in ours()}
     time.sleep(3)  # 30 s of cluster time: slots free up, and nothing takes them
     assert {m["metadata"]["name"] for m in ours()} <= under_way
-    status = get_drain(kube, "drain-node-5")["status"]
+    status = get_drain(kube, "paused-drain")["status"]
     assert any(v["phase"] == "Waiting" and v["reason"] == "Paused" for v in status["vms"]), \
         status["vms"]
-    assert {v["metadata"]["name"] for v in vmis_on(kube, "node-5")} & on_node
+    assert {v["metadata"]["name"] for v in vmis_on(kube, node)} & on_node
 
-    kube.patch(rest.NODE_DRAINS, "drain-node-5", {"spec": {"paused": False}})
-    wait_for(lambda: phase_of(kube, "drain-node-5") == "Drained", timeout=120, what="drained")
-    assert not vmis_on(kube, "node-5")
+    kube.patch(rest.NODE_DRAINS, "paused-drain", {"spec": {"paused": False}})
+    wait_for(lambda: phase_of(kube, "paused-drain") == "Drained", timeout=120, what="drained")
+    assert not vmis_on(kube, node)
     succeeded = [m for m in ours() if m["status"]["phase"] == "Succeeded"]
     assert sorted(m["spec"]["vmiName"] for m in succeeded) == sorted(on_node)
     assert {m["metadata"]["labels"][ATTEMPT_LABEL] for m in succeeded} == {"1"}
-    kube.delete(rest.NODE_DRAINS, "drain-node-5")
-    wait_for(lambda: get_drain(kube, "drain-node-5") is None, timeout=60, what="drain gone")
+    kube.delete(rest.NODE_DRAINS, "paused-drain")
+    wait_for(lambda: get_drain(kube, "paused-drain") is None, timeout=60, what="drain gone")
 
 
 def test_operator_logged_no_tracebacks(env) -> None:
