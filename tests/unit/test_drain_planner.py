@@ -327,26 +327,18 @@ def test_retries_back_off_exponentially_up_to_max_attempts(ended_ago, failures, 
     ({"nodeName": "n1", "paused": True}, "Paused"),
     ({"nodeName": "n1", "deadline": "1m"}, "DeadlineExceeded"),
 ])
-def test_paused_or_late_drains_start_nothing(spec, reason) -> None:
-    status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)),
-                             nodes=[NodeEntry(name="n1", phase="Draining")])
-    d = plan_drain(snap([vmi("a")], spec=spec, status=status))
-    assert not d.create and entry(d, "a").reason == reason
-
-
-@pytest.mark.parametrize(("spec", "reason"), [
-    ({"nodeName": "n1", "paused": True}, "Paused"),
-    ({"nodeName": "n1", "deadline": "1m"}, "DeadlineExceeded"),
-])
-def test_paused_or_late_drains_withdraw_what_kubevirt_has_not_started(spec, reason) -> None:
+def test_paused_or_late_drains_start_nothing_and_withdraw_the_queued(spec, reason) -> None:
+    """Nothing new starts, and ours still in KubeVirt's queue (not started) are withdrawn;
+    one under way goes on."""
     status = NodeDrainStatus(start_time=stamp(NOW - dt.timedelta(minutes=5)),
                              nodes=[NodeEntry(name="n1", phase="Draining")])
     ours = [mig("a", 1, "Running"), mig("b", 1, "Pending"), mig("c", 2, "")]
-    d = plan_drain(snap([vmi(x) for x in "abc"], spec=spec, status=status, migrations=ours))
+    d = plan_drain(snap([vmi(x) for x in "abcd"], spec=spec, status=status, migrations=ours))
     assert [m.vmi for m in d.withdraw] == ["b", "c"] and not d.create and not d.cancel
     assert (entry(d, "a").phase, entry(d, "a").reason) == ("Migrating", "Running")
-    for name in "bc":
+    for name in "bcd":
         assert (entry(d, name).phase, entry(d, name).reason) == ("Waiting", reason)
+    for name in "bc":
         assert "withdrawn from KubeVirt's queue" in entry(d, name).message
 
 
