@@ -420,6 +420,7 @@ def test_rolling_wave_drains_max_unavailable_at_a_time() -> None:
         nodes[0], unschedulable=True, annotations={CORDONED_BY: "d"}), *nodes[1:]], spec=spec,
         status=status, migrations=[mig("a", 1, "Succeeded", target="n4")]))
     assert [n.phase for n in d2.status.nodes] == ["Drained", "Waiting", "Waiting"]
+    assert d2.recheck_after == 60  # a pass is due when its maintenance time ends
     # After its maintenance time it is released (uncordoned) and n2 begins.
     later = NOW + dt.timedelta(minutes=2)
     d3 = plan_drain(snap([moved, vmi("b", "n2")], nodes=[dataclasses.replace(
@@ -429,6 +430,54 @@ def test_rolling_wave_drains_max_unavailable_at_a_time() -> None:
     # The pass that releases n1 starts n2 at once: cordoned, and its VM's migration created.
     assert [n.phase for n in d3.status.nodes] == ["Released", "Draining", "Waiting"]
     assert d3.cordon == ["n2"] and created(d3) == ["vs-d-b-1"]
+
+
+def test_release_after_zero_moves_on_the_next_pass() -> None:
+    """releaseAfter 0s: a rolling evacuation with no maintenance. The pass that sees n1 empty
+    asks for another at once, which releases n1 and starts n2."""
+    spec = {**WAVE, "releaseAfter": "0s"}
+    held = node("n1", labels={**SKYLAKE, "pool": "x"}, unschedulable=True,
+                annotations={CORDONED_BY: "d"})
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Draining", since=stamp(NOW)),
+                                    NodeEntry(name="n2", phase="Waiting")])
+    moved = vmi("a", "n3")
+    done = [mig("a", 1, "Succeeded", target="n3")]
+    d = plan_drain(snap([moved, vmi("b", "n2")], nodes=[held, *_wave_nodes("n2", "n3")],
+                        spec=spec, status=status, migrations=done))
+    assert [n.phase for n in d.status.nodes] == ["Drained", "Waiting"]
+    assert d.recheck_after == 0
+    d = plan_drain(snap([moved, vmi("b", "n2")], nodes=[held, *_wave_nodes("n2", "n3")],
+                        spec=spec, status=d.status, migrations=done))
+    assert [n.phase for n in d.status.nodes] == ["Released", "Draining"]
+    assert d.uncordon == ["n1"] and d.cordon == ["n2"] and created(d) == ["vs-d-b-1"]
+    assert d.recheck_after is None
+
+
+def test_a_maintenance_marked_complete_before_the_node_drained_is_forgotten() -> None:
+    """An annotation left from an earlier maintenance must not release the node the moment it
+    drains: removed while the node drains; one set once it is Drained releases it."""
+    stale = {"virtshift.io/maintenance-complete": "true"}
+    status = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Draining", since=stamp(NOW)),
+                                    NodeEntry(name="n2", phase="Waiting")])
+    n1 = node("n1", labels={**SKYLAKE, "pool": "x"}, unschedulable=True,
+              annotations={CORDONED_BY: "d", **stale})
+    d = plan_drain(snap([vmi("a", "n1")], nodes=[n1, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=status))
+    assert d.forget_maintenance == ["n1"]
+    # The node about to start is cordoned and forgotten in the same pass.
+    waiting = node("n2", labels={**SKYLAKE, "pool": "x"}, annotations=stale)
+    d = plan_drain(snap([vmi("b", "n2")], nodes=[*_wave_nodes("n1", "n3"), waiting], spec=WAVE,
+                        status=NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Released"),
+                                                      NodeEntry(name="n2", phase="Waiting")])))
+    assert d.cordon == ["n2"] and d.forget_maintenance == ["n2"]
+    drained = NodeDrainStatus(nodes=[NodeEntry(name="n1", phase="Drained", since=stamp(NOW)),
+                                     NodeEntry(name="n2", phase="Waiting")])
+    d = plan_drain(snap([vmi("a", "n3")], nodes=[n1, *_wave_nodes("n2", "n3")], spec=WAVE,
+                        status=drained))
+    assert d.forget_maintenance == [] and d.uncordon == ["n1"]
+    dry = plan_drain(snap([vmi("a", "n1")], nodes=[n1, *_wave_nodes("n2", "n3")],
+                          spec={**WAVE, "dryRun": True}, status=status))
+    assert dry.forget_maintenance == []
 
 
 def test_wave_moves_on_when_a_drained_node_is_released() -> None:

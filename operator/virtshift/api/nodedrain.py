@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field
 
 from virtshift.api.common import (
     Condition,
+    Duration,
     LabelSelector,
     Model,
     ObjectName,
@@ -72,10 +73,12 @@ class NodeDrainSpec(Model):
         1, ge=1, le=1000, description="With nodeSelector: how many nodes are drained (cordoned) "
         "at once.",
     )
-    release_after: PositiveDuration | None = Field(
+    release_after: Duration | None = Field(
         None, description="With nodeSelector: how long a drained node stays cordoned for its "
-        "maintenance before it is uncordoned and the wave moves on. Absent: a drained node stays "
-        "cordoned until it carries the annotation virtshift.io/maintenance-complete=true.",
+        "maintenance before it is uncordoned and the wave moves on; 0s moves on at once (a "
+        "rolling evacuation with no maintenance). Absent: a drained node stays cordoned until "
+        "it carries the annotation virtshift.io/maintenance-complete=true, set after it drained "
+        "(one set earlier is removed when the node's turn starts).",
     )
     policy_ref: ObjectName | None = Field(
         None, description="A MigrationPolicy (migrationpolicies.virtshift.io) that governs every "

@@ -136,6 +136,9 @@ class Decision:
     status: NodeDrainStatus
     cordon: list[str] = field(default_factory=list)
     uncordon: list[str] = field(default_factory=list)
+    # Draining nodes that carry MAINTENANCE_COMPLETE from an earlier maintenance: removed, so
+    # that only one set after this drain releases the node.
+    forget_maintenance: list[str] = field(default_factory=list)
     create: list[NewMigration] = field(default_factory=list)
     cancel: list[MigrationInfo] = field(default_factory=list)
     # Ours still in KubeVirt's queue when nothing may start: deleted, and not counted as
@@ -159,9 +162,9 @@ class Decision:
 
     @property
     def changes_cluster(self) -> bool:
-        return bool(self.cordon or self.uncordon or self.create or self.cancel or self.withdraw
-                    or self.halt or self.start or self.evict or self.claims or self.volumes
-                    or self.revert or self.delete_claims)
+        return bool(self.cordon or self.uncordon or self.forget_maintenance or self.create
+                    or self.cancel or self.withdraw or self.halt or self.start or self.evict
+                    or self.claims or self.volumes or self.revert or self.delete_claims)
 
 
 def attempts_record(uid: str, attempts: int) -> str:
@@ -233,6 +236,19 @@ def _release(s: DrainSnapshot, nodes: list[NodeEntry]) -> list[NodeEntry]:
                 e = NodeEntry(name=e.name, phase=NodePhase.RELEASED, since=stamp(s.now))
         out.append(e)
     return out
+
+
+def _recheck_at_release(s: DrainSnapshot, nodes: list[NodeEntry], decision: Decision) -> None:
+    """A pass when a drained node's releaseAfter ends (at once for 0s), not a resync later."""
+    if s.spec.node_selector is None or s.spec.paused or not s.spec.release_after:
+        return
+    hold = parse_duration(s.spec.release_after)
+    for e in nodes:
+        if e.phase != NodePhase.DRAINED:
+            continue
+        due = max(0.0, ((parse_stamp(e.since) or s.now) - s.now).total_seconds() + hold)
+        if decision.recheck_after is None or due < decision.recheck_after:
+            decision.recheck_after = due
 
 
 def _advance_wave(s: DrainSnapshot, nodes: list[NodeEntry], node_done: Mapping[str, bool]
@@ -913,6 +929,9 @@ def plan_drain(s: DrainSnapshot) -> Decision:
             node = s.nodes.get(n)
             if node and not node.unschedulable:
                 decision.cordon.append(n)
+    if not s.spec.dry_run:
+        decision.forget_maintenance = sorted(
+            n for n in draining if n in s.nodes and MAINTENANCE_COMPLETE in s.nodes[n].annotations)
     # Never a target: the nodes in maintenance and, while the wave goes on, the nodes it will
     # drain later (unless nothing else has room: then the one it drains last).
     later = tuple(e.name for e in nodes if e.phase == NodePhase.WAITING)
@@ -958,6 +977,7 @@ def plan_drain(s: DrainSnapshot) -> Decision:
                  and n in s.nodes and s.nodes[n].unschedulable for n in draining}
     if not s.spec.dry_run:
         nodes = _advance_wave(s, nodes, node_done)
+        _recheck_at_release(s, nodes, decision)
     for e in nodes:
         node = s.nodes.get(e.name)
         if e.phase == NodePhase.RELEASED and node and not frozen and \

@@ -14,6 +14,7 @@ from typing import Any
 from virtshift.domain.drain import (
     ATTEMPTS_ANNOTATION,
     CORDONED_BY,
+    MAINTENANCE_COMPLETE,
     Decision,
     NewMigration,
     Stop,
@@ -112,6 +113,8 @@ class Actions:
         steps: list[tuple[str, Callable[[], object]]] = [
             *first,
             *((f"cordon {n}", lambda n=n: self.cordon(n, name)) for n in d.cordon),
+            *((f"forget maintenance {n}", lambda n=n: self.forget_maintenance(n))
+              for n in d.forget_maintenance),
             *((f"claim {c.namespace}/{c.name}", lambda c=c: kstorage.create_claim(
                 self.cluster, c)) for c in d.claims),
             *((f"volumes {u.namespace}/{u.vm}", lambda u=u: kstorage.update_volumes(
@@ -176,10 +179,17 @@ class Actions:
         if current is None or (current["metadata"].get("annotations") or {}).get(
                 CORDONED_BY) != drain:
             return
+        # The maintenance it marked complete is over: the annotation goes with the cordon.
         patched = self.kube.patch(rest.NODES, node, {
-            "metadata": {"annotations": {CORDONED_BY: None},
+            "metadata": {"annotations": {CORDONED_BY: None, MAINTENANCE_COMPLETE: None},
                          "resourceVersion": current["metadata"]["resourceVersion"]},
             "spec": {"unschedulable": None}})
+        self.cluster.nodes.put(patched)
+
+    def forget_maintenance(self, node: str) -> None:
+        """Remove a maintenance-complete mark set before this maintenance began."""
+        patched = self.kube.patch(rest.NODES, node, {
+            "metadata": {"annotations": {MAINTENANCE_COMPLETE: None}}})
         self.cluster.nodes.put(patched)
 
     def mark_vmi(self, m: NewMigration, drain_uid: str) -> None:
