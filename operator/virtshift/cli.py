@@ -279,7 +279,8 @@ def _bench_drain(args: argparse.Namespace) -> int:
     runs = []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="virtshift-bench-") as tmp:
-            result = drain.run(cfg, Path(tmp), args.baseline, log=lambda m: print(m, flush=True))
+            workdir = Path(args.keep_logs) / f"run-{i + 1}" if args.keep_logs else Path(tmp)
+            result = drain.run(cfg, workdir, args.baseline, log=lambda m: print(m, flush=True))
         result["run"] = i + 1
         result["command"] = "virtshift " + shlex.join(sys.argv[1:])
         runs.append(result)
@@ -343,6 +344,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="cluster seconds after which a run is cut off (reported unfinished)")
     d.add_argument("--repeat", type=int, default=1, help="run the whole comparison N times")
     d.add_argument("--label", default=None, help="the report's name for this configuration")
+    d.add_argument("--keep-logs", default=None, metavar="DIR",
+                   help="keep each run's operator, simulator and API server logs in DIR/run-N")
     d.set_defaults(func=_bench_drain)
     s = bsub.add_parser("scale", help="the operator idle and during a wave over many VMIs")
     s.add_argument("--vmis", type=int, default=5000)

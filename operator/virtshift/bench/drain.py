@@ -31,12 +31,11 @@ from virtshift.bench.bound import BoundVM, Limits, lower_bound, waves
 from virtshift.bench.procstat import ProcWatch
 from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME
 from virtshift.k8s import rest
-from virtshift.k8s.rest import KubeClient
+from virtshift.k8s.rest import JSON, KubeClient
 from virtshift.sim.objects import DOWNTIME_ANNOTATION
 from virtshift.sim.scenario import Scenario, load_scenario
 
 WAVE_LABEL = "bench.virtshift.io/wave"
-MAINTENANCE_COMPLETE = "virtshift.io/maintenance-complete"
 DRAIN_NAME = "bench"
 
 
@@ -134,23 +133,34 @@ def _downtime_limit_ms(cfg: DrainConfig) -> float:
     return QEMU_DEFAULT_DOWNTIME * 1000
 
 
-def left_on(kube: KubeClient, nodes: list[str]) -> tuple[list[str], set[str]]:
-    """The VMIs on these nodes now, and which of them cannot live-migrate at all."""
+def residents(kube: KubeClient, nodes: list[str]) -> dict[str, tuple[str, str]]:
+    """The VMIs on these nodes now: UID -> (namespace/name, node)."""
+    return {v["metadata"]["uid"]: (f"{v['metadata']['namespace']}/{v['metadata']['name']}",
+                                   (v.get("status") or {}).get("nodeName"))
+            for v in kube.items(rest.VMIS)
+            if (v.get("status") or {}).get("nodeName") in nodes}
+
+
+def left_behind(vmis: list[JSON], before: dict[str, tuple[str, str]],
+                left_from: set[tuple[str, str]]) -> tuple[list[str], set[str]]:
+    """The VMIs of ``before`` (the drained nodes' VMIs at the start) still on their node, the
+    same VMI, without a successful migration off it (``left_from``: (VM, source node) of the
+    Succeeded VMIMs); and which of them cannot live-migrate at all. A VM that left and came
+    back to a released node is not left behind; nor is one a quick migration restarted."""
     left, unmovable = [], set()
-    for v in kube.items(rest.VMIS):
-        if (v.get("status") or {}).get("nodeName") not in nodes:
+    for v in vmis:
+        was = before.get(v["metadata"]["uid"])
+        if was is None or (v.get("status") or {}).get("nodeName") != was[1] or was in left_from:
             continue
-        key = f"{v['metadata']['namespace']}/{v['metadata']['name']}"
-        left.append(key)
+        left.append(was[0])
         if any(c.get("type") == "LiveMigratable" and c.get("status") == "False"
                for c in (v.get("status") or {}).get("conditions") or []):
-            unmovable.add(key)
+            unmovable.add(was[0])
     return sorted(left), unmovable
 
 
 def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finished: bool,
-                   t_start_cluster: float,
-                   checked: dict[str, tuple[list[str], set[str]]] | None = None
+                   t_start_cluster: float, before: dict[str, tuple[str, str]]
                    ) -> dict[str, Any]:
     """What the cluster's objects say about the drain."""
     vmims = kube.items(rest.VMIMS)
@@ -193,12 +203,8 @@ def cluster_report(kube: KubeClient, cfg: DrainConfig, now_cluster: float, finis
         timeline.append({"vm": vm, "source": source,
                          "target": (st.get("migrationState") or {}).get("targetNode"),
                          "created": m["metadata"].get("creationTimestamp"), "stamps": stamps})
-    # A wave's earlier nodes are checked when their turn ended (``checked``: what was left on
-    # them then); they may hold VMs again once released. The rest are checked now.
-    checked = checked or {}
-    left_now, unmovable = left_on(kube, [n for n in drained if n not in checked])
-    left = sorted(set(left_now) | {v for vs in checked.values() for v in vs[0]})
-    unmovable |= {v for vs in checked.values() for v in vs[1]}
+    left_from = {(t["vm"], t["source"]) for t in timeline if "Succeeded" in t["stamps"]}
+    left, unmovable = left_behind(kube.items(rest.VMIS), before, left_from)
     unfinished = [v for v in left if v not in unmovable]
     all_final = all(((m.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
                     for m in vmims)
@@ -338,36 +344,26 @@ def run_virtshift(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> d
         else:
             for n in cfg.nodes:
                 kube.patch(rest.NODES, n, {"metadata": {"labels": {WAVE_LABEL: "1"}}})
+            # Maintenance is instant, as in the native rolling drain (kubectl drain, then
+            # kubectl uncordon at once): each node is released as soon as it has drained.
             spec = {"nodeSelector": {"matchLabels": {WAVE_LABEL: "1"}},
-                    "maxUnavailable": cfg.max_unavailable or 1}
+                    "maxUnavailable": cfg.max_unavailable or 1, "releaseAfter": "0s"}
+        before = residents(kube, cfg.nodes)
         kube.create(rest.NODE_DRAINS, {"apiVersion": "virtshift.io/v1alpha1",
                                        "kind": "NodeDrain", "metadata": {"name": DRAIN_NAME},
                                        "spec": spec})
         log(f"virtshift: NodeDrain {DRAIN_NAME} {spec}")
         finished = False
-        released: set[str] = set()
-        checked: dict[str, tuple[list[str], set[str]]] = {}
         while _wall_left(stage, cfg, t0) > 0:
             if stage.operator.poll() is not None:
                 raise RuntimeError(f"the operator exited; see {workdir / 'operator.log'}")
             st = (kube.get(rest.NODE_DRAINS, DRAIN_NAME) or {}).get("status") or {}
-            if len(cfg.nodes) > 1:
-                # Maintenance of a drained node is instant, as in the native rolling drain
-                # (kubectl drain, then kubectl uncordon at once).
-                for n in st.get("nodes") or []:
-                    if n.get("phase") == "Drained" and n["name"] not in released:
-                        checked[n["name"]] = left_on(kube, [n["name"]])
-                        kube.patch(rest.NODES, n["name"], {"metadata": {"annotations": {
-                            MAINTENANCE_COMPLETE: "true"}}})
-                        released.add(n["name"])
             if st.get("phase") in ("Drained", "Stalled"):
                 finished = st.get("phase") == "Drained"
                 break
-            # The maintenance is instant: the wait to see a node Drained should not show in
-            # the makespan (kubectl drain's harness reacts as soon as the process exits).
             time.sleep(0.05)
         wall = time.time() - wall0
-        out = cluster_report(kube, cfg, stage.now(), finished, t0, checked)
+        out = cluster_report(kube, cfg, stage.now(), finished, t0, before)
         out["drain_phase"] = ((kube.get(rest.NODE_DRAINS, DRAIN_NAME) or {}).get("status")
                               or {}).get("phase")
         out["wall_s"] = round(wall, 1)
@@ -392,7 +388,7 @@ def run_native(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> dict
         wall0 = time.time()
         t0 = stage.now()
         finished = True
-        checked: dict[str, tuple[list[str], set[str]]] = {}
+        before = residents(stage.kube, cfg.nodes)
         with open(workdir / "kubectl.log", "w") as out_log:
             for group in cfg.groups:
                 left = _wall_left(stage, cfg, t0)
@@ -412,8 +408,6 @@ def run_native(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> dict
                     finished = False
                     break
                 if len(cfg.groups) > 1 and group != cfg.groups[-1]:
-                    for n in group:
-                        checked[n] = left_on(stage.kube, [n])
                     subprocess.run([kubectl, "uncordon", *group], env=env, stdout=out_log,
                                    stderr=subprocess.STDOUT, check=False)
         # Let what KubeVirt still has in flight end (a cut-off drain leaves some).
@@ -423,7 +417,7 @@ def run_native(cfg: DrainConfig, scenario: Scenario, workdir: Path, log) -> dict
                 for m in stage.kube.items(rest.VMIMS)) and finished:
             time.sleep(0.2)
         wall = time.time() - wall0
-        out = cluster_report(stage.kube, cfg, stage.now(), finished, t0, checked)
+        out = cluster_report(stage.kube, cfg, stage.now(), finished, t0, before)
         out["wall_s"] = round(wall, 1)
         time.sleep(1.5)
         requests = list(audit.read(stage.cp.audit_log))
