@@ -167,6 +167,11 @@ class Flight:
     labels: dict[str, str] = field(default_factory=dict)
     phase: str = ""
     phase_since: float = 0.0
+    # Pending: when virt-controller next looks at it (sim.slots), and the VMIM's and VMI's
+    # resourceVersions it last saw (an update wakes it at once).
+    next_check: float | None = None
+    wake_rank: float = 0.0  # its place among those re-enqueued together (random)
+    seen_versions: tuple[str, str] = ("", "")
     transitions: list[JSON] = field(default_factory=list)
     conditions: list[JSON] = field(default_factory=list)
     source: str = ""

@@ -207,7 +207,7 @@ class Handler:
         flight.downtime_ms = round(run.downtime * 1000)
         flight.ended_at = now
         flight.completed = True
-        self.freed_at = max(self.freed_at, now)
+        self.slots.freed(flight.source, now)
         old_pod, vm.node, vm.pod_name = vm.pod_name, flight.target, flight.target_pod or ""
         vm.pod_uid = flight.target_pod_uid
         vm.pod_selector = dict(flight.pod_selector)
@@ -231,7 +231,7 @@ class Handler:
         if abort_status:
             flight.abort_status = abort_status
         flight.ended_at = now
-        self.freed_at = max(self.freed_at, now)
+        self.slots.freed(flight.source, now)
         self._delete_target_pod(flight)
         if flight.vm is not None:
             self.touch_vmi(flight.vm)

@@ -45,6 +45,7 @@ from virtshift.sim.handler import Handler
 from virtshift.sim.kubelet import Kubelet
 from virtshift.sim.migration_controller import MigrationController
 from virtshift.sim.populate import SimVM, World
+from virtshift.sim.slots import Slots
 from virtshift.sim.storage import StorageControllers
 from virtshift.sim.vms import VMController
 from virtshift.sim.volumes import VolumeMigration
@@ -70,7 +71,7 @@ class KubeVirtSim(MigrationController, Handler, EvacuationController, VolumeMigr
         self.rng = random.Random(self.scenario.seed + 1)
         self.flights: dict[str, Flight] = {}  # by VMIM uid
         self.not_ready: set[str] = set()
-        self.freed_at = 0.0  # when a running migration last ended (and freed a slot)
+        self.slots = Slots()  # when running migrations ended (and freed their slots)
         self.faults_done: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

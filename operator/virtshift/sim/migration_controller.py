@@ -24,6 +24,7 @@ What it does, by function in KubeVirt's file:
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from virtshift.sim.flight import (
     Flight,
 )
 from virtshift.sim.populate import pod_suffix
+from virtshift.sim.slots import first_check, requeue_delay
 
 if TYPE_CHECKING:
     from virtshift.sim.kubevirt import KubeVirtSim
@@ -115,43 +117,99 @@ class MigrationController:
     # -- queue and limits ----------------------------------------------------------------------
 
     def _admit(self: KubeVirtSim, now: float) -> None:
-        """handleTargetPodCreation for every Pending VMIM, highest queue priority first."""
+        """handleTargetPodCreation for every Pending VMIM whose check is due (sim.slots):
+        each queued migration starts at its first check after a slot freed -- at once for
+        those a migration's end re-enqueued -- the earliest first, then by queue priority."""
         cluster_limit, node_limit = self.limits()
         running = [f for f in self.flights.values() if f.phase in IN_FLIGHT]
         outbound = Counter(f.source for f in running)
         busy = {f.vm.key for f in running if f.vm is not None}
+        self.slots.trim(cluster_limit - len(running),
+                        {n: node_limit - c for n, c in outbound.items()} | {
+                            n: node_limit for n in self.slots.node if n not in outbound})
         pending = [f for f in self.flights.values() if f.phase == "Pending"]
         if self.priority_queue:
             pending.sort(key=lambda f: (-f.priority, f.created_stamp, f.created, f.name))
         else:
             pending.sort(key=lambda f: (f.created_stamp, f.created, f.name))
+        waiting = []
         for flight in pending:
             vm = flight.vm
             assert vm is not None
             if flight.deleting:
                 self._cancel_before_handoff(flight, now)
                 continue
-            if not vm.running or vm.key in busy or self._in_backoff(flight, now):
+            if not vm.running or self._in_backoff(flight, now) or self._missing_claim(vm):
                 continue
-            if len(running) >= cluster_limit:
+            self._wake_on_update(flight, now)
+            waiting.append(flight)
+        self._wake_on_end(waiting, cluster_limit)
+        while waiting:
+            best: tuple[tuple[float, int, float, int], Flight] | None = None
+            for i, flight in enumerate(waiting):
+                vm = flight.vm
+                assert vm is not None
+                if vm.key in busy or len(running) >= cluster_limit or \
+                        outbound[vm.node] >= node_limit:
+                    continue
+                at = first_check(
+                    flight.next_check if flight.next_check is not None else flight.phase_since,
+                    self.slots.free_since(vm.node, cluster_limit - len(running),
+                                          node_limit - outbound[vm.node]),
+                    requeue_delay(flight.priority, self.priority_queue))
+                rank = (at, -flight.priority, flight.wake_rank, i)
+                if at <= now and (best is None or rank < best[0]):
+                    best = (rank, flight)
+            if best is None:
                 break
-            if outbound[vm.node] >= node_limit:
-                continue
-            if self._missing_claim(vm):
-                continue
+            (at, *_), flight = best
+            waiting.remove(flight)
+            vm = flight.vm
+            assert vm is not None
+            self.slots.take(vm.node, cluster_limit - len(running), node_limit - outbound[vm.node])
             vm.attempts += 1
             flight.attempt = vm.attempts
             flight.source, flight.source_pod = vm.node, vm.pod_name
-            # Admitted when its slot freed (or when it was created), not at this tick.
-            at = min(now, max(flight.phase_since, self.freed_at))
             self._create_target_pod(flight, at)
             self.set_phase(flight, "Scheduling", at)
             running.append(flight)
             outbound[vm.node] += 1
             busy.add(vm.key)
+        for flight in waiting:  # refused at each due check: requeued after the delay
+            due = flight.next_check if flight.next_check is not None else flight.phase_since
+            if due <= now:
+                delay = requeue_delay(flight.priority, self.priority_queue)
+                flight.next_check = due + (math.floor((now - due) / delay) + 1) * delay
         self.peak["cluster"] = max(self.peak["cluster"], len(running))
         for node, count in outbound.items():
             self.peak[f"outbound/{node}"] = max(self.peak[f"outbound/{node}"], count)
+
+    def _wake_on_end(self: KubeVirtSim, waiting: list[Flight], cluster_limit: int) -> None:
+        """reEnqueueHighestPriorityPendingMigrations: each migration that ended puts back at
+        once parallelMigrationsPerCluster Pending VMIMs, highest priority first, equals in any
+        order (the informer's)."""
+        for ended in self.slots.ended():
+            pending = [f for f in waiting if f.phase_since <= ended]
+            self.rng.shuffle(pending)
+            pending.sort(key=lambda f: -f.priority)
+            for rank, flight in enumerate(pending[:cluster_limit]):
+                if flight.next_check is None or flight.next_check > ended:
+                    flight.next_check = ended
+                    flight.wake_rank = rank
+
+    def _wake_on_update(self: KubeVirtSim, flight: Flight, now: float) -> None:
+        """updateMigration / updateVMI: a change to the VMIM or its VMI (a new
+        resourceVersion) puts the VMIM on the queue at once."""
+        vm = flight.vm
+        assert vm is not None
+        versions = (((self.vmims.get(flight.key) or {}).get("metadata") or {}).get(
+            "resourceVersion", ""), ((self.vmis.get(vm.key) or {}).get("metadata") or {}).get(
+            "resourceVersion", ""))
+        if flight.seen_versions != versions:
+            if flight.seen_versions != ("", ""):
+                flight.next_check = min(now, flight.next_check if flight.next_check is not None
+                                        else now)
+            flight.seen_versions = versions
 
     def _missing_claim(self: KubeVirtSim, vm) -> str | None:  # type: ignore[no-untyped-def]
         """createTargetPod -> RenderMigrationManifest fails ("didn't find PVC %v") for a claim
@@ -306,7 +364,7 @@ class MigrationController:
     def _fail(self: KubeVirtSim, flight: Flight, now: float) -> None:
         flight.ended_at = now
         if flight.phase in IN_FLIGHT:
-            self.freed_at = max(self.freed_at, now)
+            self.slots.freed(flight.source, now)
         self.set_phase(flight, "Failed", now)
 
     def write_vmim(self: KubeVirtSim, f: Flight) -> None:
