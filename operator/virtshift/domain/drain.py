@@ -657,8 +657,10 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     node share its NIC.
 
     Where only KubeVirt's own limits hold a live migration back, more rounds are created ahead,
-    to wait in KubeVirt's queue (Pending): KubeVirt starts them the moment a slot frees, in the
-    order we created them, instead of after our next pass (_kubevirt_queue, _queue_rounds).
+    to wait in KubeVirt's queue (Pending): KubeVirt starts one the moment a slot frees (a
+    migration's end re-enqueues parallelMigrationsPerCluster Pending ones, equals in any order:
+    migration.go reEnqueueHighestPriorityPendingMigrations), instead of after our next pass
+    (_kubevirt_queue, _queue_rounds).
     Once nothing may start (paused, past the deadline), those still queued are withdrawn."""
     if not _may_start(s):
         reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
