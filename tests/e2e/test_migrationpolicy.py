@@ -115,8 +115,8 @@ def test_renders_kubevirt_policies_that_kubevirts_schema_accepts(kube) -> None:
         "virtshift-db": ({**common}, {POLICY: "db"}),
         "virtshift-db-autoconverge": ({**common, "allowAutoConverge": True},
                                       {POLICY: "db", MODE: "AutoConverge"}),
-        "virtshift-db-postcopy": ({**common, "allowPostCopy": True,
-                                   "completionTimeoutPerGiB": 1},
+        # The policy's own completionTimeoutPerGiB: KubeVirt switches to post-copy there.
+        "virtshift-db-postcopy": ({**common, "allowPostCopy": True},
                                   {POLICY: "db", MODE: "PostCopy"}),
     }
     for name, (fields, selector) in expected.items():

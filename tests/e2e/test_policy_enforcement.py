@@ -270,9 +270,10 @@ def test_no_compatible_target_is_reported_with_the_model(env) -> None:
 def test_downtime_ladder_abort_post_copy_and_quick_migration(env) -> None:
     kube = env["kube"]
     for ns, ladder in LADDERS.items():
+        # PostCopy switches at the policy's completion timeout (2 s per GB: 18 s for 8Gi).
         kube.create(rest.POLICIES, policy(
             ns, namespaceSelector={"matchLabels": {"tier": ns}}, maxDowntime="300ms",
-            onDowntimeExceeded=ladder))
+            onDowntimeExceeded=ladder, completionTimeoutPerGiB=2))
     # KubeVirt must know the post-copy variant before the migration that needs it starts.
     wait_for(lambda: any(p["spec"].get("allowPostCopy") for p in kube.items(
         rest.KUBEVIRT_POLICIES)), what="rendered post-copy policy")

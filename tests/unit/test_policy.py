@@ -56,6 +56,10 @@ RENDER_CASES = [
     pytest.param(
         {"onDowntimeExceeded": ["PostCopy", "Fail"]}, {}, ["PostCopy"], id="post-copy variant"),
     pytest.param(
+        {"completionTimeoutPerGiB": 20, "onDowntimeExceeded": ["PostCopy", "Fail"]},
+        {"completionTimeoutPerGiB": 20}, ["PostCopy"],
+        id="post-copy variant keeps the user's completionTimeoutPerGiB"),
+    pytest.param(
         {"onDowntimeExceeded": ["AutoConverge", "PostCopy", "QuickMigration", "Allow"]}, {},
         ["AutoConverge", "PostCopy"], id="both variants, other steps render nothing"),
     pytest.param(
@@ -83,9 +87,11 @@ def test_render(fields: dict, expected: dict, modes: list[str]) -> None:
         selector = {"virtshift.io/policy": "gold"}
         extra = {}
         if mode:
+            # A variant is the base policy plus its one flag: the user's completionTimeoutPerGiB
+            # (or none, leaving KubeVirt's) holds there too, as the CRD's text says.
             selector["virtshift.io/migration-mode"] = mode
             extra = {"AutoConverge": {"allowAutoConverge": True},
-                     "PostCopy": {"allowPostCopy": True, "completionTimeoutPerGiB": 1}}[mode]
+                     "PostCopy": {"allowPostCopy": True}}[mode]
         assert obj["spec"] == {**expected, **extra,
                                "selectors": {"virtualMachineInstanceSelector": selector}}
 

@@ -251,11 +251,17 @@ class MigrationPolicySpec(Model):
     )
     on_downtime_exceeded: list[DowntimeAction] = Field(
         default_factory=lambda: [DowntimeAction.ABORT], min_length=1, max_length=6,
-        description="The ladder followed when the predicted switch-over downtime exceeds "
-        "maxDowntime, tried in order: AutoConverge (throttle the guest), PostCopy (switch to "
-        "post-copy), QuickMigration (stop, move, start); then, as the last entry, Abort (do not "
-        "migrate now, retry after the backoff), Fail (report the VM failed) or Allow (migrate "
-        "anyway and record the breach).",
+        description="The ladder followed, before a migration starts, when the predicted "
+        "switch-over downtime exceeds maxDowntime or the VM is predicted not to converge; a "
+        "migration predicted to fit runs as it is. Tried in order, each step taken when it is "
+        "predicted to fit: AutoConverge (migrate with allowAutoConverge: KubeVirt throttles the "
+        "guest), PostCopy (migrate with allowPostCopy: KubeVirt switches to post-copy a "
+        "migration that has not completed by its completion timeout, completionTimeoutPerGiB; "
+        "lower that to switch sooner), QuickMigration (stop, move, start); then, as the last "
+        "entry, Abort (do not migrate now, retry after the backoff), Fail (report the VM "
+        "failed) or Allow (migrate anyway and record the breach). AutoConverge and PostCopy "
+        "each render a KubeVirt MigrationPolicy of their own (virtshift-<name>-autoconverge, "
+        "-postcopy): this policy's settings plus that one flag.",
         json_schema_extra={
             "x-kubernetes-list-type": "set",
             **validations(

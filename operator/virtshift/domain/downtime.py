@@ -1,26 +1,27 @@
 """Before a migration starts: will it converge within the policy's maxDowntime at the bandwidth
-it will get? If not, walk the policy's ladder (onDowntimeExceeded) to the first step that works.
+it will get? If not (the predicted pause exceeds maxDowntime, or the VM would not converge),
+walk the policy's ladder (onDowntimeExceeded) to the first step that works. A migration
+predicted to fit runs as it is: the ladder is never consulted then.
+
+Each step is predicted with the settings KubeVirt will apply to it: the "-autoconverge" and
+"-postcopy" KubeVirt policies (``policy.render``) are the policy's own plus one flag, so the
+PostCopy step switches at the completion timeout the policy sets (completionTimeoutPerGiB, else
+the KubeVirt CR's), as KubeVirt does (shouldTriggerTimeout / shouldAssistMigrationToComplete).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtshift.domain.eta import Estimator
-from virtshift.domain.physics import Mode, Prediction
+from virtshift.domain.physics import Prediction
 from virtshift.domain.rules import Rules
 from virtshift.domain.views import VMIInfo
 
 MIGRATE = "Migrate"
 DOWNTIME_EXCEEDED = "DowntimeExceeded"
 NOT_CONVERGING = "NotConverging"
-# KubeVirt switches to post-copy only at the completion timeout, while its progress timeout
-# aborts a stuck pre-copy first with the defaults (150s vs 150s per GiB). When the ladder picks
-# post-copy, the rendered "-postcopy" KubeVirt policy sets this completion timeout per GiB so
-# the switch comes before the abort.
-POST_COPY_SWITCH_PER_GIB = 1
 
 
 @dataclass(frozen=True)
@@ -46,24 +47,9 @@ def _fits(p: Prediction, limit: float | None) -> bool:
 
 def _post_copy(rules: Rules) -> Rules:
     """The "-postcopy" KubeVirt policy: allowPostCopy (which KubeVirt also takes as
-    allowWorkloadDisruption) and an early completion timeout; the rest as rendered."""
-    return dataclasses.replace(rules, allow_post_copy=True, allow_workload_disruption=True,
-                               completion_timeout_per_gib=POST_COPY_SWITCH_PER_GIB)
-
-
-def _post_copy_early(plain: Prediction, rules: Rules, predict: Callable[[Rules], Prediction],
-                     limit: float | None) -> Choice | None:
-    """A pre-copy that would complete only by KubeVirt switching it to post-copy at its
-    completion timeout (minutes per GiB, holding a slot all along) switches at once instead,
-    when the policy's ladder allows post-copy: the same kind of switch-over, sooner."""
-    if plain.mode != Mode.POST_COPY or "PostCopy" not in rules.on_downtime_exceeded:
-        return None
-    early = predict(_post_copy(rules))
-    if not _fits(early, limit) or early.duration >= plain.duration:
-        return None
-    return Choice("PostCopy", early, NOT_CONVERGING, (
-        f"pre-copy would reach post-copy only at KubeVirt's completion timeout "
-        f"({plain.duration:.0f} s); switching early ({early.duration:.0f} s)"))
+    allowWorkloadDisruption), the rest as rendered: KubeVirt switches to post-copy at the
+    policy's completion timeout."""
+    return dataclasses.replace(rules, allow_post_copy=True, allow_workload_disruption=True)
 
 
 def _describe(p: Prediction, limit: float | None) -> str:
@@ -82,8 +68,7 @@ def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: flo
 
     plain = predict(rules)
     if _fits(plain, limit):
-        early = _post_copy_early(plain, rules, predict, limit)
-        return early or Choice(MIGRATE, plain)
+        return Choice(MIGRATE, plain)
     reason = DOWNTIME_EXCEEDED if plain.converges else NOT_CONVERGING
     why = _describe(plain, limit)
     for step in rules.on_downtime_exceeded:

@@ -494,6 +494,10 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
     attempt = made + 1
     choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
                              _concurrency(s, rules))
+    if choice.mode is not None and math.isfinite(choice.predicted.duration):
+        # The step's own KubeVirt policy (e.g. post-copy at the completion timeout) decides
+        # how long it takes.
+        predicted = s.estimator.target_startup + choice.predicted.duration
     plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),
             "predicted_downtime_ms": round(choice.predicted.downtime * 1000),
             "candidates": list(targets[:MAX_CANDIDATES]) or None}

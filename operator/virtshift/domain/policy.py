@@ -39,11 +39,7 @@ from virtshift.api.migrationpolicy import (
 )
 from virtshift.api.units import parse_duration
 from virtshift.domain.conditions import get_condition, set_condition
-from virtshift.domain.downtime import (
-    DOWNTIME_EXCEEDED,
-    NOT_CONVERGING,
-    POST_COPY_SWITCH_PER_GIB,
-)
+from virtshift.domain.downtime import DOWNTIME_EXCEEDED, NOT_CONVERGING
 from virtshift.domain.naming import kubevirt_policy_name, label_value
 from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
@@ -152,13 +148,10 @@ def render(name: str, uid: str, spec: MigrationPolicySpec,
     ladder = set(spec.on_downtime_exceeded)
     for mode, (_suffix, flag) in VARIANTS.items():
         if mode in ladder:
-            extra: JSON = {flag: True}
-            if mode == DowntimeAction.POST_COPY.value:
-                # Switch to post-copy soon, before KubeVirt's progress timeout aborts a
-                # pre-copy the planner already knows cannot converge.
-                extra["completionTimeoutPerGiB"] = POST_COPY_SWITCH_PER_GIB
+            # The policy's own settings plus the one flag (its completionTimeoutPerGiB, or
+            # KubeVirt's, decides when post-copy starts): what downtime.choose predicts.
             out.append(body(variant_name(name, mode), {POLICY_LABEL: value, MODE_LABEL: mode},
-                            extra))
+                            {flag: True}))
     return out
 
 
