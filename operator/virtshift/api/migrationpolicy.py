@@ -204,9 +204,11 @@ class MigrationPolicySpec(Model):
         "volumes it moves; KubeVirt counts decimal GB, rounded up) before KubeVirt acts on a "
         "migration that has not completed: it aborts it, switches it to post-copy "
         "(allowPostCopy), or pauses the guest (allowWorkloadDisruption without allowPostCopy, "
-        "from the KubeVirt CR). Rendered into KubeVirt's MigrationPolicy when set. Unset: the "
-        "KubeVirt CR's spec.configuration.migrations.completionTimeoutPerGiB applies (150 "
-        "unless set there), and virtshift predicts with it.",
+        "from the KubeVirt CR). Rendered into KubeVirt's MigrationPolicy when set (also into "
+        "the variants of the onDowntimeExceeded ladder: it is when the PostCopy step switches "
+        "to post-copy). Unset: the KubeVirt CR's "
+        "spec.configuration.migrations.completionTimeoutPerGiB applies (150 unless set there), "
+        "and virtshift predicts with it.",
     )
     progress_timeout: PositiveDuration | None = Field(
         None, description="Abort a migration whose transfer makes no progress for this long. "
