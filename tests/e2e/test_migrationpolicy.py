@@ -75,6 +75,17 @@ def ready(kube: rest.KubeClient, name: str, generation: int = 1) -> dict[str, An
     return None
 
 
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status.get("conditions") or [] if c["type"] == type_)
+
+
+def events_of(kube: rest.KubeClient, name: str, reason: str) -> list[dict[str, Any]]:
+    """Events about the cluster-scoped object ``name`` (recorded in namespace default)."""
+    return [e for e in kube.items(rest.EVENTS, "default",
+                                  field_selector=f"involvedObject.name={name}")
+            if e["reason"] == reason]
+
+
 def labels(kube: rest.KubeClient) -> dict[str, str | None]:
     return {f"{v['metadata']['namespace']}/{v['metadata']['name']}":
             (v["metadata"].get("labels") or {}).get(POLICY) for v in kube.items(rest.VMIS)}
@@ -100,8 +111,16 @@ def test_renders_kubevirt_policies_that_kubevirts_schema_accepts(kube) -> None:
         maxDowntime="300ms", completionTimeoutPerGiB=100, allowPostCopy=False,
         onDowntimeExceeded=["AutoConverge", "PostCopy", "Abort"]))
     status = wait_for(lambda: ready(kube, "db"), timeout=TIMEOUT, what="db reported")
-    [cond] = status["conditions"]
+    cond = condition(status, "Ready")
     assert (cond["status"], cond["reason"]) == ("True", "Rendered"), cond
+    # This module's operator has no metrics source (the chart's default): maxDowntime cannot
+    # be predicted, and the policy says so, with an Event.
+    predictions = condition(status, "PredictionsAvailable")
+    assert (predictions["status"], predictions["reason"]) == ("False", "NoMetricsSource")
+    assert "--metrics-source" in predictions["message"]
+    assert "2 VMs this policy governs" in predictions["message"], predictions
+    wait_for(lambda: events_of(kube, "db", "NoMetricsSource"), timeout=TIMEOUT,
+             what="NoMetricsSource event on the policy")
     assert status["kubevirtPolicy"] == "virtshift-db" and status["matchedVMs"] == 2
     assert status["inFlight"] == 0 and status["windowOpen"] is True
 
@@ -219,9 +238,39 @@ def test_the_higher_priority_policy_labels_the_vms(kube) -> None:
     assert kubevirt_policies(kube)["virtshift-db-critical"]["spec"]["maxDowntimeMs"] == 500
 
 
+def _vm_entry(kube: rest.KubeClient, drain: str, vm: str) -> dict[str, Any] | None:
+    status = (get_drain(kube, drain) or {}).get("status") or {}
+    return next((e for e in status.get("vms") or [] if e["name"] == vm), None)
+
+
 def test_a_drain_migrates_under_the_rendered_policy(kube) -> None:
+    """Without a metrics source db-1's dirty rate is unknown: nothing can predict that it
+    meets db-critical's maxDowntime, so the drain holds it (the ladder ends in Abort) and
+    says why, on the VM and in a condition; once the policy's ladder allows it (Allow), it
+    migrates under the rendered policy."""
     node = kube.get(rest.VMIS, "db-1", "prod")["status"]["nodeName"]
+    policy = wait_for(lambda: (s := status_of(kube, "db-critical")) and any(
+        c["type"] == "PredictionsAvailable" for c in s.get("conditions") or []) and s,
+        timeout=TIMEOUT, what="db-critical says whether it can predict")
+    assert condition(policy, "PredictionsAvailable")["reason"] == "NoMetricsSource"
     kube.create(rest.NODE_DRAINS, drain_body("drain-db", nodeName=node))
+    held = wait_for(lambda: (e := _vm_entry(kube, "drain-db", "db-1"))
+                    and e["phase"] == "Waiting" and e, timeout=TIMEOUT,
+                    what=lambda: f"db-1 held: {get_drain(kube, 'drain-db').get('status')}")
+    assert held["reason"] == "DirtyRateUnknown", held
+    assert "dirty rate unknown (no metrics source)" in held["message"], held
+    assert "predictedDowntimeMs" not in held, held
+    status = get_drain(kube, "drain-db")["status"]
+    predictions = condition(status, "PredictionsAvailable")
+    assert (predictions["status"], predictions["reason"]) == ("False", "NoMetricsSource")
+    assert "prod/db-1" in predictions["message"] and "lower bound" in predictions["message"]
+    wait_for(lambda: events_of(kube, "drain-db", "NoMetricsSource"), timeout=TIMEOUT,
+             what="NoMetricsSource event on the drain")
+    assert not [m for m in kube.items(rest.VMIMS, "prod")
+                if m["spec"]["vmiName"] == "db-1"
+                and m["metadata"]["labels"].get("virtshift.io/drain") == "drain-db"]
+
+    kube.patch(rest.POLICIES, "db-critical", {"spec": {"onDowntimeExceeded": ["Allow"]}})
     wait_for(lambda: phase_of(kube, "drain-db") == "Drained", timeout=TIMEOUT,
              what=lambda: f"drained: {get_drain(kube, 'drain-db').get('status')}")
     [vmim] = [m for m in kube.items(rest.VMIMS, "prod", label_selector=f"{POLICY}=db-critical")

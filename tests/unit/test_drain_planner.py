@@ -38,8 +38,9 @@ def node(name: str, **kw: Any) -> NodeInfo:
 
 
 def vmi(name: str, node_name: str = "n1", **kw: Any) -> VMIInfo:
+    """A VMI whose dirty rate the metrics source reports (0 unless given; None: unknown)."""
     return VMIInfo(namespace="ns", name=name, node=node_name, memory=kw.pop("memory", 4 * GiB),
-                   **kw)
+                   dirty_rate=kw.pop("dirty_rate", 0.0), **kw)
 
 
 def mig(vm: str, attempt: int, phase: str, **kw: Any) -> MigrationInfo:
@@ -1091,3 +1092,102 @@ def test_the_post_copy_step_switches_at_the_completion_timeout_kubevirt_uses(
     e = entry(d, "hot")
     assert e.predicted_seconds == round(Estimator().target_startup + choice.predicted.duration,
                                         1)
+
+
+# -- an unknown dirty rate (issue 20 item 8) ----------------------------------------------------
+
+UNKNOWN = {"dirty_rate": None}  # no metrics source, or one that does not report this VM
+
+
+@pytest.mark.parametrize(("case", "rules", "phase", "reason", "mode", "creates", "halts"), [
+    # maxDowntime set: no prediction can say the pause fits. The first step whose outcome does
+    # not depend on the dirty rate is taken; Abort waits and says why.
+    ("maxDowntime, Abort", Rules(max_downtime=0.3), "Waiting", "DirtyRateUnknown", None,
+     False, False),
+    ("auto-converge depends on the rate", Rules(max_downtime=0.3, on_downtime_exceeded=(
+        "AutoConverge", "Abort")), "Waiting", "DirtyRateUnknown", None, False, False),
+    ("post-copy: pause at most QEMU's 300 ms", Rules(max_downtime=0.3, on_downtime_exceeded=(
+        "AutoConverge", "PostCopy", "Abort")), "Migrating", "Created", "PostCopy", True, False),
+    ("post-copy cannot promise 100 ms", Rules(max_downtime=0.1, on_downtime_exceeded=(
+        "PostCopy", "Abort")), "Waiting", "DirtyRateUnknown", None, False, False),
+    ("post-copy, KubeVirt holds 100 ms", Rules(
+        max_downtime=0.1, kubevirt_applies_max_downtime=True,
+        on_downtime_exceeded=("PostCopy", "Abort")), "Migrating", "Created", "PostCopy", True,
+     False),
+    ("post-copy, KubeVirt never times out", Rules(
+        max_downtime=0.3, completion_timeout_per_gib=0,
+        on_downtime_exceeded=("PostCopy", "Abort")), "Waiting", "DirtyRateUnknown", None, False,
+     False),
+    ("quick migration", Rules(max_downtime=0.3, on_downtime_exceeded=("QuickMigration",)),
+     "Migrating", "DirtyRateUnknown", "QuickMigration", False, True),
+    ("fail", Rules(max_downtime=0.3, on_downtime_exceeded=("Fail",)), "Failed",
+     "DirtyRateUnknown", None, False, False),
+    ("allow", Rules(max_downtime=0.3, on_downtime_exceeded=("Allow",)), "Migrating", "Created",
+     None, True, False),
+    # A ladder without maxDowntime acts on convergence, which the rate decides too.
+    ("ladder, no maxDowntime", Rules(on_downtime_exceeded=("AutoConverge", "Abort")),
+     "Waiting", "DirtyRateUnknown", None, False, False),
+    ("post-copy, no maxDowntime", Rules(on_downtime_exceeded=("PostCopy", "Abort")),
+     "Migrating", "Created", "PostCopy", True, False),
+    # Neither: a plain migration, as before.
+    ("no maxDowntime, no ladder", Rules(), "Migrating", "Created", None, True, False),
+])
+def test_an_unknown_dirty_rate_is_not_taken_as_zero(case, rules, phase, reason, mode, creates,
+                                                     halts) -> None:
+    """Without a dirty rate nothing predicts the pause or convergence: where maxDowntime or
+    onDowntimeExceeded would act, the VM is treated as not predicted to fit (today: rate 0,
+    every VM fits, and maxDowntime silently does nothing)."""
+    d = plan_drain(snap([vmi("v", **UNKNOWN)], rules={"ns/v": rules},
+                        vms={"ns/v": VMInfo("ns", "v")}))
+    e = entry(d, "v")
+    assert (e.phase, e.reason) == (phase, reason), (case, e.message)
+    assert [m.mode for m in d.create] == ([mode] if creates else []), case
+    assert bool(d.halt) is halts, case
+    assert e.predicted_downtime_ms is None, case  # never a number the rate would decide
+    if reason == "DirtyRateUnknown":
+        assert "dirty rate unknown (no metrics source)" in e.message, case
+
+
+def test_an_unknown_rate_abort_stalls_the_drain_saying_why() -> None:
+    d = plan_drain(snap([vmi("v", **UNKNOWN)], rules={"ns/v": Rules(max_downtime=0.3)}))
+    stalled = next(c for c in d.status.conditions if c.type == "Stalled")
+    assert (stalled.status, stalled.reason) == ("True", "DirtyRateUnknown")
+    assert "not migrating until its dirty rate is known" in entry(d, "v").message
+
+
+def _predictions(d):
+    return next(c for c in d.status.conditions if c.type == "PredictionsAvailable")
+
+
+@pytest.mark.parametrize(("case", "rates", "source", "status", "reason", "names"), [
+    ("no metrics source", (None, None), False, "False", "NoMetricsSource", ["ns/a", "ns/b"]),
+    ("source lacks one VM", (1e6, None), True, "False", "DirtyRateUnknown", ["ns/b"]),
+    ("every rate known", (1e6, 0.0), True, "True", "DirtyRatesKnown", []),
+])
+def test_the_drain_says_whether_its_predictions_know_the_dirty_rates(case, rates, source,
+                                                                     status, reason,
+                                                                     names) -> None:
+    """plannedSeconds and eta are a lower bound while a VM's dirty rate is unknown (taken as
+    0): the PredictionsAvailable condition says so, naming the VMs, and an Event marks the
+    change."""
+    vms = [vmi("a", dirty_rate=rates[0]), vmi("b", dirty_rate=rates[1])]
+    d = plan_drain(snap(vms, metrics_source=source))
+    cond = _predictions(d)
+    assert (cond.status, cond.reason) == (status, reason), (case, cond.message)
+    assert all(n in cond.message for n in names), cond.message
+    if status == "False":
+        assert "lower bound" in cond.message
+        assert ("Warning", reason) in {(k, r) for k, r, _m in d.events}
+        again = plan_drain(snap(vms, metrics_source=source, status=d.status))
+        assert reason not in {r for _k, r, _m in again.events}  # once, on the transition
+        known = plan_drain(snap([vmi("a"), vmi("b")], metrics_source=True, status=d.status))
+        assert (_predictions(known).status, _predictions(known).reason) == (
+            "True", "DirtyRatesKnown")
+        assert ("Normal", "DirtyRatesKnown") in {(k, r) for k, r, _m in known.events}
+
+
+def test_the_drain_counts_the_vms_decided_without_a_rate() -> None:
+    rules = {"ns/a": Rules(max_downtime=0.3)}
+    d = plan_drain(snap([vmi("a", **UNKNOWN), vmi("b", **UNKNOWN)], rules=rules))
+    assert "1 under maxDowntime or onDowntimeExceeded treated as not predicted to fit: ns/a" \
+        in _predictions(d).message

@@ -519,8 +519,9 @@ OUTCOME_CASES = [
     pytest.param([], [p.DrainVM("d", "ns", "hot", "Waiting", reason="NotConverging"),
                       p.DrainVM("d", "ns", "warm", "Waiting", reason="DowntimeExceeded"),
                       p.DrainVM("d", "ns", "late", "Waiting", reason="OutsideWindow"),
-                      p.DrainVM("d", "ns", "done", "Succeeded", reason="DowntimeExceeded")],
-                 (0, 0, 2), id="held back by the ladder's Abort"),
+                      p.DrainVM("d", "ns", "done", "Succeeded", reason="DowntimeExceeded"),
+                      p.DrainVM("d", "ns", "blind", "Waiting", reason="DirtyRateUnknown")],
+                 (0, 0, 3), id="held back by the ladder's Abort"),
     pytest.param([MigrationInfo(namespace="ns", name="m1", vmi="a", phase="Failed",
                                 aborted="ProgressTimeout", attempt=1, drain="d"),
                   MigrationInfo(namespace="ns", name="m2", vmi="a", phase="Running",
@@ -541,3 +542,52 @@ def test_status_reports_outcomes_of_drains() -> None:
     s = p.derive_status(snapshot(drain_vms=[
         p.DrainVM("d", "ns", "gpu", "Skipped", reason="HostDeviceNotLiveMigratable")]))
     assert s.status.wire()["outcomes"]["skipped"] == 1
+
+
+# -- PredictionsAvailable: maxDowntime and the ladder need dirty rates (issue 20 item 8) --------
+
+PREDICTION_CASES = [
+    pytest.param({"maxDowntime": "300ms"}, False, ["ns/a", "ns/b"],
+                 ("False", "NoMetricsSource"), ["--metrics-source", "2 VMs", "Abort waits"],
+                 id="maxDowntime, no metrics source"),
+    pytest.param({"onDowntimeExceeded": ["QuickMigration"]}, True, ["ns/b"],
+                 ("False", "DirtyRateUnknown"), ["ns/b"], id="ladder, a VM not reported"),
+    pytest.param({"maxDowntime": "300ms"}, True, [], ("True", "DirtyRatesKnown"), [],
+                 id="every rate known"),
+    pytest.param({}, False, ["ns/a"], None, [], id="neither: the rate decides nothing"),
+    pytest.param({"onDowntimeExceeded": ["Abort"]}, False, ["ns/a"], None, [],
+                 id="the default ladder alone"),
+]
+
+
+@pytest.mark.parametrize(("fields", "source", "unknown", "expected", "words"),
+                         PREDICTION_CASES)
+def test_status_says_whether_max_downtime_can_be_predicted(fields, source, unknown, expected,
+                                                           words) -> None:
+    """Without dirty rates maxDowntime and onDowntimeExceeded cannot be predicted: the policy
+    says so (today: nothing, and every VM is taken to converge)."""
+    decision = p.derive_status(snapshot(spec=spec(**fields), matched=2, metrics_source=source,
+                                        unknown_rates=unknown))
+    cond = next((c for c in decision.status.conditions if c.type == "PredictionsAvailable"),
+                None)
+    if expected is None:
+        assert cond is None
+        return
+    assert (cond.status, cond.reason) == expected
+    assert all(w in cond.message for w in words), cond.message
+    warned = [e for e in decision.events if e[1] == expected[1]]
+    assert warned == ([("Warning", expected[1], cond.message)] if expected[0] == "False"
+                      else [])
+
+
+def test_predictions_condition_clears_with_an_event_and_goes_with_max_downtime() -> None:
+    blind = p.derive_status(snapshot(spec=spec(maxDowntime="300ms"), matched=1,
+                                     unknown_rates=["ns/a"]))
+    same = p.derive_status(snapshot(spec=spec(maxDowntime="300ms"), matched=1,
+                                    unknown_rates=["ns/a"], status=blind.status))
+    assert same.events == []
+    seen = p.derive_status(snapshot(spec=spec(maxDowntime="300ms"), matched=1,
+                                    metrics_source=True, status=blind.status))
+    assert ("Normal", "DirtyRatesKnown") in [e[:2] for e in seen.events]
+    dropped = p.derive_status(snapshot(spec=spec(), status=blind.status, unknown_rates=["ns/a"]))
+    assert "PredictionsAvailable" not in {c.type for c in dropped.status.conditions}

@@ -178,7 +178,10 @@ class MigrationPolicySpec(Model):
     )
     max_downtime: PositiveDuration | None = Field(
         None, description="The longest switch-over pause a migration may cause, e.g. 300ms. "
-        "Rendered into KubeVirt's maxDowntimeMs; virtshift also predicts it before starting.",
+        "Rendered into KubeVirt's maxDowntimeMs; virtshift also predicts it before starting, "
+        "from the VM's dirty rate (virtshift run --metrics-source). A VM whose dirty rate is "
+        "unknown is treated as not predicted to fit (see onDowntimeExceeded), and the "
+        "PredictionsAvailable condition says so.",
     )
     bandwidth_per_migration: PositiveQuantity | None = Field(
         None, description="Bandwidth cap of one migration, per second (e.g. 1Gi).",
@@ -263,7 +266,14 @@ class MigrationPolicySpec(Model):
         "entry, Abort (do not migrate now, retry after the backoff), Fail (report the VM "
         "failed) or Allow (migrate anyway and record the breach). AutoConverge and PostCopy "
         "each render a KubeVirt MigrationPolicy of their own (virtshift-<name>-autoconverge, "
-        "-postcopy): this policy's settings plus that one flag.",
+        "-postcopy): this policy's settings plus that one flag. A VM whose dirty rate is "
+        "unknown (no --metrics-source, or it does not report the VM) cannot be predicted to "
+        "fit: only steps whose outcome does not depend on the rate are taken -- PostCopy when "
+        "its pause is bounded within maxDowntime (QEMU's 300 ms switch-over limit, or "
+        "maxDowntime itself where KubeVirt applies it), QuickMigration, Allow, Fail -- "
+        "AutoConverge is passed over and Abort waits (reason DirtyRateUnknown). Without "
+        "maxDowntime and with the default ladder (Abort) the rate decides nothing: such a VM "
+        "migrates as it is.",
         json_schema_extra={
             "x-kubernetes-list-type": "set",
             **validations(
@@ -326,7 +336,10 @@ class MigrationPolicyStatus(Model):
         None, description="The metadata.generation this status was computed from."
     )
     conditions: list[Condition] | None = Field(
-        None, description="Ready and the reasons it is not.", max_length=16,
+        None, description="Ready and the reasons it is not; PredictionsAvailable for a policy "
+        "that sets maxDowntime or onDowntimeExceeded (False, reason NoMetricsSource or "
+        "DirtyRateUnknown, while the dirty rates of the VMs it governs are unknown).",
+        max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     matched_v_ms: int | None = Field(None, alias="matchedVMs",

@@ -149,12 +149,15 @@ class VMEntry(Model):
         None, max_length=5, description="Possible target nodes, best first (plan): the first "
         "five; every one is tried."
     )
-    predicted_seconds: float | None = Field(None, description="Predicted migration time (plan).")
+    predicted_seconds: float | None = Field(
+        None, description="Predicted migration time (plan); a lower bound while the VM's dirty "
+        "rate is unknown (condition PredictionsAvailable).")
     predicted_downtime_ms: int | None = Field(
         None, description="Predicted switch-over downtime in milliseconds: virtshift's pre-copy "
         "model of the pause, made before the migration starts (for the step of "
         "onDowntimeExceeded it chose) and kept once it runs. A prediction, never a "
-        "measurement; maxDowntime is held against it before migrating.",
+        "measurement; maxDowntime is held against it before migrating. Absent while the VM's "
+        "dirty rate is unknown.",
     )
     observed_downtime_ms: int | None = Field(
         None, description="Measured switch-over downtime in milliseconds, from downtimeSource. "
@@ -193,7 +196,10 @@ class NodeDrainStatus(Model):
     )
     conditions: list[Condition] | None = Field(
         None, max_length=16, description="Ready, Reconciling and Stalled (kstatus), plus "
-        "Cordoned and Drained.",
+        "Cordoned, Drained and PredictionsAvailable (False, reason NoMetricsSource or "
+        "DirtyRateUnknown, while a VM still to move has no dirty rate: its predicted time, "
+        "plannedSeconds and eta are then a lower bound, and where maxDowntime or "
+        "onDowntimeExceeded applies it is treated as not predicted to fit).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     phase: DrainPhase | None = Field(
@@ -216,7 +222,7 @@ class NodeDrainStatus(Model):
     pods_remaining: int | None = Field(None, description="Ordinary pods still to evict.")
     planned_seconds: float | None = Field(
         None, description="Predicted time from now until the drain completes, in seconds "
-        "(dryRun: for the whole drain).",
+        "(dryRun: for the whole drain); a lower bound while PredictionsAvailable is False.",
     )
     bytes_to_move: int | None = Field(None, description="Guest memory (and disks) to transfer.")
     bytes_moved: int | None = Field(None, description="Transferred so far, by finished VMs.")
@@ -224,7 +230,8 @@ class NodeDrainStatus(Model):
         None, description="When the drain started.", json_schema_extra={"format": "date-time"}
     )
     eta: str | None = Field(
-        None, description="When the drain is expected to finish.",
+        None, description="When the drain is expected to finish (at the earliest while "
+        "PredictionsAvailable is False).",
         json_schema_extra={"format": "date-time"},
     )
     completion_time: str | None = Field(

@@ -101,6 +101,9 @@ class DrainSnapshot:
     # Cluster seconds from a change (a slot freed) to our next write landing, as measured of
     # the operator's recent passes: what the migrations queued in KubeVirt must cover.
     reaction_seconds: float = 0.0
+    # Whether the operator reads a metrics source (dirty rates): only says why a VMI's
+    # dirty_rate is None.
+    metrics_source: bool = False
 
     @property
     def owner(self) -> str:
@@ -493,13 +496,15 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
                                       migration=known.name), memory, seconds=predicted)
     attempt = made + 1
     choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
-                             _concurrency(s, rules))
+                             _concurrency(s, rules), s.metrics_source)
     if choice.mode is not None and math.isfinite(choice.predicted.duration):
         # The step's own KubeVirt policy (e.g. post-copy at the completion timeout) decides
         # how long it takes.
         predicted = s.estimator.target_startup + choice.predicted.duration
     plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),
-            "predicted_downtime_ms": round(choice.predicted.downtime * 1000),
+            # Unknown with the dirty rate: the rate decides the pause.
+            "predicted_downtime_ms": None if vmi.dirty_rate is None else
+            round(choice.predicted.downtime * 1000),
             "candidates": list(targets[:MAX_CANDIDATES]) or None}
     if choice.action == "QuickMigration":
         if vm is None:
@@ -1093,12 +1098,57 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
             put("Ready", False, stalled_reason[0] if stalled_reason else reason, progress)
             phase = (DrainPhase.STALLED if stalled_reason else
                      DrainPhase.PAUSED if s.spec.paused else DrainPhase.DRAINING)
+    put(PREDICTIONS_AVAILABLE, *_predictions(s, vms, later))
     st.conditions = conds
     st.phase = phase
     decision.status = st
     decision.events.extend(_events(s, previous, st))
+    decision.events.extend(_predictions_events(previous, st))
     decision.downtimes.extend(_observations(previous, st))
     return decision
+
+
+PREDICTIONS_AVAILABLE = "PredictionsAvailable"
+DIRTY_RATES_KNOWN = "DirtyRatesKnown"
+
+
+def _predictions(s: DrainSnapshot, vms: list[_VM], later: list[VMIInfo]
+                 ) -> tuple[bool, str, str]:
+    """PredictionsAvailable: whether every VM still to move has a dirty rate. Without one its
+    predicted time (and so plannedSeconds and eta) takes it as dirtying nothing, a lower bound,
+    and where maxDowntime or onDowntimeExceeded would act it is treated as not fitting
+    (downtime.choose)."""
+    to_move = [s.vmis[v.key] for v in vms if v.key in s.vmis and v.entry.phase in (
+        VMPhase.PENDING, VMPhase.WAITING, VMPhase.MIGRATING)] + later
+    unknown = sorted(v.key for v in to_move if v.dirty_rate is None)
+    if not unknown:
+        return True, DIRTY_RATES_KNOWN, ("every VM still to move has a dirty rate from the "
+                                         "metrics source" if to_move else "no VM left to move")
+    held = [k for k in unknown if downtime.rate_matters(
+        s.rules_for(k).max_downtime, s.rules_for(k).on_downtime_exceeded)]
+    cause = ("no metrics source (virtshift run --metrics-source)" if not s.metrics_source
+             else "the metrics source reports no dirty rate for them")
+    message = (f"{cause}: the dirty rates of {len(unknown)} VMs still to move are unknown "
+               f"({', '.join(unknown[:10])}); their predicted times, plannedSeconds and eta "
+               "take them as dirtying no memory, a lower bound")
+    if held:
+        message += (f"; {len(held)} under maxDowntime or onDowntimeExceeded treated as not "
+                    f"predicted to fit: {', '.join(held[:10])}")
+    reason = downtime.DIRTY_RATE_UNKNOWN if s.metrics_source else downtime.NO_METRICS_SOURCE
+    return False, reason, message
+
+
+def _predictions_events(old: NodeDrainStatus, new: NodeDrainStatus
+                        ) -> list[tuple[str, str, str]]:
+    """An Event when PredictionsAvailable turns False (or changes why), and when it is True
+    again."""
+    before = next((c for c in old.conditions or [] if c.type == PREDICTIONS_AVAILABLE), None)
+    now = next((c for c in new.conditions or [] if c.type == PREDICTIONS_AVAILABLE), None)
+    if now is None or (before is not None and before.reason == now.reason):
+        return []
+    if now.status == "False":
+        return [("Warning", now.reason, now.message)]
+    return [("Normal", now.reason, now.message)] if before is not None else []
 
 
 def _newly_observed(prev: VMEntry | None, e: VMEntry) -> bool:

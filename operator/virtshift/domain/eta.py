@@ -2,7 +2,11 @@
 
 The convergence settings are the ones KubeVirt will use (``Rules``: the policy's
 allowAutoConverge, allowPostCopy and completionTimeoutPerGiB, else the KubeVirt CR's, with
-allowWorkloadDisruption resolved as KubeVirt resolves it)."""
+allowWorkloadDisruption resolved as KubeVirt resolves it).
+
+A VMI whose dirty rate is unknown (``VMIInfo.dirty_rate`` None) is predicted as dirtying
+nothing: a lower bound on its time, never a verdict on its downtime (``downtime.choose`` does
+not take it as one; the NodeDrain's PredictionsAvailable condition says so)."""
 
 from __future__ import annotations
 

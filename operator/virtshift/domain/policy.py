@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtshift.api.common import Condition
 from virtshift.api.migrationpolicy import (
     DowntimeAction,
     DowntimeSummary,
@@ -39,7 +40,13 @@ from virtshift.api.migrationpolicy import (
 )
 from virtshift.api.units import parse_duration
 from virtshift.domain.conditions import get_condition, set_condition
-from virtshift.domain.downtime import DOWNTIME_EXCEEDED, NOT_CONVERGING
+from virtshift.domain.downtime import (
+    DIRTY_RATE_UNKNOWN,
+    DOWNTIME_EXCEEDED,
+    NO_METRICS_SOURCE,
+    NOT_CONVERGING,
+    rate_matters,
+)
 from virtshift.domain.naming import kubevirt_policy_name, label_value
 from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
@@ -65,6 +72,9 @@ RENDERED = "Rendered"
 CONFLICT = "KubeVirtPolicyConflict"
 INVALID_WINDOW = "InvalidWindow"
 INVALID_SPEC = "InvalidSpec"
+# Whether maxDowntime and onDowntimeExceeded can be predicted: the governed VMs' dirty rates.
+PREDICTIONS_AVAILABLE = "PredictionsAvailable"
+DIRTY_RATES_KNOWN = "DirtyRatesKnown"
 
 VARIANTS = {
     DowntimeAction.AUTO_CONVERGE.value: ("autoconverge", "allowAutoConverge"),
@@ -316,7 +326,7 @@ def outcomes(spec: MigrationPolicySpec, migrations: Sequence[MigrationInfo],
     skipped = sum(1 for v in drain_vms if v.phase == "Skipped" and v.reason != VMI_GONE)
     quick = sum(1 for v in drain_vms if v.phase == "Succeeded" and v.mode == "QuickMigration")
     held = sum(1 for v in drain_vms if v.phase == "Waiting"
-               and v.reason in (DOWNTIME_EXCEEDED, NOT_CONVERGING))
+               and v.reason in (DOWNTIME_EXCEEDED, NOT_CONVERGING, DIRTY_RATE_UNKNOWN))
     held += len({(m.namespace, m.name) for m in migrations if m.aborted})
     counters = OutcomeCounters(succeeded=len(succeeded), failed=len(failed), skipped=skipped,
                                quick_migrated=quick, aborted=held,
@@ -344,6 +354,8 @@ class PolicySnapshot:
     conflicts: Sequence[Conflict] = ()
     rendered: Sequence[str] = ()  # names of the KubeVirt policies we own now
     drain_vms: Sequence[DrainVM] = ()  # the NodeDrains' entries of VMs this policy governs
+    metrics_source: bool = False  # whether the operator reads dirty rates from one
+    unknown_rates: Sequence[str] = ()  # governed VMIs (namespace/name) without a dirty rate
 
 
 @dataclass(frozen=True)
@@ -363,6 +375,48 @@ def _ready(s: PolicySnapshot, window_problems: Sequence[str]) -> tuple[bool, str
     return True, RENDERED, "rendered as KubeVirt MigrationPolicy " + ", ".join(s.rendered)
 
 
+def _predictions(s: PolicySnapshot) -> tuple[bool, str, str] | None:
+    """PredictionsAvailable, for a policy whose maxDowntime or onDowntimeExceeded needs the
+    governed VMs' dirty rates (None: it needs none). Without one, downtime.choose treats a VM
+    as not predicted to fit."""
+    if not rate_matters(s.spec.max_downtime, s.spec.on_downtime_exceeded):
+        return None
+    rule = ("only the steps of onDowntimeExceeded that do not depend on the dirty rate are "
+            "taken (PostCopy within maxDowntime, QuickMigration, Allow, Fail), AutoConverge is "
+            "passed over and Abort waits")
+    if not s.metrics_source:
+        return False, NO_METRICS_SOURCE, (
+            "no metrics source (virtshift run --metrics-source): the dirty rates of the "
+            f"{s.matched} VMs this policy governs are unknown, so maxDowntime and "
+            f"onDowntimeExceeded cannot be predicted; before migrating one, {rule}")
+    if s.unknown_rates:
+        return False, DIRTY_RATE_UNKNOWN, (
+            f"the metrics source reports no dirty rate for {len(s.unknown_rates)} of the "
+            f"{s.matched} VMs this policy governs ({', '.join(sorted(s.unknown_rates)[:10])});"
+            f" before migrating one of them, {rule}")
+    return True, DIRTY_RATES_KNOWN, ("the metrics source reports the dirty rate of every VM "
+                                     "this policy governs")
+
+
+def _predictions_condition(s: PolicySnapshot, conditions: list[Condition]
+                           ) -> tuple[list[Condition], list[tuple[str, str, str]]]:
+    """The conditions with PredictionsAvailable set (or removed, when the policy needs no
+    dirty rates), and the Event of a change: Warning when it turns False, Normal when True
+    again."""
+    verdict = _predictions(s)
+    before = get_condition(conditions, PREDICTIONS_AVAILABLE)
+    if verdict is None:
+        return [c for c in conditions if c.type != PREDICTIONS_AVAILABLE], []
+    ok, reason, message = verdict
+    out = set_condition(conditions, PREDICTIONS_AVAILABLE, ok, reason, message, s.generation,
+                        stamp(s.now))
+    if before is not None and before.reason == reason:
+        return out, []
+    if not ok:
+        return out, [("Warning", reason, message)]
+    return out, [("Normal", reason, message)] if before is not None else []
+
+
 def derive_status(s: PolicySnapshot) -> PolicyDecision:
     """The policy's status, and the Events worth recording for the change (each only on the
     transition into its reason, so a reconcile loop does not repeat them)."""
@@ -371,6 +425,7 @@ def derive_status(s: PolicySnapshot) -> PolicyDecision:
     before = get_condition(s.status.conditions, READY)
     conditions = set_condition(s.status.conditions or [], READY, ok, reason, message,
                                s.generation, stamp(s.now))
+    conditions, predictions = _predictions_condition(s, conditions)
     counters, downtime = outcomes(s.spec, s.migrations, s.drain_vms)
     window_open = next_window = None
     if not problems:
@@ -387,6 +442,7 @@ def derive_status(s: PolicySnapshot) -> PolicyDecision:
     events: list[tuple[str, str, str]] = []
     if before is None or before.reason != reason or before.status != ("True" if ok else "False"):
         events.append(("Normal" if ok else "Warning", reason, message))
+    events += predictions
     return PolicyDecision(status, events)
 
 

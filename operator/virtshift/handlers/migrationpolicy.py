@@ -135,12 +135,15 @@ def reconcile(name: str) -> dt.datetime | None:
             name, meta["uid"], model.spec, rt.cluster.kubevirt_applies_max_downtime()))
         vmis = store.vmi_views()
         store.relabel(dpolicy.label_changes(name, policies, vmis))
+        governs = dpolicy.governed(name, policies, vmis)
+        metrics_source, unknown_rates = store.dirty_rates(model.spec, governs)
         decision = dpolicy.derive_status(dpolicy.PolicySnapshot(
             name=name, generation=generation, spec=model.spec,
             status=model.status or MigrationPolicyStatus(), now=now,
-            matched=len(dpolicy.governed(name, policies, vmis)),
+            matched=len(governs),
             migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned,
-            drain_vms=store.drain_vms(name, policies)))
+            drain_vms=store.drain_vms(name, policies), metrics_source=metrics_source,
+            unknown_rates=unknown_rates))
         if model.spec.storage is not None:
             governed = set(dpolicy.governed(name, policies, vmis))
             moves = _storage_moves(name, model, now, governed,

@@ -308,6 +308,7 @@ class Cluster:
             attempts={k: n for k, v in vmi_objs.items() if (n := recorded_attempts(
                 (v["metadata"].get("annotations") or {}).get(ATTEMPTS_ANNOTATION), uid or ""))},
             **self.storage_views(set(vmi_objs)),
+            metrics_source=self.metrics is not None,
         )
 
     def storage_views(self, keys: set[str] | None = None) -> dict[str, Any]:

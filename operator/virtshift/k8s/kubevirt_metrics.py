@@ -8,8 +8,9 @@
 
 Samples are timed by their Prometheus timestamp when they carry one, else by the operator's
 clock at the scrape. The source scrapes only while it is read (a drain planning with dirty rates,
-a policy holding progressTimeout): an idle operator does not parse every VMI's series every few
-seconds. The first read after a quiet spell wakes it at once.
+a policy holding progressTimeout, maxDowntime or onDowntimeExceeded): an idle operator does not
+parse every VMI's series every few seconds. The first read after a quiet spell wakes it at once.
+A VMI it does not report has an unknown dirty rate (None), never 0 (``domain.downtime``).
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.domain import policy as dpolicy
 from virtshift.domain import progress as dprogress
+from virtshift.domain.downtime import rate_matters
 from virtshift.domain.naming import label_value
 from virtshift.domain.policy import Conflict, DrainVM, VMIPolicyView
 from virtshift.domain.progress import Progress, Stalled
@@ -117,6 +119,18 @@ class PolicyStore:
                 info = dataclasses.replace(info, aborted=record.reason)
             out.append(info)
         return out + [r.as_migration() for r in records.values()]
+
+    def dirty_rates(self, spec: MigrationPolicySpec, governed: Sequence[str]
+                    ) -> tuple[bool, list[str]]:
+        """(whether there is a metrics source, the governed VMIs it has no dirty rate for),
+        read only when the policy's maxDowntime or onDowntimeExceeded needs the rates (so
+        such a policy keeps the source scraping, as a drain that plans does)."""
+        source = self.cluster.metrics
+        if not rate_matters(spec.max_downtime, spec.on_downtime_exceeded):
+            return source is not None, []
+        if source is None:
+            return False, list(governed)
+        return True, [k for k in governed if source.get(k) is None]
 
     # -- progressTimeout -----------------------------------------------------------------------
 
