@@ -184,6 +184,45 @@ def test_kubevirt_picks_the_rendered_policy_and_status_counts_it(kube) -> None:
             "sim.virtshift.io/downtime-ms"]) > 300 for m in ("move-db-1", "move-db-2"))
 
 
+def _overridden(kube: rest.KubeClient, name: str) -> dict[str, Any] | None:
+    return next((c for c in status_of(kube, name).get("conditions") or []
+                 if c["type"] == "KubeVirtPolicyOverridden"), None)
+
+
+def test_an_admins_kubevirt_policy_that_wins_over_ours_is_reported(kube) -> None:
+    """An administrator's own KubeVirt MigrationPolicy selecting more labels of db's VMIs
+    (app=db and the namespace's team, two labels; ours selects one) is what KubeVirt applies
+    to their migrations (migrationpolicy.go matchPolicy): db's limits silently do nothing
+    there. db says so in a condition naming it and the VMIs, with an Event, and clears both
+    once it is gone."""
+    kube.patch(rest.NAMESPACES, "prod", {"metadata": {"labels": {"team": "dbas"}}})
+    kube.create(rest.KUBEVIRT_POLICIES, {
+        "apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+        "metadata": {"name": "admin-db"},
+        "spec": {"bandwidthPerMigration": "32Mi", "selectors": {
+            "virtualMachineInstanceSelector": {"app": "db"},
+            "namespaceSelector": {"team": "dbas"}}}})
+    cond = wait_for(lambda: _overridden(kube, "db"), timeout=TIMEOUT,
+                    what=lambda: f"override reported: {status_of(kube, 'db')}")
+    assert (cond["status"], cond["reason"]) == ("True", "ForeignPolicyWins")
+    assert "KubeVirt MigrationPolicy admin-db wins KubeVirt's matching for 2 VMIs " \
+        "(prod/db-1, prod/db-2): it matches 2 labels (1 of the VMI, 1 of its namespace), " \
+        "ours 1" in cond["message"], cond
+    assert condition(status_of(kube, "db"), "Ready")["status"] == "True"
+    wait_for(lambda: events_of(kube, "db", "KubeVirtPolicyOverridden"), timeout=TIMEOUT,
+             what="KubeVirtPolicyOverridden event")
+    # What KubeVirt does: the administrator's policy configures db-1's migration.
+    migrate(kube, "move-db-1-admin", "db-1", "none")
+    state = kube.get(rest.VMIS, "db-1", "prod")["status"]["migrationState"]
+    assert state["migrationPolicyName"] == "admin-db", state
+
+    kube.delete(rest.KUBEVIRT_POLICIES, "admin-db")
+    wait_for(lambda: _overridden(kube, "db") is None, timeout=TIMEOUT, what="override cleared")
+    wait_for(lambda: events_of(kube, "db", "KubeVirtPolicyOverrideCleared"), timeout=TIMEOUT,
+             what="KubeVirtPolicyOverrideCleared event")
+    kube.patch(rest.NAMESPACES, "prod", {"metadata": {"labels": {"team": None}}})
+
+
 def test_spec_changes_update_the_rendered_policies(kube) -> None:
     kube.patch(rest.POLICIES, "db", {"spec": {"bandwidthPerMigration": "128Mi",
                                               "onDowntimeExceeded": ["PostCopy", "Abort"]}})

@@ -591,3 +591,82 @@ def test_predictions_condition_clears_with_an_event_and_goes_with_max_downtime()
     assert ("Normal", "DirtyRatesKnown") in [e[:2] for e in seen.events]
     dropped = p.derive_status(snapshot(spec=spec(), status=blind.status, unknown_rates=["ns/a"]))
     assert "PredictionsAvailable" not in {c.type for c in dropped.status.conditions}
+
+
+# -- a KubeVirt policy virtshift did not render wins KubeVirt's matching (issue 20 item 9) -----
+
+DB_VMIS = [p.VMIPolicyView("prod/db-1", {"app": "db", "tier": "gold"}, {"team": "x"}),
+           p.VMIPolicyView("prod/db-2", {"app": "db"}, {"team": "x"}),
+           p.VMIPolicyView("prod/web-1", {"app": "web", "tier": "gold"}, {"team": "x"})]
+
+
+def admin(name: str, vmi: dict | None = None, ns: dict | None = None) -> dict:
+    selectors: dict[str, Any] = {}
+    if vmi is not None:
+        selectors["virtualMachineInstanceSelector"] = vmi
+    if ns is not None:
+        selectors["namespaceSelector"] = ns
+    return {"metadata": {"name": name}, "spec": {"allowPostCopy": True, "selectors": selectors}}
+
+
+OVERRIDE_CASES = [
+    pytest.param(admin("admin-db", {"app": "db", "tier": "gold"}), ["Abort"],
+                 {"admin-db": ("prod/db-1",)}, id="more VMI labels win"),
+    pytest.param(admin("aaa-db", {"app": "db"}), ["Abort"],
+                 {"aaa-db": ("prod/db-1", "prod/db-2")}, id="as many labels, name sorts first"),
+    pytest.param(admin("zzz-db", {"app": "db"}), ["Abort"], {}, id="as many, name sorts after"),
+    pytest.param(admin("admin-ns", ns={"team": "x"}), ["Abort"], {},
+                 id="as many, but namespace labels: ours has more VMI labels"),
+    pytest.param(admin("admin-both", {"app": "db"}, {"team": "x"}), ["Abort"],
+                 {"admin-both": ("prod/db-1", "prod/db-2")}, id="VMI plus namespace labels"),
+    pytest.param(admin("admin-pc", {"app": "db", p.MODE_LABEL: "PostCopy"}),
+                 ["PostCopy", "Abort"], {"admin-pc": ("prod/db-1", "prod/db-2")},
+                 id="wins over our -postcopy variant when the ladder migrates in that mode"),
+    pytest.param(admin("admin-pc", {"app": "db", p.MODE_LABEL: "PostCopy"}), ["Abort"], {},
+                 id="a mode we never label for"),
+    pytest.param(admin("admin-web", {"app": "web", "tier": "gold"}), ["Abort"], {},
+                 id="only VMIs this policy governs"),
+    pytest.param({"metadata": {"name": "aaa"}, "spec": {}}, ["Abort"], {},
+                 id="no selectors: KubeVirt never matches it"),
+]
+
+
+@pytest.mark.parametrize(("foreign", "ladder", "expected"), OVERRIDE_CASES)
+def test_overridden_by_a_kubevirt_policy_virtshift_did_not_render(foreign, ladder,
+                                                                 expected) -> None:
+    """KubeVirt's precedence (migrationpolicy.go matchPolicy) over what exists: ours (rendered
+    from "db" and "web"), plus an administrator's own."""
+    policies = [named("db", vmSelector={"matchLabels": {"app": "db"}},
+                      onDowntimeExceeded=ladder),
+                named("web", vmSelector={"matchLabels": {"app": "web"}})]
+    rendered = [o for n in policies for o in p.render(n.name, "uid", n.spec)]
+    kubevirt = [p.kubevirt_policy_view(o) for o in [*rendered, foreign]]
+    owned = [o["metadata"]["name"] for o in p.render("db", "uid", policies[0].spec)]
+    got = p.overridden("db", policies[0].spec, policies, DB_VMIS, kubevirt, owned)
+    assert {o.kubevirt_policy: o.vmis for o in got} == expected
+
+
+def test_override_condition_names_the_policy_and_clears_with_an_event() -> None:
+    db = spec(vmSelector={"matchLabels": {"app": "db"}})
+    kubevirt = [p.kubevirt_policy_view(o) for o in
+                [*p.render("db", "uid", db), admin("aaa-db", {"app": "db"})]]
+    overrides = p.overridden("db", db, [NamedPolicy("db", db)], DB_VMIS, kubevirt,
+                             ["virtshift-db"])
+    first = p.derive_status(snapshot(name="db", spec=db, matched=2, overrides=overrides,
+                                     rendered=["virtshift-db"]))
+    cond = next(c for c in first.status.conditions if c.type == "KubeVirtPolicyOverridden")
+    assert (cond.status, cond.reason) == ("True", "ForeignPolicyWins")
+    assert "KubeVirt MigrationPolicy aaa-db wins KubeVirt's matching for 2 VMIs " \
+        "(prod/db-1, prod/db-2)" in cond.message
+    assert "ours 1 and its name sorts first" in cond.message
+    assert [e[:2] for e in first.events if e[1] != "Rendered"] == [
+        ("Warning", "KubeVirtPolicyOverridden")]
+    ready = next(c for c in first.status.conditions if c.type == "Ready")
+    assert ready.status == "True"  # rendered fine: KubeVirt just prefers another
+    again = p.derive_status(snapshot(name="db", spec=db, matched=2, overrides=overrides,
+                                     rendered=["virtshift-db"], status=first.status))
+    assert again.events == []
+    cleared = p.derive_status(snapshot(name="db", spec=db, matched=2, rendered=["virtshift-db"],
+                                       status=first.status))
+    assert "KubeVirtPolicyOverridden" not in {c.type for c in cleared.status.conditions}
+    assert [e[:2] for e in cleared.events] == [("Normal", "KubeVirtPolicyOverrideCleared")]

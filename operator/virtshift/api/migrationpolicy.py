@@ -338,7 +338,12 @@ class MigrationPolicyStatus(Model):
     conditions: list[Condition] | None = Field(
         None, description="Ready and the reasons it is not; PredictionsAvailable for a policy "
         "that sets maxDowntime or onDowntimeExceeded (False, reason NoMetricsSource or "
-        "DirtyRateUnknown, while the dirty rates of the VMs it governs are unknown).",
+        "DirtyRateUnknown, while the dirty rates of the VMs it governs are unknown); "
+        "KubeVirtPolicyOverridden (present only while true, reason ForeignPolicyWins): a "
+        "KubeVirt MigrationPolicy (migrations.kubevirt.io) not rendered from this policy wins "
+        "KubeVirt's matching (most matching VMI and namespace labels, then the first name) for "
+        "VMs this policy governs, so KubeVirt applies its settings instead of this policy's; "
+        "the message names it and the VMs.",
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )

@@ -17,6 +17,11 @@ KubeVirt policy selects on exactly that label:
   ``virtshift.io/migration-mode: AutoConverge|PostCopy``. They match one label more, so KubeVirt
   prefers them for a VMI the drain has labelled with a mode before starting its migration.
 
+KubeVirt's matching still sees every KubeVirt policy in the cluster: an administrator's own that
+matches a VMI with more labels (or as many, with a name sorting first) wins, and its settings
+replace ours. ``overridden`` finds those (KubeVirt's precedence in ``kubevirt_match``), and the
+status reports them (condition KubeVirtPolicyOverridden).
+
 A VMI with a virtshift migration in flight keeps the policy label that migration was started
 under (a drain's policyRef may have chosen another policy than precedence would); it is brought
 back in line once the migration has finished.
@@ -47,6 +52,7 @@ from virtshift.domain.downtime import (
     NOT_CONVERGING,
     rate_matters,
 )
+from virtshift.domain.kubevirt_match import KubeVirtPolicyView, Score, kubevirt_choice
 from virtshift.domain.naming import kubevirt_policy_name, label_value
 from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
@@ -72,6 +78,10 @@ RENDERED = "Rendered"
 CONFLICT = "KubeVirtPolicyConflict"
 INVALID_WINDOW = "InvalidWindow"
 INVALID_SPEC = "InvalidSpec"
+# Present (True) only while a KubeVirt policy virtshift did not render wins over ours.
+KUBEVIRT_POLICY_OVERRIDDEN = "KubeVirtPolicyOverridden"
+FOREIGN_POLICY_WINS = "ForeignPolicyWins"
+OVERRIDE_CLEARED = "KubeVirtPolicyOverrideCleared"  # the Event when it goes
 # Whether maxDowntime and onDowntimeExceeded can be predicted: the governed VMs' dirty rates.
 PREDICTIONS_AVAILABLE = "PredictionsAvailable"
 DIRTY_RATES_KNOWN = "DirtyRatesKnown"
@@ -276,6 +286,73 @@ def label_changes(policy: str, policies: Sequence[NamedPolicy],
     return changes
 
 
+# -- KubeVirt's own choice: a KubeVirt policy we did not render that wins over ours --------------
+
+
+@dataclass(frozen=True)
+class Override:
+    """A KubeVirt MigrationPolicy this policy does not own that KubeVirt would apply, instead of
+    ours, to migrations of VMIs this policy governs (kubevirt_match.kubevirt_choice)."""
+
+    kubevirt_policy: str
+    vmis: tuple[str, ...]  # namespace/name, sorted
+    score: Score  # how it matches (the first of those VMIs)
+    ours: Score | None  # how ours matches that VMI then
+
+    def describe(self) -> str:
+        why = (f"it matches {self.score.total} labels ({self.score.vmi} of the VMI, "
+               f"{self.score.namespace} of its namespace)")
+        if self.ours is not None:
+            why += (f", ours {self.ours.total}" + (
+                " and its name sorts first" if self.ours == self.score else ""))
+        return (f"KubeVirt MigrationPolicy {self.kubevirt_policy} wins KubeVirt's matching for "
+                f"{len(self.vmis)} VMIs ({', '.join(self.vmis[:10])}): {why}")
+
+
+def kubevirt_policy_view(obj: JSON) -> KubeVirtPolicyView:
+    """What KubeVirt's matching reads of a migrations.kubevirt.io MigrationPolicy."""
+    selectors = (obj.get("spec") or {}).get("selectors")
+    return KubeVirtPolicyView(
+        name=(obj.get("metadata") or {}).get("name", ""), has_selectors=selectors is not None,
+        vmi_selector=(selectors or {}).get("virtualMachineInstanceSelector"),
+        namespace_selector=(selectors or {}).get("namespaceSelector"))
+
+
+def _labellings(vmi: VMIPolicyView, value: str, modes: Sequence[str]
+                ) -> list[dict[str, str]]:
+    """The labels KubeVirt sees when a VMI this policy governs migrates: ours, and, for each
+    convergence step of the ladder, ours plus that mode (a drain labels it so first)."""
+    base = {k: v for k, v in vmi.labels.items() if k != MODE_LABEL}
+    base[POLICY_LABEL] = value
+    return [base] + [{**base, MODE_LABEL: m} for m in modes]
+
+
+def overridden(name: str, spec: MigrationPolicySpec, policies: Sequence[NamedPolicy],
+               vmis: Sequence[VMIPolicyView], kubevirt: Sequence[KubeVirtPolicyView],
+               owned: Sequence[str]) -> list[Override]:
+    """The KubeVirt MigrationPolicies not rendered for this policy (``owned``: the names we own
+    now) that KubeVirt would pick for a VMI this policy governs, by KubeVirt's precedence
+    (kubevirt_match): they silently replace this policy's settings there."""
+    value = label_value(name)
+    mine = set(governed(name, policies, vmis))
+    modes = [m for m in VARIANTS if m in spec.on_downtime_exceeded]
+    ours = [p for p in kubevirt if p.name in set(owned)]
+    found: dict[str, tuple[list[str], Score, Score | None]] = {}
+    for vmi in sorted((v for v in vmis if v.key in mine), key=lambda v: v.key):
+        for labels in _labellings(vmi, value, modes):
+            choice = kubevirt_choice(kubevirt, labels, vmi.namespace_labels)
+            if choice is None or choice[0].name in set(owned):
+                continue
+            winner, won = choice
+            mine_best = kubevirt_choice(ours, labels, vmi.namespace_labels)
+            keys, _score, _ours = found.setdefault(
+                winner.name, ([], won, mine_best[1] if mine_best else None))
+            if vmi.key not in keys:
+                keys.append(vmi.key)
+    return [Override(n, tuple(keys), won, best)
+            for n, (keys, won, best) in sorted(found.items())]
+
+
 # -- status ---------------------------------------------------------------------------------------
 
 
@@ -356,6 +433,7 @@ class PolicySnapshot:
     drain_vms: Sequence[DrainVM] = ()  # the NodeDrains' entries of VMs this policy governs
     metrics_source: bool = False  # whether the operator reads dirty rates from one
     unknown_rates: Sequence[str] = ()  # governed VMIs (namespace/name) without a dirty rate
+    overrides: Sequence[Override] = ()  # KubeVirt policies winning over ours (overridden)
 
 
 @dataclass(frozen=True)
@@ -417,6 +495,29 @@ def _predictions_condition(s: PolicySnapshot, conditions: list[Condition]
     return out, [("Normal", reason, message)] if before is not None else []
 
 
+def _override_condition(s: PolicySnapshot, conditions: list[Condition]
+                        ) -> tuple[list[Condition], list[tuple[str, str, str]]]:
+    """KubeVirtPolicyOverridden, present (True) only while a KubeVirt policy we did not render
+    wins for VMIs we govern (an abnormal condition, so absent when all is well, as kstatus
+    recommends); a Warning Event when it appears, a Normal one when it goes."""
+    before = get_condition(conditions, KUBEVIRT_POLICY_OVERRIDDEN)
+    if not s.overrides:
+        rest = [c for c in conditions if c.type != KUBEVIRT_POLICY_OVERRIDDEN]
+        return rest, [] if before is None else [
+            ("Normal", OVERRIDE_CLEARED, "no KubeVirt MigrationPolicy overrides this one any "
+             "more")]
+    names = ", ".join(o.kubevirt_policy for o in s.overrides)
+    message = (f"KubeVirt applies another MigrationPolicy than virtshift's to VMIs of the "
+               f"{s.matched} this policy governs, and its settings replace this policy's "
+               f"there: {'; '.join(o.describe() for o in s.overrides)} (KubeVirt picks the "
+               "policy matching the most labels, then the name that sorts first; delete "
+               f"{names} or narrow its selectors)")
+    out = set_condition(conditions, KUBEVIRT_POLICY_OVERRIDDEN, True, FOREIGN_POLICY_WINS,
+                        message, s.generation, stamp(s.now))
+    return out, [] if before is not None else [
+        ("Warning", KUBEVIRT_POLICY_OVERRIDDEN, message)]
+
+
 def derive_status(s: PolicySnapshot) -> PolicyDecision:
     """The policy's status, and the Events worth recording for the change (each only on the
     transition into its reason, so a reconcile loop does not repeat them)."""
@@ -426,6 +527,7 @@ def derive_status(s: PolicySnapshot) -> PolicyDecision:
     conditions = set_condition(s.status.conditions or [], READY, ok, reason, message,
                                s.generation, stamp(s.now))
     conditions, predictions = _predictions_condition(s, conditions)
+    conditions, overrides = _override_condition(s, conditions)
     counters, downtime = outcomes(s.spec, s.migrations, s.drain_vms)
     window_open = next_window = None
     if not problems:
@@ -442,7 +544,7 @@ def derive_status(s: PolicySnapshot) -> PolicyDecision:
     events: list[tuple[str, str, str]] = []
     if before is None or before.reason != reason or before.status != ("True" if ok else "False"):
         events.append(("Normal" if ok else "Warning", reason, message))
-    events += predictions
+    events += predictions + overrides
     return PolicyDecision(status, events)
 
 

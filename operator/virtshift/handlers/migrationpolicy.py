@@ -143,7 +143,9 @@ def reconcile(name: str) -> dt.datetime | None:
             matched=len(governs),
             migrations=store.migrations_of(name), conflicts=conflicts, rendered=owned,
             drain_vms=store.drain_vms(name, policies), metrics_source=metrics_source,
-            unknown_rates=unknown_rates))
+            unknown_rates=unknown_rates,
+            overrides=dpolicy.overridden(name, model.spec, policies, vmis,
+                                         store.kubevirt_views(), owned)))
         if model.spec.storage is not None:
             governed = set(dpolicy.governed(name, policies, vmis))
             moves = _storage_moves(name, model, now, governed,

@@ -17,6 +17,7 @@ from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.domain import policy as dpolicy
 from virtshift.domain import progress as dprogress
 from virtshift.domain.downtime import rate_matters
+from virtshift.domain.kubevirt_match import KubeVirtPolicyView
 from virtshift.domain.naming import label_value
 from virtshift.domain.policy import Conflict, DrainVM, VMIPolicyView
 from virtshift.domain.progress import Progress, Stalled
@@ -186,6 +187,11 @@ class PolicyStore:
             if obj["metadata"]["name"] not in wanted:
                 self._delete(obj)
         return owned, conflicts
+
+    def kubevirt_views(self) -> list[KubeVirtPolicyView]:
+        """Every KubeVirt MigrationPolicy in the cluster, as KubeVirt's matching reads it."""
+        return [dpolicy.kubevirt_policy_view(o) for o in self.kubevirt.values()
+                if not o["metadata"].get("deletionTimestamp")]
 
     def _apply_one(self, policy: str, body: JSON) -> Conflict | None:
         name = body["metadata"]["name"]
