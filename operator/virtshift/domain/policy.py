@@ -336,17 +336,18 @@ def overridden(name: str, spec: MigrationPolicySpec, policies: Sequence[NamedPol
     value = label_value(name)
     mine = set(governed(name, policies, vmis))
     modes = [m for m in VARIANTS if m in spec.on_downtime_exceeded]
-    ours = [p for p in kubevirt if p.name in set(owned)]
+    owned_names = set(owned)
+    ours = [p for p in kubevirt if p.name in owned_names]
     found: dict[str, tuple[list[str], Score, Score | None]] = {}
     for vmi in sorted((v for v in vmis if v.key in mine), key=lambda v: v.key):
         for labels in _labellings(vmi, value, modes):
             choice = kubevirt_choice(kubevirt, labels, vmi.namespace_labels)
-            if choice is None or choice[0].name in set(owned):
+            if choice is None or choice[0].name in owned_names:
                 continue
             winner, won = choice
-            mine_best = kubevirt_choice(ours, labels, vmi.namespace_labels)
-            keys, _score, _ours = found.setdefault(
-                winner.name, ([], won, mine_best[1] if mine_best else None))
+            best_of_ours = kubevirt_choice(ours, labels, vmi.namespace_labels)
+            keys = found.setdefault(winner.name, (
+                [], won, best_of_ours[1] if best_of_ours else None))[0]
             if vmi.key not in keys:
                 keys.append(vmi.key)
     return [Override(n, tuple(keys), won, best)
