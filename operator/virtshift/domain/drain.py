@@ -8,11 +8,13 @@ VM, attempt), so a decision replayed after a crash creates nothing twice.
 NodeDrain fields it implements: ``nodeName``, ``nodeSelector`` + ``maxUnavailable`` +
 ``releaseAfter`` (the wave; a node the wave drains later is never a migration target),
 ``targetNodeSelector``, ``evictPods``, ``nonMigratable`` (through the rules), ``policyRef``
-(through the rules), ``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and
-``dryRun``, which are gated in one place, ``_may_start`` (and ``paused`` also freezes the
-wave: ``wave``, ``_release``, ``_advance_wave``). Every move -- a live migration or a quick
-migration's stop -- passes the same admission (``_admit``): windows, the policy's and
-KubeVirt's limits, and a target node with room for it. Attempts are counted so that
+(through the rules; one naming no usable policy stops the drain: ``_hold_for_policy``),
+``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and ``dryRun``, which are
+gated in one place, ``_may_start`` (and ``paused`` or an unusable policyRef also freeze the
+wave: ``_frozen``). Every move -- a live migration or a quick migration's stop -- passes the
+same admission (``_admit``): windows and withinWindow (to their end, queued migrations
+included: ``_Gate``, ``_withdraw_outside_windows``), the policy's and KubeVirt's limits, and
+a target node with room for it. Attempts are counted so that
 KubeVirt's garbage collection of finished migrations cannot reset them (``_attempts_made``).
 """
 
