@@ -725,8 +725,8 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
             continue  # whatever we created now would start in the slot the held one waits for
         gate = gates.of(rules)
         if gate.closed:
-            v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING, "reason": gate.closed[0],
-                                                 "message": gate.closed[1]})
+            v.entry = v.entry.model_copy(update={
+                "phase": VMPhase.WAITING, "reason": gate.closed[0], "message": gate.closed[1]})
             continue
         if gate.too_long(v.seconds):
             _wait_for_longer_window(v, gate)
@@ -935,12 +935,13 @@ MIN_WINDOW_MARGIN = 1.0
 
 
 def _window_margin(s: DrainSnapshot) -> float:
-    """Cluster seconds before a window's last start at which we stop creating migrations and
-    withdraw those still queued: twice our time to act (``reaction_seconds``, the slowest of
-    our recent passes from an event to its writes landing) -- once for the pass due at that
-    moment (Decision.recheck_after), once for a pass already under way then, which may still
-    create one. KubeVirt may start a queued migration whenever a slot frees, between our
-    passes; what is still queued when our withdrawal lands could otherwise start late."""
+    """Cluster seconds, on top of a target pod's start-up, before a window's end from which
+    we create no migration and withdraw those still queued: twice our time to act
+    (``reaction_seconds``, the slowest of our recent passes from an event to its writes
+    landing) -- once for the pass due at that moment (Decision.recheck_after), once for a pass
+    already under way then, which may still create one. KubeVirt may start a queued migration
+    whenever a slot frees, between our passes; what is still queued when our withdrawal lands
+    could otherwise start late."""
     return max(2 * s.reaction_seconds, MIN_WINDOW_MARGIN)
 
 

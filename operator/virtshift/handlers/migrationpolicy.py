@@ -115,7 +115,8 @@ def state() -> _Policies:
 
 def reconcile(name: str) -> dt.datetime | None:
     """gather -> render and decide (domain) -> apply -> status, for one policy. Returns when
-    to look again at the latest (a migration's progressTimeout), if sooner than the resync."""
+    to look again at the latest (a migration's progressTimeout; for storage moves, a window's
+    last start or next opening), if sooner than the resync."""
     st = state()
     rt, store = st.rt, st.store
     obj = store.policy(name)
