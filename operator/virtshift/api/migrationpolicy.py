@@ -54,6 +54,20 @@ class DowntimeAction(StrEnum):
 FINAL_DOWNTIME_ACTIONS = ("Abort", "Fail", "Allow")
 
 
+class WithinWindow(StrEnum):
+    START = "Start"
+    FINISH = "Finish"
+
+
+WINDOW_END_DOC = (
+    "No migration starts after a window's end: the migrations a NodeDrain has waiting in "
+    "KubeVirt's queue are withdrawn shortly before it (a target pod's start-up plus twice the "
+    "operator's time to act, so that none begins its transfer after the end; they do not "
+    "count as attempts), and none is queued that could not start before it. Migrations in "
+    "flight when a window closes are allowed to finish."
+)
+
+
 class StorageMode(StrEnum):
     ON_DRAIN = "OnDrain"
     ALWAYS = "Always"
@@ -289,7 +303,18 @@ class MigrationPolicySpec(Model):
     )
     windows: list[Window] | None = Field(
         None, max_length=16, description="When new migrations may start; absent means any "
-        "time. Migrations in flight when a window closes are allowed to finish.",
+        "time. " + WINDOW_END_DOC + " Quick migrations' stops and storage moves follow the "
+        "windows too.",
+    )
+    within_window: WithinWindow = Field(
+        WithinWindow.START, description="What of a move must fit inside a window. Start (the "
+        "default): a migration may start until the window ends (see windows) and finishes "
+        "after it if it must. Finish: a migration, a quick migration's stop and restart, or a "
+        "storage move starts only when its predicted duration (the planner's prediction: "
+        "target start-up plus the pre-copy model's transfer, plus the copy of any disks it "
+        "moves) ends before the window closes; a longer one waits for the next window, and a "
+        "VM predicted to need longer than the window is ever open is reported "
+        "(WindowTooShort). Ignored without windows.",
     )
     storage: StorageMigration | None = Field(
         None, description="Live storage migration: where disks move and when."

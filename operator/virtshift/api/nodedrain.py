@@ -82,7 +82,13 @@ class NodeDrainSpec(Model):
     )
     policy_ref: ObjectName | None = Field(
         None, description="A MigrationPolicy (migrationpolicies.virtshift.io) that governs every "
-        "VM of this drain, overriding the policies' own selection.",
+        "VM of this drain, overriding the policies' own selection. While it is missing, being "
+        "deleted or invalid (its Ready condition says InvalidSpec or InvalidWindow) the drain "
+        "waits -- Stalled with reason PolicyNotFound, PolicyTerminating or PolicyInvalid, and a "
+        "Warning Event: nothing new starts (no migration, stop, storage move or eviction; "
+        "migrations still queued in KubeVirt are withdrawn), no node is cordoned, released or "
+        "uncordoned, and migrations under way go on -- and it resumes by itself once the "
+        "policy is usable; it never runs under default rules instead.",
     )
     target_node_selector: dict[str, str] | None = Field(
         None, description="Labels the target node must carry; becomes the addedNodeSelector of "

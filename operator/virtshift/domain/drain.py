@@ -8,11 +8,13 @@ VM, attempt), so a decision replayed after a crash creates nothing twice.
 NodeDrain fields it implements: ``nodeName``, ``nodeSelector`` + ``maxUnavailable`` +
 ``releaseAfter`` (the wave; a node the wave drains later is never a migration target),
 ``targetNodeSelector``, ``evictPods``, ``nonMigratable`` (through the rules), ``policyRef``
-(through the rules), ``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and
-``dryRun``, which are gated in one place, ``_may_start`` (and ``paused`` also freezes the
-wave: ``wave``, ``_release``, ``_advance_wave``). Every move -- a live migration or a quick
-migration's stop -- passes the same admission (``_admit``): windows, the policy's and
-KubeVirt's limits, and a target node with room for it. Attempts are counted so that
+(through the rules; one naming no usable policy stops the drain: ``_hold_for_policy``),
+``cancelOnDelete`` (finalize_drain), and ``paused``, ``deadline`` and ``dryRun``, which are
+gated in one place, ``_may_start`` (and ``paused`` or an unusable policyRef also freeze the
+wave: ``_frozen``). Every move -- a live migration or a quick migration's stop -- passes the
+same admission (``_admit``): windows and withinWindow (to their end, queued migrations
+included: ``_Gate``, ``_withdraw_outside_windows``), the policy's and KubeVirt's limits, and
+a target node with room for it. Attempts are counted so that
 KubeVirt's garbage collection of finished migrations cannot reset them (``_attempts_made``).
 """
 
@@ -24,6 +26,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 from virtshift.api.nodedrain import (
@@ -42,7 +45,7 @@ from virtshift.domain import downtime, preflight, stagger, storage, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
-from virtshift.domain.rules import Rules, selector_matches
+from virtshift.domain.rules import PolicyRef, Rules, policy_ref_problem, selector_matches
 from virtshift.domain.views import (
     DowntimeObservation,
     KubeVirtLimits,
@@ -104,6 +107,13 @@ class DrainSnapshot:
     # Whether the operator reads a metrics source (dirty rates): only says why a VMI's
     # dirty_rate is None.
     metrics_source: bool = False
+    # What the cluster holds under spec.policyRef's name (None: no policyRef).
+    policy_ref: PolicyRef | None = None
+
+    @cached_property
+    def policy_problem(self) -> tuple[str, str] | None:
+        """(reason, message) when spec.policyRef names no usable policy: nothing starts."""
+        return policy_ref_problem(self.policy_ref)
 
     @property
     def owner(self) -> str:
@@ -204,7 +214,7 @@ def wave(s: DrainSnapshot) -> list[NodeEntry]:
     previous = {e.name: e for e in s.status.nodes or []}
     entries = _release(s, [previous.get(n) or NodeEntry(name=n, phase=NodePhase.WAITING)
                             for n in names])
-    if s.spec.paused:
+    if _frozen(s):
         return entries
     if s.spec.node_name:
         return [e if e.phase != NodePhase.WAITING else
@@ -224,7 +234,7 @@ def _release(s: DrainSnapshot, nodes: list[NodeEntry]) -> list[NodeEntry]:
     """Drained -> Released after its maintenance (waves only, and not while paused: a paused
     wave releases nothing). Before the wave starts its next nodes, so that the pass which
     sees a node's maintenance end already starts (and cordons, and moves) the next one."""
-    if s.spec.node_selector is None or s.spec.paused or s.spec.dry_run:
+    if s.spec.node_selector is None or _frozen(s) or s.spec.dry_run:
         return nodes
     out = []
     for e in nodes:
@@ -243,7 +253,7 @@ def _release(s: DrainSnapshot, nodes: list[NodeEntry]) -> list[NodeEntry]:
 
 def _recheck_at_release(s: DrainSnapshot, nodes: list[NodeEntry], decision: Decision) -> None:
     """A pass when a drained node's releaseAfter ends (at once for 0s), not a resync later."""
-    if s.spec.node_selector is None or s.spec.paused or not s.spec.release_after:
+    if s.spec.node_selector is None or _frozen(s) or not s.spec.release_after:
         return
     hold = parse_duration(s.spec.release_after)
     for e in nodes:
@@ -605,9 +615,16 @@ def _concurrency(s: DrainSnapshot, rules: Rules) -> int:
 
 
 def _may_start(s: DrainSnapshot) -> bool:
-    """The one gate of dryRun, paused and deadline: nothing new starts (no migration, no stop,
-    no eviction) unless it is open."""
-    return not (s.spec.dry_run or s.spec.paused or _deadline_passed(s))
+    """The one gate of dryRun, paused, deadline and an unusable policyRef: nothing new starts
+    (no migration, no stop, no storage move, no eviction) unless it is open."""
+    return not (s.spec.dry_run or s.spec.paused or _deadline_passed(s) or s.policy_problem)
+
+
+def _frozen(s: DrainSnapshot) -> bool:
+    """The wave stands still (no node cordoned, released or uncordoned): paused, or -- until
+    its policy is usable -- a policyRef naming none, so a drain that has not begun does not
+    begin (nothing is cordoned) and one under way keeps its nodes as they are."""
+    return s.spec.paused or s.policy_problem is not None
 
 
 def _quick_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
@@ -669,25 +686,31 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     to wait in KubeVirt's queue (Pending): KubeVirt starts one the moment a slot frees (a
     migration's end re-enqueues parallelMigrationsPerCluster Pending ones, equals in any order:
     migration.go reEnqueueHighestPriorityPendingMigrations), instead of after our next pass
-    (_kubevirt_queue, _queue_rounds).
-    Once nothing may start (paused, past the deadline), those still queued are withdrawn."""
+    (_kubevirt_queue, _queue_rounds), but never more than can start before the window ends
+    (_Gate.rounds).
+    Once nothing may start (paused, past the deadline, an unusable policyRef), those still
+    queued are withdrawn; so are those whose VM's window no longer lets them start in time
+    (_withdraw_outside_windows)."""
     if not _may_start(s):
-        reason = ("DryRun" if s.spec.dry_run else "Paused" if s.spec.paused
-                  else "DeadlineExceeded")
-        if reason == "DryRun":
+        if s.spec.dry_run:
             return
+        reason, message = _not_starting(s)
         queued = {m.vmi_key: m for m in s.migrations if m.queued}
         decision.withdraw.extend(queued.values())
         for v in vms:
             if v.key in queued:
                 v.entry = v.entry.model_copy(update={
                     "phase": VMPhase.WAITING, "reason": reason, "message": "withdrawn from "
-                    f"KubeVirt's queue (migration {queued[v.key].name} had not started)"})
+                    f"KubeVirt's queue (migration {queued[v.key].name} had not started)"
+                    + (f"; {message}" if message else "")})
             elif v.admissible:
                 v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING,
                                                      "reason": reason})
         return
-    unfinished = [m for m in s.cluster_unfinished if m.unfinished]
+    gates = _Gates(s)
+    withdrawn = _withdraw_outside_windows(s, vms, decision, gates)
+    unfinished = [m for m in s.cluster_unfinished
+                  if m.unfinished and (m.namespace, m.name) not in withdrawn]
     stops = _quick_in_flight(s) + _storage_in_flight(s)
     into, out_of = storage.in_flight(list(s.storage.values()), s.claims)
     total = len(unfinished) + len(stops)
@@ -700,6 +723,7 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     room = _Room(s)
     pin = bool(later)
     rounds = _queue_rounds(s, vms)
+    typical = _typical_seconds(vms)
     held: set[str] = set()  # sources whose next start waits for a transfer to end (stagger)
     begun: dict[str, list[stagger.Transfer]] = {}  # transfers this pass starts, by source
     for v in _start_order(s, vms, per_node):
@@ -708,13 +732,17 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
         live = not v.stop and v.move is None
         if live and source in held:
             continue  # whatever we created now would start in the slot the held one waits for
-        closed = _window_closed(rules, s.now)
-        if closed:
-            v.entry = v.entry.model_copy(update={"phase": VMPhase.WAITING, "reason": closed[0],
-                                                 "message": closed[1]})
+        gate = gates.of(rules)
+        if gate.closed:
+            v.entry = v.entry.model_copy(update={
+                "phase": VMPhase.WAITING, "reason": gate.closed[0], "message": gate.closed[1]})
+            continue
+        if gate.too_long(v.seconds):
+            _wait_for_longer_window(v, gate)
             continue
         # A VM whose disks' move began holds its slot since (_storage_in_flight).
-        queue = _kubevirt_queue(s, rules, v, rounds)
+        queue = _kubevirt_queue(s, rules, v, gate.rounds(rounds, typical or v.seconds,
+                                                         v.seconds))
         if not v.reserved and (
                 total >= s.limits.per_cluster + queue[0]
                 or per_node[source] >= _concurrency(s, rules) + queue[1] or (
@@ -777,6 +805,8 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
         v.entry = v.entry.model_copy(update={
             "phase": VMPhase.MIGRATING, "reason": "Created", "migration": mig_name,
             "attempts": v.candidate_attempt, "message": f"created migration {mig_name}"})
+    gates.recheck(decision)
+    _window_events(s, vms, decision, gates)
 
 
 def _start_order(s: DrainSnapshot, vms: list[_VM], per_node: Counter[str]) -> list[_VM]:
@@ -847,12 +877,18 @@ def _queue_rounds(s: DrainSnapshot, vms: list[_VM]) -> int:
     next migrations land, and R rounds last about R typical migrations (those still to
     start, predicted). One at least; more when our reaction is slower than a migration (a
     busy API server, a simulated clock that multiplies it)."""
+    typical = _typical_seconds(vms)
+    if s.reaction_seconds <= 0 or typical is None:
+        return 1
+    return max(1, min(MAX_QUEUE_ROUNDS, math.ceil(s.reaction_seconds / typical)))
+
+
+def _typical_seconds(vms: list[_VM]) -> float | None:
+    """The mean predicted time of the live migrations still to start: how long one round of
+    KubeVirt's queue lasts."""
     waiting = [v.seconds for v in vms if v.candidate_attempt and not v.stop and v.move is None
                and v.seconds > 0]
-    if s.reaction_seconds <= 0 or not waiting:
-        return 1
-    typical = sum(waiting) / len(waiting)
-    return max(1, min(MAX_QUEUE_ROUNDS, math.ceil(s.reaction_seconds / typical)))
+    return sum(waiting) / len(waiting) if waiting else None
 
 
 def _kubevirt_queue(s: DrainSnapshot, rules: Rules, v: _VM, rounds: int = 1
@@ -897,18 +933,269 @@ def _storage_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
     return out
 
 
-def _window_closed(rules: Rules, now: dt.datetime) -> tuple[str, str] | None:
-    """(reason, message) when the policy's windows forbid starting a migration now."""
+# -- maintenance windows ------------------------------------------------------------------------
+
+OUTSIDE_WINDOW = "OutsideWindow"
+WINDOW_TOO_SHORT = "WindowTooShort"
+INVALID_WINDOW = "InvalidWindow"
+FINISH = "Finish"  # the policy's withinWindow: only what is predicted to end in the window
+# The least of _window_margin, for a reaction not measured yet.
+MIN_WINDOW_MARGIN = 1.0
+
+
+def _window_margin(s: DrainSnapshot) -> float:
+    """Cluster seconds, on top of a target pod's start-up, before a window's end from which
+    we create no migration and withdraw those still queued: twice our time to act
+    (``reaction_seconds``, the slowest of our recent passes from an event to its writes
+    landing) -- once for the pass due at that moment (Decision.recheck_after), once for a pass
+    already under way then, which may still create one. KubeVirt may start a queued migration
+    whenever a slot frees, between our passes; what is still queued when our withdrawal lands
+    could otherwise start late."""
+    return max(2 * s.reaction_seconds, MIN_WINDOW_MARGIN)
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """What a VM's policy's windows allow now. Nothing may begin within ``lead`` seconds of
+    the window's end: a migration begun then (created, or taken from KubeVirt's queue) would
+    start its transfer after the end, a target pod's start-up later (``lead`` = that
+    start-up plus _window_margin)."""
+
+    policy: str | None
+    closed: tuple[str, str] | None = None  # (reason, message): nothing of it begins now
+    closes_at: dt.datetime | None = None  # the open window's end (None: none in sight)
+    next_open: dt.datetime | None = None  # when moves may begin again after it
+    now: dt.datetime | None = None
+    lead: float = 0.0
+    margin: float = 0.0
+    finish: bool = False  # withinWindow: Finish
+    next_length: float | None = None  # seconds the next window is open (Finish only)
+
+    @property
+    def closes_in(self) -> float | None:
+        if self.closes_at is None or self.now is None:
+            return None
+        return (self.closes_at - self.now).total_seconds()
+
+    @property
+    def left(self) -> float | None:
+        """Seconds during which a move may still begin (None: no end in sight)."""
+        closes_in = self.closes_in
+        return None if closes_in is None else closes_in - self.lead
+
+    def too_long(self, seconds: float) -> bool:
+        """withinWindow: Finish, and a move of ``seconds`` begun now would end after the
+        window's end."""
+        closes_in = self.closes_in
+        return self.finish and closes_in is not None and seconds > closes_in - self.margin
+
+    def rounds(self, rounds: int, typical: float, seconds: float) -> int:
+        """Of ``rounds`` of KubeVirt's queue, those that start before the window's last start
+        -- round r leaves the queue about r typical migrations from now -- and, under Finish,
+        also end (a migration of ``seconds``) before the window's end."""
+        left = self.left
+        if left is None:
+            return rounds
+        closes_in = self.closes_in or 0.0
+        room = closes_in - self.margin - seconds if self.finish else left
+        return max(0, min(rounds, math.floor(room / typical))) if typical > 0 else 0
+
+    def opens(self) -> str:
+        return stamp(self.next_open) if self.next_open else "never"
+
+
+class _Gates:
+    """The windows' verdict per policy for this pass, and a pass when the first of them
+    changes: at a window's last start (to withdraw what is still queued then) or its next
+    opening (to start again)."""
+
+    def __init__(self, s: DrainSnapshot) -> None:
+        self.s = s
+        self.seen: dict[str | None, _Gate] = {}
+
+    def of(self, rules: Rules) -> _Gate:
+        if rules.policy not in self.seen:
+            self.seen[rules.policy] = _gate(self.s, rules)
+        return self.seen[rules.policy]
+
+    def recheck(self, decision: Decision) -> None:
+        for gate in self.seen.values():
+            left = gate.left
+            if gate.closed is None and left is not None:
+                due = max(left, 0.0)
+            elif gate.closed is not None and gate.next_open is not None:
+                due = max((gate.next_open - self.s.now).total_seconds(), 0.0)
+            else:
+                continue
+            if decision.recheck_after is None or due < decision.recheck_after:
+                decision.recheck_after = due
+
+
+def _gate(s: DrainSnapshot, rules: Rules) -> _Gate:
     if not rules.windows:
-        return None
+        return _Gate(rules.policy)
+    margin = _window_margin(s)
+    lead = s.estimator.target_startup + margin
     try:
-        state = windows.window_state(rules.windows, now)
+        state = windows.start_gate(rules.windows, s.now, lead)
     except windows.WindowError as exc:
-        return "InvalidWindow", f"policy {rules.policy}: {exc}"
-    if state.open:
-        return None
-    when = stamp(state.next_open) if state.next_open else "never"
-    return "OutsideWindow", f"policy {rules.policy} allows new migrations from {when}"
+        return _Gate(rules.policy, closed=(INVALID_WINDOW, f"policy {rules.policy}: {exc}"))
+    gate = _Gate(rules.policy, closes_at=state.closes_at, next_open=state.next_open,
+                 now=s.now, lead=lead, margin=margin, finish=rules.within_window == FINISH)
+    if gate.finish and state.next_open is not None:
+        after = windows.window_state(rules.windows, state.next_open).closes_at
+        gate = dataclasses.replace(gate, next_length=(
+            after - state.next_open).total_seconds() if after else None)
+    if state.may_start:
+        return gate
+    if state.closes_at is not None:  # open, but its end is too near for a start
+        why = (f"policy {rules.policy}'s window closes at {stamp(state.closes_at)}, too soon "
+               f"for a migration to start (target start-up {s.estimator.target_startup:.0f}s "
+               f"and {margin:.0f}s for virtshift to act); new migrations from {gate.opens()}")
+    else:
+        why = f"policy {rules.policy} allows new migrations from {gate.opens()}"
+    return dataclasses.replace(gate, closed=(OUTSIDE_WINDOW, why))
+
+
+def _wait_for_longer_window(v: _VM, gate: _Gate) -> None:
+    """withinWindow: Finish, and the VM's move would not end before the window does: it waits
+    for the next window -- or, predicted longer than that one is open, is reported and held
+    (WindowTooShort), as no window will fit it."""
+    closes = stamp(gate.closes_at) if gate.closes_at else "?"
+    if gate.next_length is not None and v.seconds > gate.next_length - gate.margin:
+        v.candidate_attempt, v.stop, v.move = 0, False, None
+        v.blocked_by = WINDOW_TOO_SHORT
+        v.entry = v.entry.model_copy(update={
+            "phase": VMPhase.WAITING, "reason": WINDOW_TOO_SHORT, "message": (
+                f"predicted {v.seconds:.0f}s, longer than policy {gate.policy}'s next window "
+                f"is open ({gate.next_length:.0f}s from {gate.opens()}; withinWindow: Finish)")})
+        return
+    v.entry = v.entry.model_copy(update={
+        "phase": VMPhase.WAITING, "reason": OUTSIDE_WINDOW, "message": (
+            f"predicted {v.seconds:.0f}s, would not finish before policy {gate.policy}'s "
+            f"window closes at {closes} (withinWindow: Finish); new migrations from "
+            f"{gate.opens()}")})
+
+
+def _withdraw_outside_windows(s: DrainSnapshot, vms: list[_VM], decision: Decision,
+                              gates: _Gates) -> set[tuple[str, str]]:
+    """Our migrations still in KubeVirt's queue whose VM's policy window no longer lets them
+    start in time -- past its last start, or (withinWindow: Finish) too near its end for the
+    predicted migration -- are withdrawn as pause withdraws them (not counted as attempts):
+    KubeVirt would take them from its queue whenever a slot frees, after the window's end.
+    Returns their (namespace, name)."""
+    by_key = {v.key: v for v in vms}
+    out: set[tuple[str, str]] = set()
+    for m in s.migrations:
+        if not m.queued:
+            continue
+        rules = s.rules_for(m.vmi_key)
+        gate = gates.of(rules)
+        why = gate.closed
+        vmi = s.vmis.get(m.vmi_key)
+        if why is None and gate.finish and vmi is not None:
+            predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node),
+                                            _concurrency(s, rules))
+            if gate.too_long(predicted):
+                why = (OUTSIDE_WINDOW, f"predicted {predicted:.0f}s, would not finish before "
+                       f"policy {rules.policy}'s window closes (withinWindow: Finish); new "
+                       f"migrations from {gate.opens()}")
+        if why is None:
+            continue
+        decision.withdraw.append(m)
+        out.add((m.namespace, m.name))
+        v = by_key.get(m.vmi_key)
+        if v is not None:
+            v.entry = v.entry.model_copy(update={
+                "phase": VMPhase.WAITING, "reason": why[0], "message": "withdrawn from "
+                f"KubeVirt's queue (migration {m.name} had not started); {why[1]}"})
+    return out
+
+
+def _window_events(s: DrainSnapshot, vms: list[_VM], decision: Decision,
+                   gates: _Gates) -> None:
+    """An Event when a policy's VMs begin to wait for its next window: the window closed on
+    the drain with work left (or was closed when it began)."""
+    before = {(e.namespace, e.name) for e in s.status.vms or []
+              if e.reason == OUTSIDE_WINDOW}
+    waiting: dict[str | None, list[_VM]] = {}
+    for v in vms:
+        if v.entry.reason == OUTSIDE_WINDOW:
+            waiting.setdefault(s.rules_for(v.key).policy, []).append(v)
+    for policy, group in sorted(waiting.items(), key=lambda it: it[0] or ""):
+        if any((v.entry.namespace, v.entry.name) in before for v in group):
+            continue
+        gate = gates.of(s.rules_for(group[0].key))
+        queued = sum(1 for v in group if (v.entry.message or "").startswith("withdrawn"))
+        decision.events.append(("Normal", OUTSIDE_WINDOW, (
+            f"policy {policy}'s window is closed with {len(group)} VMs still to move"
+            + (f" ({queued} withdrawn from KubeVirt's queue before they started)"
+               if queued else "")
+            + f"; they wait for the next window, from {gate.opens()}")))
+
+
+def _window_note(s: DrainSnapshot, vms: list[_VM]) -> str:
+    """What the drain waits for when VMs wait for their policies' next windows (for the
+    conditions' messages), '' when none does."""
+    opens: dict[str | None, str] = {}
+    count = 0
+    for v in vms:
+        if v.entry.reason == OUTSIDE_WINDOW and v.entry.phase == VMPhase.WAITING:
+            rules = s.rules_for(v.key)
+            if rules.policy not in opens:
+                opens[rules.policy] = _gate(s, rules).opens()
+            count += 1
+    if not count:
+        return ""
+    return f"; {count} VMs wait for the next window (" + ", ".join(
+        f"policy {p} opens {t}" for p, t in sorted(opens.items(), key=lambda it: it[0] or "")
+    ) + ")"
+
+
+# -- an unusable policyRef ----------------------------------------------------------------------
+
+
+def _not_starting(s: DrainSnapshot) -> tuple[str, str | None]:
+    """Why nothing starts (the VMs' reason, and a message when it says more)."""
+    if s.spec.paused:
+        return "Paused", None
+    if _deadline_passed(s):
+        return "DeadlineExceeded", None
+    assert s.policy_problem is not None
+    return s.policy_problem
+
+
+# A failed VM's reasons that come from KubeVirt, whatever the policy says.
+_KUBEVIRT_VERDICTS = (storage.VOLUME_UPDATE_REFUSED, storage.MANUAL_RECOVERY)
+
+
+def _hold_for_policy(s: DrainSnapshot, vms: list[_VM], decision: Decision) -> None:
+    """spec.policyRef names no usable policy: the VMs were judged under default rules, which
+    are not the drain's. Every verdict of those rules waits (reported with the policy's
+    problem) and nothing they decide is done -- no revert because of maxAttempts, no claim
+    deleted -- except what KubeVirt itself forces (a volume update it refused goes back).
+    Migrations under way, and VMs a quick migration stopped, go on. A Warning Event on the
+    transition."""
+    problem = s.policy_problem
+    if problem is None:
+        return
+    reason, message = problem
+    for v in vms:
+        e = v.entry
+        judged = e.phase in (VMPhase.PENDING, VMPhase.WAITING) or (
+            e.phase == VMPhase.FAILED and e.reason not in _KUBEVIRT_VERDICTS) or (
+            e.phase == VMPhase.SKIPPED and e.reason != "VMIGone")
+        if not judged:
+            continue
+        v.candidate_attempt, v.stop, v.move, v.blocked_by = 0, False, None, None
+        v.entry = e.model_copy(update={"phase": VMPhase.WAITING, "reason": reason,
+                                       "message": message})
+    decision.revert = [u for u in decision.revert
+                       if (st := s.storage.get(f"{u.namespace}/{u.vm}")) and storage.stuck(st)]
+    decision.delete_claims = []
+    stalled = next((c for c in s.status.conditions or [] if c.type == "Stalled"), None)
+    if stalled is None or stalled.reason != reason or stalled.status != "True":
+        decision.events.append(("Warning", reason, message))
 
 
 def _policy_of(s: DrainSnapshot, m: MigrationInfo) -> str | None:
@@ -934,7 +1221,7 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     draining = {e.name for e in nodes if e.phase == NodePhase.DRAINING}
     waiting = {e.name for e in nodes if e.phase == NodePhase.WAITING}
 
-    frozen = s.spec.dry_run or s.spec.paused  # a paused wave cordons and releases nothing
+    frozen = s.spec.dry_run or _frozen(s)  # a paused wave cordons and releases nothing
     if not frozen:
         for n in sorted(draining):
             node = s.nodes.get(n)
@@ -968,6 +1255,7 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     scope |= kept
     vms = [v for k in sorted(scope)
            if (v := _evaluate(s, k, active if k in kept else draining, places, decision))]
+    _hold_for_policy(s, vms, decision)
     _admit(s, vms, decision, later)
 
     # Pods other than virt-launchers (evictPods).
@@ -1052,7 +1340,8 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
         nonlocal conds
         conds = set_condition(conds, type_, status, reason, message, s.generation, now)
 
-    progress = f"{st.progress} VMs moved or skipped"
+    windows_note = _window_note(s, vms)
+    progress = f"{st.progress} VMs moved or skipped{windows_note}"
     if s.spec.dry_run:
         put("Cordoned", False, "DryRun", "dryRun: nothing is cordoned")
         put("Drained", False, "DryRun", "dryRun: nothing moves")
@@ -1073,7 +1362,9 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
                 f"; virt-launcher pods still running: {', '.join(lingering[:5])}"
                 if lingering else ""))
         stalled_reason = None
-        if failed_names and finished:
+        if s.policy_problem and not drained:
+            stalled_reason = s.policy_problem
+        elif failed_names and finished:
             stalled_reason = ("MigrationFailed", "could not move: " + ", ".join(failed_names[:10]))
         elif _deadline_passed(s) and not drained:
             stalled_reason = ("DeadlineExceeded", f"not drained within {s.spec.deadline}; no "
@@ -1093,7 +1384,8 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
                 "NodeDrain is deleted" if s.spec.node_name else "the wave is complete")
             phase = DrainPhase.DRAINED
         else:
-            reason = "Paused" if s.spec.paused else "Draining"
+            reason = "Paused" if s.spec.paused else OUTSIDE_WINDOW if windows_note and \
+                counts.migrating == 0 else "Draining"
             put("Reconciling", not stalled_reason, reason, progress)
             put("Ready", False, stalled_reason[0] if stalled_reason else reason, progress)
             phase = (DrainPhase.STALLED if stalled_reason else

@@ -2,12 +2,12 @@
 
 Precedence (also in the CRD's description): highest ``priority``; then the most specific
 policy (more selector terms); then the name that sorts first. A drain's ``policyRef`` wins
-over all of them.
+over all of them; one that names no usable policy stops the drain (``policy_ref_problem``).
 
 ``rules_from`` maps the spec onto the rules the planner and the predictions use, keeping the
 CRD's names: maxAttempts, backoff, nonMigratable, maxDowntime, bandwidthPerMigration,
 nodeBandwidth, maxParallelMigrations, maxParallelOutboundPerNode, maxParallelInboundPerNode,
-windows, onDowntimeExceeded, progressTimeout; and allowAutoConverge, allowPostCopy and
+windows, withinWindow, onDowntimeExceeded, progressTimeout; and allowAutoConverge, allowPostCopy and
 completionTimeoutPerGiB as KubeVirt will resolve them: the policy's value when it sets one,
 else the KubeVirt CR's (``KubeVirtMigrationConfig``), with allowWorkloadDisruption following
 the policy's allowPostCopy when the policy sets that (KubeVirt's GetMigrationConfByPolicy /
@@ -25,6 +25,7 @@ from virtshift.api.migrationpolicy import MigrationPolicySpec, StorageMigration,
 from virtshift.api.units import parse_duration, parse_quantity
 from virtshift.domain.physics import QEMU_DEFAULT_DOWNTIME
 from virtshift.domain.views import KubeVirtMigrationConfig
+from virtshift.domain.windows import validate_windows
 
 
 def selector_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
@@ -58,6 +59,44 @@ def selector_size(selector: LabelSelector | None) -> int:
 class NamedPolicy:
     name: str
     spec: MigrationPolicySpec
+
+
+# Why a NodeDrain's policyRef cannot govern it (its conditions' and Events' reasons).
+POLICY_NOT_FOUND = "PolicyNotFound"
+POLICY_INVALID = "PolicyInvalid"
+POLICY_TERMINATING = "PolicyTerminating"
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """What the cluster holds under the name a NodeDrain's policyRef gives."""
+
+    name: str
+    found: bool = False
+    terminating: bool = False  # deletionTimestamp set
+    spec: MigrationPolicySpec | None = None  # None: missing, or rejected by the models
+    rejected: str | None = None  # why the models reject its spec
+
+
+def policy_ref_problem(ref: PolicyRef | None) -> tuple[str, str] | None:
+    """(reason, message) when the policy a NodeDrain names cannot govern its VMs: missing,
+    being deleted, or invalid -- a spec the models reject, or windows that cannot be read,
+    which the policy's own Ready condition reports (InvalidSpec, InvalidWindow). The drain
+    then starts nothing rather than move VMs under default rules (no windows, no limits, no
+    ladder). None when there is no policyRef or it is usable."""
+    if ref is None:
+        return None
+    waits = "; nothing new starts until it is usable (migrations under way go on)"
+    if not ref.found:
+        return POLICY_NOT_FOUND, f"policyRef: MigrationPolicy {ref.name} does not exist{waits}"
+    if ref.terminating:
+        return POLICY_TERMINATING, f"policyRef: MigrationPolicy {ref.name} is being deleted{waits}"
+    problems = [ref.rejected or "its spec cannot be read"] if ref.spec is None else \
+        validate_windows(ref.spec.windows)
+    if problems:
+        return POLICY_INVALID, (f"policyRef: MigrationPolicy {ref.name} is invalid: "
+                                f"{'; '.join(problems)}{waits}")
+    return None
 
 
 def governing_policy(
@@ -101,6 +140,7 @@ class Rules:
     max_outbound_per_node: int | None = None
     max_inbound_per_node: int | None = None
     windows: tuple[Window, ...] = ()
+    within_window: str = "Start"  # Finish: admit only what is predicted to end in the window
     completion_timeout_per_gib: float = 150.0  # KubeVirt's default
     # The policy's progressTimeout: virtshift's own abort of a stalled transfer (None: none).
     progress_timeout: float | None = None
@@ -169,6 +209,7 @@ def rules_from(policy: NamedPolicy | None, non_migratable_override: str | None =
             max_outbound_per_node=s.max_parallel_outbound_per_node,
             max_inbound_per_node=s.max_parallel_inbound_per_node,
             windows=tuple(s.windows or ()),
+            within_window=str(s.within_window),
             progress_timeout=parse_duration(s.progress_timeout) if s.progress_timeout else None,
             storage=s.storage,
             **inherited,

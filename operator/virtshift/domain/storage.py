@@ -347,7 +347,10 @@ class PolicyStorageSnapshot:
     claims: Mapping[str, ClaimInfo]
     classes: Mapping[str, ClassInfo]
     updates_migrate: bool  # KubeVirt's workloadUpdateMethods has LiveMigrate
-    may_start: bool = True  # windows open
+    may_start: bool = True  # windows open, and their end far enough away for a start
+    # withinWindow: Finish -- the seconds a move begun now has to end before the window
+    # closes (None: no such bound).
+    finish_within: float | None = None
     max_parallel: int | None = None  # the policy's maxParallelMigrations
     bandwidth_per_migration: float | None = None
     max_attempts: int = 3
@@ -454,8 +457,12 @@ def plan_policy_storage(s: PolicyStorageSnapshot) -> StorageDecision:
     for vm, wanted in pending:
         move = plan_move(vm, wanted, s.claims, target, s.spec, owner, {target: rate}, s.now)
         why = None
+        seconds = sum(e.predicted_seconds or 0.0 for e in move.entries)
         if not s.may_start:
             why = "OutsideWindow", "the policy's windows are closed"
+        elif s.finish_within is not None and seconds > s.finish_within:
+            why = "OutsideWindow", (f"predicted {seconds:.0f}s, would not finish before the "
+                                    "window closes (withinWindow: Finish)")
         elif limit is not None and mine >= limit:
             why = "Queued", f"{mine} copies of this policy under way (limit {limit})"
         elif s.spec.max_parallel_copies and into[target] >= s.spec.max_parallel_copies:

@@ -236,3 +236,33 @@ def window_state(windows: Sequence[Window] | None, now: dt.datetime) -> WindowSt
             break
         closes_at = extended
     return WindowState(open=True, closes_at=closes_at, next_open=next_open)
+
+
+@dataclass(frozen=True)
+class StartGate:
+    """Whether a move may begin now so that it starts before the window's end."""
+
+    may_start: bool
+    closes_at: dt.datetime | None  # the end of the open period (None: no windows)
+    next_open: dt.datetime | None  # when moves may begin again, when they may not now
+
+    def closes_in(self, now: dt.datetime) -> float | None:
+        """Seconds to the window's end (None: no end in sight)."""
+        return None if self.closes_at is None else (self.closes_at - now).total_seconds()
+
+
+def start_gate(windows: Sequence[Window] | None, now: dt.datetime, lead: float) -> StartGate:
+    """Whether a move begun at ``now`` starts inside a window: the window is open and its end
+    more than ``lead`` seconds away (``lead``: what passes between beginning a move and its
+    start -- the caller's time to act, a target pod's start-up). Within ``lead`` of the end
+    nothing begins, and ``next_open`` is the first opening after that end. No windows: always
+    open. Raises WindowError for an unusable window."""
+    state = window_state(windows, now)
+    if not windows:
+        return StartGate(True, None, None)
+    if state.open and state.closes_at is not None:
+        if (state.closes_at - now).total_seconds() > lead:
+            return StartGate(True, state.closes_at, state.next_open)
+        # The open period's last `lead` seconds: the next start is after its end.
+        return StartGate(False, state.closes_at, window_state(windows, state.closes_at).next_open)
+    return StartGate(False, None, state.next_open)

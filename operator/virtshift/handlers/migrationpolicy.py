@@ -36,6 +36,10 @@ STOP_POLL_SECONDS = 0.1
 # kubevirt: its feature gates decide maxDowntimeMs. NodeDrains (whose VM entries feed the
 # outcomes) are not watched: their status changes with every drain's pass; the resync reads them.
 WATCHED = ("vmi", "vmim", "policy", "kubevirt", "pvc")
+# Wall seconds planned for a policy's pass to land its writes (a coalescing pause and the
+# pass): storage moves stop twice that (in cluster time) plus a target pod's start-up before
+# a window's end, so that none begins its copy after the end (as a NodeDrain's migrations).
+POLICY_ANSWER_SECONDS = 1.0
 
 
 class _Policies:
@@ -111,7 +115,8 @@ def state() -> _Policies:
 
 def reconcile(name: str) -> dt.datetime | None:
     """gather -> render and decide (domain) -> apply -> status, for one policy. Returns when
-    to look again at the latest (a migration's progressTimeout), if sooner than the resync."""
+    to look again at the latest (a migration's progressTimeout; for storage moves, a window's
+    last start or next opening), if sooner than the resync."""
     st = state()
     rt, store = st.rt, st.store
     obj = store.policy(name)
@@ -148,8 +153,8 @@ def reconcile(name: str) -> dt.datetime | None:
                                          store.kubevirt_views(), owned)))
         if model.spec.storage is not None:
             governed = set(dpolicy.governed(name, policies, vmis))
-            moves = _storage_moves(name, model, now, governed,
-                                   window_open=decision.status.window_open is not False)
+            moves = _storage_moves(name, model, now, governed)
+            recheck = _earliest(recheck, _storage_recheck(model, now))
             decision = dataclasses.replace(
                 decision, status=decision.status.model_copy(update={"storage": moves.status}),
                 events=[*decision.events, *moves.events])
@@ -186,13 +191,51 @@ def _forget_metrics(name: str) -> None:
             gauge.remove(name)
 
 
-def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str],
-                   window_open: bool) -> dstorage.StorageDecision:
-    """spec.storage: move the governed VMs' disks (mode Always), delete what leaks."""
+def _storage_window(model: MigrationPolicy, now: dt.datetime
+                    ) -> tuple[dwindows.StartGate, float]:
+    """The windows' verdict on beginning a storage move now, and the lead before a window's
+    end within which none begins: a target pod's start-up plus twice our time to act (the
+    pass due at that moment, and one under way then)."""
+    settings = state().rt.settings
+    margin = 2 * POLICY_ANSWER_SECONDS * settings.time_scale
+    lead = settings.estimator.target_startup + margin
+    try:
+        return dwindows.start_gate(model.spec.windows, now, lead), lead
+    except dwindows.WindowError:  # the Ready condition says why; nothing begins meanwhile
+        return dwindows.StartGate(False, None, None), lead
+
+
+def _storage_recheck(model: MigrationPolicy, now: dt.datetime) -> dt.datetime | None:
+    """When the windows' verdict on storage moves changes: the last start before a window's
+    end, or the next opening."""
+    storage = model.spec.storage
+    if storage is None or storage.mode != "Always" or not model.spec.windows:
+        return None
+    gate, lead = _storage_window(model, now)
+    if gate.may_start and gate.closes_at is not None:
+        return gate.closes_at - dt.timedelta(seconds=lead)
+    return gate.next_open
+
+
+def _earliest(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | None:
+    return min((t for t in (a, b) if t is not None), default=None)
+
+
+def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str]
+                   ) -> dstorage.StorageDecision:
+    """spec.storage: move the governed VMs' disks (mode Always), delete what leaks. A move
+    begins only inside a window and not within its end's lead; under withinWindow: Finish only
+    when its predicted copy ends before the window does."""
     st = state()
     cluster = st.rt.cluster
     spec = model.spec
     assert spec.storage is not None
+    gate, lead = _storage_window(model, now)
+    closes_in = gate.closes_in(now)
+    # A move's copy must end before the window's end, begun a target start-up after now
+    # (and our writes landing): the lead.
+    finish_within = closes_in - lead if spec.within_window == "Finish" and \
+        closes_in is not None else None
     seen = cluster.storage_views()
     claims, everyone = seen["claims"], seen["storage"]
     failed, ended = kstorage.copy_history(cluster, everyone, claims)
@@ -200,7 +243,8 @@ def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed
         policy=name, spec=spec.storage, now=now,
         governed={k: v for k, v in everyone.items() if k in governed and v.running},
         everyone=list(everyone.values()), claims=claims, classes=seen["classes"],
-        updates_migrate=seen["updates_migrate"], may_start=window_open,
+        updates_migrate=seen["updates_migrate"], may_start=gate.may_start,
+        finish_within=finish_within,
         max_parallel=spec.max_parallel_migrations,
         bandwidth_per_migration=parse_quantity(spec.bandwidth_per_migration)
         if spec.bandwidth_per_migration else None,
@@ -285,7 +329,7 @@ def policy_daemon(stopped: kopf.DaemonStopped, name: str, **_: Any) -> None:
         try:
             with st.lock(name), logs.context(policy=name):
                 recheck = reconcile(name)
-            if recheck is not None:  # a progressTimeout falls due before the resync
+            if recheck is not None:  # a progressTimeout or a window falls due before the resync
                 due = (recheck - st.rt.cluster.clock.now()).total_seconds()
                 wait = min(wait, max(0.0, due / st.rt.settings.time_scale))
         except Exception:

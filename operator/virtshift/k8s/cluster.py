@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from virtshift.api.kubevirt import FINAL_PHASES
 from virtshift.api.migrationpolicy import MigrationPolicySpec
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus
@@ -17,6 +19,7 @@ from virtshift.domain.eta import Estimator
 from virtshift.domain.naming import label_value
 from virtshift.domain.rules import (
     NamedPolicy,
+    PolicyRef,
     Rules,
     governing_policy,
     rules_from,
@@ -155,6 +158,21 @@ class Cluster:
             except ValueError:
                 continue  # the policy's own handler reports it
         return out
+
+    def policy_ref(self, name: str) -> PolicyRef:
+        """What a NodeDrain's policyRef finds: the policy, whether it is being deleted, and
+        whether our models take its spec (domain.rules.policy_ref_problem judges)."""
+        obj = self.policies.get(name)
+        if obj is None:
+            return PolicyRef(name)
+        terminating = bool(obj["metadata"].get("deletionTimestamp"))
+        try:
+            spec = MigrationPolicySpec.model_validate(obj.get("spec") or {})
+        except ValidationError as exc:
+            rejected = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                 for e in exc.errors()[:5])
+            return PolicyRef(name, found=True, terminating=terminating, rejected=rejected)
+        return PolicyRef(name, found=True, terminating=terminating, spec=spec)
 
     def kubevirt_applies_max_downtime(self) -> bool:
         return views.kubevirt_applies_max_downtime(self.kubevirt())
@@ -309,6 +327,7 @@ class Cluster:
                 (v["metadata"].get("annotations") or {}).get(ATTEMPTS_ANNOTATION), uid or ""))},
             **self.storage_views(set(vmi_objs)),
             metrics_source=self.metrics is not None,
+            policy_ref=self.policy_ref(policy_ref) if policy_ref else None,
         )
 
     def storage_views(self, keys: set[str] | None = None) -> dict[str, Any]:
