@@ -52,6 +52,10 @@ vms:
   - {{name: q-1, namespace: fid, node: sky-3, memory: 64Gi, dirtyRate: 10Mi}}
   - {{name: q-2, namespace: fid, node: sky-3, memory: 1Gi}}
   - {{name: q-3, namespace: fid, node: sky-3, memory: 1Gi}}
+  - {{name: never-1, namespace: fid, node: sky-2, memory: 1Gi, dirtyRate: 3Gi,
+     labels: {{migration: never}}}}
+  - {{name: pc-1, namespace: fid, node: sky-2, memory: 4Gi, dirtyRate: 3Gi,
+     labels: {{migration: postcopy-slow}}}}
 faults:
   - {{kind: failTargetPod, vm: fid/flaky-1, attempt: 1}}
   - {{kind: failTargetPod, vm: fid/flaky-1, attempt: 2}}
@@ -62,10 +66,23 @@ DISRUPT = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPo
                     "completionTimeoutPerGiB": 5,
                     "selectors": {"virtualMachineInstanceSelector": {"migration": "disrupt"}}}}
 
+# completionTimeoutPerGiB 0: no completion timeout, so no switch to the post-copy it allows.
+NEVER = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+         "metadata": {"name": "never"},
+         "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 0,
+                  "selectors": {"virtualMachineInstanceSelector": {"migration": "never"}}}}
+# Post-copy from 6 s on (4 GiB is 5 GB at 1 s per GB), then 4 GiB pulled at 4 MiB/s: 1024 s.
+POST_COPY_SLOW = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+                  "metadata": {"name": "postcopy-slow"},
+                  "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 1,
+                           "bandwidthPerMigration": "4Mi",
+                           "selectors": {"virtualMachineInstanceSelector": {
+                               "migration": "postcopy-slow"}}}}
+
 
 @pytest.fixture(scope="module")
 def sim(fresh_cluster) -> Iterator[runner.Simulator]:
-    yield from simulate(fresh_cluster.kube, SCENARIO, (DISRUPT,))
+    yield from simulate(fresh_cluster.kube, SCENARIO, (DISRUPT, NEVER, POST_COPY_SLOW))
 
 
 @pytest.fixture
@@ -127,6 +144,28 @@ def test_workload_disruption_without_post_copy_pauses_the_guest(kube) -> None:
     assert state["migrationConfiguration"]["allowWorkloadDisruption"] is True
     ran = seconds(state["endTimestamp"]) - seconds(state["startTimestamp"])
     assert ran >= 5 * 2 + 1  # 1 GiB is 2 GB at 5 s per GB, acting one second later
+
+
+def test_completion_timeout_0_never_switches_pauses_or_aborts(sim, kube) -> None:
+    """shouldTriggerTimeout: acceptableCompletionTime 0 (completionTimeoutPerGiB 0) is never
+    reached, so the post-copy the policy allows never starts and nothing aborts the transfer:
+    far past the 301 s the default 150 s per GB would give it, a guest that dirties memory
+    three times faster than the NIC sends it is still pre-copying. Only deleting the VMIM
+    ends it."""
+    created = migrate(kube, "move-never", "never-1")
+    running = wait_for(lambda: (s := state_of(vmi(kube, "never-1"))).get("migrationUid")
+                       == created["metadata"]["uid"] and s.get("startTimestamp") and s)
+    assert running["migrationConfiguration"]["completionTimeoutPerGiB"] == 0
+    started = seconds(running["startTimestamp"])
+    wait_for(lambda: seconds(sim.clock.stamp()) - started > 450, timeout=450 / SCALE + 20)
+    assert vmim(kube, "move-never")["status"]["phase"] == "Running"
+    state = state_of(vmi(kube, "never-1"))
+    assert state["mode"] == "PreCopy" and not state.get("failed") and not state.get("completed")
+    kube.delete(rest.VMIMS, "move-never", "fid")
+    state = wait_for(lambda: (s := state_of(vmi(kube, "never-1"))).get("failed") and s)
+    assert state["failureReason"] == "Live migration has been aborted", state
+    assert state["mode"] == "PreCopy" and state["abortStatus"] == "Succeeded"
+    assert vmi(kube, "never-1")["status"]["nodeName"] == "sky-2"
 
 
 # -- status timing and abort (pkg/virt-controller/watch/migration/migration.go) ---------------
@@ -192,6 +231,43 @@ def test_deleting_before_handoff_fails_the_vmim_and_leaves_the_vmi_alone(kube) -
                           if "kubevirt.io/migrationJobUID" in p["metadata"]["labels"]])
     assert state_of(vmi(kube, "stuck-1")) == before
     assert vmi(kube, "stuck-1")["status"]["nodeName"] == "sky-1"
+
+
+def test_deleting_a_migration_in_post_copy_does_not_abort_it(kube) -> None:
+    """KubeVirt never aborts post-copy: the guest already runs on the target. Deleting the
+    VMIM (it keeps KubeVirt's finalizer) gets it migrationAbortRequested (updateStatus) and
+    the VMI abortRequested (markMigrationAbortInVmiStatus); virt-handler asks virt-launcher to
+    cancel (handleMigrationAbort), whose AbortJob libvirt refuses in post-copy
+    (asyncMigrationAbort sets the abort status Failed, which 1.9 writes on the VMI only for a
+    failed migration). The migration completes: the VMIM turns Succeeded, then its finalizer
+    goes and the deletion completes; the VM is on the target."""
+    created = migrate(kube, "move-pc", "pc-1")
+    uid = created["metadata"]["uid"]
+    wait_for(lambda: (s := state_of(vmi(kube, "pc-1"))).get("migrationUid") == uid
+             and s.get("mode") == "PostCopy", timeout=30)
+    running = vmim(kube, "move-pc")
+    assert running["status"]["phase"] == "Running"  # the VMI says so while it runs
+    version = running["metadata"]["resourceVersion"]
+    kube.delete(rest.VMIMS, "move-pc", "fid")
+    seen = []
+    for kind, obj in kube.watch(rest.VMIMS, version, "fid", timeout_seconds=60):
+        if obj["metadata"]["name"] == "move-pc":
+            seen.append(obj)
+            if kind == "DELETED":
+                break
+    phases_seen = [o.get("status", {}).get("phase") for o in seen]
+    assert "Failed" not in phases_seen and phases_seen[-1] == "Succeeded", phases_seen
+    done = seen[-1]
+    assert "migrationAbortRequested" in conditions(done)
+    state = state_of(done)
+    assert (state["mode"], state["completed"], state["abortRequested"]) == (
+        "PostCopy", True, True), state
+    assert "failed" not in state and "abortStatus" not in state and "failureReason" not in state
+    moved = vmi(kube, "pc-1")
+    assert moved["status"]["nodeName"] == state["targetNode"] != "sky-2"
+    assert state_of(moved) == state
+    events = [e for e in kube.items(rest.EVENTS, "fid") if e["involvedObject"].get("uid") == uid]
+    assert not [e for e in events if e["reason"] == "FailedMigration"], events
 
 
 def test_finished_migrations_are_garbage_collected_keeping_the_five_newest(kube) -> None:

@@ -35,6 +35,8 @@ vms:
   - {{name: stall-1, namespace: v18, node: doomed-1, memory: 64Gi, dirtyRate: 3Gi}}
   - {{name: flaky-1, namespace: v18, node: n-2, memory: 1Gi}}
   - {{name: plain-1, namespace: v18, node: n-2, memory: 1Gi, labels: {{tier: gold}}}}
+  - {{name: pc-1, namespace: v18, node: n-2, memory: 2Gi, dirtyRate: 3Gi,
+     labels: {{migration: postcopy-slow}}}}
   - generate: {{count: 5, prefix: evac-, namespace: v18, nodes: [drain-1], memory: [8Gi, 8Gi],
                dirtyRate: [10Mi, 10Mi]}}
 faults:
@@ -46,10 +48,18 @@ SAME_AS_CLUSTER = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "Mig
                    "spec": {"allowPostCopy": False,
                             "selectors": {"virtualMachineInstanceSelector": {"tier": "gold"}}}}
 
+# Post-copy from 4 s on (2 GiB is 3 GB at 1 s per GB), then 2 GiB pulled at 4 MiB/s: 512 s.
+POST_COPY_SLOW = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+                  "metadata": {"name": "postcopy-slow"},
+                  "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 1,
+                           "bandwidthPerMigration": "4Mi",
+                           "selectors": {"virtualMachineInstanceSelector": {
+                               "migration": "postcopy-slow"}}}}
+
 
 @pytest.fixture(scope="module")
 def sim(fresh_cluster) -> Iterator[runner.Simulator]:
-    yield from simulate(fresh_cluster.kube, SCENARIO, (SAME_AS_CLUSTER,))
+    yield from simulate(fresh_cluster.kube, SCENARIO, (SAME_AS_CLUSTER, POST_COPY_SLOW))
 
 
 @pytest.fixture
@@ -100,6 +110,30 @@ def test_user_abort_reason_keeps_kubevirts_trailing_space(kube) -> None:
     state = state_of(vmi)
     assert state["failureReason"] == "Live migration aborted "
     assert state["abortRequested"] is True and state["abortStatus"] == "Succeeded"
+
+
+def test_an_abort_in_post_copy_fails_and_the_migration_completes(kube) -> None:
+    """1.7/1.8 setMigrationProgressStatus copies the launcher's abort status onto the VMI on
+    every sync: deleting the VMIM in post-copy shows abortRequested with abortStatus Failed
+    (asyncMigrationAbort: libvirt refuses AbortJob in post-copy), and the migration goes on
+    to Succeeded, the VMIM keeping that state."""
+    uid = kubevirt_objects.migrate(kube, "v18", "move-pc", "pc-1", addedNodeSelector={
+        "kubernetes.io/hostname": "n-3"})["metadata"]["uid"]
+
+    def state() -> dict[str, Any]:
+        return state_of(kube.get(rest.VMIS, "pc-1", "v18"))
+
+    wait_for(lambda: (s := state()).get("migrationUid") == uid and s.get("mode") == "PostCopy")
+    assert kube.get(rest.VMIMS, "move-pc", "v18")["status"]["phase"] == "Running"
+    kube.delete(rest.VMIMS, "move-pc", "v18")
+    refused = wait_for(lambda: (s := state()).get("abortStatus") == "Failed" and s)
+    assert refused["abortRequested"] is True and not refused.get("completed")
+    done = wait_for(lambda: (s := state()).get("completed") and s, timeout=600 / SCALE + 20)
+    assert (done["mode"], done["abortStatus"], done.get("failed")) == ("PostCopy", "Failed",
+                                                                         None), done
+    assert "failureReason" not in done
+    assert kube.get(rest.VMIS, "pc-1", "v18")["status"]["nodeName"] == "n-3"
+    wait_for(lambda: kube.get(rest.VMIMS, "move-pc", "v18") is None)  # finalizer gone
 
 
 def test_target_pod_down_reason_does_not_reach_the_vmi(kube) -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from virtshift.api.units import GiB, MiB
+from virtshift.domain.eta import Estimator
 from virtshift.domain.physics import (
     AUTO_CONVERGE_MAX,
     MAX_ROUNDS,
@@ -19,6 +20,8 @@ from virtshift.domain.physics import (
     completion_limit,
     predict,
 )
+from virtshift.domain.rules import rules_from
+from virtshift.domain.views import KubeVirtMigrationConfig, VMIInfo
 
 M = 8 * GiB
 B = 1 * GiB  # so M/B = 8 s
@@ -28,7 +31,9 @@ def run_stepper(t: Transfer, dt: float, limit: float = 1e5) -> PreCopyRun:
     run = PreCopyRun(t.memory, t.dirty_rate, max_downtime=t.max_downtime,
                      auto_converge=t.auto_converge, post_copy=t.post_copy,
                      completion_timeout=t.completion_timeout,
-                     progress_timeout=t.progress_timeout)
+                     progress_timeout=t.progress_timeout,
+                     workload_disruption=t.workload_disruption,
+                     ideal_post_copy=t.ideal_post_copy)
     while not run.done and run.elapsed < limit:
         run.advance(dt, t.bandwidth)
     return run
@@ -168,8 +173,10 @@ def test_auto_converge_stays_off_when_precopy_converges() -> None:
 
 # -- post-copy -------------------------------------------------------------------------------
 
-def test_post_copy_switches_at_the_first_non_shrinking_round() -> None:
-    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True))
+def test_ideal_post_copy_switches_at_the_first_non_shrinking_round() -> None:
+    """The bench's lower bound only: KubeVirt itself switches at its completion timeout."""
+    p = predict(Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True,
+                         ideal_post_copy=True))
     assert p.converges and p.mode is Mode.POST_COPY and p.failure_reason is None
     assert p.downtime == POST_COPY_SWITCH_DOWNTIME
     # one full pre-copy pass (8 s), then all of M is dirty again and is pulled (8 s)
@@ -260,9 +267,10 @@ AGREEMENT_CASES = [
     Transfer(memory=M, dirty_rate=B / 2, bandwidth=B),
     Transfer(memory=M, dirty_rate=0.95 * B, bandwidth=B),
     Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, auto_converge=True),
-    Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True),
+    Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True, ideal_post_copy=True),
     Transfer(memory=M, dirty_rate=2 * B, bandwidth=B, post_copy=True, completion_timeout=30),
-    Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B, progress_timeout=150),
+    Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B, progress_timeout=150,
+             completion_timeout=400),
     Transfer(memory=M, dirty_rate=1.5 * B, bandwidth=B, completion_timeout=100),
     Transfer(memory=200 * MiB, dirty_rate=B, bandwidth=B),
 ]
@@ -330,3 +338,66 @@ def test_prediction_is_a_frozen_dataclass() -> None:
     assert isinstance(p, Prediction)
     with pytest.raises(AttributeError):
         p.duration = 0  # type: ignore[misc]
+
+
+# -- completionTimeoutPerGiB 0: no completion timeout at all ---------------------------------
+# virt-launcher live-migration-source.go shouldTriggerTimeout returns false when
+# acceptableCompletionTime (completionTimeoutPerGiB x data size) is 0: no post-copy switch, no
+# pause (shouldAssistMigrationToComplete) and no abort for it. Only the progress timeout
+# (isMigrationProgressing: data remaining not dropping) can still end a pre-copy.
+
+HOT = 2 * B  # lambda 2: never converges by itself
+
+
+@pytest.mark.parametrize(("completion", "rescue", "converges", "mode", "reason", "duration"), [
+    # KubeVirt never switches to post-copy without a completion timeout: it never ends.
+    (0, {"post_copy": True}, False, Mode.PRE_COPY, "NotConverging", 8.0),
+    (None, {"post_copy": True}, False, Mode.PRE_COPY, "NotConverging", 8.0),
+    # ... nor pauses the guest (allowWorkloadDisruption without allowPostCopy) ...
+    (0, {"workload_disruption": True}, False, Mode.PRE_COPY, "NotConverging", 8.0),
+    # ... nor aborts it: not a CompletionTimeout.
+    (0, {}, False, Mode.PRE_COPY, "NotConverging", 8.0),
+    # Auto-converge needs no timeout: it still tames lambda 2 (throttle 60%).
+    (0, {"auto_converge": True, "post_copy": True}, True, Mode.AUTO_CONVERGE, None, None),
+    # With a timeout the same transfer switches at it (30 s, acting at 31 s) and completes.
+    (30, {"post_copy": True}, True, Mode.POST_COPY, None, 39.0),
+])
+def test_no_completion_timeout_never_switches_pauses_or_aborts(completion, rescue, converges,
+                                                               mode, reason, duration) -> None:
+    p = predict(Transfer(memory=M, dirty_rate=HOT, bandwidth=B, completion_timeout=completion,
+                         progress_timeout=150, **rescue))
+    assert (p.converges, p.mode, p.failure_reason) == (converges, mode, reason)
+    if duration is not None:
+        assert p.duration == pytest.approx(duration)
+
+
+def test_no_completion_timeout_leaves_a_stalled_transfer_to_the_progress_timeout() -> None:
+    """isMigrationProgressing still aborts a transfer whose data remaining stops dropping."""
+    p = predict(Transfer(memory=M, dirty_rate=HOT, bandwidth=0, post_copy=True,
+                         completion_timeout=0, progress_timeout=150))
+    assert (p.failure_reason, p.duration) == ("ProgressTimeout", 151)
+
+
+@pytest.mark.parametrize("rescue", [{"post_copy": True}, {"workload_disruption": True}, {}])
+def test_without_a_completion_timeout_a_non_converging_transfer_runs_on(rescue) -> None:
+    """What KubeVirt does with it: nothing. Pre-copy rounds go on for as long as the transfer
+    moves (data remaining drops within each round, so the progress timeout never fires) until
+    someone deletes the migration."""
+    run = PreCopyRun(M, HOT, completion_timeout=0, progress_timeout=150, **rescue)
+    for _ in range(2000):  # 2000 s, in steps as the simulator takes them
+        run.advance(1.0, B)
+    assert not run.done and not run.failed
+    assert run.mode is Mode.PRE_COPY and run.rounds >= 200
+    assert run.elapsed - run.last_progress < 1.0  # still making "progress"
+    assert math.isinf(run.eta(B))
+
+
+def test_kubevirt_cr_completion_timeout_0_is_predicted_as_never() -> None:
+    """The operator's prediction for a VM under the KubeVirt CR's completionTimeoutPerGiB 0
+    with allowPostCopy: KubeVirt will never switch it, so it is predicted not to converge."""
+    vmi = VMIInfo(namespace="ns", name="hot", node="n1", memory=M, dirty_rate=HOT)
+    for per_gib, mode, converges in ((0, Mode.PRE_COPY, False), (5, Mode.POST_COPY, True)):
+        rules = rules_from(None, kubevirt=KubeVirtMigrationConfig(
+            allow_post_copy=True, completion_timeout_per_gib=per_gib))
+        p = Estimator(node_bandwidth=B).transfer(vmi, rules, None, 1)
+        assert (p.converges, p.mode) == (converges, mode), per_gib

@@ -118,8 +118,10 @@ class NodeDrainSpec(Model):
     )
     cancel_on_delete: bool = Field(
         True, description="When this NodeDrain is deleted, abort its unfinished migrations (by "
-        "deleting their VirtualMachineInstanceMigrations); the nodes are uncordoned only once "
-        "every aborted migration has ended (or after 5 minutes, with a warning Event, should "
+        "deleting their VirtualMachineInstanceMigrations), except those in post-copy, which "
+        "KubeVirt never aborts (the guest already runs on the target): they are let finish, "
+        "and an Event (PostCopyNotAborted) says so. The nodes are uncordoned only once "
+        "every such migration has ended (or after 5 minutes, with a warning Event, should "
         "KubeVirt never end one). Meanwhile the phase is Terminating and the NodeDrain stays, "
         "as it does while an uncordon or a VM restart keeps failing.",
     )

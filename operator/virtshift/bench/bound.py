@@ -90,7 +90,7 @@ def vm_floor(vm: BoundVM, limits: Limits) -> VMFloor:
     p = predict(Transfer(memory=vm.memory, dirty_rate=vm.dirty_rate, bandwidth=bw,
                          max_downtime=limits.max_downtime, auto_converge=limits.auto_converge,
                          post_copy=limits.post_copy, completion_timeout=None,
-                         progress_timeout=None))
+                         progress_timeout=None, ideal_post_copy=True))
     if not p.converges or not math.isfinite(p.duration):
         return VMFloor(vm.name, vm.node, math.inf, math.inf)
     return VMFloor(vm.name, vm.node, limits.target_startup + p.duration, p.bytes_sent)

@@ -45,6 +45,7 @@ from virtshift.domain import downtime, preflight, stagger, storage, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
+from virtshift.domain.progress import POST_COPY_NOT_ABORTED
 from virtshift.domain.rules import PolicyRef, Rules, policy_ref_problem, selector_matches
 from virtshift.domain.views import (
     DowntimeObservation,
@@ -1526,21 +1527,36 @@ def _not_found(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
 # -- ending maintenance -------------------------------------------------------------------------
 
 
+def _letting_finish(finishing: Sequence[MigrationInfo]) -> str:
+    names = ", ".join(f"{m.namespace}/{m.name}" for m in finishing[:10])
+    return (f"not aborting {len(finishing)} migrations in post-copy (KubeVirt never aborts "
+            f"post-copy: the guest already runs on the target); letting them finish: {names}")
+
+
+def _waiting_for(aborted: int, post_copy: int) -> str:
+    what = [f"{aborted} aborted migrations"] if aborted else []
+    what += [f"{post_copy} migrations in post-copy"] if post_copy else []
+    return f"waiting for {' and '.join(what)} to end"
+
+
 def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
-    migrations (cancelOnDelete), restart VMs a quick migration had stopped, and -- only once
-    every aborted migration has ended, so that nothing lands on or leaves a node that is
-    schedulable again mid-abort -- uncordon our nodes. ``waited``: wall-clock seconds since
-    the deletion began; after ABORT_WAIT_SECONDS the nodes are uncordoned anyway (a warning
-    says which migrations had not ended), so a KubeVirt that never ends an abort cannot keep
-    a node cordoned forever. ``hold`` says why the finalizer must stay for now; the status
-    says Terminating throughout."""
+    migrations (cancelOnDelete; never one in post-copy, which is let finish), restart VMs a
+    quick migration had stopped, and -- only once every aborted migration has ended, so that
+    nothing lands on or leaves a node that is schedulable again mid-abort -- uncordon our
+    nodes. ``waited``: wall-clock seconds since the deletion began; after ABORT_WAIT_SECONDS
+    the nodes are uncordoned anyway (a warning says which migrations had not ended), so a
+    KubeVirt that never ends an abort cannot keep a node cordoned forever. ``hold`` says why
+    the finalizer must stay for now; the status says Terminating throughout."""
     # Everything touched here carries this drain's name, so a drain that turned Conflict
     # still undoes what it did before.
     decision = Decision(status=s.status)
     unfinished = [m for m in s.migrations if not m.final]
+    finishing = [m for m in unfinished if m.in_post_copy]
     if s.spec.cancel_on_delete:
-        decision.cancel = [m for m in unfinished if not m.terminating]
+        decision.cancel = [m for m in unfinished if not m.terminating and not m.in_post_copy]
+        if finishing:
+            decision.events.append(("Normal", POST_COPY_NOT_ABORTED, _letting_finish(finishing)))
     for key, vm in sorted(s.vms.items()):
         if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
             decision.start.append(key)  # safe while the old VMI is still shutting down
@@ -1553,7 +1569,7 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     held = storage.pending_cancel(s.owner, everyone, s.claims)
     aborting = s.spec.cancel_on_delete and bool(unfinished)
     if (aborting or held or undo.delete) and waited < ABORT_WAIT_SECONDS:
-        decision.hold = (f"waiting for {len(unfinished)} aborted migrations to end"
+        decision.hold = (_waiting_for(len(unfinished) - len(finishing), len(finishing))
                          if aborting else f"moving {held} volumes back to their sources")
         decision.hold += f" before uncordoning {', '.join(ours)}" if ours else ""
     else:
@@ -1568,6 +1584,8 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
         steps.append(f"putting {len(decision.revert)} VMs back on their source volumes")
     if decision.cancel:
         steps.append(f"aborting {len(decision.cancel)} unfinished migrations")
+    if finishing and s.spec.cancel_on_delete:
+        steps.append(f"letting {len(finishing)} migrations in post-copy finish")
     if decision.start:
         steps.append(f"starting {len(decision.start)} VMs a quick migration stopped")
     if decision.uncordon:

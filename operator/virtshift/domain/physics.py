@@ -24,14 +24,21 @@ Simplifications, kept deliberately so the operator's ETA and the simulator agree
 * At the completion timeout KubeVirt (shouldAssistMigrationToComplete) switches to post-copy
   when both allowWorkloadDisruption and allowPostCopy hold, pauses the guest (mode Paused, the
   limit doubled) when only allowWorkloadDisruption does, and aborts otherwise. Neither timeout
-  applies in post-copy.
+  applies in post-copy. The completion timeout is the only trigger of all three: with
+  completionTimeoutPerGiB 0 (or none given) shouldTriggerTimeout is always false, so KubeVirt
+  never switches to post-copy, never pauses and never aborts for it; a pre-copy that cannot
+  converge then runs until the progress timeout (only if it stalls) or until it is deleted.
 * Auto-converge engages when a round fails to shrink the dirty set (effective lambda >= 1):
   20% throttle, then +10% per further non-shrinking round, capped at 99%. QEMU's own trigger is
   "dirtied more than 50% of what was sent, twice", which throttles earlier and harder.
 * Post-copy pauses the guest for POST_COPY_SWITCH_DOWNTIME (device state); that pause is
   reported as downtime but not added to the duration. Post-copy is never aborted.
-* A run that cannot end (no rescue, no timeout) fails as "NotConverging" as soon as a round
-  fails to shrink: the point where post-copy without a completion timeout would switch.
+* A prediction (``predict``, ``eta``: no end in sight) of a run that cannot end (nothing left to
+  rescue it, no completion timeout) fails as "NotConverging" as soon as a round fails to shrink
+  the dirty set. Stepped in finite steps (the simulator), the same run just goes on, round after
+  round, as QEMU's does.
+* ``ideal_post_copy`` (bounds only, never a prediction of KubeVirt): post-copy starts as soon as
+  a round fails to shrink the dirty set, the earliest point the model could switch.
 
 Everything here is pure: time is an input (``advance(dt, ...)``), never read from a clock.
 """
@@ -87,9 +94,11 @@ class Transfer:
     max_downtime: float = QEMU_DEFAULT_DOWNTIME
     auto_converge: bool = False
     post_copy: bool = False
-    completion_timeout: float | None = None  # KubeVirt's limit, seconds since the start
+    # KubeVirt's limit, seconds since the start; 0 or None: none (completionTimeoutPerGiB 0).
+    completion_timeout: float | None = None
     progress_timeout: float | None = None  # seconds without a drop of data remaining
     workload_disruption: bool | None = None  # allowWorkloadDisruption; None follows post_copy
+    ideal_post_copy: bool = False  # post-copy at the first non-shrinking round (bounds only)
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,7 @@ class PreCopyRun:
         completion_timeout: float | None = None,
         progress_timeout: float | None = None,
         workload_disruption: bool | None = None,
+        ideal_post_copy: bool = False,
     ) -> None:
         for name, value in (("memory", memory), ("dirty_rate", dirty_rate),
                             ("max_downtime", max_downtime),
@@ -151,9 +161,11 @@ class PreCopyRun:
         self._post_copy = post_copy
         # KubeVirt: allowWorkloadDisruption follows allowPostCopy unless set.
         self._disruption = post_copy if workload_disruption is None else workload_disruption
-        # 0 turns a KubeVirt timeout off (acceptableCompletionTime == 0, progressTimeout == 0).
+        # 0 turns a KubeVirt timeout off (shouldTriggerTimeout: acceptableCompletionTime == 0;
+        # isMigrationProgressing: progressTimeout == 0).
         self._completion_timeout = completion_timeout or None
         self._progress_timeout = progress_timeout or None
+        self._ideal_post_copy = ideal_post_copy
 
         self._phase = _Phase.PRE_COPY
         self._rounds = 0  # 0 = not started yet (no bandwidth so far): all of memory is dirty
@@ -242,10 +254,12 @@ class PreCopyRun:
 
     def advance(self, dt: float, bandwidth: float) -> None:
         """Move time forward ``dt`` seconds at ``bandwidth`` bytes/s (<= 0: no progress, but
-        the time still counts toward the timeouts). Stops early at completion or abort."""
+        the time still counts toward the timeouts). Stops early at completion or abort.
+        ``dt`` inf predicts: a run that can never end fails as NotConverging."""
         _non_negative("dt", dt)
         bw = max(float(bandwidth), 0.0)
         left = float(dt)
+        to_the_end = math.isinf(left)
         while self._phase is not _Phase.DONE:
             if self._phase is _Phase.PRE_COPY and self._rounds == 0 and bw > 0:
                 self._begin_round(self._memory, bw)
@@ -257,7 +271,7 @@ class PreCopyRun:
                 return  # with left == inf: nothing can ever happen at this bandwidth
             self._flow(h, bw)
             left -= h
-            self._handle(event, bw)
+            self._handle(event, bw, to_the_end)
 
     def advance_copying(self, dt: float) -> float:
         """Let up to ``dt`` seconds pass while a volume migration copies disks ahead of memory:
@@ -283,7 +297,9 @@ class PreCopyRun:
             return 0.0
         future = copy.copy(self)  # all state is immutable scalars: a shallow copy is a fork
         future.advance(math.inf, bandwidth)
-        return future._elapsed - self._elapsed if future.done else math.inf
+        if not future.done or future.failure_reason == NOT_CONVERGING:
+            return math.inf
+        return future._elapsed - self._elapsed
 
     def prediction(self) -> Prediction:
         """This run's outcome so far, as a Prediction (final once ``done``)."""
@@ -357,14 +373,14 @@ class PreCopyRun:
             if self._phase is _Phase.STOP_AND_COPY:
                 self._downtime += h
 
-    def _handle(self, event: str, bw: float) -> None:
+    def _handle(self, event: str, bw: float, to_the_end: bool) -> None:
         if event == "drained":
             self._tail = 0.0
             self._phase = _Phase.DONE
         elif event == "round":
             self._bytes_sent += self._round_size - self._round_sent
             self._round_sent = self._round_size
-            self._end_round(bw)
+            self._end_round(bw, to_the_end)
         elif event == PROGRESS_TIMEOUT:
             self._fail(PROGRESS_TIMEOUT)
         elif event == COMPLETION_TIMEOUT:
@@ -375,7 +391,7 @@ class PreCopyRun:
             else:
                 self._fail(COMPLETION_TIMEOUT)
 
-    def _end_round(self, bw: float) -> None:
+    def _end_round(self, bw: float, to_the_end: bool) -> None:
         """A pass finished: what it left dirty is the next pass, unless something gives way."""
         previous = self._round_size
         nxt = min(self._memory, self._round_dirtied)
@@ -383,7 +399,7 @@ class PreCopyRun:
             self._begin_round(nxt, bw)  # becomes the stop-and-copy
             return
         if nxt >= previous * (1 - _TOLERANCE):  # the round did not shrink the dirty set
-            if self._post_copy and self._disruption and self._completion_timeout is None:
+            if self._post_copy and self._disruption and self._ideal_post_copy:
                 self._start_post_copy(nxt)
                 return
             if self._auto_converge and self._throttle < AUTO_CONVERGE_MAX:
@@ -391,12 +407,12 @@ class PreCopyRun:
                     self._throttle + AUTO_CONVERGE_STEP
                 # round(): 0.2 + 3 * 0.1 must be exactly 0.5, or lambda 2 crawls at 0.99999...
                 self._throttle = min(AUTO_CONVERGE_MAX, round(raised, 9))
-            elif self._completion_timeout is None:
-                # Nothing left that could end it: the progress timeout never fires while data
-                # is moving.
+            elif self._completion_timeout is None and to_the_end:
+                # Nothing left that could end it (no completion timeout: no post-copy, pause
+                # or abort either): the progress timeout never fires while data is moving.
                 self._fail(NOT_CONVERGING)
                 return
-        if self._rounds >= MAX_ROUNDS:
+        if to_the_end and self._rounds >= MAX_ROUNDS:
             self._fail(NOT_CONVERGING)  # safety bound: converging too slowly to matter
             return
         self._begin_round(nxt, bw)
@@ -441,6 +457,7 @@ def predict(t: Transfer) -> Prediction:
                      auto_converge=t.auto_converge, post_copy=t.post_copy,
                      completion_timeout=t.completion_timeout,
                      progress_timeout=t.progress_timeout,
-                     workload_disruption=t.workload_disruption)
+                     workload_disruption=t.workload_disruption,
+                     ideal_post_copy=t.ideal_post_copy)
     run.advance(math.inf, t.bandwidth)
     return run.prediction()

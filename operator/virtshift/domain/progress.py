@@ -16,9 +16,11 @@ itself, the way KubeVirt holds its own:
 * The clock starts when the transfer does (the VMIM's Running phase) and restarts after a gap
   in the samples longer than ``MAX_SAMPLE_GAP`` (nothing is known about the time in between).
 * A migration is aborted once it has gone ``progressTimeout`` or longer without progress:
-  unfinished and not being deleted, in phase Running, not in post-copy (KubeVirt never aborts
-  post-copy either: the guest already runs on the target), with at least one sample of its own
-  transfer, and only while the metrics can be read (``observable``).
+  unfinished and not being deleted, in phase Running, with at least one sample of its own
+  transfer, and only while the metrics can be read (``observable``). Never in post-copy
+  (``MigrationInfo.in_post_copy``, the mode the VMI reports while it runs: KubeVirt never aborts
+  post-copy either, the guest already runs on the target): such a one is let finish, and said
+  so (``Verdict.spared``).
 * Aborting is deleting the VMIM (KubeVirt's only abort: ``abortRequested`` on the VMI, the
   source aborts the job). KubeVirt then removes the VMIM, so the abort is recorded on the VMI
   (``AbortRecord``) and counts as a failed attempt: a NodeDrain retries it after its backoff,
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from virtshift.domain.views import AbortRecord, MigrationInfo
 
 PROGRESS_TIMEOUT = "ProgressTimeout"
+# The Event of a migration virtshift would have aborted but lets finish: it is in post-copy.
+POST_COPY_NOT_ABORTED = "PostCopyNotAborted"
 METRIC = "kubevirt_vmi_migration_data_remaining_bytes"
 # Samples further apart than this (seconds) say nothing about the time between them.
 MAX_SAMPLE_GAP = 60.0
@@ -74,12 +78,13 @@ class Verdict:
     abort: list[Stalled] = field(default_factory=list)
     # When a migration watched now would reach the limit if nothing changes (None: none).
     recheck_at: dt.datetime | None = None
+    # Past the limit but in post-copy: not aborted, let finish.
+    spared: list[Stalled] = field(default_factory=list)
 
 
 def watched(m: MigrationInfo) -> bool:
-    """A transfer KubeVirt could still abort: in flight, past handoff, not in post-copy."""
-    return (m.unfinished and m.phase == "Running" and m.running_at is not None
-            and m.mode != "PostCopy")
+    """A transfer in flight, past handoff, and not being deleted."""
+    return m.unfinished and m.phase == "Running" and m.running_at is not None
 
 
 def check(migrations: Sequence[MigrationInfo], progress: Mapping[str, Progress],
@@ -88,6 +93,7 @@ def check(migrations: Sequence[MigrationInfo], progress: Mapping[str, Progress],
     if timeout is None or not observable:
         return Verdict()
     abort: list[Stalled] = []
+    spared: list[Stalled] = []
     deadlines: list[dt.datetime] = []
     for m in migrations:
         p = progress.get(m.vmi_key)
@@ -95,14 +101,20 @@ def check(migrations: Sequence[MigrationInfo], progress: Mapping[str, Progress],
             continue
         since = max(m.running_at, p.progressed)
         seconds = (now - since).total_seconds()
-        if seconds >= timeout:
+        if m.in_post_copy:
+            if seconds >= timeout:
+                spared.append(Stalled(m, seconds, (
+                    f"{m.namespace}/{m.name} is in post-copy: not aborted for progressTimeout "
+                    f"{timeout:g}s (KubeVirt never aborts post-copy: the guest already runs on "
+                    "the target); letting it finish")))
+        elif seconds >= timeout:
             abort.append(Stalled(m, seconds, (
                 f"no progress for {seconds:.0f}s (progressTimeout {timeout:g}s): {METRIC} "
                 f"of {m.vmi_key} last dropped at {since.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
                 f", {p.remaining:.0f} bytes remaining")))
         else:
             deadlines.append(since + dt.timedelta(seconds=timeout))
-    return Verdict(abort, min(deadlines) if deadlines else None)
+    return Verdict(abort, min(deadlines) if deadlines else None, spared)
 
 
 def record(stall: Stalled, now: dt.datetime, drain_uid: str | None = None) -> AbortRecord:

@@ -127,6 +127,14 @@ class MigrationInfo:
         """Counts against KubeVirt's limits: queued (Pending) or in flight."""
         return not self.final and not self.terminating
 
+    @property
+    def in_post_copy(self) -> bool:
+        """In post-copy now: the guest already runs on the target, so KubeVirt never aborts it
+        (virt-launcher live-migration-source.go: no timeout applies in post-copy, and libvirt
+        refuses AbortJob, so deleting the VMIM does not stop it either). virtshift never asks:
+        no progressTimeout, cancelOnDelete or withdrawal deletes such a migration."""
+        return self.mode == "PostCopy" and not self.final
+
 
 @dataclass(frozen=True)
 class PodInfo:

@@ -294,6 +294,9 @@ def _progress_timeout(obj: JSON, model: MigrationPolicy, now: dt.datetime) -> dt
                      m.namespace, m.name, stall.message)
             st.rt.actions.event(_for_events(obj), "Warning", dprogress.PROGRESS_TIMEOUT,
                                 f"aborted migration {m.namespace}/{m.name}: {stall.message}")
+    for stall in verdict.spared:  # in post-copy: never aborted
+        st.rt.actions.event(_for_events(obj), "Normal", dprogress.POST_COPY_NOT_ABORTED,
+                            stall.message)
     return verdict.recheck_at
 
 

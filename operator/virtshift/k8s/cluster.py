@@ -237,11 +237,13 @@ class Cluster:
         return self.metrics.get(key) if self.metrics else None
 
     def migration_info(self, obj: JSON) -> MigrationInfo:
-        """A VMIM's view with its downtime, when the observation source has one."""
+        """A VMIM's view with its downtime, when the observation source has one, and its mode
+        from its VMI while it runs."""
         observed = None
         if self.downtime and (obj.get("status") or {}).get("phase") == "Succeeded":
             observed = self.downtime.observe(obj)
-        return views.migration_info(obj, downtime=observed)
+        vmi_key = f"{obj['metadata']['namespace']}/{(obj.get('spec') or {}).get('vmiName')}"
+        return views.migration_info(obj, downtime=observed, vmi=self.vmis.get(vmi_key))
 
     def _migration(self, obj: JSON,
                    aborted: Mapping[tuple[str, str], AbortRecord] | None = None) -> MigrationInfo:

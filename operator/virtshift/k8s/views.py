@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from virtshift.api.kubevirt import FINAL_PHASES
 from virtshift.api.units import parse_quantity
 from virtshift.domain.naming import label_value
 from virtshift.domain.storage import (
@@ -136,9 +137,11 @@ def quick_record(drain: str, source: str, stopped_at: str, started: bool = False
 
 
 def migration_info(obj: JSON, ended_seen: dt.datetime | None = None,
-                   downtime: DowntimeObservation | None = None) -> MigrationInfo:
+                   downtime: DowntimeObservation | None = None,
+                   vmi: JSON | None = None) -> MigrationInfo:
     """``downtime``: what the configured observation source (``k8s.downtime``) measured;
-    KubeVirt's own VMIM carries none."""
+    KubeVirt's own VMIM carries none. ``vmi``: the VMI it migrates, whose migrationState says
+    the mode while the migration runs (``migration_mode``)."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     labels = meta.get("labels") or {}
     state = status.get("migrationState") or {}
@@ -159,10 +162,25 @@ def migration_info(obj: JSON, ended_seen: dt.datetime | None = None,
         target=state.get("targetNode") or (spec.get("addedNodeSelector") or {}).get(
             "kubernetes.io/hostname"),
         failure=state.get("failureReason") or _unexplained_failure(status),
-        mode=state.get("mode"),
+        mode=migration_mode(obj, vmi),
         downtime=downtime,
         terminating=bool(meta.get("deletionTimestamp")),
     )
+
+
+def migration_mode(obj: JSON, vmi: JSON | None) -> str | None:
+    """The migration's mode (PreCopy, PostCopy, Paused). KubeVirt writes it on the VMI's
+    ``status.migrationState`` while the migration runs (virt-handler migration-source.go
+    setMigrationProgressStatus) and copies that state onto the VMIM only once the VMIM is
+    final (virt-controller migration.go updateStatus): until then the VMI's says it, when it
+    is this migration's (``migrationUid``)."""
+    status = obj.get("status") or {}
+    own = (status.get("migrationState") or {}).get("mode")
+    if own or status.get("phase") in FINAL_PHASES:
+        return own
+    state = ((vmi or {}).get("status") or {}).get("migrationState") or {}
+    uid = obj["metadata"].get("uid")
+    return state.get("mode") if uid and state.get("migrationUid") == uid else None
 
 
 def abort_records(vmi: JSON) -> list[AbortRecord]:

@@ -6,8 +6,11 @@
 - migration-source.go ``migrateVMI``/``setMigrationProgressStatus``: the transfer starts
   (``startTimestamp``, mode PreCopy), failures are copied to the VMI (``failed``,
   ``failureReason``, ``endTimestamp``; 1.9 also sets ``completed`` and writes ``abortStatus``
-  only on failure), and an ``abortRequested`` VMI is aborted (abortStatus Aborting, then
-  Succeeded).
+  only on failure), the mode as soon as it changes (virt-launcher's updateVMIMigrationMode
+  updates the domain, whose event makes virt-handler write the VMI), and an
+  ``abortRequested`` VMI is aborted (abortStatus Aborting, then Succeeded) -- unless the
+  migration is in post-copy by then: libvirt refuses to abort it, the abort fails and the
+  migration completes (``abort_refused``).
 - virt-launcher live-migration-source.go: the transfer itself follows the pre-copy model of
   ``virtshift.domain.physics`` (progress and completion timeouts, post-copy and paused mode at
   the completion timeout) with each node's NIC shared among its migrations and each storage
@@ -60,6 +63,17 @@ def failure_reason(version: str, why: str, f: Flight) -> str:
         return (f"Live migration is not completed after {f.run_limit} seconds and has been "
                 "aborted")
     return "Live migration aborted "  # sic: the trailing space is KubeVirt's
+
+
+def abort_refused(run: PreCopyRun) -> bool:
+    """Whether libvirt refuses to abort this transfer now: once in post-copy the guest runs on
+    the target and QEMU cannot go back. virt-launcher live-migration-source.go
+    asyncMigrationAbort calls dom.AbortJob(), which libvirt answers with "cannot abort
+    migration in post-copy mode" (src/qemu/qemu_driver.c qemuDomainAbortJob); KubeVirt then
+    sets the abort status Failed (MigrationAbortFailed) and the migration carries on to its
+    end. virt-handler (migration-source.go handleMigrationAbort) asks again on later syncs
+    while abortRequested stays set; each ask is refused the same way."""
+    return run.mode is Mode.POST_COPY and not run.done
 
 
 class Handler:
@@ -122,7 +136,8 @@ class Handler:
 
     def request_abort(self: KubeVirtSim, flight: Flight, now: float) -> None:
         """markMigrationAbortInVmiStatus (once Running) and handleMigrationAbort: libvirt
-        aborts the job shortly after, unless the migration completes first."""
+        aborts the job shortly after, unless the migration completes first or is in post-copy
+        by then (``abort_refused``)."""
         flight.abort_requested = True
         flight.abort_status = "Aborting"
         flight.abort_due = now + ABORT_LATENCY
@@ -154,6 +169,7 @@ class Handler:
                 share = min(share, f.config.bandwidth)
             if f.source in self.not_ready or f.target in self.not_ready:
                 share = 0.0
+            mode = run.mode
             t, left = start, until - start
             if left > 0 and f.disk_bytes_left > 0:
                 rate = min(share, copy_rates.get(f.uid, share))
@@ -171,8 +187,22 @@ class Handler:
             elif run.done:
                 self._succeed(f, t)
             elif f.abort_due is not None and now >= f.abort_due:
-                self._fail_transfer(f, f.abort_due, failure_reason(self.version, "abort", f),
-                                    abort_status="Succeeded")
+                self._abort_job(f, run)
+            if run.mode is not mode and not f.done and f.vm is not None:
+                self.touch_vmi(f.vm)  # setMigrationProgressStatus: the new mode on the VMI
+
+    def _abort_job(self: KubeVirtSim, f: Flight, run: PreCopyRun) -> None:
+        """libvirt's AbortJob, due now: the transfer fails as aborted, or, refused in
+        post-copy, goes on from abort_due at the next tick (``progressed_to``) with abort
+        status Failed."""
+        assert f.abort_due is not None
+        if abort_refused(run):
+            f.abort_due, f.abort_status = None, "Failed"
+            if f.vm is not None:
+                self.touch_vmi(f.vm)
+            return
+        self._fail_transfer(f, f.abort_due, failure_reason(self.version, "abort", f),
+                            abort_status="Succeeded")
 
     def _copy_rates(self: KubeVirtSim, running: list[Flight]) -> dict[str, float]:
         """Each storage class's copyBandwidth is shared by every volume copy reading from or
