@@ -379,6 +379,12 @@ def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None
                                                           "QuickMigrated")
     skipped = next(v for v in drain["status"]["vms"] if v["namespace"] == "skip")
     assert (skipped["phase"], skipped["reason"]) == ("Skipped", "HostDeviceNotLiveMigratable")
+    # Issue 20 item 14: the node is not empty; Ready says what still runs there.
+    ready = next(c for c in drain["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == ("node-5 is empty but for 1 skipped VM still running there: "
+                                "skip/gpu on node-5; it stays cordoned until this NodeDrain "
+                                "is deleted"), ready
+    assert kube.get(rest.VMIS, "gpu", "skip")["status"]["nodeName"] == "node-5"
     wait_for(lambda: outcomes_of(kube, "restart").get("quickMigrated") == 1
              and outcomes_of(kube, "skip").get("skipped") == 1,
              what=lambda: f"outcomes: {outcomes_of(kube, 'restart')} {outcomes_of(kube, 'skip')}")

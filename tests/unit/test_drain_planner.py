@@ -1063,3 +1063,39 @@ def test_a_vm_that_reaches_post_copy_only_at_the_timeout_switches_early(ladder, 
         assert choice.predicted.duration < plain.predicted.duration / 10
     d = plan_drain(snap([hot], rules={"ns/hot": rules}))
     assert [m.mode for m in d.create] == [mode]
+
+
+def _conditions(decision) -> dict[str, Any]:
+    return {c.type: c for c in decision.status.conditions}
+
+
+@pytest.mark.parametrize(("spec", "skipped", "ready", "drained"), [
+    ({"nodeName": "n1"}, ["gpu"],
+     "n1 is empty but for 1 skipped VM still running there: ns/gpu on n1; it stays cordoned "
+     "until this NodeDrain is deleted",
+     "every VM has left but for 1 skipped VM still running there: ns/gpu on n1"),
+    ({"nodeName": "n1"}, ["gpu", "fpga"],
+     "n1 is empty but for 2 skipped VMs still running there: ns/fpga on n1, ns/gpu on n1; it "
+     "stays cordoned until this NodeDrain is deleted",
+     "every VM has left but for 2 skipped VMs still running there: ns/fpga on n1, ns/gpu on n1"),
+    ({"nodeName": "n1"}, [], "the nodes are empty and stay cordoned until this NodeDrain is "
+     "deleted", "every VM has left"),
+    ({"nodeSelector": {"matchLabels": {"zone": "a"}}, "maxUnavailable": 3}, ["gpu"],
+     "the wave is complete; 1 skipped VM still runs on its nodes: ns/gpu on n1",
+     "every VM has left but for 1 skipped VM still running there: ns/gpu on n1"),
+])
+def test_ready_says_which_skipped_vms_still_run_on_the_drained_nodes(spec, skipped, ready,
+                                                                      drained) -> None:
+    """Issue 20 item 14: a drain with skipped VMs is Drained, but its nodes are not empty:
+    Ready and Drained name the skipped VMs that still run there, and where."""
+    vms = [vmi(n, migratable=False, not_migratable_reason="HostDevice") for n in skipped]
+    pods = [PodInfo("ns", f"virt-launcher-{n}", "n1", "launcher", vmi=f"ns/{n}")
+            for n in skipped]
+    nodes = [node(n, unschedulable=True) for n in ("n1", "n2", "n3")] \
+        if "nodeSelector" in spec else cordoned()
+    d = plan_drain(snap(vms, spec=spec, rules={v.key: Rules(non_migratable="Skip")
+                                               for v in vms}, launchers=pods, nodes=nodes))
+    conds = _conditions(d)
+    assert d.status.phase == "Drained"
+    assert (conds["Ready"].status, conds["Ready"].message) == ("True", ready)
+    assert conds["Drained"].message == drained

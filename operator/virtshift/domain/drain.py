@@ -1058,8 +1058,10 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
         else:
             put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
                 "nodes in maintenance are unschedulable" if cordoned else "cordoning")
+        remaining = _skipped_remaining(entries)
         put("Drained", drained, "Drained" if drained else "Draining",
-            ("every VM has left" + (f" ({counts.skipped} skipped)" if counts.skipped else ""))
+            ("every VM has left" + (f" but for {_vms(remaining)} still running there: "
+                                    + _listing(remaining) if remaining else ""))
             if drained else progress + (
                 f"; virt-launcher pods still running: {', '.join(lingering[:5])}"
                 if lingering else ""))
@@ -1080,8 +1082,7 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
             put("Stalled", False, "Progressing", progress)
         if drained:
             put("Reconciling", False, "Drained", progress)
-            put("Ready", True, "Drained", "the nodes are empty and stay cordoned until this "
-                "NodeDrain is deleted" if s.spec.node_name else "the wave is complete")
+            put("Ready", True, "Drained", _ready_message(s, remaining))
             phase = DrainPhase.DRAINED
         else:
             reason = "Paused" if s.spec.paused else "Draining"
@@ -1095,6 +1096,34 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
     decision.events.extend(_events(s, previous, st))
     decision.downtimes.extend(_observations(previous, st))
     return decision
+
+
+def _skipped_remaining(entries: list[VMEntry]) -> list[VMEntry]:
+    """Skipped VMs that still run on a node of the drain (one whose VMI has gone is not)."""
+    return [e for e in entries if e.phase == VMPhase.SKIPPED and e.source_node]
+
+
+def _vms(entries: list[VMEntry]) -> str:
+    return f"{len(entries)} skipped VM" + ("s" if len(entries) != 1 else "")
+
+
+def _listing(entries: list[VMEntry], limit: int = 10) -> str:
+    shown = [f"{e.namespace}/{e.name} on {e.source_node}" for e in entries[:limit]]
+    return ", ".join(shown) + (f" and {len(entries) - limit} more" if len(entries) > limit
+                               else "")
+
+
+def _ready_message(s: DrainSnapshot, remaining: list[VMEntry]) -> str:
+    """What Ready says of a drained NodeDrain: never that a node is empty while skipped VMs
+    still run on it."""
+    if not s.spec.node_name:
+        return "the wave is complete" + (
+            f"; {_vms(remaining)} still run{'s' if len(remaining) == 1 else ''} on its "
+            f"nodes: {_listing(remaining)}" if remaining else "")
+    if not remaining:
+        return "the nodes are empty and stay cordoned until this NodeDrain is deleted"
+    return (f"{s.spec.node_name} is empty but for {_vms(remaining)} still running there: "
+            f"{_listing(remaining)}; it stays cordoned until this NodeDrain is deleted")
 
 
 def _newly_observed(prev: VMEntry | None, e: VMEntry) -> bool:
