@@ -1099,3 +1099,78 @@ def test_ready_says_which_skipped_vms_still_run_on_the_drained_nodes(spec, skipp
     assert d.status.phase == "Drained"
     assert (conds["Ready"].status, conds["Ready"].message) == ("True", ready)
     assert conds["Drained"].message == drained
+
+
+# -- issue 20 item 12: the status says what the writes did ------------------------------------
+
+def _settled(s: DrainSnapshot, failed: dict[str, str], skipped: dict[str, str] | None = None,
+             previous: dict[str, Any] | None = None):
+    from virtshift.domain.drain import settle
+    from virtshift.domain.outcome import remember
+
+    failures = remember(previous or {}, failed, skipped or {}, s.now)
+    return settle(s, plan_drain(s), failures), failures
+
+
+def test_a_refused_create_is_reported_as_refused_not_created() -> None:
+    s = snap([vmi("a"), vmi("b")], nodes=cordoned(), estimator=INSTANT)
+    planned = plan_drain(s)
+    refused = next(m for m in planned.create if m.vmi == "a")
+    d, _ = _settled(s, {f"create ns/{refused.name}": "admission webhook denied: no"})
+    a = entry(d, "a")
+    assert (a.phase, a.reason, a.migration, a.attempts) == ("Waiting", "CreateFailed", None,
+                                                            None)
+    assert a.message == f"creating migration {refused.name} failed: admission webhook denied: no"
+    assert entry(d, "b").phase == "Migrating"  # its create went through
+    assert (d.status.counts.migrating, d.status.counts.pending) == (1, 1)
+    assert d.status.phase == "Draining"  # not yet: a failure must persist to stall the drain
+    assert not [e for e in d.events if e[1] == "Migrating" and "ns/a" in e[2]]
+
+
+@pytest.mark.parametrize(("failing_for", "phase", "reason"), [
+    (0, "Draining", "Progressing"),
+    (119, "Draining", "Progressing"),
+    (120, "Stalled", "CreateFailed"),
+])
+def test_a_create_refused_on_every_pass_stalls_the_drain(failing_for, phase, reason) -> None:
+    from virtshift.domain.outcome import StepFailure
+
+    s = snap([vmi("a")], nodes=cordoned(), estimator=INSTANT)
+    step = f"create ns/{plan_drain(s).create[0].name}"
+    since = NOW - dt.timedelta(seconds=failing_for)
+    d, failures = _settled(s, {step: "denied"}, previous={step: StepFailure("denied", since)})
+    assert failures[step].since == since  # dated from the first pass it failed on
+    stalled = _conditions(d)["Stalled"]
+    assert (d.status.phase, stalled.reason) == (phase, reason)
+    if phase == "Stalled":
+        assert stalled.message == f"{step} has failed on every pass for 120s: denied"
+        assert _conditions(d)["Ready"].reason == "CreateFailed"
+        assert ("Warning", "Stalled", stalled.message) in d.events
+    # The pass whose create goes through recovers by itself.
+    ok, none = _settled(dataclasses.replace(s, status=d.status), {}, previous=failures)
+    assert none == {} and ok.status.phase == "Draining"
+    assert _conditions(ok)["Stalled"].status == "False" and entry(ok, "a").reason == "Created"
+
+
+def test_a_refused_cordon_is_not_cordoned_and_nothing_leaves_the_node() -> None:
+    s = snap([vmi("a")], estimator=INSTANT)
+    planned = plan_drain(s)
+    assert planned.cordon == ["n1"]
+    why = "cordon n1 failed: forbidden"
+    d, _ = _settled(s, {"cordon n1": "forbidden"},
+                    skipped={f"create ns/{planned.create[0].name}": why})
+    cordoned_ = _conditions(d)["Cordoned"]
+    assert (cordoned_.status, cordoned_.reason, cordoned_.message) == (
+        "False", "CordonFailed", "cordoning n1 failed: forbidden")
+    a = entry(d, "a")
+    assert (a.phase, a.reason, a.message, a.migration) == ("Waiting", "CordonFailed",
+                                                           f"not started: {why}", None)
+
+
+def test_a_failed_quick_migration_stop_leaves_the_vm_waiting() -> None:
+    s = _restart_snap(1, RESTART, limits=KubeVirtLimits(50, 50), nodes=cordoned())
+    assert plan_drain(s).halt
+    d, _ = _settled(s, {"stop ns/g0": "conflict"})
+    g = entry(d, "g0")
+    assert (g.phase, g.reason) == ("Waiting", "StopFailed")
+    assert g.message == "stopping the VM (quick migration) failed: conflict"

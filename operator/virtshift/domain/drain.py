@@ -14,6 +14,9 @@ wave: ``wave``, ``_release``, ``_advance_wave``). Every move -- a live migration
 migration's stop -- passes the same admission (``_admit``): windows, the policy's and
 KubeVirt's limits, and a target node with room for it. Attempts are counted so that
 KubeVirt's garbage collection of finished migrations cannot reset them (``_attempts_made``).
+The status is computed from the decision, then corrected with what its writes did
+(``settle``, domain.outcome): a refused write is reported as refused, and one refused on
+every pass for a while stalls the drain.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from virtshift.api.nodedrain import (
     VMPhase,
 )
 from virtshift.api.units import parse_duration, parse_quantity
-from virtshift.domain import downtime, preflight, stagger, storage, windows
+from virtshift.domain import downtime, outcome, preflight, stagger, storage, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
@@ -159,6 +162,9 @@ class Decision:
     downtimes: list[DowntimeObservation] = field(default_factory=list)
     # Cluster seconds after which a pass is due though nothing changes (a staggered start).
     recheck_after: float | None = None
+    # What the status was computed from, so that ``settle`` can correct it with what the
+    # writes did.
+    draft: _Draft | None = field(default=None, repr=False, compare=False)
 
     @property
     def changes_cluster(self) -> bool:
@@ -990,13 +996,60 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     pending_later = [v for k, v in s.vmis.items() if v.node in waiting and k not in scope]
     lingering = sorted(p.key for p in s.launchers if p.vmi not in skipped
                        and p.node in draining and unfinished_on[p.node] == 0)
-    return _status(s, decision, nodes, vms, pending_later, pods_left, concurrency, now,
-                   lingering)
+    decision.draft = _Draft(nodes, vms, pending_later, pods_left, concurrency, now, lingering)
+    return _status(s, decision, decision.draft)
 
 
-def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: list[_VM],
-            later: list[VMIInfo], pods_left: int, concurrency: int, now: str,
-            lingering: list[str]) -> Decision:
+@dataclass(frozen=True)
+class _Draft:
+    """What a pass's status is computed from (``_status``)."""
+
+    nodes: list[NodeEntry]
+    vms: list[_VM]
+    later: list[VMIInfo]
+    pods_left: int
+    concurrency: int
+    now: str
+    lingering: list[str]
+
+
+def settle(s: DrainSnapshot, decision: Decision,
+           failures: Mapping[str, outcome.StepFailure]) -> Decision:
+    """The decision's status corrected with what its writes did (``failures``: the steps
+    that failed or were not tried in this pass, dated by outcome.remember): a VM whose
+    migration the API server refused is Waiting with CreateFailed and the API's message, not
+    Created; a node whose cordon failed is not Cordoned; and a step failing on every pass for
+    outcome.WRITE_STALL_SECONDS makes the drain Stalled. No failures: the decision as it
+    was; the next pass whose writes go through recovers by itself."""
+    draft = decision.draft
+    if draft is None or not failures:
+        return decision
+    steps = _step_vms(decision)
+    vms = []
+    for v in draft.vms:
+        failed = [(step, f) for step, f in sorted(failures.items()) if steps.get(step) == v.key]
+        for step, f in failed[:1]:
+            v = dataclasses.replace(v, entry=outcome.corrected(v.entry, step, f))
+        vms.append(v)
+    redone = dataclasses.replace(decision, events=[], downtimes=[])
+    return _status(s, redone, dataclasses.replace(draft, vms=vms), failures)
+
+
+def _step_vms(d: Decision) -> dict[str, str]:
+    """Step (as k8s.actions names it) -> the VM it moves."""
+    out = {f"create {m.namespace}/{m.name}": f"{m.namespace}/{m.vmi}" for m in d.create}
+    out.update({f"stop {h.key}": h.key for h in d.halt})
+    out.update({f"start {k}": k for k in d.start})
+    out.update({f"claim {c.namespace}/{c.name}": f"{c.namespace}/{c.vm}" for c in d.claims})
+    out.update({f"volumes {u.namespace}/{u.vm}": f"{u.namespace}/{u.vm}" for u in d.volumes})
+    return out
+
+
+def _status(s: DrainSnapshot, decision: Decision, draft: _Draft,
+            failures: Mapping[str, outcome.StepFailure] | None = None) -> Decision:
+    nodes, vms, later, pods_left = draft.nodes, draft.vms, draft.later, draft.pods_left
+    concurrency, now, lingering = draft.concurrency, draft.now, draft.lingering
+    failures = failures or {}
     phases = Counter(v.entry.phase for v in vms)
     counts = DrainCounts(
         total=len(vms) + len(later),
@@ -1032,7 +1085,9 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
         blocking_pods=[f"{k}: {r}" for k, r in sorted(s.blocked_pods.items())][:20] or None,
         pods_remaining=pods_left if s.spec.evict_pods else None,
     )
-    cordoned = all((s.nodes[e.name].unschedulable or e.name in decision.cordon)
+    refused = outcome.refused_cordons(failures)
+    cordoned = all((s.nodes[e.name].unschedulable or (e.name in decision.cordon
+                                                      and e.name not in refused))
                    for e in nodes if e.phase in (NodePhase.DRAINING, NodePhase.DRAINED)
                    and e.name in s.nodes)
     failed_names = [f"{e.namespace}/{e.name}" for e in entries if e.phase == VMPhase.FAILED]
@@ -1055,6 +1110,9 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
     else:
         if all(e.phase == NodePhase.WAITING for e in nodes):  # paused before it began
             put("Cordoned", False, "Waiting", "no node of this drain is in maintenance yet")
+        elif refused:
+            put("Cordoned", False, outcome.CORDON_FAILED, "; ".join(
+                f"cordoning {n} failed: {msg}" for n, msg in sorted(refused.items())))
         else:
             put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
                 "nodes in maintenance are unschedulable" if cordoned else "cordoning")
@@ -1065,8 +1123,11 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
             if drained else progress + (
                 f"; virt-launcher pods still running: {', '.join(lingering[:5])}"
                 if lingering else ""))
-        stalled_reason = None
-        if failed_names and finished:
+        # First a write that keeps failing: nothing it holds up moves until it goes through.
+        stalled_reason = outcome.stalled_by(failures, s.now)
+        if stalled_reason is not None:
+            pass
+        elif failed_names and finished:
             stalled_reason = ("MigrationFailed", "could not move: " + ", ".join(failed_names[:10]))
         elif _deadline_passed(s) and not drained:
             stalled_reason = ("DeadlineExceeded", f"not drained within {s.spec.deadline}; no "

@@ -74,6 +74,11 @@ def _same(old: JSON, new: JSON) -> bool:
     return abs(before - after) <= max(30.0, 0.1 * max(before, after))
 
 
+def _message(exc: Exception) -> str:
+    """What the API server said (its Status message), else the error itself."""
+    return (exc.message if isinstance(exc, ApiError) else "") or str(exc)
+
+
 class MigrationNameTaken(ApiError):
     """A VMIM of that name exists and is not this NodeDrain's: never treated as ours."""
 
@@ -87,11 +92,19 @@ class MigrationNameTaken(ApiError):
 
 @dataclass
 class Applied:
-    """What became of a decision: pods whose eviction was refused (with the reason), and the
-    steps that failed (each also reported as a Warning Event)."""
+    """What became of a decision: pods whose eviction was refused (with the reason), the
+    steps that failed (each also reported as a Warning Event) with the API's message, and
+    those not tried because an earlier one failed (with which). Steps are named
+    "<verb> <namespace/name>" (or "<verb> <node>"), the same on every pass
+    (domain.outcome)."""
 
     blocked: dict[str, str] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{what}: {message}" for what, message in self.failures.items()]
 
 
 class Actions:
@@ -134,13 +147,15 @@ class Actions:
               for k in d.delete_claims),
             *last,
         ]
-        cordoned = True
-        no_claim: set[str] = set()  # VMs whose destination claim could not be made
+        cordon_failed: str | None = None  # the first cordon that failed, and why
+        no_claim: dict[str, str] = {}  # VMs whose destination claim could not be made
         for what, step in steps:
-            if not cordoned and what.startswith(("create ", "stop ", "evict ", "claim ",
-                                                 "volumes ")):
+            if cordon_failed and what.startswith(("create ", "stop ", "evict ", "claim ",
+                                                  "volumes ")):
+                out.skipped[what] = cordon_failed
                 continue  # nothing leaves a node that has not been cordoned: next pass
             if what.startswith("volumes ") and what.split(" ", 1)[1] in no_claim:
+                out.skipped[what] = no_claim[what.split(" ", 1)[1]]
                 continue  # never point a VM at a claim that does not exist
             try:
                 step()
@@ -148,14 +163,17 @@ class Actions:
                 # A dropped connection is a failed step like a refused write: reported, and
                 # the others still done; escaping here, it made kopf wait 60 s to end a
                 # maintenance (test_proxy_fault[requests dropped unanswered]).
-                cordoned = cordoned and not what.startswith("cordon ")
+                message = _message(exc)
+                if what.startswith("cordon ") and not cordon_failed:
+                    cordon_failed = f"{what} failed: {message}"
                 if what.startswith("claim "):
                     ns = what.split(" ", 1)[1].split("/", 1)[0]
-                    no_claim |= {f"{ns}/{c.vm}" for c in d.claims
-                                 if f"claim {c.namespace}/{c.name}" == what}
+                    no_claim.update({f"{ns}/{c.vm}": f"{what} failed: {message}"
+                                     for c in d.claims
+                                     if f"claim {c.namespace}/{c.name}" == what})
                 log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
-                out.failed.append(f"{what}: {exc}")
+                out.failures[what] = message
         return out
 
     def _evict_into(self, key: str, blocked: dict[str, str]) -> None:
