@@ -1174,3 +1174,122 @@ def test_a_failed_quick_migration_stop_leaves_the_vm_waiting() -> None:
     g = entry(d, "g0")
     assert (g.phase, g.reason) == ("Waiting", "StopFailed")
     assert g.message == "stopping the VM (quick migration) failed: conflict"
+
+
+# -- issue 20 items 6 and 13: quick migrations land where a migration could, and end cleanly --
+
+ZONE_B = {**SKYLAKE, "zone": "b"}
+
+
+def _quick(drain: str = "d", uid: str | None = "uid-d", **kw: Any) -> QuickMigrationRecord:
+    return QuickMigrationRecord(drain, kw.pop("source", "n1"), kw.pop("stopped_at", NOW),
+                                drain_uid=uid, **kw)
+
+
+def test_a_restart_lands_only_on_nodes_matching_target_node_selector() -> None:
+    """Item 6: targetNodeSelector holds for a quick migration as for a live one: the VM is
+    stopped only when a matching node has room, and its template gets the selector, so
+    KubeVirt starts it only there."""
+    nodes = [node("n1"), node("n2"), node("n3", labels=ZONE_B)]
+    s = _restart_snap(1, RESTART, nodes=nodes, spec={"nodeName": "n1",
+                                                      "targetNodeSelector": {"zone": "b"}})
+    d = plan_drain(s)
+    assert [(h.key, dict(h.pin or {})) for h in d.halt] == [("ns/g0", {"zone": "b"})]
+    # No node matching it has room: the VM is not stopped.
+    full = plan_drain(dataclasses.replace(s, usage={"n3": (64.0, 512.0 * GiB)}))
+    assert full.halt == [] and entry(full, "g0").phase == "Waiting"
+
+
+def test_a_restart_never_lands_on_a_node_the_wave_drains_later() -> None:
+    """Item 6: a wave pins the restart (kubernetes.io/hostname) to a node outside it, as it
+    pins live migrations; n2 is emptier but drains later."""
+    wave = {"nodeSelector": {"matchLabels": {"zone": "a"}}, "maxUnavailable": 1}
+    nodes = [node("n1"), node("n2"), node("n3", labels=ZONE_B)]
+    s = _restart_snap(1, RESTART, nodes=nodes, spec=wave, usage={"n3": (32.0, 256.0 * GiB)})
+    [stop] = plan_drain(s).halt
+    assert dict(stop.pin or {}) == {"kubernetes.io/hostname": "n3"}
+
+
+def test_a_pinned_restart_waits_under_the_stage_rollout_strategy() -> None:
+    """Item 6: the node selector added for the restart is taken back once the VM runs; under
+    vmRolloutStrategy Stage that would leave RestartRequired (vm.go syncRestartRequired), so
+    a restart that needs one waits, saying why. Unpinned restarts go on."""
+    nodes = [node("n1"), node("n2"), node("n3", labels=ZONE_B)]
+    stage = KubeVirtLimits(live_update=False)
+    s = _restart_snap(1, RESTART, nodes=nodes, limits=stage,
+                      spec={"nodeName": "n1", "targetNodeSelector": {"zone": "b"}})
+    d = plan_drain(s)
+    g = entry(d, "g0")
+    assert d.halt == [] and (g.phase, g.reason) == ("Waiting", "VMRolloutStrategyStage")
+    plain = plan_drain(dataclasses.replace(s, spec=NodeDrainSpec(nodeName="n1")))
+    assert [h.key for h in plain.halt] == ["ns/g0"] and not plain.halt[0].pin
+
+
+def test_a_quick_migration_record_of_another_drain_with_the_same_name_is_not_ours() -> None:
+    """Item 13: records are keyed by the drain's UID. A VM back on the node an earlier drain
+    of the same name moved it from is no restart of this drain's (it was Restarting
+    forever)."""
+    back = vmi("gpu", node_name="n2", running_since=NOW)
+    old = VMInfo("ns", "gpu", quick=_quick(uid="uid-old", source="n2", started=True,
+                                           stopped_at=NOW - dt.timedelta(hours=1)))
+    nodes = [node("n1"), node("n2"), node("n3", unschedulable=True)]
+    d = plan_drain(snap([back], vms={"ns/gpu": old}, uid="uid-new", nodes=nodes,
+                        spec={"nodeName": "n3"}))
+    assert d.status.vms is None and d.status.phase == "Drained"
+    ours = plan_drain(snap([back], vms={"ns/gpu": old}, uid="uid-old", nodes=nodes,
+                           spec={"nodeName": "n3"}))
+    assert entry(ours, "gpu").reason == "Restarting"  # what the name-keyed record gave
+
+
+def test_a_finished_quick_migration_is_wound_up_and_stays_reported() -> None:
+    """Item 13: once the drain has reported the move, the VM's record goes (with the node
+    selector it added and the run strategy it replaced: ``finish``), and the drain keeps
+    reporting the move from its status."""
+    moved = vmi("gpu", node_name="n3", running_since=NOW - dt.timedelta(seconds=5))
+    rec = VMInfo("ns", "gpu", quick=_quick(started=True, stopped_at=NOW - dt.timedelta(
+        seconds=20), started_at=NOW - dt.timedelta(seconds=15), run_strategy="Manual"))
+    s = snap([moved], vms={"ns/gpu": rec}, uid="uid-d", nodes=cordoned())
+    first = plan_drain(s)
+    assert entry(first, "gpu").phase == "Succeeded" and first.finish == []
+    second = plan_drain(dataclasses.replace(s, status=first.status))
+    assert second.finish == ["ns/gpu"] and entry(second, "gpu") == entry(first, "gpu")
+    # The record gone (and the VMI no longer in the drain's view): still reported.
+    after = plan_drain(dataclasses.replace(s, status=second.status, vms={}, vmis={}))
+    assert entry(after, "gpu") == entry(first, "gpu") and after.finish == []
+    assert after.status.phase == "Drained" and after.status.counts.succeeded == 1
+
+
+@pytest.mark.parametrize(("pending_for", "phase", "reason", "drain_phase"), [
+    (10, "Migrating", "Restarting", "Draining"),
+    (61, "Waiting", "Unschedulable", "Stalled"),
+])
+def test_a_restart_that_cannot_be_scheduled_is_reported_with_the_schedulers_reason(
+        pending_for, phase, reason, drain_phase) -> None:
+    """Item 13: the new VMI stays Scheduling (its launcher pod Unschedulable, KubeVirt copies
+    the PodScheduled condition onto the VMI): after RESTART_SCHEDULE_SECONDS the VM is
+    Waiting with the scheduler's reason and message, and the drain Stalled."""
+    message = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+    pending = vmi("gpu", node_name=None, phase="Scheduling",
+                  unschedulable=("Unschedulable", message))
+    rec = VMInfo("ns", "gpu", quick=_quick(started=True, started_at=NOW - dt.timedelta(
+        seconds=pending_for), stopped_at=NOW - dt.timedelta(seconds=pending_for + 5)))
+    d = plan_drain(snap([pending], vms={"ns/gpu": rec}, uid="uid-d", nodes=cordoned()))
+    g = entry(d, "gpu")
+    assert (g.phase, g.reason, d.status.phase) == (phase, reason, drain_phase)
+    if phase == "Waiting":
+        assert message in g.message
+        stalled = _conditions(d)["Stalled"]
+        assert stalled.reason == "Unschedulable" and "ns/gpu" in stalled.message
+
+
+def test_ending_maintenance_starts_stopped_vms_and_winds_up_started_ones() -> None:
+    """Item 13: finalizing restarts what is still stopped and removes the records of the
+    restarts that have their VMI again (so no record outlives its drain)."""
+    stopped = VMInfo("ns", "a", run_strategy="Halted", quick=_quick(started=False))
+    running = VMInfo("ns", "b", quick=_quick(started=True, started_at=NOW))
+    other = VMInfo("ns", "c", quick=_quick(uid="uid-other", started=False))
+    s = snap([vmi("b", node_name="n3")], vms={"ns/a": stopped, "ns/b": running,
+                                               "ns/c": other}, uid="uid-d")
+    d = finalize_drain(s)
+    assert d.start == ["ns/a"] and d.finish == ["ns/b"]
+    assert d.hold and "restarting 1 VMs" in d.hold

@@ -25,7 +25,7 @@ import dataclasses
 import datetime as dt
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,6 +52,7 @@ from virtshift.domain.views import (
     MigrationInfo,
     NodeInfo,
     PodInfo,
+    QuickMigrationRecord,
     VMIInfo,
     VMInfo,
 )
@@ -69,6 +70,13 @@ ABORT_WAIT_SECONDS = 300.0
 # downtimeSource of a quick migration: the VM's stop (virtshift's record) to its new VMI's
 # Running transition (KubeVirt's timestamp).
 RESTART_TIMESTAMPS = "restartTimestamps"
+# Cluster seconds a restarted VM's new VMI may wait for its launcher pod to be scheduled
+# before the VM is reported Waiting with the scheduler's reason.
+RESTART_SCHEDULE_SECONDS = 60.0
+# A quick migration that needs a node selector on the VM's template (targetNodeSelector, the
+# wave's later nodes) waits under vmRolloutStrategy Stage, where taking it back once the VM
+# runs would leave RestartRequired (vm.go syncRestartRequired).
+VM_ROLLOUT_STAGE = "VMRolloutStrategyStage"
 
 
 @dataclass(frozen=True)
@@ -127,11 +135,15 @@ class NewMigration:
 
 
 class Stop(NamedTuple):
-    """A quick migration's first step: stop the VM (it starts again on another node)."""
+    """A quick migration's first step: stop the VM (it starts again on another node).
+    ``pin``: the node selector the VM's template gets while it starts again, so that it lands
+    only where a live migration of this drain could (targetNodeSelector, and the target
+    pinned by kubernetes.io/hostname while the wave has nodes still to drain)."""
 
     key: str  # the VM's namespace/name
     source: str
     policy: str | None = None
+    pin: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -149,6 +161,9 @@ class Decision:
     withdraw: list[MigrationInfo] = field(default_factory=list)
     halt: list[Stop] = field(default_factory=list)
     start: list[str] = field(default_factory=list)  # VM keys
+    # Quick migrations done: the node selector they added and the run strategy they
+    # replaced are taken back, and their record removed (VM keys).
+    finish: list[str] = field(default_factory=list)
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     hold: str | None = None  # finalize_drain: why the finalizer must stay for now
@@ -169,7 +184,8 @@ class Decision:
     @property
     def changes_cluster(self) -> bool:
         return bool(self.cordon or self.uncordon or self.forget_maintenance or self.create
-                    or self.cancel or self.withdraw or self.halt or self.start or self.evict
+                    or self.cancel or self.withdraw or self.halt or self.start or self.finish
+                    or self.evict
                     or self.claims or self.volumes or self.revert or self.delete_claims)
 
 
@@ -352,7 +368,7 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
     migs = sorted((m for m in s.migrations if m.vmi_key == key), key=lambda m: m.attempt)
     last = migs[-1] if migs else None
     rules = s.rules_for(key)
-    quick = vm.quick if vm and vm.quick and vm.quick.drain == s.name else None
+    quick = vm.quick if vm and _ours(s, vm.quick) else None
     memory = vmi.memory if vmi else 0.0
     made = _attempts_made(s, key, migs)
     st = s.storage.get(key)
@@ -368,21 +384,10 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         return VMEntry(phase=phase, reason=reason, message=message, **base, **extra)
 
     if quick is not None:
-        moved = vmi is not None and vmi.phase == "Running" and vmi.node != quick.source
-        if moved and vmi is not None:
-            up = vmi.running_since or s.now
-            paused_ms = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
-            return _VM(key, entry(VMPhase.SUCCEEDED, "QuickMigrated",
-                                  f"restarted on {vmi.node}", source_node=quick.source,
-                                  target_node=vmi.node, mode="QuickMigration",
-                                  observed_downtime_ms=paused_ms,
-                                  downtime_source=RESTART_TIMESTAMPS), memory)
-        if vmi is None and not quick.started:
-            decision.start.append(key)
-        return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
-                              "node (quick migration)", source_node=quick.source,
-                              mode="QuickMigration"), memory,
-                   seconds=s.estimator.target_startup)
+        return _restarting(s, key, quick, vmi, memory, entry, decision)
+    done = _quick_migrated_before(s, ns, name)
+    if done is not None and (vmi is None or vmi.node not in active):
+        return _VM(key, done, memory)  # its record is gone: the status remembers the move
     if vmi is None:
         return _VM(key, entry(VMPhase.SKIPPED, "VMIGone", "the VMI no longer exists"), 0.0)
     if vmi.node not in active:
@@ -524,6 +529,53 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
 DISKS_NOT_LIVE_MIGRATABLE = "DisksNotLiveMigratable"
 
 
+def _ours(s: DrainSnapshot, q: QuickMigrationRecord | None) -> bool:
+    """A quick migration of this drain: by UID (a drain created again under the same name
+    is another); a record from before UIDs were recorded, by name."""
+    if q is None:
+        return False
+    return q.drain_uid == s.uid if q.drain_uid else q.drain == s.name
+
+
+def _restarting(s: DrainSnapshot, key: str, quick: QuickMigrationRecord, vmi: VMIInfo | None,
+                memory: float, entry: Callable[..., VMEntry], decision: Decision) -> _VM:
+    """A VM this drain stopped: started again once its VMI is gone; done once its new VMI
+    runs on another node -- and wound up (``finish``) once the status has said so, so that
+    its record never outlives the move; reported Waiting with the scheduler's reason when
+    its launcher pod cannot be scheduled for RESTART_SCHEDULE_SECONDS."""
+    moved = vmi is not None and vmi.phase == "Running" and vmi.node != quick.source
+    if moved and vmi is not None:
+        up = vmi.running_since or s.now
+        paused_ms = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
+        done = entry(VMPhase.SUCCEEDED, "QuickMigrated", f"restarted on {vmi.node}",
+                     source_node=quick.source, target_node=vmi.node, mode="QuickMigration",
+                     observed_downtime_ms=paused_ms, downtime_source=RESTART_TIMESTAMPS)
+        ns, name = key.split("/", 1)
+        if _quick_migrated_before(s, ns, name) is not None:
+            decision.finish.append(key)
+        return _VM(key, done, memory)
+    if vmi is None and not quick.started:
+        decision.start.append(key)
+    waited = (s.now - (quick.started_at or s.now)).total_seconds()
+    if quick.started and vmi is not None and vmi.unschedulable and \
+            waited >= RESTART_SCHEDULE_SECONDS:
+        reason, why = vmi.unschedulable
+        return _VM(key, entry(VMPhase.WAITING, reason, f"started again {round(waited)}s ago, "
+                              f"but its virt-launcher pod cannot be scheduled: {why}",
+                              source_node=quick.source, mode="QuickMigration"), memory,
+                   seconds=s.estimator.target_startup, blocked_by=reason)
+    return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
+                          "node (quick migration)", source_node=quick.source,
+                          mode="QuickMigration"), memory,
+               seconds=s.estimator.target_startup)
+
+
+def _quick_migrated_before(s: DrainSnapshot, ns: str, name: str) -> VMEntry | None:
+    """The VM's entry in the previous status, when it said the quick migration was done."""
+    return next((e for e in s.status.vms or [] if e.namespace == ns and e.name == name
+                 and e.phase == VMPhase.SUCCEEDED and e.mode == "QuickMigration"), None)
+
+
 def _back(st: storage.VMStorage, under_way: Mapping[str, tuple[str, str]]
           ) -> storage.VolumeUpdate:
     return storage.VolumeUpdate(st.namespace, st.name,
@@ -576,6 +628,12 @@ def _quick(s: DrainSnapshot, vmi: VMIInfo, places: _Places, memory: float,
     """A quick migration waiting for admission -- or, when no node could start the VM again,
     waiting for one: a VM is never stopped without somewhere to restart it."""
     finding, targets = _placement(vmi, places, restart=True)
+    if not finding and not s.limits.live_update and (s.spec.target_node_selector
+                                                     or places.later):
+        finding = (VM_ROLLOUT_STAGE, "its restart needs a node selector on the VM's template "
+                   "(targetNodeSelector, or the wave's nodes still to drain), which KubeVirt's "
+                   "vmRolloutStrategy Stage would leave RestartRequired once taken back; set "
+                   "vmRolloutStrategy LiveUpdate (KubeVirt's default)")
     if finding:
         return _VM(vmi.key, pending.model_copy(update={
             "phase": VMPhase.WAITING, "reason": finding[0],
@@ -621,7 +679,7 @@ def _quick_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
         if vmi is not None and vmi.phase == "Running" and (
                 vmi.node != q.source or (vmi.running_since or q.stopped_at) > q.stopped_at):
             continue
-        out.append((q.source, q.policy or (s.rules_for(key).policy if q.drain == s.name
+        out.append((q.source, q.policy or (s.rules_for(key).policy if _ours(s, q)
                                            else None)))
     return out
 
@@ -757,7 +815,11 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
                 "message": f"creating {len(v.move.claims)} destination claims"})
             continue
         if v.stop:
-            decision.halt.append(Stop(v.key, source, rules.policy))
+            # The restart lands where the migration would: the same selector and pin.
+            pin = dict(s.spec.target_node_selector or {})
+            if later:
+                pin[HOSTNAME_LABEL] = target
+            decision.halt.append(Stop(v.key, source, rules.policy, pin or None))
             v.entry = v.entry.model_copy(update={"phase": VMPhase.MIGRATING})
             continue
         selector = dict(s.spec.target_node_selector or {})
@@ -955,7 +1017,10 @@ def plan_drain(s: DrainSnapshot) -> Decision:
 
     scope = {k for k, v in s.vmis.items() if v.node in draining}
     scope |= {m.vmi_key for m in s.migrations}
-    scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
+    scope |= {k for k, vm in s.vms.items() if _ours(s, vm.quick)}
+    # Quick migrations done, whose records are gone: the status remembers them.
+    scope |= {f"{e.namespace}/{e.name}" for e in s.status.vms or []
+              if e.phase == VMPhase.SUCCEEDED and e.mode == "QuickMigration"}
     scope |= {f"{c.namespace}/{c.vm}" for c in s.claims.values()
               if c.moved_by == s.owner and c.vm and f"{c.namespace}/{c.vm}" in s.vmis}
     # A VM skipped on a node that has drained since is still on it: keep reporting it.
@@ -1270,6 +1335,30 @@ def _not_found(s: DrainSnapshot, decision: Decision, now: str) -> Decision:
 # -- ending maintenance -------------------------------------------------------------------------
 
 
+def _end_restarts(s: DrainSnapshot, decision: Decision, waited: float) -> int:
+    """Ending maintenance: start the VMs a quick migration of this drain stopped (safe while
+    the old VMI is still shutting down), and wind up (``finish``) those started whose new
+    VMI exists -- a Manual VM must have it before its run strategy is restored, or it would
+    not start -- or, after ABORT_WAIT_SECONDS, all: no record outlives its drain. How many
+    restarts are still to wind up (the finalizer waits for them)."""
+    pending = 0
+    for key, vm in sorted(s.vms.items()):
+        q = vm.quick
+        if q is None or not _ours(s, q):
+            continue
+        vmi = s.vmis.get(key)
+        renewed = vmi is not None and not (vmi.running_since and
+                                           vmi.running_since <= q.stopped_at)
+        if not q.started:
+            decision.start.append(key)
+            pending += 1
+        elif renewed or waited >= ABORT_WAIT_SECONDS:
+            decision.finish.append(key)
+        else:
+            pending += 1
+    return pending if waited < ABORT_WAIT_SECONDS else 0
+
+
 def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
     migrations (cancelOnDelete), restart VMs a quick migration had stopped, and -- only once
@@ -1285,9 +1374,7 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     unfinished = [m for m in s.migrations if not m.final]
     if s.spec.cancel_on_delete:
         decision.cancel = [m for m in unfinished if not m.terminating]
-    for key, vm in sorted(s.vms.items()):
-        if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
-            decision.start.append(key)  # safe while the old VMI is still shutting down
+    restarting = _end_restarts(s, decision, waited)
     ours = sorted(n.name for n in s.nodes.values() if n.annotations.get(CORDONED_BY) == s.name)
     # Disks whose move has not finished go back to their sources (whatever cancelOnDelete
     # says: no VM is left pointing at a half-copied claim), and destinations nobody uses go.
@@ -1307,6 +1394,9 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
             decision.events.append(("Warning", "AbortTimeout", (
                 f"uncordoning {', '.join(ours) or 'nothing'} although {len(unfinished)} aborted "
                 f"migrations have not ended after {round(waited)}s: {names}")))
+    if restarting:
+        decision.hold = "; ".join(x for x in (decision.hold, f"restarting {restarting} VMs "
+                                              "a quick migration stopped") if x)
     steps = [decision.hold or ""]
     if decision.revert:
         steps.append(f"putting {len(decision.revert)} VMs back on their source volumes")
