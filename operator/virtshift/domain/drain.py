@@ -1121,8 +1121,10 @@ def _status(s: DrainSnapshot, decision: Decision, draft: _Draft,
         pending=phases[VMPhase.PENDING] + phases[VMPhase.WAITING] + len(later),
         migrating=phases[VMPhase.MIGRATING], succeeded=phases[VMPhase.SUCCEEDED],
         failed=phases[VMPhase.FAILED], skipped=phases[VMPhase.SKIPPED])
-    entries = sorted((v.entry for v in vms), key=lambda e: (_ORDER[e.phase], e.namespace,
-                                                            e.name))
+    # Of the finished, quick migrations first: once their records are gone (finish), the
+    # status is all that remembers them, so they are the last entries MAX_VM_ENTRIES drops.
+    entries = sorted((v.entry for v in vms), key=lambda e: (
+        _ORDER[e.phase], e.mode != "QuickMigration", e.namespace, e.name))
     remaining = [v.seconds for v in vms if v.entry.phase in (
         VMPhase.PENDING, VMPhase.WAITING, VMPhase.MIGRATING)]
     remaining += [s.estimator.seconds(v, s.rules_for(v.key), _node_bandwidth(s, v.node),

@@ -108,13 +108,16 @@ class VMController:
         if any(v.storage_class in local for v in vm.spec.volumes):
             selector["kubernetes.io/hostname"] = vm.node  # the PVs' node affinity
         cpu, memory = objects.launcher_requests(vm.spec)
+        if vm.scheduling and vm.pod_uid is None:
+            vm.start_at = now + RETRY_START  # its pod is still being created
+            return
         target, why = self.place_pod(cpu, memory, selector, vm.vmi_affinity)
         vm.start_at = None if target else now + RETRY_START
         if target is None and vm.scheduling:
             return  # still Pending
         stamp = self.clock.stamp(now)
         if target is None:
-            vm.scheduling = True
+            vm.scheduling, vm.pod_uid = True, None
             vm.pod_name = f"virt-launcher-{vm.spec.name}-{pod_suffix(self.rng)}"
             self._submit(lambda: self._create_vmi(vm, vm_obj, None, selector, stamp, why))
             return
