@@ -598,6 +598,149 @@ def test_pausing_withdraws_what_kubevirt_has_not_started(env) -> None:
     wait_for(lambda: get_drain(kube, "paused-drain") is None, timeout=60, what="drain gone")
 
 
+def _refuse(kube: rest.KubeClient, name: str, resource: str, group: str, operations: list[str],
+            expression: str) -> None:
+    """A ValidatingAdmissionPolicy (and its binding) that denies what ``expression`` does
+    not allow, with the message "refused (test)"."""
+    kube.create(VAP, {"apiVersion": "admissionregistration.k8s.io/v1",
+                      "kind": "ValidatingAdmissionPolicy", "metadata": {"name": name},
+                      "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [{
+                          "apiGroups": [group], "apiVersions": ["*"], "operations": operations,
+                          "resources": [resource]}]},
+                          "validations": [{"expression": expression,
+                                           "message": "refused (test)"}]}})
+    kube.create(VAP_BINDING, {"apiVersion": "admissionregistration.k8s.io/v1",
+                              "kind": "ValidatingAdmissionPolicyBinding",
+                              "metadata": {"name": name},
+                              "spec": {"policyName": name, "validationActions": ["Deny"]}})
+
+
+def _allow(kube: rest.KubeClient, name: str) -> None:
+    kube.delete(VAP_BINDING, name)
+    kube.delete(VAP, name)
+
+
+def _events_of(kube: rest.KubeClient, drain: str, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kube.items(rest.EVENTS, "default",
+                                  field_selector=f"involvedObject.name={drain}")
+            if e["reason"] == reason]
+
+
+def _condition(drain: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    return next((c for c in ((drain or {}).get("status") or {}).get("conditions") or []
+                 if c["type"] == type_), {})
+
+
+def test_a_refused_migration_is_reported_and_stalls_the_drain_until_it_goes_through(env) -> None:
+    """Issue 20 item 12: the API server refuses the migration of one VM (an admission
+    policy), on every pass. The status says what happened -- that VM Waiting, CreateFailed,
+    with the API's message, never Created/Migrating -- with a WriteFailed Event; once the
+    refusal has lasted WRITE_STALL_SECONDS of cluster time the drain is Stalled with that
+    reason, and it recovers by itself when the create goes through."""
+    kube = env["kube"]
+    node = free_node(kube)
+    on_node = sorted((v["metadata"]["namespace"], v["metadata"]["name"])
+                     for v in vmis_on(kube, node))
+    assert on_node
+    ns, victim = on_node[0]
+    _refuse(kube, "refuse-migration", "virtualmachineinstancemigrations", "kubevirt.io",
+            ["CREATE"], f"object.spec.vmiName != '{victim}' && "
+            "object.spec.vmiName != 'vap-probe'")
+
+    def refused() -> bool:
+        try:
+            kube.create(rest.VMIMS, {"apiVersion": "kubevirt.io/v1",
+                                     "kind": "VirtualMachineInstanceMigration",
+                                     "metadata": {"name": "vap-probe", "namespace": ns},
+                                     "spec": {"vmiName": "vap-probe"}})
+        except rest.ApiError as exc:
+            return "refused (test)" in str(exc)
+        kube.delete(rest.VMIMS, "vap-probe", ns)
+        return False
+
+    wait_for(refused, timeout=30, what="the admission policy in force")
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body("refused", nodeName=node))
+
+        def victim_entry() -> dict[str, Any]:
+            vms = ((get_drain(kube, "refused") or {}).get("status") or {}).get("vms") or []
+            return next((v for v in vms if (v["namespace"], v["name"]) == (ns, victim)), {})
+
+        seen: list[dict[str, Any]] = []
+
+        def refused_in_status() -> bool:
+            e = victim_entry()
+            if e and e not in seen:
+                seen.append(e)
+            return e.get("reason") == "CreateFailed"
+
+        wait_for(refused_in_status, timeout=60,
+                 what=lambda: f"the refusal in the status (entries seen: {seen})")
+        e = victim_entry()
+        assert e["phase"] == "Waiting" and "refused (test)" in e["message"], e
+        assert not [m for m in migrations_of(kube, "refused") if m["spec"]["vmiName"] == victim]
+        # Never reported as what it was not: no entry of the victim said Created/Migrating.
+        assert not [s for s in seen if s["phase"] == "Migrating" or s.get("reason") == "Created"]
+        wait_for(lambda: _events_of(kube, "refused", "WriteFailed"), timeout=30,
+                 what="a WriteFailed event")
+        assert "refused (test)" in _events_of(kube, "refused", "WriteFailed")[0]["message"]
+        drain = wait_for(lambda: phase_of(kube, "refused") == "Stalled"
+                         and get_drain(kube, "refused"), timeout=90,
+                         what=lambda: f"Stalled ({get_drain(kube, 'refused')['status']})")
+        stalled = _condition(drain, "Stalled")
+        assert stalled["reason"] == "CreateFailed" and victim in stalled["message"], stalled
+        assert "refused (test)" in stalled["message"]
+        assert _events_of(kube, "refused", "Stalled")
+    finally:
+        _allow(kube, "refuse-migration")
+    wait_for(lambda: phase_of(kube, "refused") == "Drained", timeout=120,
+             what=lambda: f"drained once allowed ({get_drain(kube, 'refused')['status']})")
+    assert not vmis_on(kube, node)
+    assert _condition(get_drain(kube, "refused"), "Stalled")["status"] == "False"
+    kube.delete(rest.NODE_DRAINS, "refused")
+    wait_for(lambda: get_drain(kube, "refused") is None, timeout=60, what="drain gone")
+
+
+def test_a_refused_cordon_is_not_reported_as_cordoned(env) -> None:
+    """Issue 20 item 12: the cordon is refused on every pass: Cordoned is False with
+    CordonFailed and the API's message, and the drain goes Stalled once it lasts; allowed,
+    the node is cordoned and drained."""
+    kube = env["kube"]
+    for name in ("uncordonable", "uncordonable-probe"):
+        kube.create(rest.NODES, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    _refuse(kube, "refuse-cordon", "nodes", "", ["UPDATE"],
+            "!object.metadata.name.startsWith('uncordonable') || "
+            "!has(object.spec.unschedulable) || !object.spec.unschedulable")
+
+    def refused() -> bool:
+        try:
+            kube.patch(rest.NODES, "uncordonable-probe", {"spec": {"unschedulable": True}})
+        except rest.ApiError as exc:
+            return "refused (test)" in str(exc)
+        kube.patch(rest.NODES, "uncordonable-probe", {"spec": {"unschedulable": None}})
+        return False
+
+    wait_for(refused, timeout=30, what="the admission policy in force")
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body("refused-cordon", nodeName="uncordonable"))
+        drain = wait_for(lambda: (d := get_drain(kube, "refused-cordon")) and _condition(
+            d, "Cordoned").get("reason") == "CordonFailed" and d, timeout=60,
+            what=lambda: f"CordonFailed ({get_drain(kube, 'refused-cordon')})")
+        cordoned = _condition(drain, "Cordoned")
+        assert cordoned["status"] == "False" and "refused (test)" in cordoned["message"]
+        drain = wait_for(lambda: phase_of(kube, "refused-cordon") == "Stalled"
+                         and get_drain(kube, "refused-cordon"), timeout=90, what="Stalled")
+        assert _condition(drain, "Stalled")["reason"] == "CordonFailed"
+        assert not kube.get(rest.NODES, "uncordonable")["spec"].get("unschedulable")
+    finally:
+        _allow(kube, "refuse-cordon")
+    wait_for(lambda: phase_of(kube, "refused-cordon") == "Drained", timeout=60,
+             what="drained once allowed")
+    assert _condition(get_drain(kube, "refused-cordon"), "Cordoned")["status"] == "True"
+    kube.delete(rest.NODE_DRAINS, "refused-cordon")
+    wait_for(lambda: get_drain(kube, "refused-cordon") is None, timeout=60, what="gone")
+
+
 def test_operator_logged_no_tracebacks(env) -> None:
     logs = env["op"].logs()
     assert "Traceback" not in logs, logs[-5000:]

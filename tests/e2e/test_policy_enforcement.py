@@ -37,6 +37,16 @@ nodes:
                allocatable: {cpu: "64", memory: 256Gi}}
   - generate: {count: 3, prefix: il-, cpuModel: Icelake-Server,
                allocatable: {cpu: "64", memory: 256Gi}}
+  # Quick migrations (issue 20 items 6 and 13): small nodes in three groups (label qm), so
+  # that a restart placed without the drain's rules would land on a big node- one; a CPU
+  # model of their own keeps the other tests' live migrations off them.
+  - {name: qm-1, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: a}}
+  - {name: qm-2, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: a}}
+  - {name: qm-3, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: a}}
+  - {name: qm-4, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: c}}
+  - {name: qm-5, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: b}}
+  - {name: qm-6, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: b}}
+  - {name: qm-7, cpuModel: Cooperlake, allocatable: {cpu: "16", memory: 32Gi}, labels: {qm: c}}
 vms:
   - generate: {count: 6, prefix: gold-a-, namespace: gold, nodes: [node-1], memory: 2Gi}
   - generate: {count: 8, prefix: bulk-a-, namespace: bulk, nodes: [node-1], memory: 2Gi}
@@ -58,6 +68,14 @@ vms:
   # Never converges at the 1Gi/s its policy allows: only KubeVirt's post-copy can move it.
   - {name: hot, namespace: hot-inherit, node: cl-1, memory: 1Gi, dirtyRate: 20Gi}
   - {name: slow, namespace: stall, node: il-1, memory: 1Gi}
+  - {name: vm, namespace: qm-manual, node: qm-1, memory: 1Gi, liveMigratable: false,
+     notMigratableReason: HostDeviceNotLiveMigratable}
+  - {name: vm, namespace: qm-running, node: qm-1, memory: 1Gi, liveMigratable: false,
+     notMigratableReason: HostDeviceNotLiveMigratable}
+  - {name: vm, namespace: qm-again, node: qm-5, memory: 1Gi, liveMigratable: false,
+     notMigratableReason: HostDeviceNotLiveMigratable}
+  - {name: vm, namespace: qm-stuck, node: qm-4, memory: 1Gi, liveMigratable: false,
+     notMigratableReason: HostDeviceNotLiveMigratable}
   # Matched by one policy, drained under another named by the drain's policyRef.
   - generate: {count: 4, prefix: ref-, namespace: refns, nodes: [node-7], memory: 1Gi}
 """
@@ -380,6 +398,12 @@ def test_non_migratable_vm_is_quick_migrated_with_downtime_measured(env) -> None
                                                           "QuickMigrated")
     skipped = next(v for v in drain["status"]["vms"] if v["namespace"] == "skip")
     assert (skipped["phase"], skipped["reason"]) == ("Skipped", "HostDeviceNotLiveMigratable")
+    # Issue 20 item 14: the node is not empty; Ready says what still runs there.
+    ready = next(c for c in drain["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == ("node-5 is empty but for 1 skipped VM still running there: "
+                                "skip/gpu on node-5; it stays cordoned until this NodeDrain "
+                                "is deleted"), ready
+    assert kube.get(rest.VMIS, "gpu", "skip")["status"]["nodeName"] == "node-5"
     wait_for(lambda: outcomes_of(kube, "restart").get("quickMigrated") == 1
              and outcomes_of(kube, "skip").get("skipped") == 1,
              what=lambda: f"outcomes: {outcomes_of(kube, 'restart')} {outcomes_of(kube, 'skip')}")
@@ -457,3 +481,180 @@ def test_progress_timeout_aborts_a_stalled_transfer_and_the_drain_retries(env) -
                                                                      "failed")}
              == {"aborted": 1, "succeeded": 1, "failed": 0},
              what=lambda: f"outcomes: {outcomes_of(kube, 'stall')}")
+
+
+# -- issue 20 items 6 and 13: quick migrations -----------------------------------------------
+
+QUICK = "virtshift.io/quick-migration"
+VAP = rest.Resource("admissionregistration.k8s.io", "v1", "validatingadmissionpolicies",
+                    namespaced=False)
+VAP_BINDING = rest.Resource("admissionregistration.k8s.io", "v1",
+                            "validatingadmissionpolicybindings", namespaced=False)
+
+
+def _vmi_node(kube, ns: str) -> str | None:
+    vmi = kube.get(rest.VMIS, "vm", ns)
+    return ((vmi or {}).get("status") or {}).get("nodeName") if vmi and (
+        vmi.get("status") or {}).get("phase") == "Running" else None
+
+
+def _vm_entries(kube, drain: str) -> dict[str, dict[str, Any]]:
+    return {v["namespace"]: v for v in ((get_drain(kube, drain) or {}).get("status") or {})
+            .get("vms") or []}
+
+
+def _assert_wound_up(kube, ns: str, node: str) -> dict[str, Any]:
+    """The VM runs on ``node``, and the quick migration left nothing behind: no record, no
+    node selector in its template, none on its VMI (KubeVirt's LiveUpdate took it back), no
+    RestartRequired, and no migration was made of it."""
+    vm = kube.get(rest.VMS, "vm", ns)
+    assert QUICK not in (vm["metadata"].get("annotations") or {}), vm["metadata"]
+    assert not vm["spec"]["template"]["spec"].get("nodeSelector"), vm["spec"]["template"]
+    assert "RestartRequired" not in {c["type"] for c in vm["status"].get("conditions") or []}
+    # KubeVirt's VM controller copies the template's node selector onto the VMI.
+    vmi = wait_for(lambda: (v := kube.get(rest.VMIS, "vm", ns)) and not v["spec"].get(
+        "nodeSelector") and v, timeout=10, what=lambda: f"{ns}: the VMI's node selector gone "
+        f"({kube.get(rest.VMIS, 'vm', ns)['spec'].get('nodeSelector')})")
+    assert vmi["status"]["nodeName"] == node and vmi["status"]["phase"] == "Running"
+    assert kube.items(rest.VMIMS, ns) == []
+    return vm
+
+
+def test_a_waves_restarts_land_only_where_its_migrations_could_and_keep_their_run_strategy(
+        env) -> None:
+    """Item 6: a wave over qm-1 and qm-2 with targetNodeSelector qm=a restarts qm-1's VMs on
+    qm-3 only: not on qm-2 (the wave drains it later), not on the emptier node- ones
+    (targetNodeSelector). Item 13: each VM gets back its run strategy (Manual; the deprecated
+    spec.running), and the record and the node selector the restart needed go once it runs."""
+    kube = env["kube"]
+    kube.patch(rest.VMS, "vm", {"spec": {"runStrategy": "Manual"}}, "qm-manual")
+    kube.patch(rest.VMS, "vm", {"spec": {"runStrategy": None, "running": True}}, "qm-running")
+    for n in ("qm-1", "qm-2"):
+        kube.patch(rest.NODES, n, {"metadata": {"labels": {"qmwave": "yes"}}})
+    time.sleep(1)  # 20 s of cluster time: Manual and running:true do not stop a running VM
+    assert _vmi_node(kube, "qm-manual") == _vmi_node(kube, "qm-running") == "qm-1"
+    kube.create(rest.NODE_DRAINS, drain_body(
+        "qm-wave", nodeSelector={"matchLabels": {"qmwave": "yes"}}, maxUnavailable=1,
+        releaseAfter="0s", targetNodeSelector={"qm": "a"}, nonMigratable="Restart"))
+    drain = wait_for(lambda: phase_of(kube, "qm-wave") in ("Drained", "Stalled")
+                     and get_drain(kube, "qm-wave"), timeout=120,
+                     what=lambda: f"wave done: {get_drain(kube, 'qm-wave').get('status')}")
+    assert drain["status"]["phase"] == "Drained", drain["status"]
+    entries = _vm_entries(kube, "qm-wave")
+    for ns in ("qm-manual", "qm-running"):
+        e = entries[ns]
+        assert (e["phase"], e["reason"], e["targetNode"]) == ("Succeeded", "QuickMigrated",
+                                                             "qm-3"), e
+    wait_for(lambda: all(QUICK not in (kube.get(rest.VMS, "vm", ns)["metadata"].get(
+        "annotations") or {}) for ns in ("qm-manual", "qm-running")), timeout=30,
+             what="the quick-migration records removed")
+    manual = _assert_wound_up(kube, "qm-manual", "qm-3")
+    assert manual["spec"]["runStrategy"] == "Manual"
+    running = _assert_wound_up(kube, "qm-running", "qm-3")
+    assert running["spec"].get("running") is True and "runStrategy" not in running["spec"]
+    # Still reported once the records are gone.
+    time.sleep(0.5)
+    entries = _vm_entries(kube, "qm-wave")
+    assert (entries["qm-manual"]["phase"], entries["qm-running"]["phase"]) == (
+        "Succeeded", "Succeeded")
+    kube.delete(rest.NODE_DRAINS, "qm-wave")
+    wait_for(lambda: get_drain(kube, "qm-wave") is None, timeout=60, what="qm-wave gone")
+
+
+def test_a_drain_created_again_under_the_same_name_quick_migrates_afresh(env) -> None:
+    """Item 13: the record of a quick migration is keyed by the drain's UID and removed once
+    the VM runs: a NodeDrain of the same name created later moves the VM again instead of
+    taking the old record for its own (Restarting, or moved, forever)."""
+    kube = env["kube"]
+    kube.create(rest.NODE_DRAINS, drain_body(
+        "qm-again", nodeName="qm-5", targetNodeSelector={"kubernetes.io/hostname": "qm-6"},
+        nonMigratable="Restart"))
+    wait_for(lambda: phase_of(kube, "qm-again") == "Drained", timeout=120, what="first drained")
+    landed = _vmi_node(kube, "qm-again")
+    assert landed == "qm-6"
+    kube.delete(rest.NODE_DRAINS, "qm-again")
+    wait_for(lambda: get_drain(kube, "qm-again") is None, timeout=60, what="first gone")
+    _assert_wound_up(kube, "qm-again", "qm-6")
+    kube.create(rest.NODE_DRAINS, drain_body(
+        "qm-again", nodeName=landed, targetNodeSelector={"kubernetes.io/hostname": "qm-5"},
+        nonMigratable="Restart"))
+    wait_for(lambda: phase_of(kube, "qm-again") == "Drained", timeout=120,
+             what=lambda: f"second drained: {get_drain(kube, 'qm-again').get('status')}")
+    assert _vm_entries(kube, "qm-again")["qm-again"]["targetNode"] == "qm-5"
+    wait_for(lambda: QUICK not in (kube.get(rest.VMS, "vm", "qm-again")["metadata"].get(
+        "annotations") or {}), timeout=30, what="record removed")
+    _assert_wound_up(kube, "qm-again", "qm-5")
+    kube.delete(rest.NODE_DRAINS, "qm-again")
+    wait_for(lambda: get_drain(kube, "qm-again") is None, timeout=60, what="second gone")
+
+
+def test_a_restart_that_cannot_be_scheduled_stalls_the_drain_with_the_schedulers_reason(
+        env) -> None:
+    """Item 13: the VM is stopped, its start is refused for a while (an admission policy:
+    StartFailed, item 12) and meanwhile the only node it may start on is cordoned: once
+    started, its launcher pod cannot be scheduled. The drain says so with the scheduler's
+    reason and message and goes Stalled; the node uncordoned, the VM starts there and the
+    drain completes."""
+    kube = env["kube"]
+    kube.create(VAP, {"apiVersion": "admissionregistration.k8s.io/v1",
+                      "kind": "ValidatingAdmissionPolicy", "metadata": {"name": "qm-halted"},
+                      "spec": {"failurePolicy": "Fail", "matchConstraints": {
+                          "resourceRules": [{"apiGroups": ["kubevirt.io"], "apiVersions": ["*"],
+                                             "operations": ["UPDATE"],
+                                             "resources": ["virtualmachines"]}]},
+                          "validations": [{"expression": (
+                              "object.metadata.namespace != 'qm-stuck' || "
+                              "(has(object.spec.runStrategy) && "
+                              "object.spec.runStrategy == 'Halted')"),
+                              "message": "stays halted (test)"}]}})
+    kube.create(VAP_BINDING, {"apiVersion": "admissionregistration.k8s.io/v1",
+                              "kind": "ValidatingAdmissionPolicyBinding",
+                              "metadata": {"name": "qm-halted"},
+                              "spec": {"policyName": "qm-halted",
+                                       "validationActions": ["Deny"]}})
+
+    def refused() -> bool:
+        try:
+            kube.patch(rest.VMS, "vm", {"metadata": {"labels": {"probe": "x"}}}, "qm-stuck",
+                       dry_run=True)
+        except rest.ApiError as exc:
+            return "stays halted (test)" in str(exc)
+        return False
+
+    wait_for(refused, timeout=30, what="the admission policy in force")
+    try:
+        kube.create(rest.NODE_DRAINS, drain_body(
+            "qm-stuck", nodeName="qm-4", targetNodeSelector={"qm": "c"},
+            nonMigratable="Restart"))
+        e = wait_for(lambda: (e := _vm_entries(kube, "qm-stuck").get("qm-stuck")) and
+                     e.get("reason") == "StartFailed" and e, timeout=60,
+                     what=lambda: f"StartFailed: {_vm_entries(kube, 'qm-stuck')}")
+        assert "stays halted (test)" in e["message"]
+        assert kube.get(rest.VMIS, "vm", "qm-stuck") is None
+        kube.patch(rest.NODES, "qm-7", {"spec": {"unschedulable": True}})
+    finally:
+        kube.delete(VAP_BINDING, "qm-halted")
+        kube.delete(VAP, "qm-halted")
+    try:
+        e = wait_for(lambda: (e := _vm_entries(kube, "qm-stuck").get("qm-stuck")) and
+                     e.get("reason") == "Unschedulable" and e, timeout=60,
+                     what=lambda: f"Unschedulable: {_vm_entries(kube, 'qm-stuck')}")
+        assert e["phase"] == "Waiting" and "0/" in e["message"], e
+        vmi = kube.get(rest.VMIS, "vm", "qm-stuck")
+        assert vmi["status"]["phase"] == "Scheduling", vmi["status"]
+        scheduled = next(c for c in vmi["status"]["conditions"] if c["type"] == "PodScheduled")
+        assert (scheduled["status"], scheduled["reason"]) == ("False", "Unschedulable")
+        drain = wait_for(lambda: phase_of(kube, "qm-stuck") == "Stalled"
+                         and get_drain(kube, "qm-stuck"), timeout=30, what="Stalled")
+        stalled = next(c for c in drain["status"]["conditions"] if c["type"] == "Stalled")
+        assert stalled["reason"] == "Unschedulable" and "qm-stuck/vm" in stalled["message"]
+    finally:
+        kube.patch(rest.NODES, "qm-7", {"spec": {"unschedulable": None}})
+    wait_for(lambda: phase_of(kube, "qm-stuck") == "Drained", timeout=120,
+             what=lambda: f"drained: {get_drain(kube, 'qm-stuck').get('status')}")
+    assert _vm_entries(kube, "qm-stuck")["qm-stuck"]["targetNode"] == "qm-7"
+    wait_for(lambda: QUICK not in (kube.get(rest.VMS, "vm", "qm-stuck")["metadata"].get(
+        "annotations") or {}), timeout=30, what="record removed")
+    _assert_wound_up(kube, "qm-stuck", "qm-7")
+    kube.delete(rest.NODE_DRAINS, "qm-stuck")
+    wait_for(lambda: get_drain(kube, "qm-stuck") is None, timeout=60, what="gone")

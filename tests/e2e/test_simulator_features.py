@@ -1,7 +1,8 @@
 """The KubeVirt simulator's less common features against the real API server, checked the way a
 user would check them on the cluster objects: storage live migration, shared-nothing (node-local)
 disks, CPU models, addedNodeSelector, injected faults, MigrationPolicy bandwidth and post-copy,
-and stopping/starting a VM through its runStrategy.
+stopping/starting a VM through its runStrategy, and a VM template's node selector (placement,
+an unschedulable start, live updates).
 
 One scenario for the whole module; each test uses its own VMs, so the tests do not depend on
 each other's outcome. The node failure is scheduled in simulated time, so its test runs first.
@@ -81,6 +82,10 @@ vms:
   - {{name: twice-1, namespace: prod, node: sky-1, memory: 1Gi, dirtyRate: 1Mi}}
   # run strategy (host-model on the only Cascade Lake node)
   - {{name: restart-1, namespace: prod, node: casc-1, memory: 1Gi}}
+  - {{name: rs-manual, namespace: rs, node: sky-1, memory: 1Gi}}
+  - {{name: rs-rerun, namespace: rs, node: sky-1, memory: 1Gi}}
+  - {{name: rs-once, namespace: rs, node: sky-1, memory: 1Gi}}
+  - {{name: pin-1, namespace: rs, node: sky-1, memory: 1Gi}}
 faults:
   - {{kind: nodeNotReady, node: doomed-1, at: {int(NODE_FAILS_AT)}s}}
   - {{kind: failTargetPod, vm: prod/flaky-1, attempt: 1}}
@@ -501,3 +506,91 @@ def test_halting_and_starting_a_vm_restarts_it_elsewhere(kube) -> None:
     vm = wait_for(lambda: (o := kube.get(rest.VMS, "restart-1", "prod")) and
                   o["status"].get("ready") is True and o)
     assert vm["status"]["printableStatus"] == "Running"
+
+
+def _running_vmi(kube: rest.KubeClient, name: str) -> dict[str, Any] | None:
+    v = kube.get(rest.VMIS, name, "rs")
+    return v if v and (v.get("status") or {}).get("phase") == "Running" else None
+
+
+def _vm_conditions(kube: rest.KubeClient, name: str) -> set[str]:
+    vm = kube.get(rest.VMS, name, "rs")
+    return {c["type"] for c in (vm.get("status") or {}).get("conditions") or []}
+
+
+def test_each_run_strategy_starts_a_stopped_vm_as_kubevirt_does(kube) -> None:
+    """vm.go syncRunStrategy: with no VMI, Always and Once start one, RerunOnFailure starts
+    one when it has just been switched to (its status still shows Halted), Manual never by
+    itself; a strategy changed while the VMI runs stops nothing."""
+    names = {"rs-manual": "Manual", "rs-rerun": "RerunOnFailure", "rs-once": "Once"}
+    for name in names:
+        kube.patch(rest.VMS, name, {"spec": {"runStrategy": "Halted"}}, "rs")
+    for name in names:
+        wait_for(lambda n=name: kube.get(rest.VMIS, n, "rs") is None)
+        wait_for(lambda n=name: (kube.get(rest.VMS, n, "rs").get("status") or {}).get(
+            "runStrategy") == "Halted")
+    for name, strategy in names.items():
+        kube.patch(rest.VMS, name, {"spec": {"runStrategy": strategy}}, "rs")
+    wait_for(lambda: _running_vmi(kube, "rs-rerun") and _running_vmi(kube, "rs-once"))
+    time.sleep(1)  # 50 s of cluster time
+    assert kube.get(rest.VMIS, "rs-manual", "rs") is None
+    assert (kube.get(rest.VMS, "rs-manual", "rs")["status"] or {}).get(
+        "runStrategy") == "Manual"
+    kube.patch(rest.VMS, "rs-manual", {"spec": {"runStrategy": "Always"}}, "rs")
+    started = wait_for(lambda: _running_vmi(kube, "rs-manual"))
+    for name in names:
+        kube.patch(rest.VMS, name, {"spec": {"runStrategy": "Manual"}}, "rs")
+    time.sleep(1)
+    assert kube.get(rest.VMIS, "rs-manual", "rs")["metadata"]["uid"] == \
+        started["metadata"]["uid"]
+    assert all(_running_vmi(kube, n) for n in names)
+
+
+def test_a_started_vm_follows_its_templates_node_selector(kube) -> None:
+    """startVMI (SetupVMIFromVM): the VMI gets the template's nodeSelector and its launcher
+    pod that and KubeVirt's; where no node matches, the pod stays Pending (PodScheduled False,
+    Unschedulable, the scheduler's counts) and the VMI Scheduling with the condition copied,
+    until a node matches. vmRolloutStrategy LiveUpdate (the default): a template change
+    reaches the running VMI, no restart, no migration; Stage: RestartRequired instead."""
+    kube.patch(rest.VMS, "pin-1", {"spec": {"runStrategy": "Halted"}}, "rs")
+    wait_for(lambda: kube.get(rest.VMIS, "pin-1", "rs") is None)
+    kube.patch(rest.VMS, "pin-1", {"spec": {"runStrategy": "Always", "template": {"spec": {
+        "nodeSelector": {"pin": "yes"}}}}}, "rs")
+    pending = wait_for(lambda: (v := kube.get(rest.VMIS, "pin-1", "rs")) and
+                       (v.get("status") or {}).get("phase") == "Scheduling" and v)
+    assert pending["spec"]["nodeSelector"] == {"pin": "yes"}
+    cond = next(c for c in pending["status"]["conditions"] if c["type"] == "PodScheduled")
+    assert (cond["status"], cond["reason"]) == ("False", "Unschedulable")
+    assert "didn't match Pod's node affinity/selector" in cond["message"], cond
+    assert cond["message"].startswith("0/")
+    [pod] = launchers(kube, pending)
+    assert not pod["spec"].get("nodeName") and pod["spec"]["nodeSelector"]["pin"] == "yes"
+    kube.patch(rest.NODES, "sky-3", {"metadata": {"labels": {"pin": "yes"}}})
+    running = wait_for(lambda: _running_vmi(kube, "pin-1"))
+    assert running["status"]["nodeName"] == "sky-3"
+    assert running["metadata"]["uid"] == pending["metadata"]["uid"]
+    assert [p["spec"]["nodeName"] for p in launchers(kube, running)] == ["sky-3"]
+
+    kube.patch(rest.VMS, "pin-1", {"spec": {"template": {"spec": {"nodeSelector": None}}}},
+               "rs")
+    wait_for(lambda: not kube.get(rest.VMIS, "pin-1", "rs")["spec"].get("nodeSelector"))
+    time.sleep(0.5)
+    assert "RestartRequired" not in _vm_conditions(kube, "pin-1")
+    assert kube.get(rest.VMIS, "pin-1", "rs")["metadata"]["uid"] == running["metadata"]["uid"]
+    assert kube.items(rest.VMIMS, "rs") == []
+
+    kube.patch(rest.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {
+        "vmRolloutStrategy": "Stage"}}}, "kubevirt")
+    try:
+        time.sleep(0.5)  # the simulator's cache has the CR
+        kube.patch(rest.VMS, "pin-1", {"spec": {"template": {"spec": {
+            "nodeSelector": {"pin": "yes"}}}}}, "rs")
+        wait_for(lambda: "RestartRequired" in _vm_conditions(kube, "pin-1"))
+        assert not kube.get(rest.VMIS, "pin-1", "rs")["spec"].get("nodeSelector")
+        kube.patch(rest.VMS, "pin-1", {"spec": {"template": {"spec": {"nodeSelector": None}}}},
+                   "rs")
+        wait_for(lambda: "RestartRequired" not in _vm_conditions(kube, "pin-1"))
+    finally:
+        kube.patch(rest.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {
+            "vmRolloutStrategy": None}}}, "kubevirt")
+        kube.patch(rest.NODES, "sky-3", {"metadata": {"labels": {"pin": None}}})

@@ -1191,3 +1191,234 @@ def test_the_drain_counts_the_vms_decided_without_a_rate() -> None:
     d = plan_drain(snap([vmi("a", **UNKNOWN), vmi("b", **UNKNOWN)], rules=rules))
     assert "1 under maxDowntime or onDowntimeExceeded treated as not predicted to fit: ns/a" \
         in _predictions(d).message
+
+
+
+def _conditions(decision) -> dict[str, Any]:
+    return {c.type: c for c in decision.status.conditions}
+
+
+@pytest.mark.parametrize(("spec", "skipped", "ready", "drained"), [
+    ({"nodeName": "n1"}, ["gpu"],
+     "n1 is empty but for 1 skipped VM still running there: ns/gpu on n1; it stays cordoned "
+     "until this NodeDrain is deleted",
+     "every VM has left but for 1 skipped VM still running there: ns/gpu on n1"),
+    ({"nodeName": "n1"}, ["gpu", "fpga"],
+     "n1 is empty but for 2 skipped VMs still running there: ns/fpga on n1, ns/gpu on n1; it "
+     "stays cordoned until this NodeDrain is deleted",
+     "every VM has left but for 2 skipped VMs still running there: ns/fpga on n1, ns/gpu on n1"),
+    ({"nodeName": "n1"}, [], "the nodes are empty and stay cordoned until this NodeDrain is "
+     "deleted", "every VM has left"),
+    ({"nodeSelector": {"matchLabels": {"zone": "a"}}, "maxUnavailable": 3}, ["gpu"],
+     "the wave is complete; 1 skipped VM still runs on its nodes: ns/gpu on n1",
+     "every VM has left but for 1 skipped VM still running there: ns/gpu on n1"),
+])
+def test_ready_says_which_skipped_vms_still_run_on_the_drained_nodes(spec, skipped, ready,
+                                                                      drained) -> None:
+    """Issue 20 item 14: a drain with skipped VMs is Drained, but its nodes are not empty:
+    Ready and Drained name the skipped VMs that still run there, and where."""
+    vms = [vmi(n, migratable=False, not_migratable_reason="HostDevice") for n in skipped]
+    pods = [PodInfo("ns", f"virt-launcher-{n}", "n1", "launcher", vmi=f"ns/{n}")
+            for n in skipped]
+    nodes = [node(n, unschedulable=True) for n in ("n1", "n2", "n3")] \
+        if "nodeSelector" in spec else cordoned()
+    d = plan_drain(snap(vms, spec=spec, rules={v.key: Rules(non_migratable="Skip")
+                                               for v in vms}, launchers=pods, nodes=nodes))
+    conds = _conditions(d)
+    assert d.status.phase == "Drained"
+    assert (conds["Ready"].status, conds["Ready"].message) == ("True", ready)
+    assert conds["Drained"].message == drained
+
+
+# -- issue 20 item 12: the status says what the writes did ------------------------------------
+
+def _settled(s: DrainSnapshot, failed: dict[str, str], skipped: dict[str, str] | None = None,
+             previous: dict[str, Any] | None = None):
+    from virtshift.domain.drain import settle
+    from virtshift.domain.outcome import remember
+
+    failures = remember(previous or {}, failed, skipped or {}, s.now)
+    return settle(s, plan_drain(s), failures), failures
+
+
+def test_a_refused_create_is_reported_as_refused_not_created() -> None:
+    s = snap([vmi("a"), vmi("b")], nodes=cordoned(), estimator=INSTANT)
+    planned = plan_drain(s)
+    refused = next(m for m in planned.create if m.vmi == "a")
+    d, _ = _settled(s, {f"create ns/{refused.name}": "admission webhook denied: no"})
+    a = entry(d, "a")
+    assert (a.phase, a.reason, a.migration, a.attempts) == ("Waiting", "CreateFailed", None,
+                                                            None)
+    assert a.message == f"creating migration {refused.name} failed: admission webhook denied: no"
+    assert entry(d, "b").phase == "Migrating"  # its create went through
+    assert (d.status.counts.migrating, d.status.counts.pending) == (1, 1)
+    assert d.status.phase == "Draining"  # not yet: a failure must persist to stall the drain
+    assert not [e for e in d.events if e[1] == "Migrating" and "ns/a" in e[2]]
+
+
+@pytest.mark.parametrize(("failing_for", "phase", "reason"), [
+    (0, "Draining", "Progressing"),
+    (119, "Draining", "Progressing"),
+    (120, "Stalled", "CreateFailed"),
+])
+def test_a_create_refused_on_every_pass_stalls_the_drain(failing_for, phase, reason) -> None:
+    from virtshift.domain.outcome import StepFailure
+
+    s = snap([vmi("a")], nodes=cordoned(), estimator=INSTANT)
+    step = f"create ns/{plan_drain(s).create[0].name}"
+    since = NOW - dt.timedelta(seconds=failing_for)
+    d, failures = _settled(s, {step: "denied"}, previous={step: StepFailure("denied", since)})
+    assert failures[step].since == since  # dated from the first pass it failed on
+    stalled = _conditions(d)["Stalled"]
+    assert (d.status.phase, stalled.reason) == (phase, reason)
+    if phase == "Stalled":
+        assert stalled.message == f"{step} has failed on every pass for 120s: denied"
+        assert _conditions(d)["Ready"].reason == "CreateFailed"
+        assert ("Warning", "Stalled", stalled.message) in d.events
+    # The pass whose create goes through recovers by itself.
+    ok, none = _settled(dataclasses.replace(s, status=d.status), {}, previous=failures)
+    assert none == {} and ok.status.phase == "Draining"
+    assert _conditions(ok)["Stalled"].status == "False" and entry(ok, "a").reason == "Created"
+
+
+def test_a_refused_cordon_is_not_cordoned_and_nothing_leaves_the_node() -> None:
+    s = snap([vmi("a")], estimator=INSTANT)
+    planned = plan_drain(s)
+    assert planned.cordon == ["n1"]
+    why = "cordon n1 failed: forbidden"
+    d, _ = _settled(s, {"cordon n1": "forbidden"},
+                    skipped={f"create ns/{planned.create[0].name}": why})
+    cordoned_ = _conditions(d)["Cordoned"]
+    assert (cordoned_.status, cordoned_.reason, cordoned_.message) == (
+        "False", "CordonFailed", "cordoning n1 failed: forbidden")
+    a = entry(d, "a")
+    assert (a.phase, a.reason, a.message, a.migration) == ("Waiting", "CordonFailed",
+                                                           f"not started: {why}", None)
+
+
+def test_a_failed_quick_migration_stop_leaves_the_vm_waiting() -> None:
+    s = _restart_snap(1, RESTART, limits=KubeVirtLimits(50, 50), nodes=cordoned())
+    assert plan_drain(s).halt
+    d, _ = _settled(s, {"stop ns/g0": "conflict"})
+    g = entry(d, "g0")
+    assert (g.phase, g.reason) == ("Waiting", "StopFailed")
+    assert g.message == "stopping the VM (quick migration) failed: conflict"
+
+
+# -- issue 20 items 6 and 13: quick migrations land where a migration could, and end cleanly --
+
+ZONE_B = {**SKYLAKE, "zone": "b"}
+
+
+def _quick(drain: str = "d", uid: str | None = "uid-d", **kw: Any) -> QuickMigrationRecord:
+    return QuickMigrationRecord(drain, kw.pop("source", "n1"), kw.pop("stopped_at", NOW),
+                                drain_uid=uid, **kw)
+
+
+def test_a_restart_lands_only_on_nodes_matching_target_node_selector() -> None:
+    """Item 6: targetNodeSelector holds for a quick migration as for a live one: the VM is
+    stopped only when a matching node has room, and its template gets the selector, so
+    KubeVirt starts it only there."""
+    nodes = [node("n1"), node("n2"), node("n3", labels=ZONE_B)]
+    s = _restart_snap(1, RESTART, nodes=nodes, spec={"nodeName": "n1",
+                                                      "targetNodeSelector": {"zone": "b"}})
+    d = plan_drain(s)
+    assert [(h.key, dict(h.pin or {})) for h in d.halt] == [("ns/g0", {"zone": "b"})]
+    # No node matching it has room: the VM is not stopped.
+    full = plan_drain(dataclasses.replace(s, usage={"n3": (64.0, 512.0 * GiB)}))
+    assert full.halt == [] and entry(full, "g0").phase == "Waiting"
+
+
+def test_a_restart_never_lands_on_a_node_the_wave_drains_later() -> None:
+    """Item 6: a wave pins the restart (kubernetes.io/hostname) to a node outside it, as it
+    pins live migrations; n2 is emptier but drains later."""
+    wave = {"nodeSelector": {"matchLabels": {"zone": "a"}}, "maxUnavailable": 1}
+    nodes = [node("n1"), node("n2"), node("n3", labels=ZONE_B)]
+    s = _restart_snap(1, RESTART, nodes=nodes, spec=wave, usage={"n3": (32.0, 256.0 * GiB)})
+    [stop] = plan_drain(s).halt
+    assert dict(stop.pin or {}) == {"kubernetes.io/hostname": "n3"}
+
+
+def test_a_pinned_restart_waits_under_the_stage_rollout_strategy() -> None:
+    """Item 6: the node selector added for the restart is taken back once the VM runs; under
+    vmRolloutStrategy Stage that would leave RestartRequired (vm.go syncRestartRequired), so
+    a restart that needs one waits, saying why. Unpinned restarts go on."""
+    nodes = [node("n1"), node("n2"), node("n3", labels=ZONE_B)]
+    stage = KubeVirtLimits(live_update=False)
+    s = _restart_snap(1, RESTART, nodes=nodes, limits=stage,
+                      spec={"nodeName": "n1", "targetNodeSelector": {"zone": "b"}})
+    d = plan_drain(s)
+    g = entry(d, "g0")
+    assert d.halt == [] and (g.phase, g.reason) == ("Waiting", "VMRolloutStrategyStage")
+    plain = plan_drain(dataclasses.replace(s, spec=NodeDrainSpec(nodeName="n1")))
+    assert [h.key for h in plain.halt] == ["ns/g0"] and not plain.halt[0].pin
+
+
+def test_a_quick_migration_record_of_another_drain_with_the_same_name_is_not_ours() -> None:
+    """Item 13: records are keyed by the drain's UID. A VM back on the node an earlier drain
+    of the same name moved it from is no restart of this drain's (it was Restarting
+    forever)."""
+    back = vmi("gpu", node_name="n2", running_since=NOW)
+    old = VMInfo("ns", "gpu", quick=_quick(uid="uid-old", source="n2", started=True,
+                                           stopped_at=NOW - dt.timedelta(hours=1)))
+    nodes = [node("n1"), node("n2"), node("n3", unschedulable=True)]
+    d = plan_drain(snap([back], vms={"ns/gpu": old}, uid="uid-new", nodes=nodes,
+                        spec={"nodeName": "n3"}))
+    assert d.status.vms is None and d.status.phase == "Drained"
+    ours = plan_drain(snap([back], vms={"ns/gpu": old}, uid="uid-old", nodes=nodes,
+                           spec={"nodeName": "n3"}))
+    assert entry(ours, "gpu").reason == "Restarting"  # what the name-keyed record gave
+
+
+def test_a_finished_quick_migration_is_wound_up_and_stays_reported() -> None:
+    """Item 13: once the drain has reported the move, the VM's record goes (with the node
+    selector it added and the run strategy it replaced: ``finish``), and the drain keeps
+    reporting the move from its status."""
+    moved = vmi("gpu", node_name="n3", running_since=NOW - dt.timedelta(seconds=5))
+    rec = VMInfo("ns", "gpu", quick=_quick(started=True, stopped_at=NOW - dt.timedelta(
+        seconds=20), started_at=NOW - dt.timedelta(seconds=15), run_strategy="Manual"))
+    s = snap([moved], vms={"ns/gpu": rec}, uid="uid-d", nodes=cordoned())
+    first = plan_drain(s)
+    assert entry(first, "gpu").phase == "Succeeded" and first.finish == []
+    second = plan_drain(dataclasses.replace(s, status=first.status))
+    assert second.finish == ["ns/gpu"] and entry(second, "gpu") == entry(first, "gpu")
+    # The record gone (and the VMI no longer in the drain's view): still reported.
+    after = plan_drain(dataclasses.replace(s, status=second.status, vms={}, vmis={}))
+    assert entry(after, "gpu") == entry(first, "gpu") and after.finish == []
+    assert after.status.phase == "Drained" and after.status.counts.succeeded == 1
+
+
+@pytest.mark.parametrize(("pending_for", "phase", "reason", "drain_phase"), [
+    (10, "Migrating", "Restarting", "Draining"),
+    (61, "Waiting", "Unschedulable", "Stalled"),
+])
+def test_a_restart_that_cannot_be_scheduled_is_reported_with_the_schedulers_reason(
+        pending_for, phase, reason, drain_phase) -> None:
+    """Item 13: the new VMI stays Scheduling (its launcher pod Unschedulable, KubeVirt copies
+    the PodScheduled condition onto the VMI): after RESTART_SCHEDULE_SECONDS the VM is
+    Waiting with the scheduler's reason and message, and the drain Stalled."""
+    message = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+    pending = vmi("gpu", node_name=None, phase="Scheduling",
+                  unschedulable=("Unschedulable", message))
+    rec = VMInfo("ns", "gpu", quick=_quick(started=True, started_at=NOW - dt.timedelta(
+        seconds=pending_for), stopped_at=NOW - dt.timedelta(seconds=pending_for + 5)))
+    d = plan_drain(snap([pending], vms={"ns/gpu": rec}, uid="uid-d", nodes=cordoned()))
+    g = entry(d, "gpu")
+    assert (g.phase, g.reason, d.status.phase) == (phase, reason, drain_phase)
+    if phase == "Waiting":
+        assert message in g.message
+        stalled = _conditions(d)["Stalled"]
+        assert stalled.reason == "Unschedulable" and "ns/gpu" in stalled.message
+
+
+def test_ending_maintenance_starts_stopped_vms_and_winds_up_started_ones() -> None:
+    """Item 13: finalizing restarts what is still stopped and removes the records of the
+    restarts that have their VMI again (so no record outlives its drain)."""
+    stopped = VMInfo("ns", "a", run_strategy="Halted", quick=_quick(started=False))
+    running = VMInfo("ns", "b", quick=_quick(started=True, started_at=NOW))
+    other = VMInfo("ns", "c", quick=_quick(uid="uid-other", started=False))
+    s = snap([vmi("b", node_name="n3")], vms={"ns/a": stopped, "ns/b": running,
+                                               "ns/c": other}, uid="uid-d")
+    d = finalize_drain(s)
+    assert d.start == ["ns/a"] and d.finish == ["ns/b"]
+    assert d.hold and "restarting 1 VMs" in d.hold

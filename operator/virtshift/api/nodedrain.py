@@ -65,9 +65,9 @@ class NodeDrainSpec(Model):
     node_selector: LabelSelector | None = Field(
         None, description="Nodes to drain in a rolling wave, maxUnavailable at a time, in name "
         "order; each is cordoned only when its turn comes. While the wave has nodes still to "
-        "drain, a VM never moves to one of them: each migration is pinned "
-        "(kubernetes.io/hostname) to a node outside the wave, or, when no such node has room, "
-        "to the one the wave drains last.",
+        "drain, a VM never moves to one of them: each migration (and quick migration "
+        "restart) is pinned (kubernetes.io/hostname) to a node outside the wave, or, when no "
+        "such node has room, to the one the wave drains last.",
     )
     max_unavailable: int = Field(
         1, ge=1, le=1000, description="With nodeSelector: how many nodes are drained (cordoned) "
@@ -92,7 +92,9 @@ class NodeDrainSpec(Model):
     )
     target_node_selector: dict[str, str] | None = Field(
         None, description="Labels the target node must carry; becomes the addedNodeSelector of "
-        "every VirtualMachineInstanceMigration this drain creates.",
+        "every VirtualMachineInstanceMigration this drain creates, and, for a quick "
+        "migration, part of the VM's template nodeSelector while it starts again (taken back "
+        "once it runs).",
     )
     evict_pods: bool = Field(
         False, description="Also evict the node's ordinary pods through the Eviction API "

@@ -16,6 +16,9 @@ same admission (``_admit``): windows and withinWindow (to their end, queued migr
 included: ``_Gate``, ``_withdraw_outside_windows``), the policy's and KubeVirt's limits, and
 a target node with room for it. Attempts are counted so that
 KubeVirt's garbage collection of finished migrations cannot reset them (``_attempts_made``).
+The status is computed from the decision, then corrected with what its writes did
+(``settle``, domain.outcome): a refused write is reported as refused, and one refused on
+every pass for a while stalls the drain.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import dataclasses
 import datetime as dt
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
@@ -41,7 +44,7 @@ from virtshift.api.nodedrain import (
     VMPhase,
 )
 from virtshift.api.units import parse_duration, parse_quantity
-from virtshift.domain import downtime, preflight, stagger, storage, windows
+from virtshift.domain import downtime, outcome, preflight, stagger, storage, windows
 from virtshift.domain.conditions import set_condition
 from virtshift.domain.eta import Estimator, makespan
 from virtshift.domain.naming import migration_name
@@ -53,6 +56,7 @@ from virtshift.domain.views import (
     MigrationInfo,
     NodeInfo,
     PodInfo,
+    QuickMigrationRecord,
     VMIInfo,
     VMInfo,
 )
@@ -70,6 +74,13 @@ ABORT_WAIT_SECONDS = 300.0
 # downtimeSource of a quick migration: the VM's stop (virtshift's record) to its new VMI's
 # Running transition (KubeVirt's timestamp).
 RESTART_TIMESTAMPS = "restartTimestamps"
+# Cluster seconds a restarted VM's new VMI may wait for its launcher pod to be scheduled
+# before the VM is reported Waiting with the scheduler's reason.
+RESTART_SCHEDULE_SECONDS = 60.0
+# A quick migration that needs a node selector on the VM's template (targetNodeSelector, the
+# wave's later nodes) waits under vmRolloutStrategy Stage, where taking it back once the VM
+# runs would leave RestartRequired (vm.go syncRestartRequired).
+VM_ROLLOUT_STAGE = "VMRolloutStrategyStage"
 
 
 @dataclass(frozen=True)
@@ -138,11 +149,15 @@ class NewMigration:
 
 
 class Stop(NamedTuple):
-    """A quick migration's first step: stop the VM (it starts again on another node)."""
+    """A quick migration's first step: stop the VM (it starts again on another node).
+    ``pin``: the node selector the VM's template gets while it starts again, so that it lands
+    only where a live migration of this drain could (targetNodeSelector, and the target
+    pinned by kubernetes.io/hostname while the wave has nodes still to drain)."""
 
     key: str  # the VM's namespace/name
     source: str
     policy: str | None = None
+    pin: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -160,6 +175,9 @@ class Decision:
     withdraw: list[MigrationInfo] = field(default_factory=list)
     halt: list[Stop] = field(default_factory=list)
     start: list[str] = field(default_factory=list)  # VM keys
+    # Quick migrations done: the node selector they added and the run strategy they
+    # replaced are taken back, and their record removed (VM keys).
+    finish: list[str] = field(default_factory=list)
     evict: list[str] = field(default_factory=list)  # pod keys
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     hold: str | None = None  # finalize_drain: why the finalizer must stay for now
@@ -173,11 +191,15 @@ class Decision:
     downtimes: list[DowntimeObservation] = field(default_factory=list)
     # Cluster seconds after which a pass is due though nothing changes (a staggered start).
     recheck_after: float | None = None
+    # What the status was computed from, so that ``settle`` can correct it with what the
+    # writes did.
+    draft: _Draft | None = field(default=None, repr=False, compare=False)
 
     @property
     def changes_cluster(self) -> bool:
         return bool(self.cordon or self.uncordon or self.forget_maintenance or self.create
-                    or self.cancel or self.withdraw or self.halt or self.start or self.evict
+                    or self.cancel or self.withdraw or self.halt or self.start or self.finish
+                    or self.evict
                     or self.claims or self.volumes or self.revert or self.delete_claims)
 
 
@@ -360,7 +382,7 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
     migs = sorted((m for m in s.migrations if m.vmi_key == key), key=lambda m: m.attempt)
     last = migs[-1] if migs else None
     rules = s.rules_for(key)
-    quick = vm.quick if vm and vm.quick and vm.quick.drain == s.name else None
+    quick = vm.quick if vm and _ours(s, vm.quick) else None
     memory = vmi.memory if vmi else 0.0
     made = _attempts_made(s, key, migs)
     st = s.storage.get(key)
@@ -376,21 +398,10 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         return VMEntry(phase=phase, reason=reason, message=message, **base, **extra)
 
     if quick is not None:
-        moved = vmi is not None and vmi.phase == "Running" and vmi.node != quick.source
-        if moved and vmi is not None:
-            up = vmi.running_since or s.now
-            paused_ms = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
-            return _VM(key, entry(VMPhase.SUCCEEDED, "QuickMigrated",
-                                  f"restarted on {vmi.node}", source_node=quick.source,
-                                  target_node=vmi.node, mode="QuickMigration",
-                                  observed_downtime_ms=paused_ms,
-                                  downtime_source=RESTART_TIMESTAMPS), memory)
-        if vmi is None and not quick.started:
-            decision.start.append(key)
-        return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
-                              "node (quick migration)", source_node=quick.source,
-                              mode="QuickMigration"), memory,
-                   seconds=s.estimator.target_startup)
+        return _restarting(s, key, quick, vmi, memory, entry, decision)
+    done = _quick_migrated_before(s, ns, name)
+    if done is not None and (vmi is None or vmi.node not in active):
+        return _VM(key, done, memory)  # its record is gone: the status remembers the move
     if vmi is None:
         return _VM(key, entry(VMPhase.SKIPPED, "VMIGone", "the VMI no longer exists"), 0.0)
     if vmi.node not in active:
@@ -538,6 +549,53 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
 DISKS_NOT_LIVE_MIGRATABLE = "DisksNotLiveMigratable"
 
 
+def _ours(s: DrainSnapshot, q: QuickMigrationRecord | None) -> bool:
+    """A quick migration of this drain: by UID (a drain created again under the same name
+    is another); a record from before UIDs were recorded, by name."""
+    if q is None:
+        return False
+    return q.drain_uid == s.uid if q.drain_uid else q.drain == s.name
+
+
+def _restarting(s: DrainSnapshot, key: str, quick: QuickMigrationRecord, vmi: VMIInfo | None,
+                memory: float, entry: Callable[..., VMEntry], decision: Decision) -> _VM:
+    """A VM this drain stopped: started again once its VMI is gone; done once its new VMI
+    runs on another node -- and wound up (``finish``) once the status has said so, so that
+    its record never outlives the move; reported Waiting with the scheduler's reason when
+    its launcher pod cannot be scheduled for RESTART_SCHEDULE_SECONDS."""
+    moved = vmi is not None and vmi.phase == "Running" and vmi.node != quick.source
+    if moved and vmi is not None:
+        up = vmi.running_since or s.now
+        paused_ms = max(0, round((up - quick.stopped_at).total_seconds() * 1000))
+        done = entry(VMPhase.SUCCEEDED, "QuickMigrated", f"restarted on {vmi.node}",
+                     source_node=quick.source, target_node=vmi.node, mode="QuickMigration",
+                     observed_downtime_ms=paused_ms, downtime_source=RESTART_TIMESTAMPS)
+        ns, name = key.split("/", 1)
+        if _quick_migrated_before(s, ns, name) is not None:
+            decision.finish.append(key)
+        return _VM(key, done, memory)
+    if vmi is None and not quick.started:
+        decision.start.append(key)
+    waited = (s.now - (quick.started_at or s.now)).total_seconds()
+    if quick.started and vmi is not None and vmi.unschedulable and \
+            waited >= RESTART_SCHEDULE_SECONDS:
+        reason, why = vmi.unschedulable
+        return _VM(key, entry(VMPhase.WAITING, reason, f"started again {round(waited)}s ago, "
+                              f"but its virt-launcher pod cannot be scheduled: {why}",
+                              source_node=quick.source, mode="QuickMigration"), memory,
+                   seconds=s.estimator.target_startup, blocked_by=reason)
+    return _VM(key, entry(VMPhase.MIGRATING, "Restarting", "stopped; starting on another "
+                          "node (quick migration)", source_node=quick.source,
+                          mode="QuickMigration"), memory,
+               seconds=s.estimator.target_startup)
+
+
+def _quick_migrated_before(s: DrainSnapshot, ns: str, name: str) -> VMEntry | None:
+    """The VM's entry in the previous status, when it said the quick migration was done."""
+    return next((e for e in s.status.vms or [] if e.namespace == ns and e.name == name
+                 and e.phase == VMPhase.SUCCEEDED and e.mode == "QuickMigration"), None)
+
+
 def _back(st: storage.VMStorage, under_way: Mapping[str, tuple[str, str]]
           ) -> storage.VolumeUpdate:
     return storage.VolumeUpdate(st.namespace, st.name,
@@ -590,6 +648,12 @@ def _quick(s: DrainSnapshot, vmi: VMIInfo, places: _Places, memory: float,
     """A quick migration waiting for admission -- or, when no node could start the VM again,
     waiting for one: a VM is never stopped without somewhere to restart it."""
     finding, targets = _placement(vmi, places, restart=True)
+    if not finding and not s.limits.live_update and (s.spec.target_node_selector
+                                                     or places.later):
+        finding = (VM_ROLLOUT_STAGE, "its restart needs a node selector on the VM's template "
+                   "(targetNodeSelector, or the wave's nodes still to drain), which KubeVirt's "
+                   "vmRolloutStrategy Stage would leave RestartRequired once taken back; set "
+                   "vmRolloutStrategy LiveUpdate (KubeVirt's default)")
     if finding:
         return _VM(vmi.key, pending.model_copy(update={
             "phase": VMPhase.WAITING, "reason": finding[0],
@@ -642,7 +706,7 @@ def _quick_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
         if vmi is not None and vmi.phase == "Running" and (
                 vmi.node != q.source or (vmi.running_since or q.stopped_at) > q.stopped_at):
             continue
-        out.append((q.source, q.policy or (s.rules_for(key).policy if q.drain == s.name
+        out.append((q.source, q.policy or (s.rules_for(key).policy if _ours(s, q)
                                            else None)))
     return out
 
@@ -789,7 +853,11 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
                 "message": f"creating {len(v.move.claims)} destination claims"})
             continue
         if v.stop:
-            decision.halt.append(Stop(v.key, source, rules.policy))
+            # The restart lands where the migration would: the same selector and pin.
+            pin = dict(s.spec.target_node_selector or {})
+            if later:
+                pin[HOSTNAME_LABEL] = target
+            decision.halt.append(Stop(v.key, source, rules.policy, pin or None))
             v.entry = v.entry.model_copy(update={"phase": VMPhase.MIGRATING})
             continue
         selector = dict(s.spec.target_node_selector or {})
@@ -1246,7 +1314,10 @@ def plan_drain(s: DrainSnapshot) -> Decision:
 
     scope = {k for k, v in s.vmis.items() if v.node in draining}
     scope |= {m.vmi_key for m in s.migrations}
-    scope |= {k for k, vm in s.vms.items() if vm.quick and vm.quick.drain == s.name}
+    scope |= {k for k, vm in s.vms.items() if _ours(s, vm.quick)}
+    # Quick migrations done, whose records are gone: the status remembers them.
+    scope |= {f"{e.namespace}/{e.name}" for e in s.status.vms or []
+              if e.phase == VMPhase.SUCCEEDED and e.mode == "QuickMigration"}
     scope |= {f"{c.namespace}/{c.vm}" for c in s.claims.values()
               if c.moved_by == s.owner and c.vm and f"{c.namespace}/{c.vm}" in s.vmis}
     # A VM skipped on a node that has drained since is still on it: keep reporting it.
@@ -1288,21 +1359,70 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     pending_later = [v for k, v in s.vmis.items() if v.node in waiting and k not in scope]
     lingering = sorted(p.key for p in s.launchers if p.vmi not in skipped
                        and p.node in draining and unfinished_on[p.node] == 0)
-    return _status(s, decision, nodes, vms, pending_later, pods_left, concurrency, now,
-                   lingering)
+    decision.draft = _Draft(nodes, vms, pending_later, pods_left, concurrency, now, lingering)
+    return _status(s, decision, decision.draft)
 
 
-def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: list[_VM],
-            later: list[VMIInfo], pods_left: int, concurrency: int, now: str,
-            lingering: list[str]) -> Decision:
+@dataclass(frozen=True)
+class _Draft:
+    """What a pass's status is computed from (``_status``)."""
+
+    nodes: list[NodeEntry]
+    vms: list[_VM]
+    later: list[VMIInfo]
+    pods_left: int
+    concurrency: int
+    now: str
+    lingering: list[str]
+
+
+def settle(s: DrainSnapshot, decision: Decision,
+           failures: Mapping[str, outcome.StepFailure]) -> Decision:
+    """The decision's status corrected with what its writes did (``failures``: the steps
+    that failed or were not tried in this pass, dated by outcome.remember): a VM whose
+    migration the API server refused is Waiting with CreateFailed and the API's message, not
+    Created; a node whose cordon failed is not Cordoned; and a step failing on every pass for
+    outcome.WRITE_STALL_SECONDS makes the drain Stalled. No failures: the decision as it
+    was; the next pass whose writes go through recovers by itself."""
+    draft = decision.draft
+    if draft is None or not failures:
+        return decision
+    steps = _step_vms(decision)
+    vms = []
+    for v in draft.vms:
+        failed = [(step, f) for step, f in sorted(failures.items()) if steps.get(step) == v.key]
+        for step, f in failed[:1]:
+            v = dataclasses.replace(v, entry=outcome.corrected(v.entry, step, f))
+        vms.append(v)
+    redone = dataclasses.replace(decision, events=[], downtimes=[])
+    return _status(s, redone, dataclasses.replace(draft, vms=vms), failures)
+
+
+def _step_vms(d: Decision) -> dict[str, str]:
+    """Step (as k8s.actions names it) -> the VM it moves."""
+    out = {f"create {m.namespace}/{m.name}": f"{m.namespace}/{m.vmi}" for m in d.create}
+    out.update({f"stop {h.key}": h.key for h in d.halt})
+    out.update({f"start {k}": k for k in d.start})
+    out.update({f"claim {c.namespace}/{c.name}": f"{c.namespace}/{c.vm}" for c in d.claims})
+    out.update({f"volumes {u.namespace}/{u.vm}": f"{u.namespace}/{u.vm}" for u in d.volumes})
+    return out
+
+
+def _status(s: DrainSnapshot, decision: Decision, draft: _Draft,
+            failures: Mapping[str, outcome.StepFailure] | None = None) -> Decision:
+    nodes, vms, later, pods_left = draft.nodes, draft.vms, draft.later, draft.pods_left
+    concurrency, now, lingering = draft.concurrency, draft.now, draft.lingering
+    failures = failures or {}
     phases = Counter(v.entry.phase for v in vms)
     counts = DrainCounts(
         total=len(vms) + len(later),
         pending=phases[VMPhase.PENDING] + phases[VMPhase.WAITING] + len(later),
         migrating=phases[VMPhase.MIGRATING], succeeded=phases[VMPhase.SUCCEEDED],
         failed=phases[VMPhase.FAILED], skipped=phases[VMPhase.SKIPPED])
-    entries = sorted((v.entry for v in vms), key=lambda e: (_ORDER[e.phase], e.namespace,
-                                                            e.name))
+    # Of the finished, quick migrations first: once their records are gone (finish), the
+    # status is all that remembers them, so they are the last entries MAX_VM_ENTRIES drops.
+    entries = sorted((v.entry for v in vms), key=lambda e: (
+        _ORDER[e.phase], e.mode != "QuickMigration", e.namespace, e.name))
     remaining = [v.seconds for v in vms if v.entry.phase in (
         VMPhase.PENDING, VMPhase.WAITING, VMPhase.MIGRATING)]
     remaining += [s.estimator.seconds(v, s.rules_for(v.key), _node_bandwidth(s, v.node),
@@ -1330,7 +1450,9 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
         blocking_pods=[f"{k}: {r}" for k, r in sorted(s.blocked_pods.items())][:20] or None,
         pods_remaining=pods_left if s.spec.evict_pods else None,
     )
-    cordoned = all((s.nodes[e.name].unschedulable or e.name in decision.cordon)
+    refused = outcome.refused_cordons(failures)
+    cordoned = all((s.nodes[e.name].unschedulable or (e.name in decision.cordon
+                                                      and e.name not in refused))
                    for e in nodes if e.phase in (NodePhase.DRAINING, NodePhase.DRAINED)
                    and e.name in s.nodes)
     failed_names = [f"{e.namespace}/{e.name}" for e in entries if e.phase == VMPhase.FAILED]
@@ -1354,35 +1476,28 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
     else:
         if all(e.phase == NodePhase.WAITING for e in nodes):  # paused before it began
             put("Cordoned", False, "Waiting", "no node of this drain is in maintenance yet")
+        elif refused:
+            put("Cordoned", False, outcome.CORDON_FAILED, "; ".join(
+                f"cordoning {n} failed: {msg}" for n, msg in sorted(refused.items())))
         else:
             put("Cordoned", cordoned, "Cordoned" if cordoned else "Cordoning",
                 "nodes in maintenance are unschedulable" if cordoned else "cordoning")
+        remaining = _skipped_remaining(entries)
         put("Drained", drained, "Drained" if drained else "Draining",
-            ("every VM has left" + (f" ({counts.skipped} skipped)" if counts.skipped else ""))
+            ("every VM has left" + (f" but for {_vms(remaining)} still running there: "
+                                    + _listing(remaining) if remaining else ""))
             if drained else progress + (
                 f"; virt-launcher pods still running: {', '.join(lingering[:5])}"
                 if lingering else ""))
-        stalled_reason = None
-        if s.policy_problem and not drained:
-            stalled_reason = s.policy_problem
-        elif failed_names and finished:
-            stalled_reason = ("MigrationFailed", "could not move: " + ", ".join(failed_names[:10]))
-        elif _deadline_passed(s) and not drained:
-            stalled_reason = ("DeadlineExceeded", f"not drained within {s.spec.deadline}; no "
-                              "new migrations start")
-        elif blocked and counts.migrating == 0 and not any(
-                v.admissible for v in vms) and counts.pending:
-            reason = sorted(blocked)[0]
-            names = [f"{e.namespace}/{e.name}" for e in entries if e.reason == reason]
-            stalled_reason = (reason, f"{reason}: " + ", ".join(names[:10]))
+        stalled_reason = _stalled_by(s, failures, drained, finished, failed_names, blocked,
+                                     counts, vms, entries)
         if stalled_reason:
             put("Stalled", True, *stalled_reason)
         else:
             put("Stalled", False, "Progressing", progress)
         if drained:
             put("Reconciling", False, "Drained", progress)
-            put("Ready", True, "Drained", "the nodes are empty and stay cordoned until this "
-                "NodeDrain is deleted" if s.spec.node_name else "the wave is complete")
+            put("Ready", True, "Drained", _ready_message(s, remaining))
             phase = DrainPhase.DRAINED
         else:
             reason = "Paused" if s.spec.paused else OUTSIDE_WINDOW if windows_note and \
@@ -1399,6 +1514,29 @@ def _status(s: DrainSnapshot, decision: Decision, nodes: list[NodeEntry], vms: l
     decision.events.extend(_predictions_events(previous, st))
     decision.downtimes.extend(_observations(previous, st))
     return decision
+
+
+def _stalled_by(s: DrainSnapshot, failures: Mapping[str, outcome.StepFailure], drained: bool,
+                finished: bool, failed_names: list[str], blocked: set[str | None],
+                counts: DrainCounts, vms: list[_VM], entries: list[VMEntry]
+                ) -> tuple[str, str] | None:
+    """(reason, message) of what stalls the drain, first match: a write refused on every pass
+    for a while (nothing it holds up moves until it goes through), a policyRef naming no usable
+    policy, VMs that failed for good, the deadline, or every VM left blocked."""
+    if (refused := outcome.stalled_by(failures, s.now)) is not None:
+        return refused
+    if s.policy_problem and not drained:
+        return s.policy_problem
+    if failed_names and finished:
+        return "MigrationFailed", "could not move: " + ", ".join(failed_names[:10])
+    if _deadline_passed(s) and not drained:
+        return "DeadlineExceeded", f"not drained within {s.spec.deadline}; no new migrations start"
+    if blocked and counts.migrating == 0 and not any(v.admissible for v in vms) \
+            and counts.pending:
+        reason = sorted(b for b in blocked if b)[0]
+        names = [f"{e.namespace}/{e.name}" for e in entries if e.reason == reason]
+        return reason, f"{reason}: " + ", ".join(names[:10])
+    return None
 
 
 PREDICTIONS_AVAILABLE = "PredictionsAvailable"
@@ -1442,6 +1580,34 @@ def _predictions_events(old: NodeDrainStatus, new: NodeDrainStatus
     if now.status == "False":
         return [("Warning", now.reason, now.message)]
     return [("Normal", now.reason, now.message)] if before is not None else []
+
+
+def _skipped_remaining(entries: list[VMEntry]) -> list[VMEntry]:
+    """Skipped VMs that still run on a node of the drain (one whose VMI has gone is not)."""
+    return [e for e in entries if e.phase == VMPhase.SKIPPED and e.source_node]
+
+
+def _vms(entries: list[VMEntry]) -> str:
+    return f"{len(entries)} skipped VM" + ("s" if len(entries) != 1 else "")
+
+
+def _listing(entries: list[VMEntry], limit: int = 10) -> str:
+    shown = [f"{e.namespace}/{e.name} on {e.source_node}" for e in entries[:limit]]
+    return ", ".join(shown) + (f" and {len(entries) - limit} more" if len(entries) > limit
+                               else "")
+
+
+def _ready_message(s: DrainSnapshot, remaining: list[VMEntry]) -> str:
+    """What Ready says of a drained NodeDrain: never that a node is empty while skipped VMs
+    still run on it."""
+    if not s.spec.node_name:
+        return "the wave is complete" + (
+            f"; {_vms(remaining)} still run{'s' if len(remaining) == 1 else ''} on its "
+            f"nodes: {_listing(remaining)}" if remaining else "")
+    if not remaining:
+        return "the nodes are empty and stay cordoned until this NodeDrain is deleted"
+    return (f"{s.spec.node_name} is empty but for {_vms(remaining)} still running there: "
+            f"{_listing(remaining)}; it stays cordoned until this NodeDrain is deleted")
 
 
 def _newly_observed(prev: VMEntry | None, e: VMEntry) -> bool:
@@ -1539,6 +1705,30 @@ def _waiting_for(aborted: int, post_copy: int) -> str:
     return f"waiting for {' and '.join(what)} to end"
 
 
+def _end_restarts(s: DrainSnapshot, decision: Decision, waited: float) -> int:
+    """Ending maintenance: start the VMs a quick migration of this drain stopped (safe while
+    the old VMI is still shutting down), and wind up (``finish``) those started whose new
+    VMI exists -- a Manual VM must have it before its run strategy is restored, or it would
+    not start -- or, after ABORT_WAIT_SECONDS, all: no record outlives its drain. How many
+    restarts are still to wind up (the finalizer waits for them)."""
+    pending = 0
+    for key, vm in sorted(s.vms.items()):
+        q = vm.quick
+        if q is None or not _ours(s, q):
+            continue
+        vmi = s.vmis.get(key)
+        renewed = vmi is not None and not (vmi.running_since and
+                                           vmi.running_since <= q.stopped_at)
+        if not q.started:
+            decision.start.append(key)
+            pending += 1
+        elif renewed or waited >= ABORT_WAIT_SECONDS:
+            decision.finish.append(key)
+        else:
+            pending += 1
+    return pending if waited < ABORT_WAIT_SECONDS else 0
+
+
 def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     """What deleting the NodeDrain must do before its finalizer goes: abort unfinished
     migrations (cancelOnDelete; never one in post-copy, which is let finish), restart VMs a
@@ -1557,9 +1747,7 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
         decision.cancel = [m for m in unfinished if not m.terminating and not m.in_post_copy]
         if finishing:
             decision.events.append(("Normal", POST_COPY_NOT_ABORTED, _letting_finish(finishing)))
-    for key, vm in sorted(s.vms.items()):
-        if vm.quick and vm.quick.drain == s.name and not vm.quick.started:
-            decision.start.append(key)  # safe while the old VMI is still shutting down
+    restarting = _end_restarts(s, decision, waited)
     ours = sorted(n.name for n in s.nodes.values() if n.annotations.get(CORDONED_BY) == s.name)
     # Disks whose move has not finished go back to their sources (whatever cancelOnDelete
     # says: no VM is left pointing at a half-copied claim), and destinations nobody uses go.
@@ -1579,6 +1767,9 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
             decision.events.append(("Warning", "AbortTimeout", (
                 f"uncordoning {', '.join(ours) or 'nothing'} although {len(unfinished)} aborted "
                 f"migrations have not ended after {round(waited)}s: {names}")))
+    if restarting:
+        decision.hold = "; ".join(x for x in (decision.hold, f"restarting {restarting} VMs "
+                                              "a quick migration stopped") if x)
     steps = [decision.hold or ""]
     if decision.revert:
         steps.append(f"putting {len(decision.revert)} VMs back on their source volumes")

@@ -112,23 +112,26 @@ def target_candidates(vmi: VMIInfo, ctx: Context, limit: int | None = None) -> l
     return ranked if limit is None else ranked[:limit]
 
 
-def restart_selector(vmi: VMIInfo) -> dict[str, str]:
-    """The node selector of the launcher pod a stopped VM gets when it starts again."""
-    return {**vmi.node_selector, **launch_selector(vmi.cpu_model)}
+def restart_selector(vmi: VMIInfo, ctx: Context) -> dict[str, str]:
+    """The node selector of the launcher pod a stopped VM gets when it starts again: its
+    VMI's (from the VM's template) with the drain's targetNodeSelector, which the restart
+    gets on the template as a migration gets it as addedNodeSelector
+    (nodeselectorrenderer.go: the VMI's nodeSelector, then KubeVirt's labels)."""
+    return {**ctx.target_selector, **vmi.node_selector, **launch_selector(vmi.cpu_model)}
 
 
 def restart_candidates(vmi: VMIInfo, ctx: Context) -> list[str]:
     """Nodes (not the excluded ones) where the VM, stopped, could start again, best first."""
     cpu, memory = requests(vmi)
     return rank_targets(ctx.candidates(), "", cpu, memory, dict(ctx.usage),
-                        restart_selector(vmi))
+                        restart_selector(vmi, ctx))
 
 
 def restart_finding(vmi: VMIInfo, ctx: Context) -> Finding | None:
     """Why the VM, once stopped, could not start on any other node (None: it could)."""
     if restart_candidates(vmi, ctx):
         return None
-    selector = restart_selector(vmi)
+    selector = restart_selector(vmi, ctx)
     nodes = [n for n in ctx.candidates() if n.ready and n.schedulable]
     if not any(fits_selector(n, selector) for n in nodes):
         return NO_COMPATIBLE_TARGET, (

@@ -47,6 +47,9 @@ class VMIInfo:
     not_migratable_message: str | None = None
     running_since: dt.datetime | None = None
     dirty_rate: float | None = None  # bytes/s, when a metrics source reports it
+    # (reason, message) of a PodScheduled=False condition: the launcher pod of a VMI not
+    # yet running cannot be scheduled (KubeVirt copies the pod's condition onto the VMI).
+    unschedulable: tuple[str, str] | None = None
 
     @property
     def key(self) -> str:
@@ -55,13 +58,23 @@ class VMIInfo:
 
 @dataclass(frozen=True)
 class QuickMigrationRecord:
-    """What virtshift wrote on a VM while restarting it elsewhere (stop, move, start)."""
+    """What virtshift wrote on a VM while restarting it elsewhere (stop, move, start): by
+    which drain (its UID: a drain created again under the same name is another), what the
+    VM's run strategy was (``running``: it used the deprecated spec.running: true), the node
+    selector the restart needs (``pin``) and what of it was added to the VM's template
+    (``pinned``), so that all of it is taken back once the VM runs again."""
 
     drain: str
     source: str
     stopped_at: dt.datetime
     started: bool = False  # runStrategy set back to run
     policy: str | None = None  # the policy whose limits the stop counted against
+    drain_uid: str | None = None  # None: written before records were keyed by UID
+    started_at: dt.datetime | None = None
+    run_strategy: str = "Always"
+    running: bool = False
+    pin: Mapping[str, str] = field(default_factory=dict)
+    pinned: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,9 @@ class PodInfo:
 class KubeVirtLimits:
     per_cluster: int = 5
     outbound_per_node: int = 2
+    # spec.configuration.vmRolloutStrategy is LiveUpdate (KubeVirt's default since 1.7):
+    # a VM template's nodeSelector/affinity changes reach its running VMI without a restart.
+    live_update: bool = True
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,15 @@ import kopf
 from virtshift import logs
 from virtshift.api.nodedrain import NodeDrain, NodeDrainStatus, NodePhase, VMPhase
 from virtshift.api.units import parse_duration
-from virtshift.domain.drain import Decision, finalize_drain, parse_stamp, plan_drain
+from virtshift.domain import outcome
+from virtshift.domain.drain import (
+    Decision,
+    NewMigration,
+    finalize_drain,
+    parse_stamp,
+    plan_drain,
+    settle,
+)
 from virtshift.handlers import metrics, runtime
 from virtshift.handlers import runtime as runtime_module
 from virtshift.handlers.runtime import (
@@ -59,7 +67,12 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> float | N
         snapshot = dataclasses.replace(rt.cluster.snapshot(drain, rt.blocked_pods[name], pods),
                                        reaction_seconds=rt.reaction(name))
         decision = plan_drain(snapshot)
-        rt.blocked_pods[name] = rt.actions.apply(drain, decision).blocked
+        applied = rt.actions.apply(drain, decision)
+        rt.blocked_pods[name] = applied.blocked
+        # The status says what the writes did, not what was meant (outcome).
+        rt.failures[name] = outcome.remember(rt.failures[name], applied.failures,
+                                             applied.skipped, snapshot.now)
+        decision = settle(snapshot, decision, rt.failures[name])
     rt.declare(name, frozenset(n.name for n in decision.status.nodes or []),
                frozenset(snapshot.vmis) | frozenset(
                    f"{e.namespace}/{e.name}" for e in decision.status.vms or []))
@@ -69,16 +82,19 @@ def reconcile(name: str, stopped: kopf.DaemonStopped | None = None) -> float | N
     for kind, reason, message in decision.events:
         rt.actions.event(drain, kind, reason, message)
         _count(reason)
-    _log_changes(model.status or NodeDrainStatus(), decision)
-    MIGRATIONS_CREATED.labels(name).inc(len(decision.create))
+    created = [m for m in decision.create
+               if f"create {m.namespace}/{m.name}" not in rt.failures[name]]
+    _log_changes(model.status or NodeDrainStatus(), decision, created)
+    MIGRATIONS_CREATED.labels(name).inc(len(created))
     _drain_metrics(rt, name, model, decision)
     return decision.recheck_after
 
 
-def _log_changes(before: NodeDrainStatus, decision: Decision) -> None:
+def _log_changes(before: NodeDrainStatus, decision: Decision,
+                 created: list[NewMigration]) -> None:
     """One line per migration created and per VM whose phase changed, with the drain (from
     the context), the VM and the migration as fields."""
-    for m in decision.create:
+    for m in created:
         log.info("migration created (attempt %d, from %s)", m.attempt, m.source,
                  extra={"vm": f"{m.namespace}/{m.vmi}", "migration": m.name,
                         "policy": m.policy, "node": m.source})

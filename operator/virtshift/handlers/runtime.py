@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 
 from virtshift.domain.eta import Estimator
+from virtshift.domain.outcome import StepFailure
 from virtshift.k8s.actions import Actions
 from virtshift.k8s.cluster import Cluster, ClusterClock
 from virtshift.k8s.downtime import DowntimeSource
@@ -68,6 +69,8 @@ class Runtime:
         self.actions = Actions(self.cluster)
         self.actions.events.instance = settings.identity
         self.blocked_pods: dict[str, dict[str, str]] = defaultdict(dict)
+        # drain -> the steps its last pass could not write, dated (domain.outcome.remember).
+        self.failures: dict[str, dict[str, StepFailure]] = defaultdict(dict)
         self._wake: dict[str, threading.Event] = defaultdict(threading.Event)
         # drain -> (its nodes, the VM keys it follows), from its last pass (declare).
         self._interest: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
@@ -165,6 +168,7 @@ class Runtime:
             self._woken_at.pop(name, None)
             self._answers.pop(name, None)
         self.blocked_pods.pop(name, None)
+        self.failures.pop(name, None)
         for state in ("total", "pending", "migrating", "succeeded", "failed", "skipped"):
             with contextlib.suppress(KeyError):  # never reported for this drain
                 DRAIN_VMS.remove(name, state)

@@ -5,11 +5,11 @@ error, reported and never mistaken for ours."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from virtshift.domain.drain import (
     ATTEMPTS_ANNOTATION,
@@ -20,10 +20,9 @@ from virtshift.domain.drain import (
     Stop,
     attempts_record,
     recorded_attempts,
-    stamp,
 )
 from virtshift.domain.naming import label_value
-from virtshift.domain.views import MigrationInfo
+from virtshift.domain.views import MigrationInfo, QuickMigrationRecord
 from virtshift.k8s import rest, views
 from virtshift.k8s import storage as kstorage
 from virtshift.k8s.cluster import Cluster
@@ -74,6 +73,11 @@ def _same(old: JSON, new: JSON) -> bool:
     return abs(before - after) <= max(30.0, 0.1 * max(before, after))
 
 
+def _message(exc: Exception) -> str:
+    """What the API server said (its Status message), else the error itself."""
+    return (exc.message if isinstance(exc, ApiError) else "") or str(exc)
+
+
 class MigrationNameTaken(ApiError):
     """A VMIM of that name exists and is not this NodeDrain's: never treated as ours."""
 
@@ -87,11 +91,19 @@ class MigrationNameTaken(ApiError):
 
 @dataclass
 class Applied:
-    """What became of a decision: pods whose eviction was refused (with the reason), and the
-    steps that failed (each also reported as a Warning Event)."""
+    """What became of a decision: pods whose eviction was refused (with the reason), the
+    steps that failed (each also reported as a Warning Event) with the API's message, and
+    those not tried because an earlier one failed (with which). Steps are named
+    "<verb> <namespace/name>" (or "<verb> <node>"), the same on every pass
+    (domain.outcome)."""
 
     blocked: dict[str, str] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{what}: {message}" for what, message in self.failures.items()]
 
 
 class Actions:
@@ -127,20 +139,23 @@ class Actions:
                lambda m=m: self.kube.delete(rest.VMIMS, m.name, m.namespace)) for m in d.cancel),
             *((f"withdraw {m.namespace}/{m.name}",
                lambda m=m: self.withdraw(m, drain["metadata"]["uid"])) for m in d.withdraw),
-            *((f"stop {s.key}", lambda s=s: self.halt(s, name)) for s in d.halt),
+            *((f"stop {s.key}", lambda s=s: self.halt(s, drain)) for s in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
+            *((f"finish {k}", lambda k=k: self.finish(k)) for k in d.finish),
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
             *((f"delete claim {k}", lambda k=k: kstorage.delete_claim(self.cluster, k))
               for k in d.delete_claims),
             *last,
         ]
-        cordoned = True
-        no_claim: set[str] = set()  # VMs whose destination claim could not be made
+        cordon_failed: str | None = None  # the first cordon that failed, and why
+        no_claim: dict[str, str] = {}  # VMs whose destination claim could not be made
         for what, step in steps:
-            if not cordoned and what.startswith(("create ", "stop ", "evict ", "claim ",
-                                                 "volumes ")):
+            if cordon_failed and what.startswith(("create ", "stop ", "evict ", "claim ",
+                                                  "volumes ")):
+                out.skipped[what] = cordon_failed
                 continue  # nothing leaves a node that has not been cordoned: next pass
             if what.startswith("volumes ") and what.split(" ", 1)[1] in no_claim:
+                out.skipped[what] = no_claim[what.split(" ", 1)[1]]
                 continue  # never point a VM at a claim that does not exist
             try:
                 step()
@@ -148,14 +163,17 @@ class Actions:
                 # A dropped connection is a failed step like a refused write: reported, and
                 # the others still done; escaping here, it made kopf wait 60 s to end a
                 # maintenance (test_proxy_fault[requests dropped unanswered]).
-                cordoned = cordoned and not what.startswith("cordon ")
+                message = _message(exc)
+                if what.startswith("cordon ") and not cordon_failed:
+                    cordon_failed = f"{what} failed: {message}"
                 if what.startswith("claim "):
                     ns = what.split(" ", 1)[1].split("/", 1)[0]
-                    no_claim |= {f"{ns}/{c.vm}" for c in d.claims
-                                 if f"claim {c.namespace}/{c.name}" == what}
+                    no_claim.update({f"{ns}/{c.vm}": f"{what} failed: {message}"
+                                     for c in d.claims
+                                     if f"claim {c.namespace}/{c.name}" == what})
                 log.warning("NodeDrain %s: %s failed: %s", name, what, exc)
                 self.event(drain, "Warning", "WriteFailed", f"{what}: {exc}")
-                out.failed.append(f"{what}: {exc}")
+                out.failures[what] = message
         return out
 
     def _evict_into(self, key: str, blocked: dict[str, str]) -> None:
@@ -266,34 +284,85 @@ class Actions:
         self.cluster.vmims.put(created)
         self.mark_vmi(m, uid)
 
-    def halt(self, stop: Stop, drain: str) -> None:
-        """Quick migration, step one: stop the VM, recording where it ran, when, and the
-        policy whose limits it counts against until it runs again."""
+    def halt(self, stop: Stop, drain: JSON) -> None:
+        """Quick migration, step one: stop the VM (runStrategy Halted), recording on it for
+        this drain (by UID) where it ran, when, the policy whose limits it counts against
+        until it runs again, its run strategy (or the deprecated spec.running: true) to give
+        back, and the node selector its restart needs (``stop.pin``)."""
         ns, name = stop.key.split("/", 1)
-        record = views.quick_record(drain, stop.source, stamp(self.cluster.clock.now()),
-                                    policy=stop.policy)
-        patched = self.kube.patch(rest.VMS, name, {
-            "metadata": {"annotations": {views.QUICK_ANNOTATION: record}},
-            # KubeVirt refuses spec.running together with runStrategy.
-            "spec": {"running": None, "runStrategy": "Halted"}}, ns)
-        self.cluster.vms.put(patched)
-
-    def start(self, key: str) -> None:
-        """Quick migration, step two: the VMI is gone; run the VM again (elsewhere: the source
-        node is cordoned)."""
-        ns, name = key.split("/", 1)
         vm = self.kube.get(rest.VMS, name, ns)
         if vm is None:
             return
-        raw = (vm["metadata"].get("annotations") or {}).get(views.QUICK_ANNOTATION)
-        patch: dict[str, Any] = {"spec": {"runStrategy": "Always"}}
-        if raw:
-            info = views.vm_info(vm).quick
-            assert info is not None
-            patch["metadata"] = {"annotations": {views.QUICK_ANNOTATION: views.quick_record(
-                info.drain, info.source, stamp(info.stopped_at), started=True,
-                policy=info.policy)}}
-        self.cluster.vms.put(self.kube.patch(rest.VMS, name, patch, ns))
+        spec = vm.get("spec") or {}
+        record = QuickMigrationRecord(
+            drain=drain["metadata"]["name"], drain_uid=drain["metadata"]["uid"],
+            source=stop.source, stopped_at=self.cluster.clock.now(), policy=stop.policy,
+            run_strategy=views.run_strategy(spec), running=spec.get("running") is True,
+            pin=dict(stop.pin or {}))
+        self.cluster.vms.put(self.kube.patch(rest.VMS, name, {
+            "metadata": {"annotations": {views.QUICK_ANNOTATION: views.quick_record(record)}},
+            # KubeVirt refuses spec.running together with runStrategy.
+            "spec": {"running": None, "runStrategy": "Halted"}}, ns))
+
+    def start(self, key: str) -> None:
+        """Quick migration, step two: the VMI is gone; run the VM again, only where the drain
+        allows (the source node is cordoned): the record's node selector goes on the VM's
+        template -- what it lacks of it, recorded as ``pinned`` -- and the run strategy
+        becomes Always (the deprecated spec.running: true where the VM had that), in one
+        write. Always, whatever the VM had: KubeVirt's VM controller (vm.go syncRunStrategy)
+        starts a VM with no VMI for Always and Once, for RerunOnFailure only on a start
+        request or when its status still shows another strategy, and for Manual only on a
+        start request (virt-api's start subresource); ``finish`` gives the VM its own back
+        once its new VMI exists, which no strategy then stops."""
+        ns, name = key.split("/", 1)
+        vm = self.kube.get(rest.VMS, name, ns)
+        info = views.quick_info(vm) if vm else None
+        if vm is None or info is None:
+            return
+        template = ((vm.get("spec") or {}).get("template") or {}).get("spec") or {}
+        present = template.get("nodeSelector") or {}
+        added = {k: v for k, v in info.pin.items() if k not in present}
+        record = dataclasses.replace(info, started=True, started_at=self.cluster.clock.now(),
+                                     pinned=added)
+        spec: JSON = {"running": True, "runStrategy": None} if info.running else {
+            "runStrategy": "Always"}
+        if added:
+            spec["template"] = {"spec": {"nodeSelector": added}}
+        self.cluster.vms.put(self.kube.patch(rest.VMS, name, {
+            "metadata": {"annotations": {views.QUICK_ANNOTATION: views.quick_record(record)}},
+            "spec": spec}, ns))
+
+    def finish(self, key: str) -> None:
+        """Quick migration, done: take back the node selector ``start`` added to the VM's
+        template (each key only while it still holds our value), give the VM back its run
+        strategy (unless someone changed it since), and remove the record, in one write.
+
+        Under KubeVirt's vmRolloutStrategy LiveUpdate (its default) the VM controller copies
+        the template's new nodeSelector onto the running VMI (vm.go handleAffinityChangeRequest,
+        VMNodeSelectorPatch) and nodeSelector/affinity changes are live-updatable
+        (syncRestartRequired copies them before comparing), so no RestartRequired; nothing
+        migrates the VMI for it (MigrationRequired comes only from the network evaluator and
+        hotplug). A run strategy changed while a VMI exists stops nothing: Manual and Once
+        act only without one, RerunOnFailure only when it fails or succeeds (syncRunStrategy)."""
+        ns, name = key.split("/", 1)
+        vm = self.kube.get(rest.VMS, name, ns)
+        info = views.quick_info(vm) if vm else None
+        if vm is None or info is None:
+            return
+        spec = vm.get("spec") or {}
+        present = (((spec.get("template") or {}).get("spec") or {}).get("nodeSelector")) or {}
+        ours = [k for k, v in info.pinned.items() if present.get(k) == v]
+        patch: JSON = {}
+        if ours:
+            patch["template"] = {"spec": {"nodeSelector": None if set(ours) == set(present)
+                                          else dict.fromkeys(ours)}}
+        if not info.running and spec.get("runStrategy") == "Always" and \
+                info.run_strategy != "Always":
+            patch["runStrategy"] = info.run_strategy
+        self.cluster.vms.put(self.kube.patch(rest.VMS, name, {
+            "metadata": {"annotations": {views.QUICK_ANNOTATION: None},
+                         "resourceVersion": vm["metadata"]["resourceVersion"]},
+            **({"spec": patch} if patch else {})}, ns))
 
     def evict(self, key: str) -> str | None:
         ns, name = key.split("/", 1)

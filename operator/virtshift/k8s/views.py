@@ -108,32 +108,63 @@ def vmi_info(obj: JSON, dirty_rate: float | None = None,
         running_since=parse_time(running[-1]["phaseTransitionTimestamp"]) if running else None,
         dirty_rate=dirty_rate, memory_request=_memory_request(spec),
         node_selector=spec.get("nodeSelector") or {}, pod_selector=pod_selector or {},
+        unschedulable=_unschedulable(status),
     )
+
+
+def _unschedulable(status: JSON) -> tuple[str, str] | None:
+    """The PodScheduled=False condition KubeVirt copies from a VMI's launcher pod while it
+    cannot be scheduled (watch/vmi/lifecycle.go, Scheduling phase), as (reason, message)."""
+    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
+                 and c.get("status") == "False"), None)
+    if cond is None:
+        return None
+    return cond.get("reason") or "Unschedulable", cond.get("message") or ""
 
 
 def vm_info(obj: JSON) -> VMInfo:
     meta = obj["metadata"]
-    record = None
-    raw = (meta.get("annotations") or {}).get(QUICK_ANNOTATION)
-    if raw:
-        data = json.loads(raw)
-        record = QuickMigrationRecord(drain=data["drain"], source=data["source"],
-                                      stopped_at=parse_time(data["stoppedAt"]) or dt.datetime.now(
-                                          dt.UTC),
-                                      started=bool(data.get("started")),
-                                      policy=data.get("policy"))
     return VMInfo(namespace=meta["namespace"], name=meta["name"],
-                  run_strategy=(obj.get("spec") or {}).get("runStrategy", "Always"),
-                  quick=record)
+                  run_strategy=run_strategy(obj.get("spec") or {}), quick=quick_info(obj))
 
 
-def quick_record(drain: str, source: str, stopped_at: str, started: bool = False,
-                 policy: str | None = None) -> str:
-    """``policy``: whose limits the stop counts against until the VM runs again."""
-    record = {"drain": drain, "source": source, "stoppedAt": stopped_at, "started": started}
-    if policy:
-        record["policy"] = policy
+def run_strategy(spec: JSON) -> str:
+    """The VM's run strategy as KubeVirt resolves it (VirtualMachine.RunStrategy, types.go):
+    the deprecated spec.running true is Always, false or neither is Halted."""
+    if spec.get("running") is not None:
+        return "Always" if spec["running"] else "Halted"
+    return spec.get("runStrategy") or "Halted"
+
+
+def quick_info(obj: JSON) -> QuickMigrationRecord | None:
+    raw = (obj["metadata"].get("annotations") or {}).get(QUICK_ANNOTATION)
+    if not raw:
+        return None
+    data = json.loads(raw)
+    return QuickMigrationRecord(
+        drain=data["drain"], source=data["source"],
+        stopped_at=parse_time(data["stoppedAt"]) or dt.datetime.now(dt.UTC),
+        started=bool(data.get("started")), policy=data.get("policy"),
+        drain_uid=data.get("drainUid"), started_at=parse_time(data.get("startedAt")),
+        run_strategy=data.get("runStrategy") or "Always", running=bool(data.get("running")),
+        pin=data.get("pin") or {}, pinned=data.get("pinned") or {})
+
+
+def quick_record(r: QuickMigrationRecord) -> str:
+    """The annotation's JSON: ``policy`` is whose limits the stop counts against until the
+    VM runs again; the rest, what to take back then (QuickMigrationRecord)."""
+    record: dict[str, Any] = {"drain": r.drain, "source": r.source,
+                              "stoppedAt": stamp_of(r.stopped_at), "started": r.started,
+                              "runStrategy": r.run_strategy}
+    optional = {"policy": r.policy, "drainUid": r.drain_uid, "running": r.running or None,
+                "startedAt": stamp_of(r.started_at) if r.started_at else None,
+                "pin": dict(r.pin) or None, "pinned": dict(r.pinned) or None}
+    record.update({k: v for k, v in optional.items() if v is not None})
     return json.dumps(record, sort_keys=True)
+
+
+def stamp_of(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def migration_info(obj: JSON, ended_seen: dt.datetime | None = None,
@@ -284,10 +315,14 @@ def kubevirt_migration_config(kv: JSON | None) -> KubeVirtMigrationConfig:
 
 
 def kubevirt_limits(kv: JSON | None) -> KubeVirtLimits:
+    """``live_update``: spec.configuration.vmRolloutStrategy, LiveUpdate unless Stage
+    (virt-config.go DefaultVMRolloutStrategy: LiveUpdate in 1.7, 1.8 and 1.9)."""
     migrations = _kubevirt_migrations(kv)
+    config = ((kv or {}).get("spec") or {}).get("configuration") or {}
     return KubeVirtLimits(
         per_cluster=int(migrations.get("parallelMigrationsPerCluster", 5)),
         outbound_per_node=int(migrations.get("parallelOutboundMigrationsPerNode", 2)),
+        live_update=config.get("vmRolloutStrategy", "LiveUpdate") != "Stage",
     )
 
 

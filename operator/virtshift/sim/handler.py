@@ -313,7 +313,10 @@ class Handler:
 
     def write_vmi(self: KubeVirtSim, vm: SimVM) -> None:
         """One merge patch of the VMI (which has no status subresource) with what virt-handler
-        and virt-controller know of it now."""
+        and virt-controller know of it now (not of a VMI still Scheduling: VMController
+        writes that one)."""
+        if vm.scheduling:
+            return
         status: JSON = {}
         meta: JSON = {"labels": {objects.NODE_NAME_LABEL: vm.node,
                                  objects.MIGRATION_TARGET_LABEL: vm.target_node_label}}

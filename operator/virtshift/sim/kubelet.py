@@ -7,14 +7,26 @@ renders it, anti-affinity to the source, CPU and memory requests as KubeVirt com
 ``volume_constraints``: a node-local PV pins the pod to its node, an unbound
 WaitForFirstConsumer claim is provisioned on the chosen node, a missing or unbound Immediate
 claim leaves the pod unschedulable). An unschedulable pod gets ``PodScheduled=False``
-(Unschedulable). Kubelets run bound pods and finish deleting terminating ones.
+(Unschedulable). The pod's required node affinity (``nodeSelectorTerms``: any term, each with
+all its ``matchExpressions`` and ``matchFields``; In, NotIn, Exists, DoesNotExist, Gt, Lt) is a
+filter like its node selector (scheduler plugin NodeAffinity), and an unschedulable pod's
+message counts the nodes each filter turned away, as kube-scheduler's FitError does
+(``place_pod``). Kubelets run bound pods and finish deleting terminating ones.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from virtshift.domain.placement import choose_target, migration_selector
+from virtshift.domain.placement import (
+    NodeView,
+    choose_target,
+    fits_selector,
+    migration_selector,
+    tolerated,
+)
 from virtshift.k8s import rest
 from virtshift.sim import objects
 from virtshift.sim.flight import Flight
@@ -33,7 +45,33 @@ class Kubelet:
         """createTargetPod's node selector for a migration of ``vm`` from ``source``."""
         node = self.nodes.get(source) or {}
         return migration_selector(vm.spec.cpu_model, (node.get("metadata") or {}).get(
-            "labels") or {}, vm.pod_selector, added)
+            "labels") or {}, vm.pod_selector, added, vm.vmi_node_selector)
+
+    def place_pod(self: KubeVirtSim, cpu: float, memory: float, selector: Mapping[str, str],
+                  affinity: Mapping[str, Any] | None) -> tuple[str | None, str]:
+        """Where the scheduler binds a new launcher pod (None: it stays Pending), and, when
+        nowhere, its message: "0/N nodes are available: ..." by filter."""
+        views = self.node_views()
+        allowed = [n for n in views if node_affinity_matches(n, affinity)]
+        target = choose_target(allowed, "", cpu, memory, self.usage(), selector)
+        if target is not None:
+            return target, ""
+        used = self.usage()
+        why: Counter[str] = Counter()
+        for n in views:
+            c, m = used.get(n.name, (0.0, 0.0))
+            if not n.ready or not n.schedulable:
+                why["node(s) were unschedulable"] += 1
+            elif not tolerated(n):
+                why["node(s) had untolerated taint(s)"] += 1
+            elif not fits_selector(n, selector) or not node_affinity_matches(n, affinity):
+                why["node(s) didn't match Pod's node affinity/selector"] += 1
+            elif c + cpu > n.cpu:
+                why["Insufficient cpu"] += 1
+            elif m + memory > n.memory:
+                why["Insufficient memory"] += 1
+        return None, (f"0/{len(views)} nodes are available: "
+                      + ", ".join(f"{v} {k}" for k, v in sorted(why.items())) + ".")
 
     def schedule_target_pod(self: KubeVirtSim, flight: Flight, at: float) -> bool:
         """Bind the target pod (pods/binding), or mark it unschedulable; True when bound."""
@@ -46,6 +84,7 @@ class Kubelet:
         views = self.node_views()
         if allowed is not None:
             views = [n for n in views if n.name in allowed]
+        views = [n for n in views if node_affinity_matches(n, vm.vmi_affinity)]
         target = None if refusal else choose_target(
             views, flight.source, cpu, memory, self.usage(), flight.pod_selector)
         if target is None:
@@ -109,3 +148,42 @@ class Kubelet:
                 self._submit(lambda p=pod: self.kube.patch(
                     rest.PODS, p["metadata"]["name"], {"status": running_pod_status(
                         self.clock.stamp())}, p["metadata"]["namespace"], subresource="status"))
+
+
+def node_affinity_matches(node: NodeView, affinity: Mapping[str, Any] | None) -> bool:
+    """requiredDuringSchedulingIgnoredDuringExecution of a pod's node affinity
+    (k8s.io/component-helpers/scheduling/corev1/nodeaffinity): no terms, or any term whose
+    requirements all hold."""
+    required = ((affinity or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = required.get("nodeSelectorTerms") or []
+    return not terms or any(_term_matches(node, term) for term in terms)
+
+
+def _term_matches(node: NodeView, term: Mapping[str, Any]) -> bool:
+    expressions = term.get("matchExpressions") or []
+    fields = term.get("matchFields") or []
+    if not expressions and not fields:
+        return False  # an empty term matches no node
+    return all(_requirement(node.labels, r) for r in expressions) and \
+        all(_requirement({"metadata.name": node.name}, r) for r in fields)
+
+
+def _requirement(labels: Mapping[str, str], r: Mapping[str, Any]) -> bool:
+    key, op, values = r.get("key", ""), r.get("operator"), r.get("values") or []
+    value = labels.get(key)
+    if op == "In":
+        return value in values
+    if op == "NotIn":
+        return value not in values
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    if op in ("Gt", "Lt") and value is not None and values:
+        try:
+            have, want = int(value), int(values[0])
+        except ValueError:
+            return False
+        return have > want if op == "Gt" else have < want
+    return False

@@ -46,6 +46,14 @@ class SimVM:
     volume_migration_state: list[dict[str, Any]] | None = None  # VM volumeUpdateState
     refused_update: dict[str, str] | None = None  # a volume update already refused as is
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)  # by type, as written
+    # A VMI started but not yet running: its launcher pod waits for the scheduler.
+    scheduling: bool = False
+    status_strategy: str = "Always"  # the run strategy the VM's status last showed
+    # The VMI's spec.nodeSelector and spec.affinity (from the VM's template at its start,
+    # then live-updated), and the VM resourceVersion whose template was last synced to it.
+    vmi_node_selector: dict[str, str] = field(default_factory=dict)
+    vmi_affinity: dict[str, Any] | None = None
+    synced_version: str | None = None
 
     @property
     def key(self) -> str:
