@@ -135,3 +135,6 @@ def test_every_example_is_accepted(cluster, path: Path) -> None:
     assert model.model_validate(stored).spec.wire() == stored["spec"]
     for key, value in doc["spec"].items():
         assert stored["spec"][key] == value
+    # Cluster-wide objects: left behind, an example policy (bulk selects every VM) would
+    # govern the VMs of the tests that share this control plane.
+    cluster.kubectl("delete", "-f", str(path), "--wait=false")

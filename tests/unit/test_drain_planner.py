@@ -1100,8 +1100,8 @@ UNKNOWN = {"dirty_rate": None}  # no metrics source, or one that does not report
 
 
 @pytest.mark.parametrize(("case", "rules", "phase", "reason", "mode", "creates", "halts"), [
-    # maxDowntime set: no prediction can say the pause fits. The first step whose outcome does
-    # not depend on the dirty rate is taken; Abort waits and says why.
+    # maxDowntime set: no prediction can say the pause fits. The first step whose outcome is
+    # acceptable whatever the dirty rate is taken; otherwise the VM waits and says why.
     ("maxDowntime, Abort", Rules(max_downtime=0.3), "Waiting", "DirtyRateUnknown", None,
      False, False),
     ("auto-converge depends on the rate", Rules(max_downtime=0.3, on_downtime_exceeded=(
@@ -1118,10 +1118,14 @@ UNKNOWN = {"dirty_rate": None}  # no metrics source, or one that does not report
         max_downtime=0.3, completion_timeout_per_gib=0,
         on_downtime_exceeded=("PostCopy", "Abort")), "Waiting", "DirtyRateUnknown", None, False,
      False),
+    # Stopping the VM (a certain outage) or failing it is the answer to a breach nothing
+    # predicts: passed over, the VM waits.
     ("quick migration", Rules(max_downtime=0.3, on_downtime_exceeded=("QuickMigration",)),
-     "Migrating", "DirtyRateUnknown", "QuickMigration", False, True),
-    ("fail", Rules(max_downtime=0.3, on_downtime_exceeded=("Fail",)), "Failed",
+     "Waiting", "DirtyRateUnknown", None, False, False),
+    ("fail", Rules(max_downtime=0.3, on_downtime_exceeded=("Fail",)), "Waiting",
      "DirtyRateUnknown", None, False, False),
+    ("quick migration, then allow", Rules(max_downtime=0.3, on_downtime_exceeded=(
+        "QuickMigration", "Allow")), "Migrating", "Created", None, True, False),
     ("allow", Rules(max_downtime=0.3, on_downtime_exceeded=("Allow",)), "Migrating", "Created",
      None, True, False),
     # A ladder without maxDowntime acts on convergence, which the rate decides too.

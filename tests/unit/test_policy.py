@@ -548,7 +548,7 @@ def test_status_reports_outcomes_of_drains() -> None:
 
 PREDICTION_CASES = [
     pytest.param({"maxDowntime": "300ms"}, False, ["ns/a", "ns/b"],
-                 ("False", "NoMetricsSource"), ["--metrics-source", "2 VMs", "Abort waits"],
+                 ("False", "NoMetricsSource"), ["--metrics-source", "2 VMs", "the VM waits"],
                  id="maxDowntime, no metrics source"),
     pytest.param({"onDowntimeExceeded": ["QuickMigration"]}, True, ["ns/b"],
                  ("False", "DirtyRateUnknown"), ["ns/b"], id="ladder, a VM not reported"),

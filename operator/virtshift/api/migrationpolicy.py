@@ -282,10 +282,11 @@ class MigrationPolicySpec(Model):
         "each render a KubeVirt MigrationPolicy of their own (virtshift-<name>-autoconverge, "
         "-postcopy): this policy's settings plus that one flag. A VM whose dirty rate is "
         "unknown (no --metrics-source, or it does not report the VM) cannot be predicted to "
-        "fit: only steps whose outcome does not depend on the rate are taken -- PostCopy when "
-        "its pause is bounded within maxDowntime (QEMU's 300 ms switch-over limit, or "
-        "maxDowntime itself where KubeVirt applies it), QuickMigration, Allow, Fail -- "
-        "AutoConverge is passed over and Abort waits (reason DirtyRateUnknown). Without "
+        "fit: only steps whose outcome is acceptable whatever the rate are taken -- PostCopy "
+        "when its pause is bounded within maxDowntime (QEMU's 300 ms switch-over limit, or "
+        "maxDowntime itself where KubeVirt applies it), and Allow; AutoConverge, "
+        "QuickMigration and Fail are passed over (nothing says the live migration would "
+        "breach maxDowntime) and the VM waits (reason DirtyRateUnknown). Without "
         "maxDowntime and with the default ladder (Abort) the rate decides nothing: such a VM "
         "migrates as it is.",
         json_schema_extra={

@@ -10,9 +10,9 @@ the KubeVirt CR's), as KubeVirt does (shouldTriggerTimeout / shouldAssistMigrati
 
 An unknown dirty rate (no metrics source, or one that does not report the VM) is not 0: where
 maxDowntime or a ladder would act, nothing can predict that the VM fits, so it is treated as
-not fitting and only the steps whose outcome does not depend on the dirty rate can be taken
-(``_unknown_rate``). Without maxDowntime and with the default ladder the rate decides nothing
-and the VM migrates as it is.
+not fitting and only the steps whose outcome is acceptable whatever the rate are taken
+(``_unknown_rate``: PostCopy within maxDowntime, Allow); otherwise the VM waits. Without
+maxDowntime and with the default ladder the rate decides nothing and the VM migrates as it is.
 """
 
 from __future__ import annotations
@@ -95,9 +95,12 @@ def _post_copy_bound(rules: Rules) -> float | None:
 
 def _unknown_rate(rules: Rules, plain: Prediction, predict: Callable[[Rules], Prediction],
                   why: str) -> Choice:
-    """The ladder for a VM whose dirty rate is unknown: AutoConverge depends on the rate and is
-    passed over; PostCopy is taken when its pause is bounded within maxDowntime; QuickMigration,
-    Allow and Fail do not depend on it; Abort waits until the rate is known."""
+    """The ladder for a VM whose dirty rate is unknown: a step is taken only when its outcome
+    is acceptable whatever the rate -- PostCopy when its pause is bounded within maxDowntime,
+    and Allow (the user accepts a breach). AutoConverge depends on the rate; QuickMigration and
+    Fail are the user's answer to a live migration that would breach maxDowntime, which nothing
+    says it would: stopping the VM (a certain outage) or failing it on no evidence is not
+    conservative. Those are passed over, and the VM waits until its rate is known."""
     limit = rules.max_downtime
     reason = DIRTY_RATE_UNKNOWN
     for step in rules.on_downtime_exceeded:
@@ -107,17 +110,11 @@ def _unknown_rate(rules: Rules, plain: Prediction, predict: Callable[[Rules], Pr
                 return Choice(step, predict(_post_copy(rules)), reason, (
                     f"{why}; migrating with post-copy allowed: the pause is at most "
                     f"{bound * 1000:.0f} ms whatever the rate"))
-        elif step == "QuickMigration":
-            return Choice(step, plain, reason, f"{why}; quick migration instead (stop, move, "
-                          "start)")
         elif step == "Allow":
             return Choice(step, plain, reason, f"{why}; allowed by the policy: migrating "
                           "without a downtime prediction")
-        elif step == "Fail":
-            return Choice(step, plain, reason, why)
-        elif step == "Abort":
-            break
-    return Choice("Abort", plain, reason, f"{why}; not migrating until its dirty rate is known")
+    return Choice("Abort", plain, reason, f"{why}; not migrating until its dirty rate is known "
+                  "(nor stopping or failing it)")
 
 
 def choose(vmi: VMIInfo, rules: Rules, estimator: Estimator, node_bandwidth: float | None,

@@ -460,9 +460,9 @@ def _predictions(s: PolicySnapshot) -> tuple[bool, str, str] | None:
     as not predicted to fit."""
     if not rate_matters(s.spec.max_downtime, s.spec.on_downtime_exceeded):
         return None
-    rule = ("only the steps of onDowntimeExceeded that do not depend on the dirty rate are "
-            "taken (PostCopy within maxDowntime, QuickMigration, Allow, Fail), AutoConverge is "
-            "passed over and Abort waits")
+    rule = ("only the steps of onDowntimeExceeded whose outcome is acceptable whatever the "
+            "dirty rate are taken (PostCopy within maxDowntime, Allow); otherwise the VM waits "
+            "(AutoConverge, QuickMigration and Fail are passed over)")
     if not s.metrics_source:
         return False, NO_METRICS_SOURCE, (
             "no metrics source (virtshift run --metrics-source): the dirty rates of the "
