@@ -373,13 +373,28 @@ def test_a_drain_deletes_only_the_sources_of_its_own_incarnations_moves() -> Non
     rules = {"ns/a": Rules(policy="p", storage=StorageMigration.model_validate(
         {"targetStorageClass": "local", "sourceClaims": "Delete"}))}
 
-    def deleted(owner_uid: str) -> list[str]:
+    def deleted(owner_uid: str, begun_under: str | None = "Delete") -> list[str]:
         cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
-                                          owner="drain.d", vm="a", owner_uid=owner_uid))
+                                          owner="drain.d", vm="a", owner_uid=owner_uid,
+                                          source_claims=begun_under))
         return plan_drain(drain_snap([done], cs, vmis=[vmi("a", node_name="n2")], rules=rules,
                                      uid="uid-now")).delete_claims
     assert deleted("uid-now") == ["ns/a-root"]
+    assert deleted("uid-now", begun_under=None) == ["ns/a-root"]  # written before it was kept
     assert deleted("uid-before") == []
+    # Begun with no policy (Keep); the policy that says Delete came later.
+    assert deleted("uid-now", begun_under="Keep") == []
+
+
+def test_a_move_begun_under_keep_keeps_its_source_after_the_policy_says_delete() -> None:
+    done = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root", vm="a",
+                                      source_claims="Keep"))
+    assert plan_policy_storage(policy_snapshot([done], cs, spec={"sourceClaims": "Delete"})
+                               ).delete == []
+    began = plan_policy_storage(policy_snapshot([vm("b")], claims(claim("b-root")),
+                                                spec={"sourceClaims": "Delete"}))
+    assert [c.source_claims for c in began.create] == ["Delete"]
 
 
 def test_owners_are_told_apart_by_uid_and_old_claims_by_name() -> None:

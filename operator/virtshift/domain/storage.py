@@ -58,6 +58,10 @@ SOURCE_UID_ANNOTATION = "virtshift.io/source-claim-uid"
 # completes it then). They outlive the VM, which is what decides a claim whose VM is gone.
 COMPLETED_ANNOTATION = "virtshift.io/move-completed"
 ABANDONED_ANNOTATION = "virtshift.io/move-abandoned"
+# On a destination claim: the sourceClaims rule in force when its move began (Keep or Delete).
+# A source is deleted only when both it and the rule in force now say Delete: a move begun
+# under Keep keeps its source whatever policy governs the VM later.
+SOURCE_CLAIMS_ANNOTATION = "virtshift.io/source-claims"
 # On a StorageClass, set by the cluster's admin: its volumes are pinned to one node (besides
 # what a PV's nodeAffinity says), and its sustained copy bandwidth (for predictions).
 NODE_LOCAL_ANNOTATION = "virtshift.io/node-local"
@@ -105,6 +109,7 @@ class ClaimInfo:
     source_uid: str = ""  # a destination of ours: its source's UID ("": likewise)
     completed: bool = False  # COMPLETED_ANNOTATION
     abandoned: bool = False  # ABANDONED_ANNOTATION
+    source_claims: str | None = None  # SOURCE_CLAIMS_ANNOTATION (None: not recorded)
 
     @property
     def key(self) -> str:
@@ -185,6 +190,7 @@ class NewClaim:
     started: dt.datetime | None = None  # when the move began (the operator's clock)
     owner_uid: str = ""
     source_uid: str = ""
+    source_claims: str = str(SourceClaims.KEEP)  # the rule in force when the move began
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,14 @@ def holds(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]) -> Holds:
         if c.source_claim and not c.terminating:
             by.setdefault(f"{c.namespace}/{c.source_claim}", []).append((REF_CLAIM, c.key))
     return Holds({k: tuple(v) for k, v in by.items()}, frozenset(templates))
+
+
+def finished_copies(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
+                    ) -> frozenset[tuple[str, str]]:
+    """(source key, destination key) of every finished move: the one hold on a source that
+    sourceClaims Delete may remove it under."""
+    return frozenset((f"{vm.namespace}/{src}", f"{vm.namespace}/{dst}") for vm in vms
+                     for src, dst in moved(vm, claims).values())
 
 
 def describe(refs: Sequence[tuple[str, str]]) -> str:
@@ -470,7 +484,8 @@ def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str,
             else src.access_modes,
             volume_mode=str(spec.volume_mode) if spec and spec.volume_mode else src.volume_mode,
             source=src.name, vm=vm.name, moved_by=owner.moved_by, started=now,
-            owner_uid=owner.uid, source_uid=src.uid))
+            owner_uid=owner.uid, source_uid=src.uid,
+            source_claims=str(spec.source_claims if spec else SourceClaims.KEEP)))
         update[v.name] = name
         targets.add(cls)
         sources.add(src.storage_class or "")
@@ -693,16 +708,18 @@ def stuck(vm: VMStorage, failures: int = 0, max_attempts: int = 0) -> tuple[str,
 
 def sources_to_delete(owner: Owner, vm: VMStorage, claims: Mapping[str, ClaimInfo],
                       h: Holds) -> list[str]:
-    """sourceClaims: Delete. The sources of this VM's finished moves that ``owner`` made
-    (same UID) -- never those of another owner's move, which its own sourceClaims decides --
-    once nothing but the finished move's destination refers to them (no VM, no other claim
-    copying it, KubeVirt's objects checked again by k8s.storage before the delete)."""
+    """sourceClaims: Delete (the caller's rule in force now). The sources of this VM's
+    finished moves that ``owner`` made (same UID) and began under Delete too -- never those of
+    another owner's move, nor of a move begun under Keep -- once nothing but the finished
+    move's destination refers to them (no VM, no other claim copying it; k8s.storage checks
+    everything again right before the delete)."""
     out = []
     for source, dest in moved(vm, claims).values():
         d = claims[f"{vm.namespace}/{dest}"]
         c = claims.get(f"{vm.namespace}/{source}")
         if c is None or c.terminating or not owner.made(d) or (
-                d.source_uid and c.uid != d.source_uid):
+                d.source_uid and c.uid != d.source_uid) or \
+                d.source_claims not in (None, SourceClaims.DELETE):
             continue
         if set(h.by.get(c.key, ())) <= {(REF_CLAIM, d.key)}:
             out.append(c.key)

@@ -144,7 +144,8 @@ def reconcile(name: str) -> dt.datetime | None:
         if model.spec.storage is not None:
             governed = set(dpolicy.governed(name, policies, vmis))
             moves = _storage_moves(name, model, now, governed,
-                                   window_open=decision.status.window_open is not False)
+                                   window_open=decision.status.window_open is not False,
+                                   uid=meta["uid"])
             decision = dataclasses.replace(
                 decision, status=decision.status.model_copy(update={"storage": moves.status}),
                 events=[*decision.events, *moves.events])
@@ -182,7 +183,7 @@ def _forget_metrics(name: str) -> None:
 
 
 def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str],
-                   window_open: bool) -> dstorage.StorageDecision:
+                   window_open: bool, uid: str) -> dstorage.StorageDecision:
     """spec.storage: move the governed VMs' disks (mode Always), delete what leaks."""
     st = state()
     cluster = st.rt.cluster
@@ -199,7 +200,7 @@ def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed
         max_parallel=spec.max_parallel_migrations,
         bandwidth_per_migration=parse_quantity(spec.bandwidth_per_migration)
         if spec.bandwidth_per_migration else None,
-        max_attempts=spec.max_attempts, failed_attempts=failed, ended=ended))
+        max_attempts=spec.max_attempts, failed_attempts=failed, ended=ended, uid=uid))
     problems: list[str] = []
     kstorage.apply(cluster, decision.create, decision.update, decision.delete, problems)
     decision.events.extend(("Warning", "WriteFailed", p) for p in problems[:5])
@@ -214,16 +215,20 @@ def _cancel_storage(name: str, obj: JSON) -> str | None:
     cluster = state().rt.cluster
     seen = cluster.storage_views()
     claims, everyone = seen["claims"], list(seen["storage"].values())
-    undo = dstorage.cancel_policy_storage(name, everyone, claims)
+    uid = obj["metadata"].get("uid", "")
+    undo = dstorage.cancel_policy_storage(name, everyone, claims, uid)
     problems: list[str] = []
-    kstorage.apply(cluster, [], undo.update, undo.delete, problems)
+    # A claim something else refers to (a snapshot of it, say) is the claims collector's
+    # once this policy is gone: no reason to wait for it.
+    held = kstorage.apply(cluster, [], undo.update, undo.delete, problems)
+    deleting = [k for k in undo.delete if k not in held]
     for vm in undo.update:
         state().rt.actions.event(_for_events(obj), "Normal", "StorageMoveCancelled",
             f"{vm.namespace}/{vm.vm}: back on its source volumes")
-    waiting = dstorage.cancel_pending(name, everyone, claims)
-    if not (undo.update or undo.delete or waiting or problems):
+    waiting = dstorage.cancel_pending(name, everyone, claims, uid)
+    if not (undo.update or deleting or waiting or problems):
         return None
-    return (f"cancelling storage moves: {len(undo.update)} VMs reverted, {len(undo.delete)} "
+    return (f"cancelling storage moves: {len(undo.update)} VMs reverted, {len(deleting)} "
             f"destination claims deleted, {waiting} still in use"
             + (f"; failed: {'; '.join(problems[:3])}" if problems else ""))
 

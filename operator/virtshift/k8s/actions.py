@@ -130,7 +130,7 @@ class Actions:
             *((f"stop {s.key}", lambda s=s: self.halt(s, name)) for s in d.halt),
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
-            *((f"delete claim {k}", lambda k=k: kstorage.delete_claim(self.cluster, k))
+            *((f"delete claim {k}", lambda k=k: kstorage.delete_checked(self.cluster, k))
               for k in d.delete_claims),
             *last,
         ]
