@@ -32,9 +32,7 @@ from virtshift.k8s.rest import JSON, ApiError
 
 log = logging.getLogger(__name__)
 VOLUME_UPDATE_LABEL = "kubevirt.io/volume-update-migration"
-# Wall seconds a discovery answer (is the kind served, at which version) is reused, and a claim
-# found held by one of these objects is not looked at again (nor deleted).
-DISCOVERY_SECONDS = 300.0
+# Wall seconds a claim found held is not looked at again (nor deleted).
 HELD_SECONDS = 30.0
 
 
@@ -61,13 +59,13 @@ REFERENCE_KINDS = (
 
 
 class _Memo:
-    """Discovery answers and claims found held, per API server, each for a while: the reads
-    the guard makes are bounded (a list per kind and namespace only when a claim there is
-    about to be deleted, and no sooner than HELD_SECONDS again for a claim found held)."""
+    """Claims found held, per API server, for HELD_SECONDS: the reads the guard makes are
+    bounded (a discovery and a list per kind and namespace only when a claim there is about
+    to be deleted, and no sooner than HELD_SECONDS again for a claim found held). Discovery
+    answers are not kept: a kind installed since must count at once."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.versions: dict[tuple[str, str], tuple[float, str | None]] = {}
         self.held: dict[tuple[str, str], tuple[float, str]] = {}  # (server, claim uid)
 
 
@@ -170,22 +168,13 @@ def mark(cluster: Cluster, key: str, annotation: str, value: str) -> None:
 
 def _served_version(cluster: Cluster, group: str) -> str | None:
     """The preferred version of an API group, or None when the cluster does not serve it."""
-    now = time.monotonic()
-    memo_key = (cluster.kube.server, group)
-    with _memo.lock:
-        hit = _memo.versions.get(memo_key)
-    if hit is not None and now - hit[0] < DISCOVERY_SECONDS:
-        return hit[1]
     try:
         found = cluster.kube.request("GET", f"/apis/{group}")
-        version = (found.get("preferredVersion") or {}).get("version")
     except ApiError as exc:
-        if not exc.not_found:
-            raise
-        version = None
-    with _memo.lock:
-        _memo.versions[memo_key] = (now, version)
-    return version
+        if exc.not_found:
+            return None
+        raise
+    return (found.get("preferredVersion") or {}).get("version")
 
 
 def external_references(cluster: Cluster, namespaces: set[str]
