@@ -420,9 +420,15 @@ def test_owners_are_told_apart_by_uid_and_old_claims_by_name() -> None:
     ("the VM points elsewhere", {}, [vm("a", "other", "other")], [claim("other")], False,
      storage.OUTCOME_UNKNOWN),
     ("cancelled or failed: the VM runs on the source", {}, [vm("a")], [], True,
-     storage.MOVE_REVERTED),
+     storage.MOVE_SUPERSEDED),
+    ("another owner repointed the VM while its VMI still runs on the source", {},
+     [vm("a", "E", "a-root", vmi_claim="E")], [dest("E", "a-root", owner="drain.d")], True,
+     storage.MOVE_SUPERSEDED),
+    ("another owner's copy of the same source completed instead", {},
+     [vm("a", "E", "E")], [dest("E", "a-root", owner="drain.d")], True,
+     storage.MOVE_SUPERSEDED),
     ("never started: the VM update did not go through", {}, [vm("a")], [], True,
-     storage.MOVE_REVERTED),
+     storage.MOVE_SUPERSEDED),
     ("its VMI ended before the move completed", {"abandoned": True}, [], [], True,
      storage.MOVE_ABANDONED),
     ("abandoned, but the source is gone", {"abandoned": True, "source_uid": "gone"}, [], [],
@@ -452,6 +458,9 @@ def test_a_destination_is_deleted_only_when_unused_and_its_data_is_on_its_source
      [("ns/D", storage.ABANDONED_ANNOTATION)]),
     ("the VMI is being deleted after the move", vm("a", "D", "D", vmi_ended=True),
      [("ns/D", storage.COMPLETED_ANNOTATION)]),
+    ("the VMI is being deleted while KubeVirt has not taken a revert yet",
+     vm("a", "a-root", "a-root", vmi_claim="D", vmi_ended=True),
+     [("ns/D", storage.ABANDONED_ANNOTATION)]),
 ])
 def test_how_a_move_ended_is_recorded_on_its_destination(case, the_vm, marks) -> None:
     cs = claims(claim("a-root"), dest("D", "a-root", vm="a"))
@@ -476,7 +485,7 @@ def test_a_drain_gone_with_reverts_pending_leaves_no_destination_behind() -> Non
     assert storage.collect([vm("a")], cs, owners={"drain.d": "uid-d"}).delete == []
     gone = storage.collect([vm("a")], cs, owners={"drain.d": "uid-new-incarnation"})
     assert [(k, v.reason) for k, v in gone.delete] == [("ns/a-root-vs-000001",
-                                                        storage.MOVE_REVERTED)]
+                                                        storage.MOVE_SUPERSEDED)]
 
 
 def test_a_vm_deleted_mid_move_leaves_no_destination_behind() -> None:

@@ -53,9 +53,11 @@ STARTED_ANNOTATION = "virtshift.io/move-started"
 # existed have neither: their owner is matched by name, their source by name.
 OWNER_UID_ANNOTATION = "virtshift.io/owner-uid"
 SOURCE_UID_ANNOTATION = "virtshift.io/source-claim-uid"
+VM_UID_ANNOTATION = "virtshift.io/vm-uid"  # the VM it was made for (a VM made again is another)
 # On a destination claim, written once when virtshift sees it (outcome_marks): the VM ran on
-# it (the move completed), or its VMI ended before the move completed (KubeVirt never
-# completes it then). They outlive the VM, which is what decides a claim whose VM is gone.
+# it (the move completed), or its VM's VMI ended without running on it (KubeVirt never
+# completes that move then). They outlive the VM, which is what decides a claim whose VM is
+# gone. An owner that makes the same destination again clears the second (k8s.storage).
 COMPLETED_ANNOTATION = "virtshift.io/move-completed"
 ABANDONED_ANNOTATION = "virtshift.io/move-abandoned"
 # On a destination claim: the sourceClaims rule in force when its move began (Keep or Delete).
@@ -76,8 +78,8 @@ MANUAL_RECOVERY = "ManualRecoveryRequired"
 VOLUME_UPDATE_REFUSED = "VolumeUpdateRefused"
 
 # Why a destination claim is deleted (verdict) ...
-MOVE_REVERTED = "MoveReverted"  # its VM runs on the source again
-MOVE_ABANDONED = "MoveAbandoned"  # its VMI ended before the move completed
+MOVE_SUPERSEDED = "MoveSuperseded"  # its VM runs on its source, or on another copy of it
+MOVE_ABANDONED = "MoveAbandoned"  # its VM's VMI ended without running on it
 # ... or kept.
 CLAIM_IN_USE = "ClaimInUse"  # something refers to it
 MOVE_COMPLETED = "MoveCompleted"  # its VM ran on it: it holds (or held) the VM's data
@@ -110,6 +112,7 @@ class ClaimInfo:
     completed: bool = False  # COMPLETED_ANNOTATION
     abandoned: bool = False  # ABANDONED_ANNOTATION
     source_claims: str | None = None  # SOURCE_CLAIMS_ANNOTATION (None: not recorded)
+    vm_uid: str = ""  # VM_UID_ANNOTATION ("": not recorded)
 
     @property
     def key(self) -> str:
@@ -167,6 +170,7 @@ class VMStorage:
     restart_required: str | None = None  # the VM's RestartRequired condition message
     manual_recovery: str | None = None  # the VM's ManualRecoveryRequired condition
     vmi_ended: bool = False  # the VMI is being deleted or final: no move of it completes now
+    uid: str = ""  # the VM's
     # Every claim the VM (volumes, dataVolumeTemplates) or its VMI (spec.volumes,
     # status.migratedVolumes) names, beyond ``volumes``: none of them is deleted.
     named: frozenset[str] = frozenset()
@@ -191,6 +195,7 @@ class NewClaim:
     owner_uid: str = ""
     source_uid: str = ""
     source_claims: str = str(SourceClaims.KEEP)  # the rule in force when the move began
+    vm_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -290,15 +295,19 @@ class Holds:
     deletion."""
 
     by: Mapping[str, tuple[tuple[str, str], ...]]  # claim key -> ((kind, namespace/name), ...)
-    templates: frozenset[str]  # claim keys a VM's template names
+    # Claim keys that hold a VM's data now -- its VMI runs on them (the domain's disks), or its
+    # template names them (and no VMI runs) -- and, through the destinations' source
+    # annotations, every claim that data was copied from.
+    current: frozenset[str]
 
 
 def holds(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]) -> Holds:
     by: dict[str, list[tuple[str, str]]] = {}
-    templates: set[str] = set()
+    current: set[str] = set()
     for vm in vms:
         in_template = {v.claim for v in vm.volumes if v.claim}
-        templates |= {f"{vm.namespace}/{c}" for c in in_template}
+        current |= {f"{vm.namespace}/{c}" for v in vm.volumes
+                    if (c := v.running_claim if v.running_claim else v.claim)}
         for c in in_template | vm.named:
             by.setdefault(f"{vm.namespace}/{c}", []).append((REF_VM, vm.key))
         for c in {x for v in vm.volumes for x in (v.running_claim, v.vmi_claim) if x}:
@@ -306,7 +315,20 @@ def holds(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]) -> Holds:
     for c in claims.values():
         if c.source_claim and not c.terminating:
             by.setdefault(f"{c.namespace}/{c.source_claim}", []).append((REF_CLAIM, c.key))
-    return Holds({k: tuple(v) for k, v in by.items()}, frozenset(templates))
+    return Holds({k: tuple(v) for k, v in by.items()}, _with_ancestors(current, claims))
+
+
+def _with_ancestors(keys: set[str], claims: Mapping[str, ClaimInfo]) -> frozenset[str]:
+    """``keys`` and the claims they were copied from, transitively."""
+    out, todo = set(keys), list(keys)
+    while todo:
+        c = claims.get(todo.pop())
+        if c is not None and c.source_claim:
+            source = f"{c.namespace}/{c.source_claim}"
+            if source not in out:
+                out.add(source)
+                todo.append(source)
+    return frozenset(out)
 
 
 def finished_copies(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
@@ -330,10 +352,12 @@ class Verdict(NamedTuple):
 def verdict(c: ClaimInfo, claims: Mapping[str, ClaimInfo], h: Holds) -> Verdict:
     """Whether a destination claim of ours may be deleted, by whoever may delete it: only
     when nothing refers to it and its data is provably on its source, which still exists --
-    its VM runs on the source again (a cancelled, failed or never-started move), or its VMI
-    ended before the move completed (KubeVirt then never completes it). Never once its VM ran
+    its VM runs on the source (a cancelled, failed or never-started move), or on a later copy
+    of the source (another owner's move won), or its VMI ended before the move completed
+    (KubeVirt then never completes it). Never once its VM ran
     on it, never when its source is gone (it may be the only copy), and never when its VM is
-    gone without virtshift having seen how its move ended (it may hold the newest data)."""
+    gone, or runs on a third claim, without virtshift having seen how its move ended (it may
+    hold the newest data)."""
     refs = h.by.get(c.key)
     if refs:
         return Verdict(False, CLAIM_IN_USE, f"{describe(refs)} refers to it")
@@ -344,10 +368,11 @@ def verdict(c: ClaimInfo, claims: Mapping[str, ClaimInfo], h: Holds) -> Verdict:
         return Verdict(False, ONLY_COPY, f"its source {c.source_claim} is gone: it may hold "
                        "the only copy of the data")
     if c.abandoned:
-        return Verdict(True, MOVE_ABANDONED, f"VM {c.vm}'s VMI ended before the move "
-                       f"completed; the data is on {src.name}")
-    if src.key in h.templates:
-        return Verdict(True, MOVE_REVERTED, f"its VM runs on {src.name} again")
+        return Verdict(True, MOVE_ABANDONED, f"VM {c.vm}'s VMI ended without running on it; "
+                       f"the data is on {src.name} or on a later copy of it")
+    if src.key in h.current:
+        return Verdict(True, MOVE_SUPERSEDED, f"its VM runs on {src.name} or on a later copy "
+                       "of it")
     return Verdict(False, OUTCOME_UNKNOWN, f"VM {c.vm} is gone (or points elsewhere) and "
                    f"virtshift never saw whether it ran on this claim or on {src.name}: "
                    "kept, as it may hold the newest copy; delete it by hand if it does not")
@@ -367,27 +392,35 @@ def deletable_destinations(owner: Owner, vms: Sequence[VMStorage],
 def outcome_marks(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
                   ) -> list[tuple[str, str]]:
     """(claim key, annotation) of the outcomes seen now and not recorded yet: the VM and its
-    VMI run on a destination (COMPLETED_ANNOTATION), or the VMI ended -- being deleted or
-    final, or KubeVirt's ManualRecoveryRequired -- while a volume the VM points at a
-    destination did not run on it yet (ABANDONED_ANNOTATION). KubeVirt completes no
-    migration of a VMI being deleted or final: virt-handler's migration-source.go and
-    migration-target.go ``execute`` only clean up after such a VMI, and the VM controller
-    records ManualRecoveryRequired (vm.go ``syncVolumeMigration``) when the VMI went away
-    mid volume migration."""
+    VMI run on a destination (COMPLETED_ANNOTATION); or the VMI ended -- being deleted or
+    final, or KubeVirt's ManualRecoveryRequired -- without running on a destination that the
+    VM or the VMI points at, or that was made for this VM (ABANDONED_ANNOTATION). KubeVirt
+    completes no migration of a VMI being deleted or final: virt-handler's
+    migration-source.go and migration-target.go ``execute`` only clean up after such a VMI,
+    and the VM controller records ManualRecoveryRequired (vm.go ``syncVolumeMigration``)
+    when the VMI went away mid volume migration."""
     out = []
     for vm in vms:
         for _volume, (_src, dst) in moved(vm, claims).items():
             c = claims[f"{vm.namespace}/{dst}"]
             if not c.completed:
                 out.append((c.key, COMPLETED_ANNOTATION))
-        if not (vm.vmi_ended or vm.manual_recovery):
-            continue
-        for v in vm.volumes:
-            c = _claim(vm, claims, v.claim)
-            if c is not None and c.source_claim and v.running_claim != v.claim \
-                    and not (c.completed or c.abandoned):
-                out.append((c.key, ABANDONED_ANNOTATION))
+        if vm.vmi_ended or vm.manual_recovery:
+            out += [(c.key, ABANDONED_ANNOTATION) for c in _never_ran(vm, claims)]
     return sorted(set(out))
+
+
+def _never_ran(vm: VMStorage, claims: Mapping[str, ClaimInfo]) -> list[ClaimInfo]:
+    """The destinations, not known to have completed, that this VM's ended VMI does not run
+    on: those the VM's template or the VMI's spec name (a move under way, or a revert
+    KubeVirt had not taken yet), and those made for this VM (same UID: a VM made again under
+    the name is another) that nothing points at any more (another owner's move won)."""
+    runs = {v.running_claim for v in vm.volumes}
+    pointed = {n for v in vm.volumes for n in (v.claim, v.vmi_claim) if n} - runs
+    return [c for c in claims.values()
+            if c.namespace == vm.namespace and c.source_claim and c.name not in runs
+            and not (c.completed or c.abandoned)
+            and (c.name in pointed or (vm.uid and c.vm_uid == vm.uid and c.vm == vm.name))]
 
 
 @dataclass
@@ -484,7 +517,7 @@ def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str,
             else src.access_modes,
             volume_mode=str(spec.volume_mode) if spec and spec.volume_mode else src.volume_mode,
             source=src.name, vm=vm.name, moved_by=owner.moved_by, started=now,
-            owner_uid=owner.uid, source_uid=src.uid,
+            owner_uid=owner.uid, source_uid=src.uid, vm_uid=vm.uid,
             source_claims=str(spec.source_claims if spec else SourceClaims.KEEP)))
         update[v.name] = name
         targets.add(cls)

@@ -106,6 +106,11 @@ def create_claim(cluster: Cluster, c: NewClaim) -> None:
             # Another owner's, or a predecessor's of the same name: it goes when its own
             # owner or the claims collector deletes it, and then this one is made.
             raise ClaimTaken(f"{c.namespace}/{c.name}") from exc
+        if info.abandoned:
+            # The same move made again: what was recorded of its last try no longer holds.
+            created = cluster.kube.patch(rest.PVCS, c.name, {"metadata": {
+                "resourceVersion": created["metadata"]["resourceVersion"],
+                "annotations": {dstorage.ABANDONED_ANNOTATION: None}}}, c.namespace)
     cluster.pvcs.put(created)
 
 

@@ -20,6 +20,7 @@ from virtshift.domain.storage import (
     SOURCE_UID_ANNOTATION,
     STARTED_ANNOTATION,
     VM_LABEL,
+    VM_UID_ANNOTATION,
     ClaimInfo,
     ClassInfo,
     NewClaim,
@@ -369,7 +370,8 @@ def vm_storage(vm: JSON, vmi: JSON | None) -> StorageView:
     restart = vm_conditions.get("RestartRequired")
     recovery = vm_conditions.get("ManualRecoveryRequired")
     return StorageView(
-        namespace=meta["namespace"], name=meta["name"], volumes=tuple(volumes),
+        namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid", ""),
+        volumes=tuple(volumes),
         running=bool(vmi) and vmi_status.get("phase") == "Running",
         migrating_volumes=bool(vmi_status.get("migratedVolumes")),
         volumes_change=None if change is None else change.get("status") == "True",
@@ -419,7 +421,8 @@ def claim_info(pvc: JSON, pv: JSON | None) -> ClaimInfo:
         or "", source_uid=annotations.get(SOURCE_UID_ANNOTATION) or "",
         completed=COMPLETED_ANNOTATION in annotations,
         abandoned=ABANDONED_ANNOTATION in annotations,
-        source_claims=annotations.get(SOURCE_CLAIMS_ANNOTATION))
+        source_claims=annotations.get(SOURCE_CLAIMS_ANNOTATION),
+        vm_uid=annotations.get(VM_UID_ANNOTATION) or "")
 
 
 # What else may refer to a claim (k8s.storage checks them right before deleting one): the claim
@@ -469,7 +472,8 @@ def destination_claim(c: NewClaim) -> JSON:
     rule its move began under too)."""
     uids = {k: v for k, v in ((OWNER_UID_ANNOTATION, c.owner_uid),
                               (SOURCE_UID_ANNOTATION, c.source_uid),
-                              (SOURCE_CLAIMS_ANNOTATION, c.source_claims)) if v}
+                              (SOURCE_CLAIMS_ANNOTATION, c.source_claims),
+                              (VM_UID_ANNOTATION, c.vm_uid)) if v}
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
         "name": c.name, "namespace": c.namespace,
         "labels": {SOURCE_CLAIM_LABEL: label_value(c.source), MOVED_BY_LABEL: label_value(
