@@ -10,11 +10,13 @@ yet (copying), both point at it (done), or neither (idle, or reverted). Cancelli
 back at its sources, which KubeVirt takes as a cancellation (``VolumeMigrationCancel``).
 
 What may be deleted (docs/storage-migration.md, "Ownership and deletion"): every destination
-records its owner (kind, name and UID) and its source (name and UID). A destination is deleted
-only by its owner (same UID), or by the claims collector once that owner is gone, and only
-when nothing refers to it (``holds``) and its data is provably on its source (``verdict``):
-its VM runs on the source again, or its VMI ended before the move completed. A source is
-deleted (``sourceClaims: Delete``) only by the owner of the finished move that copied it.
+records its owner (kind, name and UID), its source and its VM (names and UIDs) and the
+sourceClaims rule its move began under. A destination is deleted only by its owner (same UID),
+or by the claims collector once that owner is gone, and only when nothing refers to it
+(``holds``) and its data is provably on its source (``verdict``): its VM runs on the source or
+on a later copy of it, or its VM's VMI ended without running on it (``outcome_marks``). A
+source is deleted (``sourceClaims: Delete``) only by the owner of the finished move that copied
+it, begun under Delete (``sources_to_delete``).
 
 Pure: the k8s layer builds these views and carries out the decisions.
 """
