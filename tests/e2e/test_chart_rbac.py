@@ -98,7 +98,6 @@ TABLE = [
     ("create", "events", "apps", True),
     ("create", "persistentvolumeclaims", "apps", True),  # storage migration (issue 10)
     ("patch", "persistentvolumeclaims", "apps", True),  # a move's outcome (issue 20)
-    ("list", "volumesnapshots.snapshot.storage.k8s.io", "apps", True),  # before a delete
     ("get", "leases.coordination.k8s.io/virtshift", NS, True),
     ("update", "leases.coordination.k8s.io/virtshift", NS, True),
     # refused: everything else
@@ -117,7 +116,6 @@ TABLE = [
     ("create", "nodedrains.virtshift.io", None, False),
     ("delete", "nodedrains.virtshift.io", None, False),
     ("delete", "persistentvolumes", None, False),
-    ("delete", "volumesnapshots.snapshot.storage.k8s.io", "apps", False),
     ("update", "leases.coordination.k8s.io/other", NS, False),
     ("update", "leases.coordination.k8s.io/virtshift", "kube-system", False),
     ("create", "serviceaccounts/token", NS, False),
