@@ -75,6 +75,9 @@ class Collector:
         return out
 
     def decide(self) -> dstorage.Collection:
+        if not any(dstorage.MOVED_BY_LABEL in (c["metadata"].get("annotations") or {})
+                   for c in self.cluster.pvcs.values()):
+            return dstorage.Collection()  # no claim of ours: nothing to look at
         seen = self.cluster.storage_views()
         return dstorage.collect(list(seen["storage"].values()), seen["claims"], self.owners())
 

@@ -242,6 +242,8 @@ def guard(cluster: Cluster, keys: list[str], failed: list[str]
         if by:
             held[k] = dstorage.describe(by)
             with _memo.lock:
+                _memo.held = {key: hit for key, hit in _memo.held.items()
+                              if now - hit[0] < HELD_SECONDS}
                 _memo.held[(cluster.kube.server, meta.get("uid", ""))] = (now, held[k])
         else:
             free.append((k, meta.get("uid", ""), meta.get("resourceVersion", "")))
