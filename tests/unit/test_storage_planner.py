@@ -511,3 +511,45 @@ def test_a_vm_deleted_mid_move_leaves_no_destination_behind() -> None:
     # Its owner, still there, deletes it itself.
     policy = storage.Owner("policy", "p", "u")
     assert storage.deletable_destinations(policy, [], marked) == ["ns/a-root-vs-000001"]
+
+
+def test_what_a_destination_records_is_read_back() -> None:
+    from virtshift.k8s import views
+
+    src = claim("a-root")
+    move = storage.plan_move(vm("a"), vm("a").volumes, claims(src), "ceph", StorageMigration(
+        targetStorageClass="ceph", sourceClaims="Delete"), storage.Owner("policy", "p", "u-p"),
+        {}, NOW)
+    body = views.destination_claim(move.claims[0])
+    body["metadata"]["uid"] = "u-d"
+    back = views.claim_info(body, None)
+    assert (back.moved_by, back.owner_uid, back.source_claim, back.source_uid, back.vm,
+            back.source_claims) == ("policy.p", "u-p", "a-root", "uid-a-root", "a", "Delete")
+    assert body["metadata"]["labels"][storage.OWNER_UID_ANNOTATION] == "u-p"
+    assert not (back.completed or back.abandoned)
+    # Written before owners' UIDs were recorded: matched by name, rule unknown.
+    old = {"metadata": {"name": "x", "namespace": "ns", "annotations": {
+        storage.MOVED_BY_LABEL: "drain.d", storage.SOURCE_CLAIM_LABEL: "s"}}}
+    legacy = views.claim_info(old, None)
+    assert (legacy.owner_uid, legacy.source_uid, legacy.source_claims) == ("", "", None)
+    assert storage.Owner("drain", "d", "any").made(legacy)
+
+
+@pytest.mark.parametrize("fn, obj, names", [
+    ("data_volume_claims", {"metadata": {"name": "dv", "namespace": "ns"},
+                            "spec": {"source": {"pvc": {"name": "golden", "namespace": "ns"}}}},
+     ["dv", "golden"]),
+    ("data_volume_claims", {"metadata": {"name": "dv", "namespace": "ns"},
+                            "spec": {"source": {"pvc": {"name": "x", "namespace": "other"}}}},
+     ["dv"]),
+    ("volume_snapshot_claims", {"spec": {"source": {"persistentVolumeClaimName": "c"}}}, ["c"]),
+    ("vm_snapshot_content_claims", {"spec": {"volumeBackups": [
+        {"volumeName": "root", "persistentVolumeClaim": {"metadata": {"name": "c"}}}]}}, ["c"]),
+    ("vm_export_claims", {"spec": {"source": {"kind": "PersistentVolumeClaim", "name": "c"}}},
+     ["c"]),
+    ("vm_export_claims", {"spec": {"source": {"kind": "VirtualMachine", "name": "vm"}}}, []),
+])
+def test_the_objects_outside_the_caches_that_refer_to_a_claim(fn, obj, names) -> None:
+    from virtshift.k8s import views
+
+    assert getattr(views, fn)(obj) == names
