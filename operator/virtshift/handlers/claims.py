@@ -144,4 +144,3 @@ def stop() -> None:
     if _collector is not None:
         _collector.stop()
         _collector = None
-

@@ -241,6 +241,7 @@ def guard(cluster: Cluster, keys: list[str], failed: list[str]
               if not (r[0] == dstorage.REF_CLAIM and (k, r[1]) in copied)] + outside.get(k, [])
         if by:
             held[k] = dstorage.describe(by)
+            log.info("storage: not deleting claim %s: %s refers to it", k, held[k])
             with _memo.lock:
                 _memo.held = {key: hit for key, hit in _memo.held.items()
                               if now - hit[0] < HELD_SECONDS}
@@ -288,8 +289,6 @@ def delete_claims(cluster: Cluster, keys: list[str], failed: list[str]
         except ApiError as exc:
             if not exc.conflict:  # changed since it was checked: decided again next pass
                 failed.append(f"delete claim {key}: {exc}")
-    for key, why in held.items():
-        log.info("storage: not deleting claim %s: %s refers to it", key, why)
     return deleted, held
 
 
