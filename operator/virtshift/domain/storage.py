@@ -356,10 +356,9 @@ def verdict(c: ClaimInfo, claims: Mapping[str, ClaimInfo], h: Holds) -> Verdict:
     when nothing refers to it and its data is provably on its source, which still exists --
     its VM runs on the source (a cancelled, failed or never-started move), or on a later copy
     of the source (another owner's move won), or its VMI ended before the move completed
-    (KubeVirt then never completes it). Never once its VM ran
-    on it, never when its source is gone (it may be the only copy), and never when its VM is
-    gone, or runs on a third claim, without virtshift having seen how its move ended (it may
-    hold the newest data)."""
+    (KubeVirt then never completes it). Never once its VM ran on it, never when its source is
+    gone (it may be the only copy), and never when its VM is gone, or runs on a third claim,
+    without virtshift having seen how its move ended (it may hold the newest data)."""
     refs = h.by.get(c.key)
     if refs:
         return Verdict(False, CLAIM_IN_USE, f"{describe(refs)} refers to it")

@@ -194,7 +194,8 @@ def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed
     failed, ended = kstorage.copy_history(cluster, everyone, claims)
     decision = dstorage.plan_policy_storage(dstorage.PolicyStorageSnapshot(
         policy=name, spec=spec.storage, now=now,
-        governed={k: v for k, v in everyone.items() if k in governed and v.running},
+        governed={k: v for k, v in everyone.items()
+                  if k in governed and v.running and not v.vmi_ended},
         everyone=list(everyone.values()), claims=claims, classes=seen["classes"],
         updates_migrate=seen["updates_migrate"], may_start=window_open,
         max_parallel=spec.max_parallel_migrations,
