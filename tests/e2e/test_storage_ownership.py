@@ -184,6 +184,11 @@ def test_a_destination_whose_owner_is_gone_is_collected_once_nothing_holds_it(en
              what="the orphan destination collected")
     assert source in pvcs(kube)  # its VM runs on it
     assert claims_of_vm(kube.get(rest.VMS, "own-2", NS)) == {volume: source}
+    event = wait_for(lambda: next((e for e in kube.items(rest.EVENTS, namespace=NS)
+                                   if e["involvedObject"]["name"] == orphan
+                                   and e["reason"] == "DestinationDeleted"), None), 15,
+                     what="the Event saying why the claim went")
+    assert "drain.long-gone is gone" in event["message"], event["message"]
 
 
 
