@@ -97,6 +97,7 @@ TABLE = [
     ("patch", "migrationpolicies.virtshift.io/status", None, True),
     ("create", "events", "apps", True),
     ("create", "persistentvolumeclaims", "apps", True),  # storage migration (issue 10)
+    ("patch", "persistentvolumeclaims", "apps", True),  # a move's outcome (issue 20)
     ("get", "leases.coordination.k8s.io/virtshift", NS, True),
     ("update", "leases.coordination.k8s.io/virtshift", NS, True),
     # refused: everything else

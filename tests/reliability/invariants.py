@@ -30,7 +30,11 @@ from typing import Any
 from virtshift.api.kubevirt import FINAL_PHASES, IN_FLIGHT_PHASES
 from virtshift.domain.drain import CORDONED_BY, MAX_QUEUE_ROUNDS
 from virtshift.domain.rules import Rules
-from virtshift.domain.storage import MOVED_BY_LABEL, VM_LABEL
+from virtshift.domain.storage import (
+    COMPLETED_ANNOTATION,
+    MOVED_BY_LABEL,
+    SOURCE_CLAIM_LABEL,
+)
 from virtshift.k8s import rest, views
 
 JSON = dict[str, Any]
@@ -235,22 +239,31 @@ def check_settled(state: ClusterState, expect: Expect | None = None) -> list[Vio
         elif vmi not in vmis:
             out.append(Violation(ORPHAN_VMIM, f"{_key(m)} ({_phase(m)}) outlives its VMI"))
 
-    # No orphan PVC: a claim we made that its VM does not use, while nothing moves it.
+    # No orphan PVC: a destination we made whose owner is gone, that no VM or VMI names and no
+    # later move copies from, and whose data is on its source (its VM never ran on it, and the
+    # source still exists). A destination its VM ran on holds that VM's data and is kept even
+    # with its VM gone (docs/storage-migration.md, "Ownership and deletion").
+    sources = {(pvc["metadata"]["namespace"], (pvc["metadata"].get("labels") or {}).get(
+        SOURCE_CLAIM_LABEL)) for pvc in state.pvcs}
+    existing = {(pvc["metadata"]["namespace"], pvc["metadata"]["name"]) for pvc in state.pvcs
+                if not pvc["metadata"].get("deletionTimestamp")}
+    named = set(_claims_named(vms.values(), state.vmis))
     for pvc in state.pvcs:
-        labels = pvc["metadata"].get("labels") or {}
+        meta = pvc["metadata"]
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
         mover = labels.get(MOVED_BY_LABEL)
-        if not mover:
+        if not mover or meta.get("deletionTimestamp"):
             continue
-        vm_key = f"{pvc['metadata']['namespace']}/{labels.get(VM_LABEL, '')}"
-        vm = vms.get(vm_key)
-        claims = {(v.get("persistentVolumeClaim") or {}).get("claimName")
-                  for v in (((vm or {}).get("spec") or {}).get("template") or {}).get(
-                      "spec", {}).get("volumes") or []}
         kind, _, owner = mover.partition(".")
         alive = owner in drain_names if kind == "drain" else owner in {
             p["metadata"]["name"] for p in state.policies}
-        if pvc["metadata"]["name"] not in claims and not alive:
-            out.append(Violation(ORPHAN_PVC, f"{_key(pvc)} (made by {mover}) is used by no VM"))
+        here = (meta["namespace"], meta["name"])
+        source = (meta["namespace"], labels.get(SOURCE_CLAIM_LABEL))
+        if alive or here in named or here in sources or COMPLETED_ANNOTATION in annotations \
+                or source not in existing:
+            continue
+        out.append(Violation(ORPHAN_PVC, f"{_key(pvc)} (made by {mover}) is used by no VM, "
+                                         "and its data is on its source"))
 
     # Finalizers: an object being deleted still holding ours.
     for obj in [*state.drains, *state.policies]:
@@ -378,3 +391,18 @@ def duplicate_migrations(state: ClusterState, drain_uid: str) -> list[str]:
     moved = Counter(m["spec"]["vmiName"] for m in mine if _phase(m) == "Succeeded")
     return ([f"{vmi} attempt {a} x{n}" for (vmi, a), n in per_attempt.items() if n > 1]
             + [f"{vmi} moved x{n}" for vmi, n in moved.items() if n > 1])
+
+
+def _claims_named(vms: Any, vmis: Any) -> list[tuple[str, str]]:
+    """(namespace, claim) of every claim a VM's template or a VMI's spec names."""
+    out = []
+    for obj in [*vms, *vmis]:
+        spec = obj.get("spec") or {}
+        volumes = ((spec.get("template") or {}).get("spec") or {}).get("volumes") \
+            if "template" in spec else spec.get("volumes")
+        for v in volumes or []:
+            claim = (v.get("persistentVolumeClaim") or {}).get("claimName") or \
+                (v.get("dataVolume") or {}).get("name")
+            if claim:
+                out.append((obj["metadata"]["namespace"], claim))
+    return out

@@ -24,6 +24,7 @@ from virtshift.domain.storage import (
 )
 
 OWNER = "policy.p"
+P = storage.Owner("policy", "p")
 
 
 def claim(name: str, cls: str = "old", size: float = 10 * GiB, **kw: Any) -> ClaimInfo:
@@ -106,7 +107,8 @@ def policy_snapshot(vms: list[VMStorage], cs: dict[str, ClaimInfo], **kw: Any
     spec = StorageMigration.model_validate({"targetStorageClass": "new", "mode": "Always",
                                             **kw.pop("spec", {})})
     return PolicyStorageSnapshot(
-        policy="p", spec=spec, now=NOW, governed={v.key: v for v in vms}, everyone=vms,
+        policy="p", spec=spec, now=NOW,
+        governed=kw.pop("governed", None) or {v.key: v for v in vms}, everyone=vms,
         claims=cs, classes={}, updates_migrate=kw.pop("updates", True), **kw)
 
 
@@ -178,8 +180,8 @@ def test_unused_destinations_are_deleted_but_never_one_a_vmi_still_uses() -> Non
     orphan = dest("b-root-vs-000002", "b-root")
     cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root"), claim("b-root"), orphan,
                 dest("c-root-vs-000003", "c-root", owner="policy.other"))
-    assert storage.unused_destinations(OWNER, [held, vm("b")], cs) == ["ns/b-root-vs-000002"]
-    assert storage.pending_cancel(OWNER, [held, vm("b")], cs) == 1
+    assert storage.deletable_destinations(P, [held, vm("b")], cs) == ["ns/b-root-vs-000002"]
+    assert storage.pending_cancel(P, [held, vm("b")], cs) == 1
 
 
 def test_cancelling_reverts_only_this_owners_unfinished_moves() -> None:
@@ -319,3 +321,235 @@ def test_a_finished_copy_reports_its_duration() -> None:
     ours = mig("a", 1, "Succeeded", ended=NOW - dt.timedelta(seconds=30))
     d = plan_drain(drain_snap([done], cs, vmis=[vmi("a", node_name="n2")], migrations=[ours]))
     assert entry(d, "a").volumes[0].duration_seconds == 60.0
+
+
+# -- what may be deleted: ownership, references, where the data is (issue 20) -------------------
+
+
+def test_a_finished_moves_claim_survives_its_vms_deletion() -> None:
+    """The VM was deleted with its claims kept after its move had finished: the destination
+    holds its data (the source is older). None of the owner's passes deletes it."""
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root", vm="a"))
+    assert plan_policy_storage(policy_snapshot([], cs)).delete == []
+    assert plan_policy_storage(policy_snapshot([], cs, spec={"mode": "OnDrain"})).delete == []
+    assert storage.cancel_policy_storage("p", [], cs).delete == []
+    local_cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                            owner="drain.d", vm="a"))
+    assert finalize_drain(drain_snap([], local_cs)).delete_claims == []
+
+
+def test_the_middle_claim_of_a_move_moved_again_belongs_to_the_later_move() -> None:
+    """a-root -> B by policy p, then B -> C by policy q (sourceClaims Keep): B is q's
+    source, and with p's sourceClaims Delete possibly the only older copy q keeps."""
+    on_c = vm("a", "a-root-vs-00000c", "a-root-vs-00000c")
+    cs = claims(claim("a-root"), dest("a-root-vs-00000b", "a-root", vm="a"),
+                dest("a-root-vs-00000c", "a-root-vs-00000b", cls="other", owner="policy.q",
+                     vm="a"))
+    assert plan_policy_storage(policy_snapshot([on_c], cs, governed={"x/none": vm("x")})
+                               ).delete == []
+    assert storage.cancel_policy_storage("p", [on_c], cs).delete == []
+    drained = claims(local("a-root"), dest("a-root-vs-00000b", "a-root", cls="local",
+                                           owner="drain.d", vm="a"),
+                     dest("a-root-vs-00000c", "a-root-vs-00000b", owner="policy.q", vm="a"))
+    assert finalize_drain(drain_snap([on_c], drained)).delete_claims == []
+
+
+def test_delete_removes_only_the_sources_of_this_policys_own_moves() -> None:
+    """sourceClaims: Delete. A VM whose finished move a NodeDrain made (under Keep) keeps
+    its source; the policy's own finished move loses its source."""
+    by_drain = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    by_policy = vm("b", "b-root-vs-000002", "b-root-vs-000002")
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root", owner="drain.x", vm="a"),
+                claim("b-root"), dest("b-root-vs-000002", "b-root", vm="b"))
+    d = plan_policy_storage(policy_snapshot([by_drain, by_policy], cs,
+                                            spec={"sourceClaims": "Delete"}))
+    assert d.delete == ["ns/b-root"]
+
+
+def test_a_drain_deletes_only_the_sources_of_its_own_incarnations_moves() -> None:
+    """A NodeDrain created again under the same name is another owner: the moves its
+    predecessor made keep their sources, even under a policy that says Delete."""
+    done = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    rules = {"ns/a": Rules(policy="p", storage=StorageMigration.model_validate(
+        {"targetStorageClass": "local", "sourceClaims": "Delete"}))}
+
+    def deleted(owner_uid: str, begun_under: str | None = "Delete") -> list[str]:
+        cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                          owner="drain.d", vm="a", owner_uid=owner_uid,
+                                          source_claims=begun_under))
+        return plan_drain(drain_snap([done], cs, vmis=[vmi("a", node_name="n2")], rules=rules,
+                                     uid="uid-now")).delete_claims
+    assert deleted("uid-now") == ["ns/a-root"]
+    assert deleted("uid-now", begun_under=None) == ["ns/a-root"]  # written before it was kept
+    assert deleted("uid-before") == []
+    # Begun with no policy (Keep); the policy that says Delete came later.
+    assert deleted("uid-now", begun_under="Keep") == []
+
+
+def test_a_move_begun_under_keep_keeps_its_source_after_the_policy_says_delete() -> None:
+    done = vm("a", "a-root-vs-000001", "a-root-vs-000001")
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root", vm="a",
+                                      source_claims="Keep"))
+    assert plan_policy_storage(policy_snapshot([done], cs, spec={"sourceClaims": "Delete"})
+                               ).delete == []
+    began = plan_policy_storage(policy_snapshot([vm("b")], claims(claim("b-root")),
+                                                spec={"sourceClaims": "Delete"}))
+    assert [c.source_claims for c in began.create] == ["Delete"]
+
+
+def test_owners_are_told_apart_by_uid_and_old_claims_by_name() -> None:
+    now = storage.Owner("drain", "d", "uid-2")
+    assert now.made(dest("x", "s", owner="drain.d", owner_uid="uid-2"))
+    assert not now.made(dest("x", "s", owner="drain.d", owner_uid="uid-1"))
+    assert not now.made(dest("x", "s", owner="policy.d", owner_uid="uid-2"))
+    assert now.made(dest("x", "s", owner="drain.d"))  # written before UIDs were recorded
+
+
+# (the claims besides a-root and D, the VM, what else refers to D) -> verdict on D
+@pytest.mark.parametrize("case, d_kw, vms, extra, delete, reason", [
+    ("the VM points at it (copying)", {}, [vm("a", "D", "a-root")], [], False,
+     storage.CLAIM_IN_USE),
+    ("reverted; KubeVirt has not cancelled yet", {}, [vm("a", "a-root", "a-root",
+                                                         vmi_claim="D")], [], False,
+     storage.CLAIM_IN_USE),
+    ("moved again: the later move's source", {}, [vm("a", "E", "E")],
+     [dest("E", "D", owner="policy.q")], False, storage.CLAIM_IN_USE),
+    ("the VM ran on it, then was deleted", {"completed": True}, [], [], False,
+     storage.MOVE_COMPLETED),
+    ("the VM is gone, its outcome never seen", {}, [], [], False, storage.OUTCOME_UNKNOWN),
+    ("the VM points elsewhere", {}, [vm("a", "other", "other")], [claim("other")], False,
+     storage.OUTCOME_UNKNOWN),
+    ("cancelled or failed: the VM runs on the source", {}, [vm("a")], [], True,
+     storage.MOVE_SUPERSEDED),
+    ("another owner repointed the VM while its VMI still runs on the source", {},
+     [vm("a", "E", "a-root", vmi_claim="E")], [dest("E", "a-root", owner="drain.d")], True,
+     storage.MOVE_SUPERSEDED),
+    ("another owner's copy of the same source completed instead", {},
+     [vm("a", "E", "E")], [dest("E", "a-root", owner="drain.d")], True,
+     storage.MOVE_SUPERSEDED),
+    ("never started: the VM update did not go through", {}, [vm("a")], [], True,
+     storage.MOVE_SUPERSEDED),
+    ("its VMI ended before the move completed", {"abandoned": True}, [], [], True,
+     storage.MOVE_ABANDONED),
+    ("abandoned, but the source is gone", {"abandoned": True, "source_uid": "gone"}, [], [],
+     False, storage.ONLY_COPY),
+    ("the source's name was taken by another claim", {"source_uid": "uid-before"}, [vm("a")],
+     [], False, storage.ONLY_COPY),
+])
+def test_a_destination_is_deleted_only_when_unused_and_its_data_is_on_its_source(
+        case, d_kw, vms, extra, delete, reason) -> None:
+    d = dest("D", "a-root", vm="a", **d_kw)
+    cs = claims(claim("a-root"), d, *extra)
+    if d_kw.get("source_uid") == "gone":
+        del cs["ns/a-root"]
+    found = storage.verdict(d, cs, storage.holds(vms, cs))
+    assert (found.delete, found.reason) == (delete, reason), case
+
+
+@pytest.mark.parametrize("case, the_vm, marks", [
+    ("copying", vm("a", "D", "a-root"), []),
+    ("done: the VM and its VMI run on it", vm("a", "D", "D"),
+     [("ns/D", storage.COMPLETED_ANNOTATION)]),
+    ("the VMI is being deleted mid-copy", vm("a", "D", "a-root", vmi_ended=True),
+     [("ns/D", storage.ABANDONED_ANNOTATION)]),
+    ("the VMI went away mid-copy (ManualRecoveryRequired)",
+     VMStorage(namespace="ns", name="a", volumes=(VolumeInfo("root", "D", None),),
+               running=False, manual_recovery="ManualRecoveryRequired"),
+     [("ns/D", storage.ABANDONED_ANNOTATION)]),
+    ("the VMI is being deleted after the move", vm("a", "D", "D", vmi_ended=True),
+     [("ns/D", storage.COMPLETED_ANNOTATION)]),
+    ("the VMI is being deleted while KubeVirt has not taken a revert yet",
+     vm("a", "a-root", "a-root", vmi_claim="D", vmi_ended=True),
+     [("ns/D", storage.ABANDONED_ANNOTATION)]),
+])
+def test_how_a_move_ended_is_recorded_on_its_destination(case, the_vm, marks) -> None:
+    cs = claims(claim("a-root"), dest("D", "a-root", vm="a"))
+    assert storage.outcome_marks([the_vm], cs) == marks, case
+
+
+def test_a_drain_gone_with_reverts_pending_leaves_no_destination_behind() -> None:
+    """The NodeDrain's deletion stops waiting after ABORT_WAIT_SECONDS while KubeVirt has not
+    cancelled yet; once it has, the claims collector deletes the destination (its owner is
+    gone). Before that the VMI still names it, and the collector leaves it."""
+    from virtshift.domain.drain import ABORT_WAIT_SECONDS
+
+    copying = vm("a", "a-root-vs-000001", "a-root")
+    cs = claims(local("a-root"), dest("a-root-vs-000001", "a-root", cls="local",
+                                      owner="drain.d", vm="a", owner_uid="uid-d"))
+    ending = finalize_drain(drain_snap([copying], cs, uid="uid-d"), waited=ABORT_WAIT_SECONDS)
+    assert not ending.hold and [dict(u.claims) for u in ending.revert] == [{"root": "a-root"}]
+    # The revert is written; KubeVirt has not cancelled yet.
+    reverting = vm("a", "a-root", "a-root", vmi_claim="a-root-vs-000001")
+    assert storage.collect([reverting], cs, owners={}).delete == []
+    # The same name and UID still exists: the drain decides about its own.
+    assert storage.collect([vm("a")], cs, owners={"drain.d": "uid-d"}).delete == []
+    gone = storage.collect([vm("a")], cs, owners={"drain.d": "uid-new-incarnation"})
+    assert [(k, v.reason) for k, v in gone.delete] == [("ns/a-root-vs-000001",
+                                                        storage.MOVE_SUPERSEDED)]
+
+
+def test_a_vm_deleted_mid_move_leaves_no_destination_behind() -> None:
+    """VM deletion: KubeVirt deletes the VMI (it never completes a migration then), then the
+    VM goes. The collector records the abandoned move while the VMI is being deleted, so the
+    partial copy goes once nothing points at it; a finished move's claim stays."""
+    cs = claims(claim("a-root"), dest("a-root-vs-000001", "a-root", vm="a", owner_uid="u"),
+                claim("b-root"), dest("b-root-vs-000002", "b-root", vm="b", owner_uid="u"))
+    deleting = [vm("a", "a-root-vs-000001", "a-root", vmi_ended=True),
+                vm("b", "b-root-vs-000002", "b-root-vs-000002", vmi_ended=True)]
+    seen = storage.collect(deleting, cs, owners={})
+    assert seen.marks == [("ns/a-root-vs-000001", storage.ABANDONED_ANNOTATION),
+                          ("ns/b-root-vs-000002", storage.COMPLETED_ANNOTATION)]
+    assert seen.delete == []  # the VMs still point at them
+    marked = dict(cs)
+    marked["ns/a-root-vs-000001"] = dataclasses.replace(cs["ns/a-root-vs-000001"],
+                                                        abandoned=True)
+    marked["ns/b-root-vs-000002"] = dataclasses.replace(cs["ns/b-root-vs-000002"],
+                                                        completed=True)
+    after = storage.collect([], marked, owners={})
+    assert [k for k, _v in after.delete] == ["ns/a-root-vs-000001"]
+    assert after.kept == []
+    # Its owner, still there, deletes it itself.
+    policy = storage.Owner("policy", "p", "u")
+    assert storage.deletable_destinations(policy, [], marked) == ["ns/a-root-vs-000001"]
+
+
+def test_what_a_destination_records_is_read_back() -> None:
+    from virtshift.k8s import views
+
+    src = claim("a-root")
+    move = storage.plan_move(vm("a"), vm("a").volumes, claims(src), "ceph", StorageMigration(
+        targetStorageClass="ceph", sourceClaims="Delete"), storage.Owner("policy", "p", "u-p"),
+        {}, NOW)
+    body = views.destination_claim(move.claims[0])
+    body["metadata"]["uid"] = "u-d"
+    back = views.claim_info(body, None)
+    assert (back.moved_by, back.owner_uid, back.source_claim, back.source_uid, back.vm,
+            back.source_claims) == ("policy.p", "u-p", "a-root", "uid-a-root", "a", "Delete")
+    assert body["metadata"]["labels"][storage.OWNER_UID_ANNOTATION] == "u-p"
+    assert not (back.completed or back.abandoned)
+    # Written before owners' UIDs were recorded: matched by name, rule unknown.
+    old = {"metadata": {"name": "x", "namespace": "ns", "annotations": {
+        storage.MOVED_BY_LABEL: "drain.d", storage.SOURCE_CLAIM_LABEL: "s"}}}
+    legacy = views.claim_info(old, None)
+    assert (legacy.owner_uid, legacy.source_uid, legacy.source_claims) == ("", "", None)
+    assert storage.Owner("drain", "d", "any").made(legacy)
+
+
+@pytest.mark.parametrize("fn, obj, names", [
+    ("data_volume_claims", {"metadata": {"name": "dv", "namespace": "ns"},
+                            "spec": {"source": {"pvc": {"name": "golden", "namespace": "ns"}}}},
+     ["dv", "golden"]),
+    ("data_volume_claims", {"metadata": {"name": "dv", "namespace": "ns"},
+                            "spec": {"source": {"pvc": {"name": "x", "namespace": "other"}}}},
+     ["dv"]),
+    ("volume_snapshot_claims", {"spec": {"source": {"persistentVolumeClaimName": "c"}}}, ["c"]),
+    ("vm_snapshot_content_claims", {"spec": {"volumeBackups": [
+        {"volumeName": "root", "persistentVolumeClaim": {"metadata": {"name": "c"}}}]}}, ["c"]),
+    ("vm_export_claims", {"spec": {"source": {"kind": "PersistentVolumeClaim", "name": "c"}}},
+     ["c"]),
+    ("vm_export_claims", {"spec": {"source": {"kind": "VirtualMachine", "name": "vm"}}}, []),
+])
+def test_the_objects_outside_the_caches_that_refer_to_a_claim(fn, obj, names) -> None:
+    from virtshift.k8s import views
+
+    assert getattr(views, fn)(obj) == names

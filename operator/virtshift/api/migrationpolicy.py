@@ -143,7 +143,10 @@ class StorageMigration(Model):
     source_claims: SourceClaims = Field(
         SourceClaims.KEEP, description="What happens to a source claim once its VM runs on the "
         "destination: Keep leaves it (delete it yourself once satisfied), Delete deletes it. "
-        "A cancelled or failed move always keeps it: the VM is put back on it.",
+        "Delete applies only to moves this policy (or a NodeDrain under it) made and began "
+        "while it said Delete, and only once nothing else refers to the source; another "
+        "owner's move, or one begun under Keep, keeps its source. A cancelled or failed move "
+        "always keeps it: the VM is put back on it.",
     )
     max_parallel_copies: int | None = Field(
         None, ge=1, le=1000, description="Volume migrations into targetStorageClass at once, "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -131,6 +132,16 @@ class DrainSnapshot:
     def owner(self) -> str:
         """What this drain's destination claims say made them."""
         return storage.moved_by("drain", self.name)
+
+    @property
+    def owner_ref(self) -> storage.Owner:
+        """This drain incarnation as the owner of its claims (name and UID)."""
+        return storage.Owner("drain", self.name, self.uid)
+
+    @functools.cached_property
+    def claim_holds(self) -> storage.Holds:
+        """What refers to each claim (once per pass: sources_to_delete asks per VM)."""
+        return storage.holds(list(self.storage.values()), self.claims)
 
     def rules_for(self, key: str) -> Rules:
         return self.rules.get(key, Rules())
@@ -416,9 +427,8 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
         observed = done.downtime if done else None
         if st is not None and vols and rules.storage and \
                 rules.storage.source_claims == "Delete":
-            decision.delete_claims += storage.sources_to_delete(
-                st, s.claims, {e.name: (e.source_claim, e.destination_claim) for e in vols
-                               if e.phase == "Completed"})
+            decision.delete_claims += storage.sources_to_delete(s.owner_ref, st, s.claims,
+                                                                s.claim_holds)
         breach = observed is not None and rules.max_downtime is not None and \
             observed.ms > rules.max_downtime * 1000
         return _VM(key, entry(
@@ -622,7 +632,7 @@ def _shared_nothing(s: DrainSnapshot, vmi: VMIInfo, st: storage.VMStorage, rules
     rates = {cls: storage.copy_bandwidth(s.classes, cls, rules.storage,
                                          rules.bandwidth_per_migration, 1)
              for cls in ({target_class} if target_class else sources)}
-    move = storage.plan_move(st, wanted, s.claims, target_class, rules.storage, s.owner, rates,
+    move = storage.plan_move(st, wanted, s.claims, target_class, rules.storage, s.owner_ref, rates,
                              s.now)
     copy = sum(e.predicted_seconds or 0.0 for e in move.entries)
     entry = pending.model_copy(update={"volumes": list(move.entries), "mode": "SharedNothing"})
@@ -1752,9 +1762,9 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     # Disks whose move has not finished go back to their sources (whatever cancelOnDelete
     # says: no VM is left pointing at a half-copied claim), and destinations nobody uses go.
     everyone = list(s.storage.values())
-    undo = storage.cancel_moves(s.owner, everyone, s.claims)
+    undo = storage.cancel_moves(s.owner_ref, everyone, s.claims)
     decision.revert, decision.delete_claims = undo.update, undo.delete
-    held = storage.pending_cancel(s.owner, everyone, s.claims)
+    held = storage.pending_cancel(s.owner_ref, everyone, s.claims)
     aborting = s.spec.cancel_on_delete and bool(unfinished)
     if (aborting or held or undo.delete) and waited < ABORT_WAIT_SECONDS:
         decision.hold = (_waiting_for(len(unfinished) - len(finishing), len(finishing))

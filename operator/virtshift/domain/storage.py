@@ -7,20 +7,30 @@ the VM's volumes at them with ``updateVolumesStrategy: Migration``, and let a mi
 disks (KubeVirt's VM controller puts the VMI in VolumesChange with ``migratedVolumes``). Its
 state is read back from the cluster only: the VM points at a destination the VMI does not run on
 yet (copying), both point at it (done), or neither (idle, or reverted). Cancelling points the VM
-back at its sources, which KubeVirt takes as a cancellation (``VolumeMigrationCancel``); a
-destination nobody points at any more is deleted, so none leaks.
+back at its sources, which KubeVirt takes as a cancellation (``VolumeMigrationCancel``).
+
+What may be deleted (docs/storage-migration.md, "Ownership and deletion"): every destination
+records its owner (kind, name and UID), its source and its VM (names and UIDs) and the
+sourceClaims rule its move began under. A destination is deleted only by its owner (same UID),
+or by the claims collector once that owner is gone, and only when nothing refers to it
+(``holds``) and its data is provably on its source (``verdict``): its VM runs on the source or
+on a later copy of it, or its VM's VMI ended without running on it (``outcome_marks``). A
+source is deleted (``sourceClaims: Delete``) only by the owner of the finished move that copied
+it, begun under Delete (``sources_to_delete``).
 
 Pure: the k8s layer builds these views and carries out the decisions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from virtshift.api.migrationpolicy import SourceClaims, StorageMigration, StorageMode
 from virtshift.api.storage import (
@@ -40,6 +50,22 @@ VM_LABEL = "virtshift.io/vm"
 # On a destination claim: when its move began, by the operator's clock (which a simulated
 # cluster runs faster than the API server's creationTimestamps).
 STARTED_ANNOTATION = "virtshift.io/move-started"
+# On a destination claim: the UID of the NodeDrain or MigrationPolicy that made it (its kind and
+# name are in MOVED_BY_LABEL), and the UID of the claim it copies. Claims made before these
+# existed have neither: their owner is matched by name, their source by name.
+OWNER_UID_ANNOTATION = "virtshift.io/owner-uid"
+SOURCE_UID_ANNOTATION = "virtshift.io/source-claim-uid"
+VM_UID_ANNOTATION = "virtshift.io/vm-uid"  # the VM it was made for (a VM made again is another)
+# On a destination claim, written once when virtshift sees it (outcome_marks): the VM ran on
+# it (the move completed), or its VM's VMI ended without running on it (KubeVirt never
+# completes that move then). They outlive the VM, which is what decides a claim whose VM is
+# gone. An owner that makes the same destination again clears the second (k8s.storage).
+COMPLETED_ANNOTATION = "virtshift.io/move-completed"
+ABANDONED_ANNOTATION = "virtshift.io/move-abandoned"
+# On a destination claim: the sourceClaims rule in force when its move began (Keep or Delete).
+# A source is deleted only when both it and the rule in force now say Delete: a move begun
+# under Keep keeps its source whatever policy governs the VM later.
+SOURCE_CLAIMS_ANNOTATION = "virtshift.io/source-claims"
 # On a StorageClass, set by the cluster's admin: its volumes are pinned to one node (besides
 # what a PV's nodeAffinity says), and its sustained copy bandwidth (for predictions).
 NODE_LOCAL_ANNOTATION = "virtshift.io/node-local"
@@ -52,6 +78,19 @@ VOLUME_NOT_MIGRATABLE = "VolumeNotMigratable"
 STORAGE_NOT_LIVE_MIGRATABLE = "StorageNotLiveMigratable"
 MANUAL_RECOVERY = "ManualRecoveryRequired"
 VOLUME_UPDATE_REFUSED = "VolumeUpdateRefused"
+
+# Why a destination claim is deleted (verdict) ...
+MOVE_SUPERSEDED = "MoveSuperseded"  # its VM runs on its source, or on another copy of it
+MOVE_ABANDONED = "MoveAbandoned"  # its VM's VMI ended without running on it
+# ... or kept.
+CLAIM_IN_USE = "ClaimInUse"  # something refers to it
+MOVE_COMPLETED = "MoveCompleted"  # its VM ran on it: it holds (or held) the VM's data
+ONLY_COPY = "OnlyCopy"  # its source is gone: it may be the only copy
+OUTCOME_UNKNOWN = "MoveOutcomeUnknown"  # the VM is gone and the move's outcome was never seen
+# What refers to a claim (Holds), by kind.
+REF_VM = "VirtualMachine"
+REF_VMI = "VirtualMachineInstance"
+REF_CLAIM = "PersistentVolumeClaim"  # a destination naming it as its source
 
 
 @dataclass(frozen=True)
@@ -70,10 +109,36 @@ class ClaimInfo:
     uid: str = ""
     created: dt.datetime | None = None
     terminating: bool = False
+    owner_uid: str = ""  # a destination of ours: its owner's UID ("": made before it was kept)
+    source_uid: str = ""  # a destination of ours: its source's UID ("": likewise)
+    completed: bool = False  # COMPLETED_ANNOTATION
+    abandoned: bool = False  # ABANDONED_ANNOTATION
+    source_claims: str | None = None  # SOURCE_CLAIMS_ANNOTATION (None: not recorded)
+    vm_uid: str = ""  # VM_UID_ANNOTATION ("": not recorded)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What makes destination claims: a NodeDrain (kind ``drain``) or a MigrationPolicy
+    (``policy``), by name and UID."""
+
+    kind: str
+    name: str
+    uid: str = ""
+
+    @property
+    def moved_by(self) -> str:
+        return moved_by(self.kind, self.name)
+
+    def made(self, claim: ClaimInfo) -> bool:
+        """This owner made the claim: its name and, when the claim records one, its UID (a
+        NodeDrain or MigrationPolicy created again under the same name is another owner)."""
+        return claim.moved_by == self.moved_by and (
+            not claim.owner_uid or claim.owner_uid == self.uid)
 
 
 @dataclass(frozen=True)
@@ -106,6 +171,11 @@ class VMStorage:
     storage_message: str | None = None
     restart_required: str | None = None  # the VM's RestartRequired condition message
     manual_recovery: str | None = None  # the VM's ManualRecoveryRequired condition
+    vmi_ended: bool = False  # the VMI is being deleted or final: no move of it completes now
+    uid: str = ""  # the VM's
+    # Every claim the VM (volumes, dataVolumeTemplates) or its VMI (spec.volumes,
+    # status.migratedVolumes) names, beyond ``volumes``: none of them is deleted.
+    named: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -124,6 +194,10 @@ class NewClaim:
     vm: str
     moved_by: str
     started: dt.datetime | None = None  # when the move began (the operator's clock)
+    owner_uid: str = ""
+    source_uid: str = ""
+    source_claims: str = str(SourceClaims.KEEP)  # the rule in force when the move began
+    vm_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,16 +288,180 @@ def owned_moving(vm: VMStorage, claims: Mapping[str, ClaimInfo], owner: str
             if (c := claims.get(f"{vm.namespace}/{p[1]}")) and c.moved_by == owner}
 
 
-def unused_destinations(owner: str, vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo],
-                        keep: frozenset[str] = frozenset()) -> list[str]:
-    """Claim keys of ``owner``'s destinations that no VM's template or VMI points at (a
-    cancelled or failed move, or a create whose VM patch never went through): deleted, so no
-    destination leaks. ``keep``: claims about to be used in this pass."""
-    used = {f"{vm.namespace}/{c}" for vm in vms for v in vm.volumes
-            for c in (v.claim, v.running_claim, v.vmi_claim) if c}
+@dataclass(frozen=True)
+class Holds:
+    """What refers to each claim, as the caches show it: a VM's template (volumes and
+    dataVolumeTemplates), its VMI (spec.volumes, status.migratedVolumes), or another claim of
+    ours that names it as its source (a later move's source belongs to that later move).
+    k8s.storage adds what the caches do not hold (DataVolumes, snapshots) right before a
+    deletion."""
+
+    by: Mapping[str, tuple[tuple[str, str], ...]]  # claim key -> ((kind, namespace/name), ...)
+    # Claim keys that hold a VM's data now -- its VMI runs on them (the domain's disks), or its
+    # template names them (and no VMI runs) -- and, through the destinations' source
+    # annotations, every claim that data was copied from.
+    current: frozenset[str]
+
+
+def holds(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]) -> Holds:
+    by: dict[str, list[tuple[str, str]]] = {}
+    current: set[str] = set()
+    for vm in vms:
+        in_template = {v.claim for v in vm.volumes if v.claim}
+        current |= {f"{vm.namespace}/{c}" for v in vm.volumes
+                    if (c := v.running_claim if v.running_claim else v.claim)}
+        for c in in_template | vm.named:
+            by.setdefault(f"{vm.namespace}/{c}", []).append((REF_VM, vm.key))
+        for c in {x for v in vm.volumes for x in (v.running_claim, v.vmi_claim) if x}:
+            by.setdefault(f"{vm.namespace}/{c}", []).append((REF_VMI, vm.key))
+    for c in claims.values():
+        if c.source_claim and not c.terminating:
+            by.setdefault(f"{c.namespace}/{c.source_claim}", []).append((REF_CLAIM, c.key))
+    return Holds({k: tuple(v) for k, v in by.items()}, _with_ancestors(current, claims))
+
+
+def _with_ancestors(keys: set[str], claims: Mapping[str, ClaimInfo]) -> frozenset[str]:
+    """``keys`` and the claims they were copied from, transitively."""
+    out, todo = set(keys), list(keys)
+    while todo:
+        c = claims.get(todo.pop())
+        if c is not None and c.source_claim:
+            source = f"{c.namespace}/{c.source_claim}"
+            if source not in out:
+                out.add(source)
+                todo.append(source)
+    return frozenset(out)
+
+
+def finished_copies(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
+                    ) -> frozenset[tuple[str, str]]:
+    """(source key, destination key) of every finished move: the one hold on a source that
+    sourceClaims Delete may remove it under."""
+    return frozenset((f"{vm.namespace}/{src}", f"{vm.namespace}/{dst}") for vm in vms
+                     for src, dst in moved(vm, claims).values())
+
+
+def describe(refs: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(f"{kind} {key}" for kind, key in refs)
+
+
+class Verdict(NamedTuple):
+    delete: bool
+    reason: str
+    message: str
+
+
+def verdict(c: ClaimInfo, claims: Mapping[str, ClaimInfo], h: Holds) -> Verdict:
+    """Whether a destination claim of ours may be deleted, by whoever may delete it: only
+    when nothing refers to it and its data is provably on its source, which still exists --
+    its VM runs on the source (a cancelled, failed or never-started move), or on a later copy
+    of the source (another owner's move won), or its VMI ended before the move completed
+    (KubeVirt then never completes it). Never once its VM ran on it, never when its source is
+    gone (it may be the only copy), and never when its VM is gone, or runs on a third claim,
+    without virtshift having seen how its move ended (it may hold the newest data)."""
+    refs = h.by.get(c.key)
+    if refs:
+        return Verdict(False, CLAIM_IN_USE, f"{describe(refs)} refers to it")
+    if c.completed:
+        return Verdict(False, MOVE_COMPLETED, f"VM {c.vm} ran on it: it holds that VM's data")
+    src = claims.get(f"{c.namespace}/{c.source_claim}")
+    if src is None or src.terminating or (c.source_uid and src.uid != c.source_uid):
+        return Verdict(False, ONLY_COPY, f"its source {c.source_claim} is gone: it may hold "
+                       "the only copy of the data")
+    if c.abandoned:
+        return Verdict(True, MOVE_ABANDONED, f"VM {c.vm}'s VMI ended without running on it; "
+                       f"the data is on {src.name} or on a later copy of it")
+    if src.key in h.current:
+        return Verdict(True, MOVE_SUPERSEDED, f"its VM runs on {src.name} or on a later copy "
+                       "of it")
+    return Verdict(False, OUTCOME_UNKNOWN, f"VM {c.vm} is gone (or points elsewhere) and "
+                   f"virtshift never saw whether it ran on this claim or on {src.name}: "
+                   "kept, as it may hold the newest copy; delete it by hand if it does not")
+
+
+def deletable_destinations(owner: Owner, vms: Sequence[VMStorage],
+                           claims: Mapping[str, ClaimInfo],
+                           keep: frozenset[str] = frozenset()) -> list[str]:
+    """Claim keys of ``owner``'s destinations (same UID) that ``verdict`` lets go: cancelled,
+    failed or never-started moves, so none leaks. ``keep``: claims made in this pass."""
+    h = holds(vms, claims)
     return sorted(k for k, c in claims.items()
-                  if c.moved_by == owner and c.source_claim and not c.terminating
-                  and k not in used and k not in keep)
+                  if c.source_claim and owner.made(c) and not c.terminating
+                  and k not in keep and verdict(c, claims, h).delete)
+
+
+def outcome_marks(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
+                  ) -> list[tuple[str, str]]:
+    """(claim key, annotation) of the outcomes seen now and not recorded yet: the VM and its
+    VMI run on a destination (COMPLETED_ANNOTATION); or the VMI ended -- being deleted or
+    final, or KubeVirt's ManualRecoveryRequired -- without running on a destination that the
+    VM or the VMI points at, or that was made for this VM (ABANDONED_ANNOTATION). KubeVirt
+    completes no migration of a VMI being deleted or final: virt-handler's
+    migration-source.go and migration-target.go ``execute`` only clean up after such a VMI,
+    and the VM controller records ManualRecoveryRequired (vm.go ``syncVolumeMigration``)
+    when the VMI went away mid volume migration."""
+    out = []
+    for vm in vms:
+        for _volume, (_src, dst) in moved(vm, claims).items():
+            c = claims[f"{vm.namespace}/{dst}"]
+            if not c.completed:
+                out.append((c.key, COMPLETED_ANNOTATION))
+        if vm.vmi_ended or vm.manual_recovery:
+            out += [(c.key, ABANDONED_ANNOTATION) for c in _never_ran(vm, claims)]
+    return sorted(set(out))
+
+
+def _never_ran(vm: VMStorage, claims: Mapping[str, ClaimInfo]) -> list[ClaimInfo]:
+    """The destinations, not known to have completed, that this VM's ended VMI does not run
+    on: those the VM's template or the VMI's spec name (a move under way, or a revert
+    KubeVirt had not taken yet), and those made for this VM (same UID: a VM made again under
+    the name is another) that nothing points at any more (another owner's move won)."""
+    runs = {v.running_claim for v in vm.volumes}
+    pointed = {n for v in vm.volumes for n in (v.claim, v.vmi_claim) if n} - runs
+    return [c for c in claims.values()
+            if c.namespace == vm.namespace and c.source_claim and c.name not in runs
+            and not (c.completed or c.abandoned)
+            and (c.name in pointed or (vm.uid and c.vm_uid == vm.uid and c.vm == vm.name))]
+
+
+@dataclass
+class Collection:
+    """The claims collector's pass: outcomes to record, and what to delete or report of the
+    destinations whose owner is gone."""
+
+    marks: list[tuple[str, str]] = field(default_factory=list)  # (claim key, annotation)
+    delete: list[tuple[str, Verdict]] = field(default_factory=list)
+    kept: list[tuple[str, Verdict]] = field(default_factory=list)  # OUTCOME_UNKNOWN: reported
+
+
+def owner_exists(c: ClaimInfo, owners: Mapping[str, str]) -> bool:
+    """``owners``: moved_by -> UID of every NodeDrain and MigrationPolicy that exists."""
+    uid = owners.get(c.moved_by or "")
+    return uid is not None and (not c.owner_uid or c.owner_uid == uid)
+
+
+def collect(vms: Sequence[VMStorage], claims: Mapping[str, ClaimInfo],
+            owners: Mapping[str, str]) -> Collection:
+    """Cluster-wide, level-triggered: record the outcomes seen, and delete the destinations
+    whose owner is gone (no NodeDrain or MigrationPolicy of that name and UID) once
+    ``verdict`` lets them go. An owner that exists decides about its own."""
+    out = Collection(marks=outcome_marks(vms, claims))
+    seen = dict(claims)
+    for key, annotation in out.marks:
+        seen[key] = dataclasses.replace(seen[key], completed=seen[key].completed or
+                                        annotation == COMPLETED_ANNOTATION,
+                                        abandoned=seen[key].abandoned or
+                                        annotation == ABANDONED_ANNOTATION)
+    h = holds(vms, seen)
+    for key, c in sorted(seen.items()):
+        if not c.source_claim or not c.moved_by or c.terminating or owner_exists(c, owners):
+            continue
+        v = verdict(c, seen, h)
+        if v.delete:
+            out.delete.append((key, v))
+        elif v.reason == OUTCOME_UNKNOWN:
+            out.kept.append((key, v))
+    return out
 
 
 def live_migrate_updates(methods: Sequence[str]) -> bool:
@@ -262,7 +500,7 @@ def copy_bandwidth(classes: Mapping[str, ClassInfo], target: str,
 
 
 def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str, ClaimInfo],
-              target_class: str | None, spec: StorageMigration | None, owner: str,
+              target_class: str | None, spec: StorageMigration | None, owner: Owner,
               bandwidth: Mapping[str, float], now: dt.datetime | None = None) -> Move:
     """Destination claims for ``volumes`` (in ``target_class``, or each in its own class) and
     the VM update that points at them. ``bandwidth``: predicted bytes/s per target class."""
@@ -279,7 +517,9 @@ def plan_move(vm: VMStorage, volumes: Sequence[VolumeInfo], claims: Mapping[str,
             access_modes=(str(spec.access_mode),) if spec and spec.access_mode
             else src.access_modes,
             volume_mode=str(spec.volume_mode) if spec and spec.volume_mode else src.volume_mode,
-            source=src.name, vm=vm.name, moved_by=owner, started=now))
+            source=src.name, vm=vm.name, moved_by=owner.moved_by, started=now,
+            owner_uid=owner.uid, source_uid=src.uid, vm_uid=vm.uid,
+            source_claims=str(spec.source_claims if spec else SourceClaims.KEEP)))
         update[v.name] = name
         targets.add(cls)
         sources.add(src.storage_class or "")
@@ -356,6 +596,7 @@ class PolicyStorageSnapshot:
     max_attempts: int = 3
     failed_attempts: Mapping[str, int] = field(default_factory=dict)  # failed copies per VM
     ended: Mapping[str, dt.datetime] = field(default_factory=dict)  # last copy's end per VM
+    uid: str = ""  # the MigrationPolicy's UID: recorded on its claims, and what it may delete
 
 
 @dataclass
@@ -397,10 +638,11 @@ def plan_policy_storage(s: PolicyStorageSnapshot) -> StorageDecision:
     """storage.mode Always: move every governed VM's disks to the target class, within the
     limits; revert what fails for good; delete what leaks; report per VM and volume."""
     d = StorageDecision()
-    owner = moved_by("policy", s.policy)
+    owner = Owner("policy", s.policy, s.uid)
     if s.spec.mode != StorageMode.ALWAYS:
-        d.delete = unused_destinations(owner, s.everyone, s.claims)
+        d.delete = deletable_destinations(owner, s.everyone, s.claims)
         return d
+    refs = holds(s.everyone, s.claims)
     into, out_of = in_flight(s.everyone, s.claims)
     mine = sum(1 for vm in s.governed.values() if moving(vm, s.claims))
     limit = parallel_limit(s.spec, s.max_parallel, s.bandwidth_per_migration)
@@ -442,7 +684,7 @@ def plan_policy_storage(s: PolicyStorageSnapshot) -> StorageDecision:
             if done:
                 bytes_moved += sum(e.size_bytes or 0 for e in vols)
                 if s.spec.source_claims == SourceClaims.DELETE:
-                    d.delete += sources_to_delete(vm, s.claims, done)
+                    d.delete += sources_to_delete(owner, vm, s.claims, refs)
                 entries.append(StorageVMEntry(namespace=vm.namespace, name=vm.name,
                                               phase=StorageVMPhase.SUCCEEDED, reason="Moved",
                                               message=f"runs on {target}", volumes=vols))
@@ -486,7 +728,7 @@ def plan_policy_storage(s: PolicyStorageSnapshot) -> StorageDecision:
                                       phase=StorageVMPhase.COPYING, reason="Started",
                                       message=f"moving {len(move.claims)} volumes to {target}",
                                       volumes=list(move.entries)))
-    d.delete += unused_destinations(owner, s.everyone, s.claims, frozenset(keep))
+    d.delete += deletable_destinations(owner, s.everyone, s.claims, frozenset(keep))
     d.status = storage_status(entries, bytes_moved)
     return d
 
@@ -505,13 +747,22 @@ def stuck(vm: VMStorage, failures: int = 0, max_attempts: int = 0) -> tuple[str,
     return None
 
 
-def sources_to_delete(vm: VMStorage, claims: Mapping[str, ClaimInfo],
-                       done: Mapping[str, tuple[str, str]]) -> list[str]:
-    running = {v.running_claim for v in vm.volumes} | {v.claim for v in vm.volumes}
+def sources_to_delete(owner: Owner, vm: VMStorage, claims: Mapping[str, ClaimInfo],
+                      h: Holds) -> list[str]:
+    """sourceClaims: Delete (the caller's rule in force now). The sources of this VM's
+    finished moves that ``owner`` made (same UID) and began under Delete too -- never those of
+    another owner's move, nor of a move begun under Keep -- once nothing but the finished
+    move's destination refers to them (no VM, no other claim copying it; k8s.storage checks
+    everything again right before the delete)."""
     out = []
-    for source, _dest in done.values():
+    for source, dest in moved(vm, claims).values():
+        d = claims[f"{vm.namespace}/{dest}"]
         c = claims.get(f"{vm.namespace}/{source}")
-        if c is not None and not c.terminating and source not in running:
+        if c is None or c.terminating or not owner.made(d) or (
+                d.source_uid and c.uid != d.source_uid) or \
+                d.source_claims not in (None, SourceClaims.DELETE):
+            continue
+        if set(h.by.get(c.key, ())) <= {(REF_CLAIM, d.key)}:
             out.append(c.key)
     return out
 
@@ -534,38 +785,41 @@ def storage_status(entries: Sequence[StorageVMEntry], bytes_moved: int) -> Stora
 
 
 def cancel_policy_storage(policy: str, everyone: Sequence[VMStorage],
-                          claims: Mapping[str, ClaimInfo]) -> StorageDecision:
+                          claims: Mapping[str, ClaimInfo], uid: str = "") -> StorageDecision:
     """The policy is going: every move of its still under way goes back to its source
-    volumes, and its destinations nobody uses are deleted. Done when nothing is left."""
-    return cancel_moves(moved_by("policy", policy), everyone, claims)
+    volumes, and its destinations ``verdict`` lets go are deleted. Done when nothing is left;
+    what is kept (a finished move's claim) stays."""
+    return cancel_moves(Owner("policy", policy, uid), everyone, claims)
 
 
-def cancel_moves(owner: str, everyone: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
+def cancel_moves(owner: Owner, everyone: Sequence[VMStorage], claims: Mapping[str, ClaimInfo]
                  ) -> StorageDecision:
     """Every move of ``owner`` still under way goes back to its source volumes; its
-    destinations nobody uses are deleted."""
+    destinations ``verdict`` lets go are deleted."""
     d = StorageDecision()
     for vm in everyone:
-        under_way = owned_moving(vm, claims, owner)
+        under_way = {n: p for n, p in moving(vm, claims).items()
+                     if owner.made(claims[f"{vm.namespace}/{p[1]}"])}
         if under_way:
             d.update.append(VolumeUpdate(vm.namespace, vm.name,
                                          {n: src for n, (src, _d) in under_way.items()}))
-    d.delete = unused_destinations(owner, everyone, claims)
+    d.delete = deletable_destinations(owner, everyone, claims)
     return d
 
 
 def cancel_pending(policy: str, everyone: Sequence[VMStorage],
-                   claims: Mapping[str, ClaimInfo]) -> int:
+                   claims: Mapping[str, ClaimInfo], uid: str = "") -> int:
     """Destinations of this policy a VM or VMI still points at without having finished: the
     policy's deletion waits for them to be released."""
-    return pending_cancel(moved_by("policy", policy), everyone, claims)
+    return pending_cancel(Owner("policy", policy, uid), everyone, claims)
 
 
-def pending_cancel(owner: str, everyone: Sequence[VMStorage],
+def pending_cancel(owner: Owner, everyone: Sequence[VMStorage],
                    claims: Mapping[str, ClaimInfo]) -> int:
     """Destinations of ``owner`` a VM or VMI still points at without having finished."""
     return sum(1 for vm in everyone for _n, (_s, dst) in moving(vm, claims).items()
-               if (c := claims.get(f"{vm.namespace}/{dst}")) and c.moved_by == owner) + \
+               if owner.made(claims[f"{vm.namespace}/{dst}"])) + \
         sum(1 for vm in everyone for v in vm.volumes
             for held in {v.running_claim, v.vmi_claim} - {v.claim}
-            if held and (c := claims.get(f"{vm.namespace}/{held}")) and c.moved_by == owner)
+            if held and (c := claims.get(f"{vm.namespace}/{held}")) and c.source_claim
+            and owner.made(c))

@@ -153,7 +153,7 @@ def reconcile(name: str) -> dt.datetime | None:
                                          store.kubevirt_views(), owned)))
         if model.spec.storage is not None:
             governed = set(dpolicy.governed(name, policies, vmis))
-            moves = _storage_moves(name, model, now, governed)
+            moves = _storage_moves(name, model, now, governed, meta["uid"])
             recheck = _earliest(recheck, _storage_recheck(model, now))
             decision = dataclasses.replace(
                 decision, status=decision.status.model_copy(update={"storage": moves.status}),
@@ -221,8 +221,8 @@ def _earliest(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | Non
     return min((t for t in (a, b) if t is not None), default=None)
 
 
-def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str]
-                   ) -> dstorage.StorageDecision:
+def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed: set[str],
+                   uid: str) -> dstorage.StorageDecision:
     """spec.storage: move the governed VMs' disks (mode Always), delete what leaks. A move
     begins only inside a window and not within its end's lead; under withinWindow: Finish only
     when its predicted copy ends before the window does."""
@@ -241,14 +241,15 @@ def _storage_moves(name: str, model: MigrationPolicy, now: dt.datetime, governed
     failed, ended = kstorage.copy_history(cluster, everyone, claims)
     decision = dstorage.plan_policy_storage(dstorage.PolicyStorageSnapshot(
         policy=name, spec=spec.storage, now=now,
-        governed={k: v for k, v in everyone.items() if k in governed and v.running},
+        governed={k: v for k, v in everyone.items()
+                  if k in governed and v.running and not v.vmi_ended},
         everyone=list(everyone.values()), claims=claims, classes=seen["classes"],
         updates_migrate=seen["updates_migrate"], may_start=gate.may_start,
         finish_within=finish_within,
         max_parallel=spec.max_parallel_migrations,
         bandwidth_per_migration=parse_quantity(spec.bandwidth_per_migration)
         if spec.bandwidth_per_migration else None,
-        max_attempts=spec.max_attempts, failed_attempts=failed, ended=ended))
+        max_attempts=spec.max_attempts, failed_attempts=failed, ended=ended, uid=uid))
     problems: list[str] = []
     kstorage.apply(cluster, decision.create, decision.update, decision.delete, problems)
     decision.events.extend(("Warning", "WriteFailed", p) for p in problems[:5])
@@ -263,16 +264,20 @@ def _cancel_storage(name: str, obj: JSON) -> str | None:
     cluster = state().rt.cluster
     seen = cluster.storage_views()
     claims, everyone = seen["claims"], list(seen["storage"].values())
-    undo = dstorage.cancel_policy_storage(name, everyone, claims)
+    uid = obj["metadata"].get("uid", "")
+    undo = dstorage.cancel_policy_storage(name, everyone, claims, uid)
     problems: list[str] = []
-    kstorage.apply(cluster, [], undo.update, undo.delete, problems)
+    # A claim something else refers to (a snapshot of it, say) is the claims collector's
+    # once this policy is gone: no reason to wait for it.
+    held = kstorage.apply(cluster, [], undo.update, undo.delete, problems)
+    deleting = [k for k in undo.delete if k not in held]
     for vm in undo.update:
         state().rt.actions.event(_for_events(obj), "Normal", "StorageMoveCancelled",
             f"{vm.namespace}/{vm.vm}: back on its source volumes")
-    waiting = dstorage.cancel_pending(name, everyone, claims)
-    if not (undo.update or undo.delete or waiting or problems):
+    waiting = dstorage.cancel_pending(name, everyone, claims, uid)
+    if not (undo.update or deleting or waiting or problems):
         return None
-    return (f"cancelling storage moves: {len(undo.update)} VMs reverted, {len(undo.delete)} "
+    return (f"cancelling storage moves: {len(undo.update)} VMs reverted, {len(deleting)} "
             f"destination claims deleted, {waiting} still in use"
             + (f"; failed: {'; '.join(problems[:3])}" if problems else ""))
 

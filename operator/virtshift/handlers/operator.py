@@ -8,7 +8,7 @@ from typing import Any
 import kopf
 
 import virtshift.handlers.migrationpolicy  # noqa: F401 - registers the handlers
-from virtshift.handlers import nodedrain, runtime  # noqa: F401 - registers the handlers
+from virtshift.handlers import claims, nodedrain, runtime  # noqa: F401 - registers the handlers
 
 
 @kopf.on.startup()
@@ -26,6 +26,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # its lifetime; leave plenty for the delete, login and start-up handlers.
     settings.execution.max_workers = 512
     runtime.get().start()
+    claims.start(runtime.get())  # after the caches: it decides only on synced ones
 
 
 @kopf.on.login()
@@ -45,4 +46,5 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 def shutdown(**_: Any) -> None:
+    claims.stop()
     runtime.get().stop()

@@ -143,7 +143,7 @@ class Actions:
             *((f"start {k}", lambda k=k: self.start(k)) for k in d.start),
             *((f"finish {k}", lambda k=k: self.finish(k)) for k in d.finish),
             *((f"evict {k}", lambda k=k: self._evict_into(k, out.blocked)) for k in d.evict),
-            *((f"delete claim {k}", lambda k=k: kstorage.delete_claim(self.cluster, k))
+            *((f"delete claim {k}", lambda k=k: kstorage.delete_checked(self.cluster, k))
               for k in d.delete_claims),
             *last,
         ]

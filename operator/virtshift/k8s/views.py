@@ -10,12 +10,18 @@ from virtshift.api.kubevirt import FINAL_PHASES
 from virtshift.api.units import parse_quantity
 from virtshift.domain.naming import label_value
 from virtshift.domain.storage import (
+    ABANDONED_ANNOTATION,
+    COMPLETED_ANNOTATION,
     COPY_BANDWIDTH_ANNOTATION,
     MOVED_BY_LABEL,
     NODE_LOCAL_ANNOTATION,
+    OWNER_UID_ANNOTATION,
     SOURCE_CLAIM_LABEL,
+    SOURCE_CLAIMS_ANNOTATION,
+    SOURCE_UID_ANNOTATION,
     STARTED_ANNOTATION,
     VM_LABEL,
+    VM_UID_ANNOTATION,
     ClaimInfo,
     ClassInfo,
     NewClaim,
@@ -407,12 +413,18 @@ def vm_storage(vm: JSON, vmi: JSON | None) -> StorageView:
             refused=_volume_refusal(v, disks, filesystems, hotplugged)))
     vmi_conditions = {c.get("type"): c for c in vmi_status.get("conditions") or []}
     vm_conditions = {c.get("type"): c for c in (vm.get("status") or {}).get("conditions") or []}
+    named = {_claim_of(v)[0] for v in vmi_spec.get("volumes") or []}
+    named |= {(m.get(side) or {}).get("claimName") for m in vmi_status.get("migratedVolumes")
+              or [] for side in ("sourcePVCInfo", "destinationPVCInfo")}
+    named |= {(t.get("metadata") or {}).get("name")
+              for t in (vm.get("spec") or {}).get("dataVolumeTemplates") or []}
     change = vmi_conditions.get("VolumesChange")
     storage = vmi_conditions.get("StorageLiveMigratable")
     restart = vm_conditions.get("RestartRequired")
     recovery = vm_conditions.get("ManualRecoveryRequired")
     return StorageView(
-        namespace=meta["namespace"], name=meta["name"], volumes=tuple(volumes),
+        namespace=meta["namespace"], name=meta["name"], uid=meta.get("uid", ""),
+        volumes=tuple(volumes),
         running=bool(vmi) and vmi_status.get("phase") == "Running",
         migrating_volumes=bool(vmi_status.get("migratedVolumes")),
         volumes_change=None if change is None else change.get("status") == "True",
@@ -423,6 +435,9 @@ def vm_storage(vm: JSON, vmi: JSON | None) -> StorageView:
             "status") == "True" else None,
         manual_recovery=((recovery or {}).get("reason") or "ManualRecoveryRequired")
         if recovery and recovery.get("status") == "True" else None,
+        vmi_ended=bool(vmi) and (bool(vmi.get("metadata", {}).get("deletionTimestamp"))
+                                 or vmi_status.get("phase") in ("Succeeded", "Failed")),
+        named=frozenset(c for c in named if c),
     )
 
 
@@ -454,7 +469,46 @@ def claim_info(pvc: JSON, pv: JSON | None) -> ClaimInfo:
         vm=annotations.get(VM_LABEL) or labels.get(VM_LABEL),
         uid=meta.get("uid", ""), created=parse_time(annotations.get(STARTED_ANNOTATION)
                                                     or meta.get("creationTimestamp")),
-        terminating=bool(meta.get("deletionTimestamp")))
+        terminating=bool(meta.get("deletionTimestamp")),
+        owner_uid=annotations.get(OWNER_UID_ANNOTATION) or labels.get(OWNER_UID_ANNOTATION)
+        or "", source_uid=annotations.get(SOURCE_UID_ANNOTATION) or "",
+        completed=COMPLETED_ANNOTATION in annotations,
+        abandoned=ABANDONED_ANNOTATION in annotations,
+        source_claims=annotations.get(SOURCE_CLAIMS_ANNOTATION),
+        vm_uid=annotations.get(VM_UID_ANNOTATION) or "")
+
+
+# What else may refer to a claim (k8s.storage checks them right before deleting one): the claim
+# names each object names, in its own namespace.
+
+
+def data_volume_claims(dv: JSON) -> list[str]:
+    """A CDI DataVolume owns the claim of its own name, and a clone reads its
+    spec.source.pvc."""
+    source = ((dv.get("spec") or {}).get("source") or {}).get("pvc") or {}
+    same_ns = source.get("namespace") in (None, dv["metadata"].get("namespace"))
+    return [dv["metadata"]["name"], *([source["name"]] if source.get("name") and same_ns
+                                      else [])]
+
+
+def volume_snapshot_claims(snapshot: JSON) -> list[str]:
+    """A CSI VolumeSnapshot of a claim (spec.source.persistentVolumeClaimName)."""
+    name = ((snapshot.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName")
+    return [name] if name else []
+
+
+def vm_snapshot_content_claims(content: JSON) -> list[str]:
+    """A KubeVirt VirtualMachineSnapshotContent: the claims it backs up
+    (spec.volumeBackups[].persistentVolumeClaim)."""
+    return [n for b in (content.get("spec") or {}).get("volumeBackups") or []
+            if (n := ((b.get("persistentVolumeClaim") or {}).get("metadata") or {}).get("name"))]
+
+
+def vm_export_claims(export: JSON) -> list[str]:
+    """A KubeVirt VirtualMachineExport of a claim (spec.source, kind PersistentVolumeClaim)."""
+    source = (export.get("spec") or {}).get("source") or {}
+    return [source["name"]] if source.get("kind") == "PersistentVolumeClaim" and \
+        source.get("name") else []
 
 
 def class_info(sc: JSON) -> ClassInfo:
@@ -466,15 +520,22 @@ def class_info(sc: JSON) -> ClassInfo:
 
 
 def destination_claim(c: NewClaim) -> JSON:
-    """A destination claim: at least the source's size, labelled with its source and owner."""
+    """A destination claim: at least the source's size, labelled with its source and owner
+    (kind and name in moved-by, and the owner's UID; the source's UID and the sourceClaims
+    rule its move began under too)."""
+    uids = {k: v for k, v in ((OWNER_UID_ANNOTATION, c.owner_uid),
+                              (SOURCE_UID_ANNOTATION, c.source_uid),
+                              (SOURCE_CLAIMS_ANNOTATION, c.source_claims),
+                              (VM_UID_ANNOTATION, c.vm_uid)) if v}
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {
         "name": c.name, "namespace": c.namespace,
         "labels": {SOURCE_CLAIM_LABEL: label_value(c.source), MOVED_BY_LABEL: label_value(
             c.moved_by), VM_LABEL: label_value(c.vm),
+            **({OWNER_UID_ANNOTATION: c.owner_uid} if c.owner_uid else {}),
             "app.kubernetes.io/managed-by": "virtshift"},
         # Label values stop at 63 characters; the full names are kept here.
         "annotations": {SOURCE_CLAIM_LABEL: c.source, MOVED_BY_LABEL: c.moved_by,
-                        VM_LABEL: c.vm, **({STARTED_ANNOTATION: c.started.astimezone(
+                        VM_LABEL: c.vm, **uids, **({STARTED_ANNOTATION: c.started.astimezone(
                             dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")} if c.started else {})}},
         "spec": {"accessModes": list(c.access_modes), "volumeMode": c.volume_mode,
                  "storageClassName": c.storage_class,
