@@ -60,6 +60,9 @@ RENDER_CASES = [
         {"completionTimeoutPerGiB": 20}, ["PostCopy"],
         id="post-copy variant keeps the user's completionTimeoutPerGiB"),
     pytest.param(
+        {"completionTimeoutPerGiB": 0}, {"completionTimeoutPerGiB": 0}, [],
+        id="completionTimeoutPerGiB 0 (never, as in KubeVirt) is rendered, not dropped"),
+    pytest.param(
         {"onDowntimeExceeded": ["AutoConverge", "PostCopy", "QuickMigration", "Allow"]}, {},
         ["AutoConverge", "PostCopy"], id="both variants, other steps render nothing"),
     pytest.param(
@@ -670,3 +673,18 @@ def test_override_condition_names_the_policy_and_clears_with_an_event() -> None:
                                        status=first.status))
     assert "KubeVirtPolicyOverridden" not in {c.type for c in cleared.status.conditions}
     assert [e[:2] for e in cleared.events] == [("Normal", "KubeVirtPolicyOverrideCleared")]
+
+
+def test_completion_timeout_0_is_never_for_the_prediction_too() -> None:
+    """Issue 20 item 11: a policy may say completionTimeoutPerGiB 0, KubeVirt's "never": the
+    rules carry 0 (not the KubeVirt CR's value), and a VM that cannot converge is predicted to
+    run on in pre-copy, never switched to post-copy by a timeout."""
+    from virtshift.domain.eta import Estimator
+    from virtshift.domain.views import VMIInfo
+
+    r = rules_from(named("gold", completionTimeoutPerGiB=0, allowPostCopy=True))
+    assert r.completion_timeout_per_gib == 0
+    hot = VMIInfo(namespace="ns", name="hot", node="n1", memory=4 * 1024**3,
+                  dirty_rate=20 * 1024**3)
+    p_ = Estimator().transfer(hot, r, None, 1)
+    assert (p_.converges, str(p_.mode)) == (False, "PreCopy")

@@ -219,14 +219,17 @@ class MigrationPolicySpec(Model):
         "once.",
     )
     completion_timeout_per_gi_b: int | None = Field(
-        None, ge=1, le=86400, alias="completionTimeoutPerGiB",
+        None, ge=0, le=86400, alias="completionTimeoutPerGiB",
         description="Seconds allowed per GiB of the migration's data (guest memory plus any "
         "volumes it moves; KubeVirt counts decimal GB, rounded up) before KubeVirt acts on a "
         "migration that has not completed: it aborts it, switches it to post-copy "
         "(allowPostCopy), or pauses the guest (allowWorkloadDisruption without allowPostCopy, "
         "from the KubeVirt CR). Rendered into KubeVirt's MigrationPolicy when set (also into "
         "the variants of the onDowntimeExceeded ladder: it is when the PostCopy step switches "
-        "to post-copy). Unset: the KubeVirt CR's "
+        "to post-copy). 0: never -- KubeVirt then takes none of these actions on time "
+        "(virt-launcher's shouldTriggerTimeout), so a migration that cannot converge runs "
+        "until its progress timeout, and the PostCopy step bounds no pause. Unset: the "
+        "KubeVirt CR's "
         "spec.configuration.migrations.completionTimeoutPerGiB applies (150 unless set there), "
         "and virtshift predicts with it.",
     )
