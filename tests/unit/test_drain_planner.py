@@ -1333,6 +1333,22 @@ def test_a_restart_lands_only_on_nodes_matching_target_node_selector() -> None:
     assert full.halt == [] and entry(full, "g0").phase == "Waiting"
 
 
+def test_a_restart_pin_is_not_carried_into_the_live_migrations_after_it() -> None:
+    """A stop admitted first in a pass must not pin the live migrations after it: with
+    targetNodeSelector and no wave, a live migration's selector is the targetNodeSelector
+    alone (the merge had them share one local)."""
+    nodes = [node("n1"), node("n2", labels=ZONE_B), node("n3", labels=ZONE_B)]
+    # An empty VM is predicted the stop's time (a target pod's start-up): it ties, and the
+    # stop (ns/g0) comes first; a slow reaction turns staggered starts off.
+    gpu, web = _gpu("g0"), vmi("web", memory=0)
+    rules = {gpu.key: dataclasses.replace(RESTART, max_parallel=None), web.key: Rules()}
+    d = plan_drain(snap([gpu, web], vms={gpu.key: VMInfo("ns", "g0")}, rules=rules,
+                        nodes=nodes, limits=KubeVirtLimits(50, 50), reaction_seconds=60.0,
+                        spec={"nodeName": "n1", "targetNodeSelector": {"zone": "b"}}))
+    assert [h.key for h in d.halt] == ["ns/g0"]
+    assert [dict(m.selector) for m in d.create] == [{"zone": "b"}]
+
+
 def test_a_restart_never_lands_on_a_node_the_wave_drains_later() -> None:
     """Item 6: a wave pins the restart (kubernetes.io/hostname) to a node outside it, as it
     pins live migrations; n2 is emptier but drains later."""

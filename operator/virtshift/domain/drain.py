@@ -796,7 +796,7 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
     inbound = Counter((_policy_of(s, m), m.target) for m in unfinished if m.target)
     arriving = Counter(m.target for m in unfinished if m.target)
     room = _Room(s)
-    pin = bool(later)
+    pin = bool(later)  # live migrations pinned off the wave's later nodes
     rounds = _queue_rounds(s, vms)
     typical = _typical_seconds(vms)
     held: set[str] = set()  # sources whose next start waits for a transfer to end (stagger)
@@ -864,10 +864,10 @@ def _admit(s: DrainSnapshot, vms: list[_VM], decision: Decision, later: tuple[st
             continue
         if v.stop:
             # The restart lands where the migration would: the same selector and pin.
-            pin = dict(s.spec.target_node_selector or {})
+            restart_pin = dict(s.spec.target_node_selector or {})
             if later:
-                pin[HOSTNAME_LABEL] = target
-            decision.halt.append(Stop(v.key, source, rules.policy, pin or None))
+                restart_pin[HOSTNAME_LABEL] = target
+            decision.halt.append(Stop(v.key, source, rules.policy, restart_pin or None))
             v.entry = v.entry.model_copy(update={"phase": VMPhase.MIGRATING})
             continue
         selector = dict(s.spec.target_node_selector or {})
