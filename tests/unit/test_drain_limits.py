@@ -182,6 +182,22 @@ def test_within_window_finish_withdraws_a_queued_migration_that_would_end_late()
     assert entry(d, "big").reason == "OutsideWindow"
 
 
+def test_within_window_finish_keeps_what_it_admitted_on_the_ladders_prediction() -> None:
+    """A migration admitted on its ladder step's prediction (auto-converge: 48 s) is judged on
+    the same one once queued; judged on the plain prediction (never converging: 1361 s) it was
+    withdrawn, made again the next pass, and so on while KubeVirt's queue held it."""
+    hot = vmi("hot", memory=8 * GiB, dirty_rate=8 * GiB)
+    rules = {"ns/hot": under(ending_in(600), within_window="Finish", max_downtime=0.3,
+                             on_downtime_exceeded=("AutoConverge", "Abort"))}
+    first = plan_drain(snap([hot], rules=rules, status=draining()))
+    [made] = first.create
+    assert made.mode == "AutoConverge"
+    queued = mig("hot", 1, "Pending")
+    again = plan_drain(snap([hot], rules=rules, migrations=[queued], status=first.status))
+    assert again.withdraw == [] and again.create == []
+    assert entry(again, "hot").phase == "Migrating"
+
+
 def test_a_vm_longer_than_any_window_stalls_the_drain_as_window_too_short() -> None:
     short = Window(schedule="0 12 * * *", duration="30s")  # open since 12:00, 30 s a day
     rules = {"ns/big": Rules(policy="win", windows=(short,), within_window="Finish")}

@@ -527,12 +527,7 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
                                       f"retrying at {stamp(retry_at)}", source_node=vmi.node,
                                       migration=known.name), memory, seconds=predicted)
     attempt = made + 1
-    choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
-                             _concurrency(s, rules), s.metrics_source)
-    if choice.mode is not None and math.isfinite(choice.predicted.duration):
-        # The step's own KubeVirt policy (e.g. post-copy at the completion timeout) decides
-        # how long it takes.
-        predicted = s.estimator.target_startup + choice.predicted.duration
+    choice, predicted = _chosen(s, vmi, rules, predicted)
     plan = {"source_node": vmi.node, "predicted_seconds": round(predicted, 1),
             # Unknown with the dirty rate: the rate decides the pause.
             "predicted_downtime_ms": None if vmi.dirty_rate is None else
@@ -557,6 +552,18 @@ def _evaluate(s: DrainSnapshot, key: str, active: set[str], places: _Places,
 
 
 DISKS_NOT_LIVE_MIGRATABLE = "DisksNotLiveMigratable"
+
+
+def _chosen(s: DrainSnapshot, vmi: VMIInfo, rules: Rules, plain_seconds: float
+            ) -> tuple[downtime.Choice, float]:
+    """The ladder's choice for the VM's next migration, and its predicted seconds: the step's
+    own KubeVirt policy (e.g. post-copy at the completion timeout) decides how long it takes;
+    otherwise ``plain_seconds``. One place, for admission and for withinWindow: Finish."""
+    choice = downtime.choose(vmi, rules, s.estimator, _node_bandwidth(s, vmi.node),
+                             _concurrency(s, rules), s.metrics_source)
+    if choice.mode is not None and math.isfinite(choice.predicted.duration):
+        return choice, s.estimator.target_startup + choice.predicted.duration
+    return choice, plain_seconds
 
 
 def _ours(s: DrainSnapshot, q: QuickMigrationRecord | None) -> bool:
@@ -1173,8 +1180,10 @@ def _withdraw_outside_windows(s: DrainSnapshot, vms: list[_VM], decision: Decisi
         why = gate.closed
         vmi = s.vmis.get(m.vmi_key)
         if why is None and gate.finish and vmi is not None:
-            predicted = s.estimator.seconds(vmi, rules, _node_bandwidth(s, vmi.node),
-                                            _concurrency(s, rules))
+            # As admission predicted it (the ladder's step included), or a migration admitted
+            # on one prediction would be withdrawn on another, and made again, pass after pass.
+            _choice, predicted = _chosen(s, vmi, rules, s.estimator.seconds(
+                vmi, rules, _node_bandwidth(s, vmi.node), _concurrency(s, rules)))
             if gate.too_long(predicted):
                 why = (OUTSIDE_WINDOW, f"predicted {predicted:.0f}s, would not finish before "
                        f"policy {rules.policy}'s window closes (withinWindow: Finish); new "
