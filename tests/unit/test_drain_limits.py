@@ -151,6 +151,22 @@ def test_the_drain_says_it_waits_for_the_next_window_and_an_event_says_it_closed
     assert not [e for e in again.events if e[1] == "OutsideWindow"]
 
 
+def test_a_refused_write_in_the_same_pass_keeps_the_window_event() -> None:
+    """The status corrected with a refused create (drain.settle) keeps the Events decided
+    while planning: the window closing on a, said once, is not lost because b's create was
+    refused in that pass."""
+    from virtshift.domain.drain import settle
+    from virtshift.domain.outcome import remember
+
+    rules = {"ns/a": under(ending_in(-1)), "ns/b": Rules()}
+    s = snap([vmi("a"), vmi("b")], rules=rules, status=draining())
+    d = plan_drain(s)
+    [made] = d.create
+    settled = settle(s, d, remember({}, {f"create ns/{made.name}": "denied"}, {}, s.now))
+    assert entry(settled, "b").reason == "CreateFailed"
+    assert [e[1] for e in settled.events if e[1] == "OutsideWindow"] == ["OutsideWindow"]
+
+
 # Default estimator (10 s target start-up), 10Gi NIC shared by 2: a 4Gi VM takes ~11 s, a
 # 256Gi one ~61 s. A reaction of 5 s (margin 10 s) keeps the starts from being staggered.
 SMALL, BIG = vmi("small"), vmi("big", memory=256 * GiB)

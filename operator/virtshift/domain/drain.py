@@ -1378,7 +1378,8 @@ def plan_drain(s: DrainSnapshot) -> Decision:
     pending_later = [v for k, v in s.vmis.items() if v.node in waiting and k not in scope]
     lingering = sorted(p.key for p in s.launchers if p.vmi not in skipped
                        and p.node in draining and unfinished_on[p.node] == 0)
-    decision.draft = _Draft(nodes, vms, pending_later, pods_left, concurrency, now, lingering)
+    decision.draft = _Draft(nodes, vms, pending_later, pods_left, concurrency, now, lingering,
+                            planned_events=tuple(decision.events))
     return _status(s, decision, decision.draft)
 
 
@@ -1393,6 +1394,9 @@ class _Draft:
     concurrency: int
     now: str
     lingering: list[str]
+    # The Events decided while planning (a window closing, an unusable policyRef): _status
+    # adds only those of status changes, so settle keeps these.
+    planned_events: tuple[tuple[str, str, str], ...] = ()
 
 
 def settle(s: DrainSnapshot, decision: Decision,
@@ -1413,7 +1417,7 @@ def settle(s: DrainSnapshot, decision: Decision,
         for step, f in failed[:1]:
             v = dataclasses.replace(v, entry=outcome.corrected(v.entry, step, f))
         vms.append(v)
-    redone = dataclasses.replace(decision, events=[], downtimes=[])
+    redone = dataclasses.replace(decision, events=list(draft.planned_events), downtimes=[])
     return _status(s, redone, dataclasses.replace(draft, vms=vms), failures)
 
 
