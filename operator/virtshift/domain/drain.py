@@ -1779,7 +1779,10 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
     decision.revert, decision.delete_claims = undo.update, undo.delete
     held = storage.pending_cancel(s.owner_ref, everyone, s.claims)
     aborting = s.spec.cancel_on_delete and bool(unfinished)
-    if (aborting or held or undo.delete) and waited < ABORT_WAIT_SECONDS:
+    # Destinations to delete hold nothing up: one that something outside the caches still
+    # refers to (a snapshot, an export) is kept now and collected once the drain is gone
+    # (handlers.claims).
+    if (aborting or held) and waited < ABORT_WAIT_SECONDS:
         decision.hold = (_waiting_for(len(unfinished) - len(finishing), len(finishing))
                          if aborting else f"moving {held} volumes back to their sources")
         decision.hold += f" before uncordoning {', '.join(ours)}" if ours else ""
