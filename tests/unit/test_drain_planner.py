@@ -971,8 +971,8 @@ def test_the_inbound_limit_tries_every_candidate() -> None:
     assert len(entry(d, "a").candidates) <= 5  # status shows the best five
 
 
-def _gpu(name: str, node_name: str = "n1") -> VMIInfo:
-    return vmi(name, node_name, migratable=False,
+def _gpu(name: str, node_name: str = "n1", **kw: Any) -> VMIInfo:
+    return vmi(name, node_name, migratable=False, **kw,
                not_migratable_reason="HostDeviceNotLiveMigratable", not_migratable_message="GPU")
 
 
@@ -1175,19 +1175,34 @@ def test_the_drain_says_whether_its_predictions_know_the_dirty_rates(case, rates
     0): the PredictionsAvailable condition says so, naming the VMs, and an Event marks the
     change."""
     vms = [vmi("a", dirty_rate=rates[0]), vmi("b", dirty_rate=rates[1])]
-    d = plan_drain(snap(vms, metrics_source=source))
+    held = {"nodeName": "n1", "paused": True}  # still to start: what the rates decide
+    d = plan_drain(snap(vms, metrics_source=source, spec=held))
     cond = _predictions(d)
     assert (cond.status, cond.reason) == (status, reason), (case, cond.message)
     assert all(n in cond.message for n in names), cond.message
     if status == "False":
         assert "lower bound" in cond.message
         assert ("Warning", reason) in {(k, r) for k, r, _m in d.events}
-        again = plan_drain(snap(vms, metrics_source=source, status=d.status))
+        again = plan_drain(snap(vms, metrics_source=source, status=d.status, spec=held))
         assert reason not in {r for _k, r, _m in again.events}  # once, on the transition
-        known = plan_drain(snap([vmi("a"), vmi("b")], metrics_source=True, status=d.status))
+        known = plan_drain(snap([vmi("a"), vmi("b")], metrics_source=True, status=d.status,
+                                spec=held))
         assert (_predictions(known).status, _predictions(known).reason) == (
             "True", "DirtyRatesKnown")
         assert ("Normal", "DirtyRatesKnown") in {(k, r) for k, r, _m in known.events}
+
+
+def test_migrations_under_way_and_restarts_need_no_dirty_rate() -> None:
+    """KubeVirt publishes no dirty rate for a migrating VMI, and a quick migration's restart
+    does not depend on one: neither turns PredictionsAvailable False (it flapped False and
+    True, with an Event each way, around every quick migration)."""
+    gpu = _gpu("g0", dirty_rate=None)
+    moving = vmi("m", dirty_rate=None)
+    d = plan_drain(snap([gpu, moving], vms={gpu.key: VMInfo("ns", "g0")},
+                        rules={gpu.key: RESTART}, migrations=[mig("m", 1, "Running")],
+                        metrics_source=True, nodes=cordoned()))
+    assert entry(d, "g0").mode == "QuickMigration" and entry(d, "m").phase == "Migrating"
+    assert (_predictions(d).status, _predictions(d).reason) == ("True", "DirtyRatesKnown")
 
 
 def test_the_drain_counts_the_vms_decided_without_a_rate() -> None:

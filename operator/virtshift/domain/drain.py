@@ -1572,8 +1572,10 @@ def _predictions(s: DrainSnapshot, vms: list[_VM], later: list[VMIInfo]
     predicted time (and so plannedSeconds and eta) takes it as dirtying nothing, a lower bound,
     and where maxDowntime or onDowntimeExceeded would act it is treated as not fitting
     (downtime.choose)."""
+    # Still to start, and by a live migration: one under way is past deciding (and KubeVirt
+    # publishes no dirty rate for a migrating VMI), a quick migration's restart needs none.
     to_move = [s.vmis[v.key] for v in vms if v.key in s.vmis and v.entry.phase in (
-        VMPhase.PENDING, VMPhase.WAITING, VMPhase.MIGRATING)] + later
+        VMPhase.PENDING, VMPhase.WAITING) and v.entry.mode != "QuickMigration"] + later
     unknown = sorted(v.key for v in to_move if v.dirty_rate is None)
     if not unknown:
         return True, DIRTY_RATES_KNOWN, ("every VM still to move has a dirty rate from the "
