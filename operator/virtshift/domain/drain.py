@@ -1724,10 +1724,14 @@ def _letting_finish(finishing: Sequence[MigrationInfo]) -> str:
             f"post-copy: the guest already runs on the target); letting them finish: {names}")
 
 
-def _waiting_for(aborted: int, post_copy: int) -> str:
+def _ending(aborted: int, post_copy: int) -> str:
     what = [f"{aborted} aborted migrations"] if aborted else []
     what += [f"{post_copy} migrations in post-copy"] if post_copy else []
-    return f"waiting for {' and '.join(what)} to end"
+    return " and ".join(what)
+
+
+def _waiting_for(aborted: int, post_copy: int) -> str:
+    return f"waiting for {_ending(aborted, post_copy)} to end"
 
 
 def _end_restarts(s: DrainSnapshot, decision: Decision, waited: float) -> int:
@@ -1793,8 +1797,9 @@ def finalize_drain(s: DrainSnapshot, waited: float = 0.0) -> Decision:
         if aborting:
             names = ", ".join(f"{m.namespace}/{m.name}" for m in unfinished[:10])
             decision.events.append(("Warning", "AbortTimeout", (
-                f"uncordoning {', '.join(ours) or 'nothing'} although {len(unfinished)} aborted "
-                f"migrations have not ended after {round(waited)}s: {names}")))
+                f"uncordoning {', '.join(ours) or 'nothing'} although "
+                f"{_ending(len(unfinished) - len(finishing), len(finishing))} "
+                f"have not ended after {round(waited)}s: {names}")))
     if restarting:
         decision.hold = "; ".join(x for x in (decision.hold, f"restarting {restarting} VMs "
                                               "a quick migration stopped") if x)
