@@ -33,6 +33,9 @@ NOT_CONVERGING = "NotConverging"
 # as a condition reason, with a metrics source that does not report some VMs.
 DIRTY_RATE_UNKNOWN = "DirtyRateUnknown"
 NO_METRICS_SOURCE = "NoMetricsSource"  # condition reason: no metrics source at all
+# The condition on NodeDrains and MigrationPolicies saying whether the dirty rates are known.
+PREDICTIONS_AVAILABLE = "PredictionsAvailable"
+DIRTY_RATES_KNOWN = "DirtyRatesKnown"
 DEFAULT_LADDER = ("Abort",)  # the CRD's default onDowntimeExceeded
 
 

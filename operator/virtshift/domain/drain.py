@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -138,7 +137,7 @@ class DrainSnapshot:
         """This drain incarnation as the owner of its claims (name and UID)."""
         return storage.Owner("drain", self.name, self.uid)
 
-    @functools.cached_property
+    @cached_property
     def claim_holds(self) -> storage.Holds:
         """What refers to each claim (once per pass: sources_to_delete asks per VM)."""
         return storage.holds(list(self.storage.values()), self.claims)
@@ -1023,7 +1022,7 @@ def _storage_in_flight(s: DrainSnapshot) -> list[tuple[str, str | None]]:
 
 OUTSIDE_WINDOW = "OutsideWindow"
 WINDOW_TOO_SHORT = "WindowTooShort"
-INVALID_WINDOW = "InvalidWindow"
+INVALID_WINDOW = windows.INVALID_WINDOW  # named here too: the drain reports it
 FINISH = "Finish"  # the policy's withinWindow: only what is predicted to end in the window
 # The least of _window_margin, for a reaction not measured yet.
 MIN_WINDOW_MARGIN = 1.0
@@ -1562,8 +1561,8 @@ def _stalled_by(s: DrainSnapshot, failures: Mapping[str, outcome.StepFailure], d
     return None
 
 
-PREDICTIONS_AVAILABLE = "PredictionsAvailable"
-DIRTY_RATES_KNOWN = "DirtyRatesKnown"
+PREDICTIONS_AVAILABLE = downtime.PREDICTIONS_AVAILABLE
+DIRTY_RATES_KNOWN = downtime.DIRTY_RATES_KNOWN
 
 
 def _predictions(s: DrainSnapshot, vms: list[_VM], later: list[VMIInfo]

@@ -47,16 +47,18 @@ from virtshift.api.units import parse_duration
 from virtshift.domain.conditions import get_condition, set_condition
 from virtshift.domain.downtime import (
     DIRTY_RATE_UNKNOWN,
+    DIRTY_RATES_KNOWN,
     DOWNTIME_EXCEEDED,
     NO_METRICS_SOURCE,
     NOT_CONVERGING,
+    PREDICTIONS_AVAILABLE,
     rate_matters,
 )
 from virtshift.domain.kubevirt_match import KubeVirtPolicyView, Score, kubevirt_choice
 from virtshift.domain.naming import kubevirt_policy_name, label_value
 from virtshift.domain.rules import NamedPolicy, governing_policy
 from virtshift.domain.views import MigrationInfo
-from virtshift.domain.windows import validate_windows, window_state
+from virtshift.domain.windows import INVALID_WINDOW, validate_windows, window_state
 
 JSON = dict[str, Any]
 
@@ -76,15 +78,11 @@ MAX_DOWNTIME_MS_RANGE = (1, 2_000_000)
 READY = "Ready"
 RENDERED = "Rendered"
 CONFLICT = "KubeVirtPolicyConflict"
-INVALID_WINDOW = "InvalidWindow"
 INVALID_SPEC = "InvalidSpec"
 # Present (True) only while a KubeVirt policy virtshift did not render wins over ours.
 KUBEVIRT_POLICY_OVERRIDDEN = "KubeVirtPolicyOverridden"
 FOREIGN_POLICY_WINS = "ForeignPolicyWins"
 OVERRIDE_CLEARED = "KubeVirtPolicyOverrideCleared"  # the Event when it goes
-# Whether maxDowntime and onDowntimeExceeded can be predicted: the governed VMs' dirty rates.
-PREDICTIONS_AVAILABLE = "PredictionsAvailable"
-DIRTY_RATES_KNOWN = "DirtyRatesKnown"
 
 VARIANTS = {
     DowntimeAction.AUTO_CONVERGE.value: ("autoconverge", "allowAutoConverge"),

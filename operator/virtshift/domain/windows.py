@@ -66,6 +66,9 @@ class WindowState:
     next_open: dt.datetime | None  # the next opening strictly after now (None if no windows)
 
 
+INVALID_WINDOW = "InvalidWindow"  # reason: a window that cannot be read
+
+
 class WindowError(ValueError):
     """A window whose schedule, duration or time zone cannot be used.
 
