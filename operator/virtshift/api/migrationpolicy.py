@@ -64,7 +64,9 @@ WINDOW_END_DOC = (
     "KubeVirt's queue are withdrawn shortly before it (a target pod's start-up plus twice the "
     "operator's time to act, so that none begins its transfer after the end; they do not "
     "count as attempts), and none is queued that could not start before it. Migrations in "
-    "flight when a window closes are allowed to finish."
+    "flight when a window closes are allowed to finish, and so is a storage move begun before "
+    "(its VM already points at its destinations): KubeVirt's workload updater may create its "
+    "migration after the end."
 )
 
 
