@@ -161,13 +161,19 @@ def delete_claim(cluster: Cluster, key: str, uid: str | None = None,
 
 
 def mark(cluster: Cluster, key: str, annotation: str, value: str) -> None:
-    """Record an outcome on a claim (domain.storage.outcome_marks): set once, never changed."""
+    """Record an outcome on a claim (domain.storage.outcome_marks): set once, never changed.
+    Conditional on the version the decision saw: a claim changed since (re-created as a
+    destination, which clears an abandoned mark) is decided again on the next pass."""
     ns, name = key.split("/", 1)
+    seen = cluster.pvcs.get(key)
+    if seen is None:
+        return
+    meta: JSON = {"annotations": {annotation: value},
+                  "resourceVersion": seen["metadata"]["resourceVersion"]}
     try:
-        cluster.pvcs.put(cluster.kube.patch(rest.PVCS, name, {"metadata": {"annotations": {
-            annotation: value}}}, ns))
+        cluster.pvcs.put(cluster.kube.patch(rest.PVCS, name, {"metadata": meta}, ns))
     except ApiError as exc:
-        if not exc.not_found:
+        if not (exc.not_found or exc.conflict):
             raise
 
 
