@@ -14,6 +14,14 @@ from virtshift.sim import runner
 from virtshift.sim.scenario import load_scenario
 
 FINAL = ("Succeeded", "Failed")
+# A KubeVirt policy that puts a VMI labelled migration=postcopy-slow in post-copy soon (1 s per
+# GB of memory) and pulls it at 4 MiB/s, so that it stays in post-copy for minutes.
+POST_COPY_SLOW = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
+                  "metadata": {"name": "postcopy-slow"},
+                  "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 1,
+                           "bandwidthPerMigration": "4Mi",
+                           "selectors": {"virtualMachineInstanceSelector": {
+                               "migration": "postcopy-slow"}}}}
 
 
 def simulate(kube: rest.KubeClient, scenario: str,

@@ -11,7 +11,15 @@ from typing import Any
 
 import kubevirt_objects
 import pytest
-from kubevirt_objects import conditions, seconds, simulate, stamps, state_of, wait_for
+from kubevirt_objects import (
+    POST_COPY_SLOW,
+    conditions,
+    seconds,
+    simulate,
+    stamps,
+    state_of,
+    wait_for,
+)
 
 from virtshift.api.units import parse_quantity
 from virtshift.k8s import rest
@@ -71,13 +79,8 @@ NEVER = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPoli
          "metadata": {"name": "never"},
          "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 0,
                   "selectors": {"virtualMachineInstanceSelector": {"migration": "never"}}}}
-# Post-copy from 6 s on (4 GiB is 5 GB at 1 s per GB), then 4 GiB pulled at 4 MiB/s: 1024 s.
-POST_COPY_SLOW = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
-                  "metadata": {"name": "postcopy-slow"},
-                  "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 1,
-                           "bandwidthPerMigration": "4Mi",
-                           "selectors": {"virtualMachineInstanceSelector": {
-                               "migration": "postcopy-slow"}}}}
+# POST_COPY_SLOW here: post-copy from 6 s on (4 GiB is 5 GB at 1 s per GB), then 4 GiB
+# pulled at 4 MiB/s: 1024 s.
 
 
 @pytest.fixture(scope="module")

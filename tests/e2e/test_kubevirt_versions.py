@@ -10,7 +10,7 @@ from typing import Any
 
 import kubevirt_objects
 import pytest
-from kubevirt_objects import simulate, state_of, wait_for
+from kubevirt_objects import POST_COPY_SLOW, simulate, state_of, wait_for
 
 from virtshift.k8s import rest
 from virtshift.sim import runner
@@ -48,13 +48,8 @@ SAME_AS_CLUSTER = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "Mig
                    "spec": {"allowPostCopy": False,
                             "selectors": {"virtualMachineInstanceSelector": {"tier": "gold"}}}}
 
-# Post-copy from 4 s on (2 GiB is 3 GB at 1 s per GB), then 2 GiB pulled at 4 MiB/s: 512 s.
-POST_COPY_SLOW = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
-                  "metadata": {"name": "postcopy-slow"},
-                  "spec": {"allowPostCopy": True, "completionTimeoutPerGiB": 1,
-                           "bandwidthPerMigration": "4Mi",
-                           "selectors": {"virtualMachineInstanceSelector": {
-                               "migration": "postcopy-slow"}}}}
+# POST_COPY_SLOW here: post-copy from 4 s on (2 GiB is 3 GB at 1 s per GB), then 2 GiB
+# pulled at 4 MiB/s: 512 s.
 
 
 @pytest.fixture(scope="module")

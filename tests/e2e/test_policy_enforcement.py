@@ -503,6 +503,19 @@ def _vm_entries(kube, drain: str) -> dict[str, dict[str, Any]]:
             .get("vms") or []}
 
 
+def _drained_wound_up_and_gone(kube, name: str, node: str, what: str) -> None:
+    """The drain ``name`` (its VM in namespace ``name``) drains onto ``node``, its quick
+    migration's record goes and leaves nothing behind, then the drain is deleted and gone."""
+    wait_for(lambda: phase_of(kube, name) == "Drained", timeout=120,
+             what=lambda: f"{what} drained: {get_drain(kube, name).get('status')}")
+    assert _vm_entries(kube, name)[name]["targetNode"] == node
+    wait_for(lambda: QUICK not in (kube.get(rest.VMS, "vm", name)["metadata"].get(
+        "annotations") or {}), timeout=30, what=f"{what} record removed")
+    _assert_wound_up(kube, name, node)
+    kube.delete(rest.NODE_DRAINS, name)
+    wait_for(lambda: get_drain(kube, name) is None, timeout=60, what=f"{what} gone")
+
+
 def _assert_wound_up(kube, ns: str, node: str) -> dict[str, Any]:
     """The VM runs on ``node``, and the quick migration left nothing behind: no record, no
     node selector in its template, none on its VMI (KubeVirt's LiveUpdate took it back), no
@@ -578,14 +591,7 @@ def test_a_drain_created_again_under_the_same_name_quick_migrates_afresh(env) ->
     kube.create(rest.NODE_DRAINS, drain_body(
         "qm-again", nodeName=landed, targetNodeSelector={"kubernetes.io/hostname": "qm-5"},
         nonMigratable="Restart"))
-    wait_for(lambda: phase_of(kube, "qm-again") == "Drained", timeout=120,
-             what=lambda: f"second drained: {get_drain(kube, 'qm-again').get('status')}")
-    assert _vm_entries(kube, "qm-again")["qm-again"]["targetNode"] == "qm-5"
-    wait_for(lambda: QUICK not in (kube.get(rest.VMS, "vm", "qm-again")["metadata"].get(
-        "annotations") or {}), timeout=30, what="record removed")
-    _assert_wound_up(kube, "qm-again", "qm-5")
-    kube.delete(rest.NODE_DRAINS, "qm-again")
-    wait_for(lambda: get_drain(kube, "qm-again") is None, timeout=60, what="second gone")
+    _drained_wound_up_and_gone(kube, "qm-again", "qm-5", "second")
 
 
 def test_a_restart_that_cannot_be_scheduled_stalls_the_drain_with_the_schedulers_reason(
@@ -650,11 +656,4 @@ def test_a_restart_that_cannot_be_scheduled_stalls_the_drain_with_the_schedulers
         assert stalled["reason"] == "Unschedulable" and "qm-stuck/vm" in stalled["message"]
     finally:
         kube.patch(rest.NODES, "qm-7", {"spec": {"unschedulable": None}})
-    wait_for(lambda: phase_of(kube, "qm-stuck") == "Drained", timeout=120,
-             what=lambda: f"drained: {get_drain(kube, 'qm-stuck').get('status')}")
-    assert _vm_entries(kube, "qm-stuck")["qm-stuck"]["targetNode"] == "qm-7"
-    wait_for(lambda: QUICK not in (kube.get(rest.VMS, "vm", "qm-stuck")["metadata"].get(
-        "annotations") or {}), timeout=30, what="record removed")
-    _assert_wound_up(kube, "qm-stuck", "qm-7")
-    kube.delete(rest.NODE_DRAINS, "qm-stuck")
-    wait_for(lambda: get_drain(kube, "qm-stuck") is None, timeout=60, what="gone")
+    _drained_wound_up_and_gone(kube, "qm-stuck", "qm-7", "the stuck one")
