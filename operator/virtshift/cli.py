@@ -40,8 +40,21 @@ def _binaries(args: argparse.Namespace) -> int:
     from virtshift.devenv import binaries
 
     for name in args.names:
-        print(f"{name}: {binaries.ensure(name)}")
+        try:
+            print(f"{name}: {binaries.ensure(name, kubevirt_version=args.kubevirt_version)}")
+        except binaries.MissingBinaryError as exc:
+            print(f"virtshift binaries: {name}: {exc}", file=sys.stderr)
+            return 1
     return 0
+
+
+def _kubevirt_version(text: str) -> str:
+    from virtshift.devenv import binaries
+
+    try:
+        return binaries.normalize_kubevirt_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -362,6 +375,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from virtshift.devenv import binaries
+
     parser = argparse.ArgumentParser(prog="virtshift", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -475,8 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bins = sub.add_parser("binaries", help="find or build kube-apiserver, etcd, kubectl, helm, "
-                          "kubeconform")
+                          "kubeconform; KubeVirt's virt-controller, virt-api and "
+                          "kubevirt-manifests from KubeVirt's source (KUBEVIRT_SRC)")
     bins.add_argument("names", nargs="*", default=["etcd", "kube-apiserver", "kubectl"])
+    bins.add_argument("--kubevirt-version", default=None, type=_kubevirt_version,
+                      help="KubeVirt release of virt-controller, virt-api and kubevirt-manifests "
+                      f"(default: KUBEVIRT_SRC's, else {binaries.KUBEVIRT_VERSIONS[0]}; shared "
+                      f"archives: {', '.join(binaries.KUBEVIRT_VERSIONS)})")
     bins.set_defaults(func=_binaries)
 
     sim = sub.add_parser("sim", help="the KubeVirt simulator: create a scenario, then act as "
