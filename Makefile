@@ -14,8 +14,18 @@ $(BIN)/virtshift: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+# KubeVirt's own virt-controller and virt-api (and the program printing KubeVirt's manifests),
+# built once into the same cache when KubeVirt's source is there: KUBEVIRT_SRC, else the shared
+# archive beside the checkout (CI has it). Without it they are skipped, and so are their tests.
+KUBEVIRT_SOURCE := $(or $(KUBEVIRT_SRC),$(wildcard ../shared/kubevirt-src/kubevirt-v1.9.0.tar.xz))
+
 binaries: $(BIN)/virtshift
 	$(BIN)/virtshift binaries etcd kube-apiserver kubectl
+ifneq ($(KUBEVIRT_SOURCE),)
+	$(BIN)/virtshift binaries virt-controller virt-api kubevirt-manifests
+else
+	@echo "KubeVirt's source not found (KUBEVIRT_SRC, ../shared/kubevirt-src): virt-controller and virt-api not built"
+endif
 
 lint: $(BIN)/virtshift
 	$(BIN)/ruff check operator tests
