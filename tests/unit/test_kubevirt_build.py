@@ -155,6 +155,18 @@ def test_kubevirt_src_checkout_must_be_at_a_release_tag(
         "v1.8.4", git("rev-parse", "HEAD"), tree)
 
 
+def test_kubevirt_src_not_an_archive(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bogus = isolated / "kubevirt-v1.9.0.tar.xz"
+    bogus.write_text("not xz")
+    monkeypatch.setenv("KUBEVIRT_SRC", str(bogus))
+    with pytest.raises(MissingBinaryError, match=r"is not a readable \.tar\.xz archive"):
+        binaries.kubevirt_source()
+    with tarfile.open(bogus, "w:xz") as tar:  # an archive, but not of KubeVirt
+        tar.addfile(tarfile.TarInfo("README"), io.BytesIO(b""))
+    with pytest.raises(MissingBinaryError, match="holds no kubevirt/KUBEVIRT_VERSION"):
+        binaries.kubevirt_source()
+
+
 def test_kubevirt_src_naming_nothing_says_what_it_may_be(
         isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBEVIRT_SRC", str(isolated / "nowhere"))

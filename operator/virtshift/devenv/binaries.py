@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import lzma
 import os
 import re
 import shutil
@@ -252,12 +253,15 @@ def _kubevirt_tree(folder: Path) -> Path | None:
 def _archive_identity(path: Path, mtime_ns: int, size: int) -> tuple[str, str]:
     """The archive's ``kubevirt/KUBEVIRT_VERSION`` (streamed: it is among the first members);
     cached per file state, as reading it decompresses."""
-    with tarfile.open(path, "r|xz") as tar:
-        for member in tar:
-            if member.name.removeprefix("./") == "kubevirt/KUBEVIRT_VERSION":
-                data = tar.extractfile(member)
-                assert data is not None
-                return parse_kubevirt_version_file(data.read().decode())
+    try:
+        with tarfile.open(path, "r|xz") as tar:
+            for member in tar:
+                if member.name.removeprefix("./") == "kubevirt/KUBEVIRT_VERSION":
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    return parse_kubevirt_version_file(data.read().decode())
+    except (tarfile.TarError, lzma.LZMAError, EOFError) as exc:
+        raise MissingBinaryError(f"{path} is not a readable .tar.xz archive: {exc}") from exc
     raise MissingBinaryError(f"{path} holds no kubevirt/KUBEVIRT_VERSION: not a KubeVirt "
                              "source archive")
 
@@ -269,6 +273,8 @@ def _tree_identity(tree: Path) -> tuple[str, str]:
         return parse_kubevirt_version_file(version_file.read_text())
 
     def git(*args: str) -> str:
+        if not shutil.which("git"):
+            return ""
         out = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True,
                              check=False)
         return out.stdout.strip() if out.returncode == 0 else ""

@@ -120,23 +120,27 @@ def _without_blanks(obj: JSON) -> JSON:
     return out
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def manifests(version: str | None = None, namespace: str = NAMESPACE,
-              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
-              ) -> KubeVirtManifests:
+              log: Callable[[str], None] = _stderr) -> KubeVirtManifests:
     """KubeVirt's manifests for ``version`` (see ``binaries.kubevirt_source``), installed into
     ``namespace``: the program is built once, its output cached beside it."""
     program = binaries.ensure("kubevirt-manifests", log, kubevirt_version=version)
     cached = program.parent.parent / f"manifests-{namespace}.yaml"
-    if not cached.is_file():
-        proc = subprocess.run([str(program), f"--namespace={namespace}"], capture_output=True,
-                              text=True, check=False, timeout=120)
-        if proc.returncode != 0:
-            raise ManifestsError(f"{program} failed:\n{proc.stderr[-3000:]}")
-        parse_manifests(proc.stdout)  # refuse to cache what cannot be used
-        partial = cached.with_suffix(".partial")
-        partial.write_text(proc.stdout)
-        partial.replace(cached)
-    return parse_manifests(cached.read_text())
+    if cached.is_file():
+        return parse_manifests(cached.read_text())
+    proc = subprocess.run([str(program), f"--namespace={namespace}"], capture_output=True,
+                          text=True, check=False, timeout=120)
+    if proc.returncode != 0:
+        raise ManifestsError(f"{program} failed:\n{proc.stderr[-3000:]}")
+    parsed = parse_manifests(proc.stdout)  # what cannot be used is not cached
+    partial = cached.with_suffix(".partial")
+    partial.write_text(proc.stdout)
+    partial.replace(cached)
+    return parsed
 
 
 # -- installing and identities --------------------------------------------------------------
